@@ -1,0 +1,241 @@
+"""Terminal output for the CLI: JSON dumps, rich tables, progress displays."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from hotlora.clients import _common as c
+from hotlora.v1 import adapters_pb2, training_pb2
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+
+def to_dict(msg: Message) -> dict[str, Any]:
+    return json_format.MessageToDict(
+        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def print_json(obj: Any) -> None:
+    if isinstance(obj, Message):
+        obj = to_dict(obj)
+    sys.stdout.write(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def stdout_console() -> Console:
+    # piped output (scripts, tests) is not squeezed into 80 columns
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+
+def stderr_console() -> Console:
+    return Console(stderr=True)
+
+
+def human_bytes(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"
+
+
+def when(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts)) if ts else "-"
+
+
+# ---------------------------------------------------------------------------------------------- adapters
+
+
+def adapter_ref(a: adapters_pb2.Adapter) -> str:
+    return f"{a.name}@{a.version}"
+
+
+def adapters_table(adapters: list[adapters_pb2.Adapter]) -> Table:
+    table = Table(show_header=True, header_style="bold")
+    for col in ("ADAPTER", "TASK", "RANK", "ALPHA", "LABELS", "STATE", "PINNED", "SIZE", "SOURCE", "CREATED"):
+        table.add_column(col, justify="right" if col in ("RANK", "ALPHA", "SIZE") else "left")
+    for a in adapters:
+        table.add_row(
+            adapter_ref(a),
+            c.enum_name(*c.TASK, a.task),
+            str(a.rank),
+            f"{a.alpha:g}",
+            ",".join(a.labels) or "-",
+            c.enum_name(*c.ADAPTER_STATE, a.state),
+            "yes" if a.pinned else "",
+            human_bytes(a.size_bytes),
+            c.enum_name(*c.ADAPTER_SOURCE, a.source),
+            when(a.created_at),
+        )
+    return table
+
+
+def adapter_details(a: adapters_pb2.Adapter) -> list[tuple[str, str]]:
+    return [
+        ("adapter", adapter_ref(a)),
+        ("tenant", a.tenant),
+        ("description", a.description or "-"),
+        ("task", c.enum_name(*c.TASK, a.task)),
+        ("rank", str(a.rank)),
+        ("alpha", f"{a.alpha:g}"),
+        ("target_modules", ", ".join(a.target_modules) or "-"),
+        ("labels", ", ".join(a.labels) or "-"),
+        ("state", c.enum_name(*c.ADAPTER_STATE, a.state) + (" (pinned)" if a.pinned else "")),
+        ("waiting_requests", str(a.waiting_requests)),
+        ("size", f"{human_bytes(a.size_bytes)} ({a.size_bytes} bytes)"),
+        ("sha256", a.sha256 or "-"),
+        ("source", c.enum_name(*c.ADAPTER_SOURCE, a.source)),
+        ("created", when(a.created_at)),
+    ]
+
+
+def print_pairs(pairs: list[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in pairs)
+    for key, value in pairs:
+        sys.stdout.write(f"{key:<{width}}  {value}\n")
+
+
+def upload_progress(total_label: str) -> Progress:
+    return Progress(
+        TextColumn(total_label),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=stderr_console(),
+        disable=not sys.stderr.isatty(),
+    )
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def job_state(job: training_pb2.FineTuneJob) -> str:
+    return c.enum_name(*c.JOB_STATE, job.state)
+
+
+def metrics_text(m: training_pb2.FineTuneMetrics) -> str:
+    parts = []
+    if m.total_steps:
+        parts.append(f"step {m.step}/{m.total_steps}")
+    if m.epoch:
+        parts.append(f"epoch {m.epoch}")
+    if m.step:
+        parts.append(f"loss {m.train_loss:.4f}")
+    if m.metric_name or m.validation_metric:
+        parts.append(
+            f"{m.metric_name or 'validation'} {m.validation_metric:.4f} (baseline {m.baseline_metric:.4f})"
+        )
+    return "  ".join(parts)
+
+
+def jobs_table(jobs: list[training_pb2.FineTuneJob]) -> Table:
+    table = Table(show_header=True, header_style="bold")
+    for col in ("ID", "ADAPTER", "TASK", "METHOD", "STATE", "PROGRESS", "RESULT", "CREATED"):
+        table.add_column(col)
+    for j in jobs:
+        m = j.metrics
+        table.add_row(
+            j.id,
+            j.adapter,
+            c.enum_name(*c.TASK, j.task),
+            c.enum_name(*c.METHOD, j.method),
+            job_state(j),
+            f"{m.step}/{m.total_steps}" if m.total_steps else "-",
+            j.result_adapter or "-",
+            when(j.created_at),
+        )
+    return table
+
+
+def job_details(j: training_pb2.FineTuneJob) -> list[tuple[str, str]]:
+    pairs = [
+        ("id", j.id),
+        ("adapter", j.adapter),
+        ("task", c.enum_name(*c.TASK, j.task)),
+        ("method", c.enum_name(*c.METHOD, j.method)),
+        ("state", job_state(j)),
+        ("progress", metrics_text(j.metrics) or "-"),
+        ("result", (j.result_adapter or "-") + (" (promoted)" if j.promoted else "")),
+        ("created", when(j.created_at)),
+        ("finished", when(j.finished_at)),
+    ]
+    if j.error:
+        pairs.append(("error", j.error))
+    return pairs
+
+
+def job_summary(j: training_pb2.FineTuneJob) -> str:
+    line = f"job {j.id} {job_state(j)}"
+    if j.error:
+        line += f": {j.error}"
+    elif j.result_adapter:
+        line += f": adapter {j.result_adapter}" + (" promoted" if j.promoted else " not promoted")
+    m = j.metrics
+    if m.metric_name:
+        line += f" ({m.metric_name} {m.validation_metric:.4f} vs baseline {m.baseline_metric:.4f})"
+    return line
+
+
+class JobProgress:
+    """Shows FineTuneEvents: a live rich bar on a terminal, one line per event otherwise."""
+
+    def __init__(self, job_id: str):
+        self.live = sys.stderr.isatty()
+        self.console = stderr_console()
+        self._last_line = ""
+        if self.live:
+            self.progress = Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self.task = self.progress.add_task(f"fine-tune {job_id}", total=None, info="")
+
+    def __enter__(self) -> JobProgress:
+        if self.live:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.live:
+            self.progress.stop()
+
+    def update(self, event: training_pb2.FineTuneEvent) -> None:
+        job, m = event.job, event.job.metrics
+        info = metrics_text(m)
+        if self.live:
+            state = job_state(job)
+            if state != self._last_line:  # one permanent line per state change; the bar shows the rest
+                self.progress.console.print(
+                    f"{state}  {event.message}".rstrip(), highlight=False, markup=False
+                )
+                self._last_line = state
+            self.progress.update(
+                self.task, total=m.total_steps or None, completed=m.step, info=f"{state}  {info}"
+            )
+        else:
+            line = f"[{job_state(job)}] {info}" + (f"  {event.message}" if event.message else "")
+            if line != self._last_line:
+                self.console.print(line, highlight=False, markup=False, soft_wrap=True)
+                self._last_line = line

@@ -1,0 +1,227 @@
+"""The `hotlora` command line (console script `hotlora = hotlora.clients.cli:main`).
+
+Client commands live here; `serve` and `prepare-model` come from `hotlora.server.cli` when the server is
+installed. A gRPC error prints one line on stderr, `error: <STATUS>: <details>`, and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+import grpc
+from hotlora.clients import _commands as cmd
+from hotlora.clients._common import ClientError
+
+from hotlora import __version__
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def _add(sub: argparse._SubParsersAction, name: str, help: str, func: Callable, parents=(), **kw):
+    p = sub.add_parser(
+        name, help=help, description=help, parents=list(parents), formatter_class=_Formatter, **kw
+    )
+    p.set_defaults(func=func)
+    return p
+
+
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the server's answer as JSON")
+
+
+def _add_inference(sub: argparse._SubParsersAction, conn: argparse.ArgumentParser) -> None:
+    p = _add(
+        sub, "generate", "Generate text (streamed to stdout as it is produced).", cmd.cmd_generate, [conn]
+    )
+    p.add_argument("prompt", help="the prompt ('-' reads stdin)")
+    p.add_argument("--adapter", default="", help="adapter `name` or `name@N` (default: the base model)")
+    p.add_argument(
+        "--chat", action="store_true", help="send the prompt as a user chat message (chat template)"
+    )
+    p.add_argument("--system", help="system message (implies --chat)")
+    p.add_argument("--max-new-tokens", type=int, default=0, help="0 = server default")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.0, help="nucleus sampling; 0 or 1 = off")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default random)")
+    p.add_argument("--stop", nargs="+", action="extend", metavar="S", help="stop strings")
+    p.add_argument("--no-stream", action="store_true", help="wait for the whole answer, then print it")
+    p.add_argument("--json", action="store_true", help="print the whole GenerateResponse as JSON (no stream)")
+
+    p = _add(sub, "embed", "Embed texts (pooled hidden state); prints JSON.", cmd.cmd_embed, [conn])
+    p.add_argument("texts", nargs="+", metavar="TEXT")
+    p.add_argument("--adapter", default="", help="adapter to embed through (default: the base model)")
+
+    p = _add(sub, "classify", "Classify texts with an adapter that carries a head.", cmd.cmd_classify, [conn])
+    p.add_argument("texts", nargs="+", metavar="TEXT")
+    p.add_argument("--adapter", required=True, help="a SEQ_CLS adapter `name` or `name@N`")
+    _json_flag(p)
+
+    p = _add(
+        sub,
+        "health",
+        "Check the server's grpc.health.v1 status; exit 0 only when SERVING (a Docker HEALTHCHECK).",
+        cmd.cmd_health,
+        [conn],
+    )
+    p.add_argument("--service", default="", help="service name, e.g. hotlora.v1.Inference ('' = the server)")
+
+
+def _add_adapters(sub: argparse._SubParsersAction, conn: argparse.ArgumentParser) -> None:
+    top = sub.add_parser(
+        "adapters",
+        help="Upload, list, inspect, load, export and delete adapters.",
+        description="Manage the tenant's adapters. REF is `name` (latest version) or `name@N`.",
+    )
+    top.set_defaults(func=lambda _args: (top.print_help(sys.stderr), 2)[1])
+    asub = top.add_subparsers(title="commands", metavar="COMMAND")
+
+    p = _add(asub, "upload", "Upload a PEFT adapter directory (a new version if the name exists).",
+             cmd.cmd_adapters_upload, [conn])  # fmt: skip
+    p.add_argument("directory", help="directory with adapter_config.json and adapter_model.safetensors")
+    p.add_argument("--name", required=True, help="adapter name: [a-z0-9][a-z0-9._-]{0,63}")
+    p.add_argument("--description", default="")
+    p.add_argument(
+        "--labels", type=cmd.csv_list, help="comma-separated class labels, in head order (SEQ_CLS)"
+    )
+    _json_flag(p)
+
+    p = _add(asub, "list", "List adapters (latest version of each name).", cmd.cmd_adapters_list, [conn])
+    p.add_argument("--prefix", default="", help="only names starting with this")
+    p.add_argument("--all-versions", action="store_true", help="every version, not only the latest")
+    _json_flag(p)
+
+    p = _add(asub, "show", "Show one adapter.", cmd.cmd_adapters_show, [conn])
+    p.add_argument("ref")
+    _json_flag(p)
+
+    p = _add(asub, "delete", "Delete every version of NAME, or only NAME@N.", cmd.cmd_adapters_delete, [conn])
+    p.add_argument("ref")
+
+    p = _add(asub, "export", "Download an adapter as a PEFT directory.", cmd.cmd_adapters_export, [conn])
+    p.add_argument("ref")
+    p.add_argument("directory", help="destination directory (created)")
+
+    p = _add(asub, "load", "Warm an adapter into a device slot now.", cmd.cmd_adapters_load, [conn])
+    p.add_argument("ref")
+    p.add_argument("--pin", action="store_true", help="keep it in its slot (never evicted)")
+    _json_flag(p)
+
+    p = _add(
+        asub, "unload", "Evict an adapter from memory (it stays stored).", cmd.cmd_adapters_unload, [conn]
+    )
+    p.add_argument("ref")
+    _json_flag(p)
+
+
+def _add_finetune(sub: argparse._SubParsersAction, conn: argparse.ArgumentParser) -> None:
+    top = sub.add_parser(
+        "finetune",
+        help="Fine-tune adapters on-line on the resident model and follow the jobs.",
+        description="On-line fine-tuning jobs. Watching exits 0 only when the job SUCCEEDED.",
+    )
+    top.set_defaults(func=lambda _args: (top.print_help(sys.stderr), 2)[1])
+    fsub = top.add_subparsers(title="commands", metavar="COMMAND")
+
+    p = _add(fsub, "create", "Start a fine-tune, then watch it with a progress bar (unless --no-watch).",
+             cmd.cmd_finetune_create, [conn])  # fmt: skip
+    p.add_argument("--adapter", required=True, help="adapter to create, or an existing one to continue")
+    p.add_argument("--task", required=True, type=str.upper, choices=["SEQ_CLS", "CAUSAL_LM"])
+    p.add_argument(
+        "--examples",
+        required=True,
+        metavar="FILE.jsonl",
+        help='one JSON object a line: {"text", "label"} (SEQ_CLS) or {"prompt", "completion"} (CAUSAL_LM)',
+    )
+    p.add_argument("--validation", metavar="FILE.jsonl", help="validation examples (default: a split)")
+    p.add_argument("--method", type=str.upper, default="AUTO", choices=["AUTO", "HEAD_ONLY", "LORA"])
+    p.add_argument("--labels", type=cmd.csv_list, help="comma-separated label order (default: sorted labels)")
+    p.add_argument("--rank", type=int, help="LoRA rank")
+    p.add_argument("--alpha", type=float, help="LoRA alpha")
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--target-modules", type=cmd.csv_list, help="comma-separated, e.g. q_proj,v_proj")
+    p.add_argument("--layers", type=cmd.layer_list, help="layers to adapt, e.g. 20-29 or 0,5,7")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--promote", type=str.upper, default="GATED", choices=["GATED", "ALWAYS"],
+                   help="GATED: serve the result only if it beats the baseline on validation")  # fmt: skip
+    p.add_argument(
+        "--chat-template", action="store_true", help="CAUSAL_LM: wrap prompts in the chat template"
+    )
+    p.add_argument("--description", default="")
+    p.add_argument("--no-watch", action="store_true", help="print the job id and return at once")
+    p.add_argument("--json", action="store_true", help="print events (or the job) as JSON lines")
+
+    p = _add(fsub, "watch", "Follow a job until it ends.", cmd.cmd_finetune_watch, [conn])
+    p.add_argument("id")
+    p.add_argument("--json", action="store_true", help="print each event as a JSON line")
+
+    p = _add(fsub, "list", "List fine-tune jobs.", cmd.cmd_finetune_list, [conn])
+    _json_flag(p)
+
+    p = _add(fsub, "show", "Show one job.", cmd.cmd_finetune_show, [conn])
+    p.add_argument("id")
+    _json_flag(p)
+
+    p = _add(fsub, "cancel", "Cancel a job.", cmd.cmd_finetune_cancel, [conn])
+    p.add_argument("id")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole `hotlora` parser; environment defaults are read now (call it per run)."""
+    parser = argparse.ArgumentParser(
+        prog="hotlora",
+        description="hotlora: one resident base model serving and fine-tuning many tenants' LoRA adapters.",
+        epilog=cmd.ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"hotlora {__version__}")
+    sub = parser.add_subparsers(title="commands", metavar="COMMAND")
+    try:
+        from hotlora.server.cli import register_commands  # adds `serve`, `prepare-model`
+    except ImportError:
+        register_commands = None
+    if register_commands is not None:
+        register_commands(sub)
+    conn = cmd.connection_parent()
+    _add_inference(sub, conn)
+    _add_adapters(sub, conn)
+    _add_finetune(sub, conn)
+    return parser
+
+
+def _error_line(exc: grpc.RpcError) -> str:
+    code = exc.code() if callable(getattr(exc, "code", None)) else None
+    details = exc.details() if callable(getattr(exc, "details", None)) else None
+    name = getattr(code, "name", None) or "UNKNOWN"
+    return f"error: {name}: {' '.join(str(details or exc).split())}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `hotlora` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return int(func(args) or 0)
+    except grpc.RpcError as exc:
+        print(_error_line(exc), file=sys.stderr)
+        return 1
+    except (ClientError, OSError) as exc:
+        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""The interface the multi-LoRA layers call, with a reference, a CPU and a Triton implementation.
+
+Layers call ``backend.add_lora(y2d, x2d, bank.a, bank.b, bank.scales, batch)`` once per wrapped linear
+per forward pass; they never call a kernel directly. :func:`get_backend` picks the implementation for a
+device: Triton on CUDA when triton imports, the CPU path otherwise.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+
+from .batch import LoraBatch
+from .cpu import add_lora_cpu
+from .reference import add_lora_reference
+from .validation import check_add_lora_args, check_same_device
+
+
+class LoraBackend(abc.ABC):
+    """Adds the batched multi-adapter LoRA update to a layer's output."""
+
+    @abc.abstractmethod
+    def add_lora(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scales: torch.Tensor,
+        batch: LoraBatch,
+        out_offset: int = 0,
+    ) -> None:
+        """y[t, off:off+H_out] += scales[s] * (x[t] @ lora_a[s, :r_s]ᵀ) @ lora_b[s, :, :r_s]ᵀ for s = slot of token t (skip s = -1).
+        y: [T, H_out_total] (in place), x: [T, H_in], lora_a: [S, R_max, H_in], lora_b: [S, H_out, R_max],
+        scales: [S] float32. Entries of lora_a/lora_b beyond a slot's rank are zero-padded but must not be paid for."""  # noqa: E501
+
+    def check(self, y, x, lora_a, lora_b, scales, batch: LoraBatch, out_offset: int) -> None:
+        """Shapes, dtypes and devices of one call, against the batch (ValueError on a mismatch)."""
+        check_add_lora_args(y, x, lora_a, lora_b, scales, batch.num_tokens, out_offset)
+        check_same_device(x.device, y=y, lora_a=lora_a, lora_b=lora_b, scales=scales)
+        if batch.slot_ranks.shape[0] != lora_a.shape[0]:
+            raise ValueError(
+                f"the batch was built for {batch.slot_ranks.shape[0]} slots, "
+                f"but the bank has {lora_a.shape[0]}"
+            )
+        if batch.max_rank > lora_a.shape[1]:
+            raise ValueError(
+                f"the batch uses rank {batch.max_rank} but the bank holds at most {lora_a.shape[1]}"
+            )
+
+
+class TorchReferenceBackend(LoraBackend):
+    """The fp32 oracle (kernels.reference): slow, obviously right; for tests and debugging."""
+
+    def add_lora(self, y, x, lora_a, lora_b, scales, batch, out_offset=0) -> None:
+        self.check(y, x, lora_a, lora_b, scales, batch, out_offset)
+        if batch.has_lora:
+            add_lora_reference(y, x, lora_a, lora_b, scales, batch.token_slots, batch.slot_ranks, out_offset)
+
+
+class CpuBackend(LoraBackend):
+    """torch ops chosen by batch shape (kernels.cpu); runs on any device, tuned for CPU."""
+
+    def __init__(self, strategy: str | None = None) -> None:
+        self.strategy = strategy  # None: pick per batch; 'single' / 'segments' / 'bmm' to force one
+
+    def add_lora(self, y, x, lora_a, lora_b, scales, batch, out_offset=0) -> None:
+        if not batch.has_lora:
+            return
+        self.check(y, x, lora_a, lora_b, scales, batch, out_offset)
+        add_lora_cpu(y, x, lora_a, lora_b, scales, batch, out_offset, self.strategy)
+
+
+class TritonBackend(LoraBackend):
+    """Triton SGMV / BGMV shrink + expand kernels (CUDA; CPU only under TRITON_INTERPRET=1).
+
+    BGMV is used when segments average fewer than BGMV_MAX_MEAN_SEGMENT tokens (decode: each row its own
+    adapter, no tl.dot rows wasted), SGMV otherwise (an adapter's weights read once per 16-64 rows).
+    """
+
+    BGMV_MAX_MEAN_SEGMENT = 2
+
+    def __init__(self, kernel: str | None = None) -> None:
+        from . import triton_bgmv, triton_sgmv  # triton is optional: import only when this backend is used
+
+        if kernel not in (None, "sgmv", "bgmv"):
+            raise ValueError(f"kernel must be None, 'sgmv' or 'bgmv', got {kernel!r}")
+        self.kernel = kernel
+        self._sgmv = triton_sgmv
+        self._bgmv = triton_bgmv
+
+    def choose_kernel(self, batch: LoraBatch) -> str:
+        if self.kernel is not None:
+            return self.kernel
+        short = batch.num_lora_tokens < self.BGMV_MAX_MEAN_SEGMENT * batch.num_segments
+        return "bgmv" if short else "sgmv"
+
+    def add_lora(self, y, x, lora_a, lora_b, scales, batch, out_offset=0) -> None:
+        if not batch.has_lora:
+            return
+        self.check(y, x, lora_a, lora_b, scales, batch, out_offset)
+        v = torch.empty(batch.num_lora_tokens, lora_a.shape[1], dtype=torch.float32, device=x.device)
+        b = batch
+        if self.choose_kernel(batch) == "bgmv":
+            self._bgmv.bgmv_shrink(v, x, lora_a, b.token_order, b.sorted_slots, b.slot_ranks, b.max_rank)
+            self._bgmv.bgmv_expand(
+                y, v, lora_b, scales, b.token_order, b.sorted_slots, b.slot_ranks, out_offset
+            )
+        else:
+            segs = (b.token_order, b.seg_slots, b.seg_starts, b.seg_lens, b.slot_ranks, b.max_segment_len)
+            self._sgmv.sgmv_shrink(v, x, lora_a, *segs, b.max_rank)
+            self._sgmv.sgmv_expand(y, v, lora_b, scales, *segs, out_offset)
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def get_backend(device: torch.device | str) -> LoraBackend:
+    """TritonBackend on CUDA (when triton imports), CpuBackend otherwise."""
+    if torch.device(device).type == "cuda" and triton_available():
+        return TritonBackend()
+    return CpuBackend()

@@ -1,0 +1,132 @@
+"""The reference is right, and the CPU path matches it on every batch shape a server produces."""
+
+import pytest
+import torch
+from hotlora.kernels import CpuBackend, TorchReferenceBackend, get_backend, make_lora_batch
+from hotlora.kernels.cpu import choose_cpu_strategy
+
+from .lora_cases import POPULARITY, assert_matches_reference, make_case, popularity_slots
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+STRATEGIES = (None, "segments", "bmm")
+
+
+def expected_of(case, out_offset=0):
+    y = case.y.clone()
+    TorchReferenceBackend().add_lora(
+        y, case.x, case.lora_a, case.lora_b, case.scales, case.batch(), out_offset
+    )
+    return y
+
+
+def result_of(backend, case, out_offset=0):
+    y = case.y.clone()
+    backend.add_lora(y, case.x, case.lora_a, case.lora_b, case.scales, case.batch(), out_offset)
+    return y
+
+
+def test_reference_equals_per_token_formula_in_float64():
+    slots = torch.tensor([2, -1, 0, 2, 3, 1, 4])
+    case = make_case(slots)
+    got = expected_of(case)
+    want = case.y.double().clone()
+    for t, s in enumerate(slots.tolist()):
+        r = case.slot_ranks[s].item() if s >= 0 else 0
+        if r:
+            a, b = case.lora_a[s, :r].double(), case.lora_b[s, :, :r].double()
+            want[t] += case.scales[s].double() * (b @ (a @ case.x[t].double()))
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    assert torch.equal(got[1], case.y[1]) and torch.equal(got[6], case.y[6])  # base-only and empty slot
+
+
+def test_reference_equals_merged_weights_for_one_adapter():
+    case = make_case(torch.full((5,), 2), ranks=(16, 16, 16))
+    delta_w = case.scales[2] * case.lora_b[2, :, :16] @ case.lora_a[2, :16]  # [H_out, H_in]
+    torch.testing.assert_close(expected_of(case), case.y + case.x @ delta_w.T, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("popularity", POPULARITY)
+def test_cpu_matches_reference_across_popularity(popularity, dtype, strategy):
+    slots = popularity_slots(popularity, 24, 6, torch.Generator().manual_seed(1))
+    case = make_case(slots, dtype=dtype)
+    assert_matches_reference(result_of(CpuBackend(strategy), case), expected_of(case))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_cpu_decode_rows_in_any_order_with_base_only_rows(strategy):
+    slots = torch.tensor([3, -1, 0, 5, 3, -1, 1, 0, 2, 4, 3, -1])
+    case = make_case(slots)
+    got = result_of(CpuBackend(strategy), case)
+    assert_matches_reference(got, expected_of(case))
+    base_only = (slots == -1) | (slots == 4)  # slot 4 has rank 0
+    assert torch.equal(got[base_only], case.y[base_only])
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_cpu_writes_only_its_output_column_slice(strategy):
+    case = make_case(popularity_slots("uniform", 16, 6, torch.Generator().manual_seed(2)), out_pad=(5, 7))
+    got = result_of(CpuBackend(strategy), case, out_offset=5)
+    assert_matches_reference(got, expected_of(case, out_offset=5))
+    assert torch.equal(got[:, :5], case.y[:, :5]) and torch.equal(got[:, -7:], case.y[:, -7:])
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_cpu_updates_non_contiguous_y_views_in_place(strategy):
+    case = make_case(torch.tensor([0, 1, 1, -1, 3, 3, 3, 2]))
+    want = expected_of(case)
+    wide = torch.zeros(8, 100)
+    wide[:, 10:82] = case.y
+    backend = CpuBackend(strategy)
+    backend.add_lora(wide[:, 10:82], case.x, case.lora_a, case.lora_b, case.scales, case.batch())
+    assert_matches_reference(wide[:, 10:82], want)
+    column_major = case.y.T.contiguous().T  # stride (1, T)
+    backend.add_lora(column_major, case.x, case.lora_a, case.lora_b, case.scales, case.batch())
+    assert_matches_reference(column_major, want)
+
+
+@pytest.mark.parametrize(("h_in", "h_out"), [(576, 1536), (1536, 576)])
+def test_cpu_at_model_hidden_sizes(h_in, h_out):
+    case = make_case(
+        popularity_slots("zipf", 20, 6, torch.Generator().manual_seed(3)), h_in=h_in, h_out=h_out
+    )
+    assert_matches_reference(result_of(CpuBackend(), case), expected_of(case))
+
+
+def test_all_base_only_leaves_y_untouched():
+    case = make_case(torch.full((6,), -1))
+    batch = case.batch()
+    assert not batch.has_lora
+    for backend in (CpuBackend(), TorchReferenceBackend()):
+        assert torch.equal(result_of(backend, case), case.y)
+
+
+def test_one_adapter_for_every_token_takes_the_single_slot_path():
+    case = make_case(torch.full((9,), 3))
+    assert choose_cpu_strategy(case.batch()) == "single"
+    assert_matches_reference(result_of(CpuBackend(), case), expected_of(case))
+
+
+def test_strategy_follows_batch_shape():
+    ranks = torch.full((32,), 16)
+    assert choose_cpu_strategy(make_lora_batch(torch.arange(32), ranks)) == "bmm"  # decode, 32 adapters
+    prefill = torch.arange(8).repeat_interleave(128)
+    assert choose_cpu_strategy(make_lora_batch(prefill, ranks)) == "segments"
+
+
+@pytest.mark.parametrize("context", [torch.inference_mode, torch.no_grad])
+def test_cpu_under_inference_mode_and_no_grad(context):
+    case = make_case(torch.tensor([0, 1, 2, 3, 5, -1]))
+    want = expected_of(case)
+    with context():
+        got = result_of(get_backend("cpu"), case)
+    assert_matches_reference(got, want)
+
+
+def test_comparison_catches_a_wrong_update():
+    """A backend that applied the wrong adapter to one token must fail the comparison."""
+    case = make_case(torch.tensor([0, 0, 1, 3]))
+    wrong = make_case(torch.tensor([0, 0, 3, 3]))
+    with pytest.raises(AssertionError, match="exceeds tolerance"):
+        assert_matches_reference(result_of(CpuBackend(), wrong), expected_of(case))
