@@ -1,0 +1,74 @@
+"""Requests as the engine sees them: token ids in, events or pooled vectors out.
+No wire types here: the servicers convert at the edge."""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+from hotlora.server.sampling import SamplingParams
+
+_ids = itertools.count(1)
+
+
+@dataclass
+class TokenEvent:
+    """New tokens and text for one request; `finish_reason` set on the last event."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclass(eq=False)
+class GenerationRequest:
+    prompt_ids: list[int]
+    params: SamplingParams
+    tenant: str = "default"
+    adapter: Any = None  # an adapter handle from the adapter runtime, None = base model
+    deadline: float | None = None  # time.monotonic() seconds
+    request_id: str = ""
+    slot: int = -1  # device adapter slot, set on admission
+    seq: int = field(default_factory=lambda: next(_ids))
+    events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # filled in by the engine
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    created_at: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(eq=False)
+class PoolingRequest:
+    """Embed (mean over tokens) or classify (last token, then the adapter's head)."""
+
+    inputs: list[list[int]]
+    mode: str  # "mean" | "last"
+    tenant: str = "default"
+    adapter: Any = None
+    deadline: float | None = None
+    slot: int = -1
+    seq: int = field(default_factory=lambda: next(_ids))
+    future: Future = field(default_factory=Future)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    created_at: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
