@@ -346,6 +346,7 @@ class Engine:
 
     def _forward(self, input_ids, mask, positions, cache, slots, seq_len) -> torch.Tensor:
         dev = self.device
+        t0 = time.perf_counter()
         self.runtime.begin_forward(slots, seq_len)
         try:
             out = self.decoder(
@@ -357,6 +358,11 @@ class Engine:
             )
         finally:
             self.runtime.end_forward()
+        if self.observer is not None:
+            # kind, rows in the batch, real tokens processed, seconds
+            kind = "prefill" if seq_len > 1 or cache is not self._cache else "decode"
+            self.observer.forward_finished(kind, len(slots), int(mask[:, -seq_len:].sum()),
+                                           time.perf_counter() - t0)
         return out.last_hidden_state
 
     def _emit(self, rows: list[_Row], logits: torch.Tensor) -> None:

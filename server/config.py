@@ -1,0 +1,161 @@
+"""Typed server configuration. Every field is a `hotlora serve` flag (`--max-batch-size`)
+and an environment variable (`HOTLORA_MAX_BATCH_SIZE`); bad settings fail at start-up."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _opt(default, help: str, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+def default_data_dir() -> str:
+    return os.environ.get("XDG_DATA_HOME", str(Path.home() / ".local" / "share")) + "/hotlora"
+
+
+def default_cache_dir() -> str:
+    return os.environ.get("XDG_CACHE_HOME", str(Path.home() / ".cache")) + "/hotlora"
+
+
+@dataclass
+class ServerConfig:
+    model: str = _opt("", "local Hugging Face causal-LM directory; empty = the embedded SmolLM2-135M-Instruct")
+    host: str = _opt("127.0.0.1", "address the gRPC port binds to")
+    port: int = _opt(50051, "gRPC port (0 = pick a free one and log it)")
+    metrics_port: int = _opt(9400, "Prometheus /metrics HTTP port (0 = pick a free one, -1 = off)")
+    metrics_host: str = _opt("", "address the metrics port binds to (empty = same as --host)")
+    data_dir: str = _opt(default_data_dir(), "registry database, adapter blobs and job records")
+    cache_dir: str = _opt(default_cache_dir(), "per-user cache of the dequantized default model, shared by data dirs")
+    tokens_file: str = _opt("", "tenant tokens file (see README); empty = single-tenant dev mode, 127.0.0.1 only")
+    device: str = _opt("auto", "auto | cpu | cuda[:N]", choices=("auto", "cpu", "cuda"))
+    dtype: str = _opt("auto", "auto (bf16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16")
+    max_batch_size: int = _opt(64, "running generation requests decoded together")
+    max_queue: int = _opt(1024, "waiting requests, all tenants together")
+    max_queue_per_tenant: int = _opt(256, "waiting requests of one tenant")
+    max_prefill_tokens: int = _opt(4096, "padded prompt tokens prefilled in one forward pass")
+    max_prompt_tokens: int = _opt(4096, "longest prompt accepted, in tokens")
+    max_new_tokens: int = _opt(1024, "largest max_new_tokens a request may ask for")
+    default_max_new_tokens: int = _opt(128, "max_new_tokens when a request leaves it 0")
+    max_texts: int = _opt(256, "texts in one Embed or Classify request")
+    max_message_bytes: int = _opt(64 << 20, "largest gRPC message, each direction")
+    adapter_slots: int = _opt(32, "device slots for adapters (adapters served in one batch)")
+    max_rank: int = _opt(64, "largest LoRA rank accepted")
+    host_cache_bytes: int = _opt(2 << 30, "host memory for adapters that are not in a device slot")
+    max_upload_bytes: int = _opt(512 << 20, "largest adapter upload, all files together")
+    max_adapters_per_tenant: int = _opt(1000, "stored adapter versions per tenant")
+    target_modules: str = _opt(
+        "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "linear layers that can carry LoRA"
+    )
+    train_share: float = _opt(0.3, "largest share of engine time given to fine-tuning while serving")
+    max_jobs: int = _opt(2, "fine-tune jobs queued or running, all tenants")
+    max_jobs_per_tenant: int = _opt(1, "fine-tune jobs queued or running per tenant")
+    reflection: bool = _opt(True, "serve gRPC server reflection")
+    grace_seconds: float = _opt(20.0, "on SIGTERM, how long in-flight requests may finish")
+    workers: int = _opt(64, "gRPC handler threads")
+    tls_cert: str = _opt("", "PEM server certificate (enables TLS)")
+    tls_key: str = _opt("", "PEM server private key")
+    tls_client_ca: str = _opt("", "PEM CA that client certificates must chain to (enables mTLS)")
+    log_level: str = _opt("info", "debug | info | warning | error")
+    log_format: str = _opt("text", "text | json", choices=("text", "json"))
+
+    def __post_init__(self):
+        problems = []
+        for name in ("max_batch_size", "max_queue", "max_queue_per_tenant", "max_prefill_tokens",
+                     "max_prompt_tokens", "max_new_tokens", "default_max_new_tokens", "max_texts",
+                     "adapter_slots", "max_rank", "workers", "max_jobs", "max_jobs_per_tenant"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
+        if not 0 <= self.port <= 65535:
+            problems.append(f"--port must be 0..65535 (got {self.port})")
+        if not -1 <= self.metrics_port <= 65535:
+            problems.append(f"--metrics-port must be -1..65535 (got {self.metrics_port})")
+        if self.default_max_new_tokens > self.max_new_tokens:
+            problems.append("--default-max-new-tokens cannot exceed --max-new-tokens")
+        if not 0.0 < self.train_share <= 1.0:
+            problems.append(f"--train-share must be in (0, 1] (got {self.train_share})")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            problems.append(f"--dtype must be auto, float32, float16 or bfloat16 (got {self.dtype!r})")
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            problems.append(f"--device must be auto, cpu or cuda[:N] (got {self.device!r})")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            problems.append("--tls-cert and --tls-key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            problems.append("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "tokens_file"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                problems.append(f"--{name.replace('_', '-')}: no such file {path!r}")
+        if self.model and not Path(self.model).is_dir():
+            problems.append(f"--model must be a local model directory; {self.model!r} is not one")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error"):
+            problems.append(f"--log-level must be debug, info, warning or error (got {self.log_level!r})")
+        if not self.tokens_file and self.host not in ("127.0.0.1", "localhost", "::1"):
+            problems.append(
+                "without --tokens-file the server runs in single-tenant dev mode and listens on 127.0.0.1 only; "
+                f"give a tokens file to bind {self.host!r}"
+            )
+        if problems:
+            raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
+
+    @property
+    def target_module_list(self) -> tuple[str, ...]:
+        return tuple(m.strip() for m in self.target_modules.split(",") if m.strip())
+
+
+def add_config_arguments(parser) -> None:
+    """One flag per field; the default comes from HOTLORA_<FIELD> when set."""
+    for f in dataclasses.fields(ServerConfig):
+        flag = "--" + f.name.replace("_", "-")
+        env = "HOTLORA_" + f.name.upper()
+        default = f.default
+        help_ = f"{f.metadata['help']} [env {env}; default {default!r}]"
+        if f.type in ("bool", bool):
+            parser.add_argument(flag, dest=f.name, default=None, action="store_true", help=help_)
+            parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
+                                help=argparse_suppress())
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_)
+
+
+def argparse_suppress():
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+def config_from_args(args) -> ServerConfig:
+    """Flag > environment variable > default; values converted to the field's type."""
+    kwargs = {}
+    for f in dataclasses.fields(ServerConfig):
+        raw = getattr(args, f.name, None)
+        if raw is None:
+            raw = os.environ.get("HOTLORA_" + f.name.upper())
+        if raw is None:
+            continue
+        kwargs[f.name] = _convert(f.name, f.type, raw)
+    return ServerConfig(**kwargs)
+
+
+def _convert(name: str, typ, raw):
+    typ = typ if isinstance(typ, str) else typ.__name__
+    if isinstance(raw, bool) or typ == "str":
+        return raw
+    try:
+        if typ == "int":
+            return int(str(raw).replace("_", ""))
+        if typ == "float":
+            return float(raw)
+        if typ == "bool":
+            v = str(raw).strip().lower()
+            if v in ("1", "true", "yes", "on"):
+                return True
+            if v in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(v)
+    except ValueError:
+        raise ValueError(f"invalid configuration: --{name.replace('_', '-')} expects {typ}, got {raw!r}") from None
+    return raw

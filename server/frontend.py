@@ -1,0 +1,198 @@
+"""The domain side of inference requests: validation against limits, tokenization,
+adapter resolution, submission to the engine, and waiting for results. Shared by the
+hotlora.v1 servicer and the KServe servicer; no wire types here."""
+
+from __future__ import annotations
+
+import math
+import time
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+
+import torch
+
+from hotlora.adapters.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+)
+from hotlora.server.requests import GenerationRequest, PoolingRequest
+from hotlora.server.sampling import SamplingParams
+
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass
+class GenerateInput:
+    adapter: str = ""
+    prompt: str = ""
+    messages: list[tuple[str, str]] = field(default_factory=list)
+    max_new_tokens: int = 0
+    temperature: float = 0.0
+    top_p: float = 0.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    request_id: str = ""
+
+
+@dataclass
+class Classified:
+    label: str
+    score: float
+    scores: list[tuple[str, float]]
+
+
+class BaseModelAdapters:
+    """Adapter resolution when no registry is attached: only the base model exists."""
+
+    def resolve(self, tenant: str, ref: str):
+        if ref:
+            from hotlora.adapters.errors import NotFound
+
+            raise NotFound(f"adapter {ref!r} not found (this server serves the base model only)")
+        return None, ""
+
+    def labels(self, handle) -> list[str]:
+        raise FailedPrecondition("the base model has no classification head; name a SEQ_CLS adapter")
+
+    def release_unadmitted(self, handle) -> None:
+        pass
+
+
+class InferenceFrontend:
+    def __init__(self, engine, tokenizer, config, adapters=None):
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.config = config
+        self.adapters = adapters or BaseModelAdapters()
+
+    # ---- validation ------------------------------------------------------------
+    def _sampling(self, g: GenerateInput) -> SamplingParams:
+        cfg = self.config
+        n = g.max_new_tokens or cfg.default_max_new_tokens
+        if n > cfg.max_new_tokens:
+            raise ResourceExhausted(f"max_new_tokens {n} is over this server's limit of {cfg.max_new_tokens}")
+        for name, v in (("temperature", g.temperature), ("top_p", g.top_p)):
+            if not math.isfinite(v) or v < 0:
+                raise InvalidArgument(f"{name} must be a finite number >= 0 (got {v})")
+        if g.temperature > 100:
+            raise InvalidArgument(f"temperature must be at most 100 (got {g.temperature})")
+        if g.top_p > 1:
+            raise InvalidArgument(f"top_p must be in [0, 1] (got {g.top_p})")
+        if len(g.stop) > 16 or any(len(s) > 256 for s in g.stop):
+            raise InvalidArgument("at most 16 stop strings of at most 256 characters each")
+        if g.seed is not None and not 0 <= g.seed < 2**63:
+            raise InvalidArgument("seed must be in [0, 2^63)")
+        top_p = g.top_p if 0 < g.top_p < 1 else 1.0
+        return SamplingParams(n, g.temperature, top_p, g.top_k, g.seed, tuple(s for s in g.stop if s))
+
+    def _tokenize_prompt(self, g: GenerateInput) -> list[int]:
+        if g.prompt and g.messages:
+            raise InvalidArgument("give either prompt or messages, not both")
+        if g.messages:
+            msgs = []
+            for role, content in g.messages:
+                if role not in CHAT_ROLES:
+                    raise InvalidArgument(f"message role {role!r} is not one of {', '.join(CHAT_ROLES)}")
+                msgs.append({"role": role, "content": content})
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise FailedPrecondition("this model has no chat template; send `prompt` instead of `messages`")
+            try:
+                out = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
+                                                         return_dict=True)
+            except Exception as exc:  # templates raise on e.g. role order they do not support
+                raise InvalidArgument(f"the chat template rejected these messages: {exc}") from None
+            ids = list(out["input_ids"])
+        elif g.prompt:
+            self._check_text(g.prompt, "prompt")
+            ids = self.tokenizer(g.prompt)["input_ids"]
+        else:
+            raise InvalidArgument("a prompt or at least one message is required")
+        self._check_length(len(ids), "the prompt")
+        return ids
+
+    def _check_text(self, text: str, what: str) -> None:
+        # tokens are never fewer than ~chars/32: refuse absurd texts before tokenizing them
+        if len(text) > self.config.max_prompt_tokens * 32:
+            raise ResourceExhausted(f"{what} is {len(text)} characters, far over the {self.config.max_prompt_tokens}-token limit")
+
+    def _check_length(self, n: int, what: str) -> None:
+        if n == 0:
+            raise InvalidArgument(f"{what} is empty after tokenization")
+        if n > self.config.max_prompt_tokens:
+            raise ResourceExhausted(f"{what} has {n} tokens; this server accepts at most {self.config.max_prompt_tokens}")
+
+    def _texts(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            raise InvalidArgument("at least one text is required")
+        if len(texts) > self.config.max_texts:
+            raise ResourceExhausted(f"{len(texts)} texts in one request; the limit is {self.config.max_texts}")
+        out = []
+        for i, t in enumerate(texts):
+            if not t:
+                raise InvalidArgument(f"texts[{i}] is empty")
+            self._check_text(t, f"texts[{i}]")
+            ids = self.tokenizer(t)["input_ids"]
+            self._check_length(len(ids), f"texts[{i}]")
+            out.append(ids)
+        return out
+
+    # ---- requests ----------------------------------------------------------------
+    def start_generation(self, tenant: str, g: GenerateInput, deadline: float | None) -> tuple[GenerationRequest, str]:
+        params = self._sampling(g)
+        ids = self._tokenize_prompt(g)
+        handle, resolved = self.adapters.resolve(tenant, g.adapter)
+        req = GenerationRequest(ids, params, tenant=tenant, adapter=handle, deadline=deadline,
+                                request_id=g.request_id)
+        try:
+            self.engine.submit(req)
+        except Exception:
+            self.adapters.release_unadmitted(handle)
+            raise
+        return req, resolved
+
+    def _pool(self, tenant, adapter, texts, mode, deadline):
+        inputs = self._texts(texts)
+        handle, resolved = self.adapters.resolve(tenant, adapter)
+        labels = self.adapters.labels(handle) if mode == "last" else None
+        req = PoolingRequest(inputs, mode, tenant=tenant, adapter=handle, deadline=deadline)
+        try:
+            self.engine.submit(req)
+        except Exception:
+            self.adapters.release_unadmitted(handle)
+            raise
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            out = req.future.result(timeout=timeout)
+        except FutureTimeout:
+            req.cancel()
+            raise DeadlineExceeded("deadline exceeded before the forward pass finished") from None
+        return out, resolved, labels
+
+    def embed(self, tenant: str, adapter: str, texts: list[str], deadline=None) -> tuple[torch.Tensor, str]:
+        out, resolved, _ = self._pool(tenant, adapter, texts, "mean", deadline)
+        return out, resolved
+
+    def classify(self, tenant: str, adapter: str, texts: list[str], deadline=None) -> tuple[list[Classified], str]:
+        if not adapter:
+            raise FailedPrecondition("Classify needs an adapter with a classification head (a PEFT SEQ_CLS adapter)")
+        probs, resolved, labels = self._pool(tenant, adapter, texts, "last", deadline)
+        results = []
+        for row in probs:
+            scores = [(labels[j], float(row[j])) for j in range(len(labels))]
+            best = int(torch.argmax(row))
+            results.append(Classified(labels[best], float(row[best]), scores))
+        return results, resolved
+
+    @staticmethod
+    def raise_for_finish(reason: str | None) -> None:
+        """Map an abnormal finish to the status the caller should see."""
+        if reason == "deadline":
+            raise DeadlineExceeded("deadline exceeded while generating")
+        if reason == "cancelled":
+            raise Cancelled("the request was cancelled")
+        if reason and reason.startswith("error:"):
+            raise RuntimeError(reason[len("error:"):])
