@@ -1,8 +1,106 @@
-"""hotlora.v1.Adapters (replaced by the registry-backed servicer once adapters are wired)."""
+"""hotlora.v1.Adapters: thin wire layer over hotlora.adapters.service.AdapterService."""
 
-from hotlora.v1 import adapters_pb2_grpc
+from __future__ import annotations
+
+from hotlora.adapters.errors import InvalidArgument, ResourceExhausted, Unavailable
+from hotlora.server.conversion import adapter_pb
+from hotlora.server.interceptors import current_tenant
+from hotlora.v1 import adapters_pb2, adapters_pb2_grpc, common_pb2
+
+EXPORT_CHUNK = 1 << 20
+MAX_UPLOAD_FILES = 8
 
 
 class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
     def __init__(self, state):
         self.state = state
+
+    def _service(self):
+        svc = self.state.adapters
+        if svc is None:
+            raise Unavailable("the server is starting: adapters are available once the model is loaded")
+        return svc
+
+    def _observe_upload(self, outcome: str) -> None:
+        m = self.state.metrics
+        if m is not None and hasattr(m, "upload_finished"):
+            m.upload_finished(outcome)
+
+    def UploadAdapter(self, request_iterator, context):
+        svc = self._service()
+        limit = self.state.config.max_upload_bytes
+        name = description = None
+        labels: list[str] = []
+        files: dict[str, bytearray] = {}
+        total = 0
+        try:
+            for i, chunk in enumerate(request_iterator):
+                if i == 0:
+                    if not chunk.name:
+                        raise InvalidArgument("the first UploadChunk must carry the adapter `name`")
+                    name, description, labels = chunk.name, chunk.description, list(chunk.labels)
+                elif chunk.name and chunk.name != name:
+                    raise InvalidArgument("`name` may only be given in the first UploadChunk")
+                if chunk.data or chunk.filename:
+                    if not chunk.filename:
+                        raise InvalidArgument("an UploadChunk with data must name its `filename`")
+                    if chunk.filename not in files and len(files) >= MAX_UPLOAD_FILES:
+                        raise InvalidArgument("too many files; a PEFT adapter directory has "
+                                              "adapter_config.json and adapter_model.safetensors")
+                    total += len(chunk.data)
+                    if total > limit:
+                        raise ResourceExhausted(f"upload is over the {limit}-byte limit (--max-upload-bytes)")
+                    files.setdefault(chunk.filename, bytearray()).extend(chunk.data)
+            if name is None:
+                raise InvalidArgument("empty upload: send the name, then the PEFT adapter files")
+            view = svc.upload(current_tenant(), name, {k: bytes(v) for k, v in files.items()},
+                              description=description or "", labels=labels)
+        except Exception as exc:
+            self._observe_upload(_reason(exc))
+            raise
+        self._observe_upload("ok")
+        return adapter_pb(view)
+
+    def ListAdapters(self, request, context):
+        views = self._service().list(current_tenant(), request.prefix, request.all_versions)
+        return adapters_pb2.ListAdaptersResponse(adapters=[adapter_pb(v) for v in views])
+
+    def GetAdapter(self, request, context):
+        return adapter_pb(self._service().get(current_tenant(), request.name))
+
+    def DeleteAdapter(self, request, context):
+        removed = self._service().delete(current_tenant(), request.name)
+        return common_pb2.Ack(message="deleted " + ", ".join(r.ref for r in removed))
+
+    def LoadAdapter(self, request, context):
+        timeout = context.time_remaining()
+        timeout = 30.0 if timeout is None or timeout > 30 else max(0.1, timeout - 0.05)
+        return adapter_pb(self._service().load(current_tenant(), request.name, request.pin, timeout))
+
+    def UnloadAdapter(self, request, context):
+        return adapter_pb(self._service().unload(current_tenant(), request.name))
+
+    def ExportAdapter(self, request, context):
+        _, files = self._service().export(current_tenant(), request.name)
+        for filename in sorted(files):
+            data = files[filename]
+            for off in range(0, max(len(data), 1), EXPORT_CHUNK):
+                yield common_pb2.FileChunk(filename=filename, data=data[off : off + EXPORT_CHUNK])
+
+
+def _reason(exc: Exception) -> str:
+    """A bounded label for the uploads metric."""
+    from hotlora.adapters import errors
+
+    msg = getattr(exc, "message", "").lower()
+    if isinstance(exc, errors.ResourceExhausted):
+        return "too_large"
+    if isinstance(exc, errors.FailedPrecondition):
+        return "does_not_fit"
+    if isinstance(exc, errors.InvalidArgument):
+        if "not supported" in msg or "unsupported" in msg or "refuse" in msg:
+            return "unsupported_option"
+        if "adapter_config" in msg or "config" in msg:
+            return "invalid_config"
+        return "invalid_tensor"
+    return "error"

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import torch
 
-from hotlora.adapters.errors import ResourceExhausted, Unavailable
+from hotlora.adapters.errors import HotloraError, ResourceExhausted, Unavailable
 from hotlora.server.detokenizer import IncrementalDetokenizer
 from hotlora.server.kv_cache import BatchKVCache
 from hotlora.server.requests import GenerationRequest, PoolingRequest, TokenEvent
@@ -263,7 +263,14 @@ class Engine:
                     cost = len(req.prompt_ids) if is_gen else sum(len(x) for x in req.inputs)
                     if (is_gen and free_rows <= 0) or (admitted and cost > budget):
                         continue
-                    slot = self.runtime.try_acquire(req.adapter)
+                    try:
+                        slot = self.runtime.try_acquire(req.adapter)
+                    except HotloraError as exc:  # e.g. deleted or unloadable adapter: fail this one only
+                        q.popleft()
+                        self._n_waiting -= 1
+                        self._fail_request(req, exc)
+                        progress = True
+                        continue
                     if slot is None:  # adapter loading: try the next one of this tenant later
                         skipped[tenant].append(q.popleft())
                         self._n_waiting -= 1
@@ -432,6 +439,14 @@ class Engine:
 
             exc = DeadlineExceeded("deadline exceeded while queued") if reason == "deadline" else Cancelled("cancelled")
             req.future.set_exception(exc)
+
+    def _fail_request(self, req, exc: Exception) -> None:
+        if isinstance(req, PoolingRequest):
+            req.future.set_exception(exc)
+            return
+        req.error = exc
+        req.events.put(TokenEvent([], "", "error"))
+        self._finish(req, "error")
 
     def _fail_all_running(self, why: str) -> None:
         for req in getattr(self, "_newcomers", []):

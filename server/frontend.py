@@ -188,8 +188,10 @@ class InferenceFrontend:
         return results, resolved
 
     @staticmethod
-    def raise_for_finish(reason: str | None) -> None:
+    def raise_for_finish(reason: str | None, error: Exception | None = None) -> None:
         """Map an abnormal finish to the status the caller should see."""
+        if error is not None:
+            raise error
         if reason == "deadline":
             raise DeadlineExceeded("deadline exceeded while generating")
         if reason == "cancelled":

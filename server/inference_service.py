@@ -40,7 +40,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                                             conversion.deadline_of(context))
         for ev in self._events(req, context):
             if ev.finish_reason is not None:
-                fe.raise_for_finish(ev.finish_reason if ev.finish_reason != "cancelled" else None)
+                fe.raise_for_finish(ev.finish_reason if ev.finish_reason != "cancelled" else None, req.error)
         return inference_pb2.GenerateResponse(
             text=req.text, token_ids=req.output_ids, finish_reason=req.finish_reason,
             usage=conversion.usage(req), adapter=resolved, request_id=request.request_id,
@@ -53,7 +53,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         for ev in self._events(req, context):
             last = ev.finish_reason is not None
             if last and ev.finish_reason not in ("eos", "stop", "length", "cancelled"):
-                fe.raise_for_finish(ev.finish_reason)
+                fe.raise_for_finish(ev.finish_reason, req.error)
             chunk = inference_pb2.GenerateChunk(text=ev.text, token_ids=ev.token_ids,
                                                 adapter=resolved, request_id=request.request_id)
             if last:

@@ -41,6 +41,7 @@ class GenerationRequest:
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
+    error: Exception | None = None  # set with finish_reason "error"
     created_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None
     first_token_at: float | None = None

@@ -306,6 +306,10 @@ def test_seq_cls_head_mismatches_are_refused(base_info, peft_adapter):
         parse_peft_adapter(headless, base_info, LIMITS)
 
 
+def test_config_without_task_type_is_causal_lm(causal_files, base_info):
+    assert parse_peft_adapter(_config(causal_files, task_type=None), base_info, LIMITS).task == "CAUSAL_LM"
+
+
 def test_readme_from_save_pretrained_is_accepted(causal_files, base_info):
     assert "README.md" in causal_files
     parse_peft_adapter(causal_files, base_info, LIMITS)

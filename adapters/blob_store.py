@@ -1,0 +1,121 @@
+"""Content-addressed storage of adapter files (DESIGN.md §7: a local directory now, S3-compatible later).
+
+Blobs are named by the sha256 of their bytes, so writes are idempotent, paths never come from client
+strings, and every read can be verified.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_TMP_PREFIX = ".tmp-"
+
+
+class BlobIntegrityError(RuntimeError):
+    """A stored blob is missing or its bytes no longer hash to its name: the store is damaged (not a
+    caller's mistake)."""
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+class BlobStore(ABC):
+    """Immutable blobs keyed by the sha256 of their content."""
+
+    @abstractmethod
+    def put(self, data: bytes) -> str:
+        """Store `data` durably (idempotent) and return its sha256 hex digest."""
+
+    @abstractmethod
+    def get(self, sha256: str) -> bytes:
+        """The blob's bytes, verified against `sha256`; BlobIntegrityError if missing or damaged."""
+
+    @abstractmethod
+    def exists(self, sha256: str) -> bool: ...
+
+    @abstractmethod
+    def delete(self, sha256: str) -> None:
+        """Remove the blob; no error if it is already gone."""
+
+    @abstractmethod
+    def list(self) -> Iterator[str]:
+        """Every stored digest."""
+
+
+class LocalBlobStore(BlobStore):
+    """`<root>/ab/cdef...`: written to a temp file in the same folder, fsynced, renamed, folder fsynced."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._remove_partial_writes()
+
+    def _path(self, sha256: str) -> Path:
+        if not isinstance(sha256, str) or not _SHA256.fullmatch(sha256):
+            raise ValueError(f"not a sha256 hex digest: {sha256!r}")
+        return self.root / sha256[:2] / sha256[2:]
+
+    def put(self, data: bytes) -> str:
+        digest = sha256_hex(data)
+        path = self._path(digest)
+        if path.is_file() and path.stat().st_size == len(data):
+            return digest
+        path.parent.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+        return digest
+
+    def get(self, sha256: str) -> bytes:
+        try:
+            data = self._path(sha256).read_bytes()
+        except FileNotFoundError:
+            raise BlobIntegrityError(f"blob {sha256} is missing from {self.root}") from None
+        if sha256_hex(data) != sha256:
+            raise BlobIntegrityError(f"blob {sha256} in {self.root} is damaged: its bytes hash differently")
+        return data
+
+    def exists(self, sha256: str) -> bool:
+        return self._path(sha256).is_file()
+
+    def delete(self, sha256: str) -> None:
+        path = self._path(sha256)
+        path.unlink(missing_ok=True)
+        _fsync_dir(path.parent)
+
+    def list(self) -> Iterator[str]:
+        for sub in sorted(self.root.iterdir()):
+            if sub.is_dir() and len(sub.name) == 2:
+                for f in sorted(sub.iterdir()):
+                    digest = sub.name + f.name
+                    if _SHA256.fullmatch(digest):
+                        yield digest
+
+    def _remove_partial_writes(self) -> None:
+        # Left by a crash between mkstemp and os.replace; at start-up nothing of ours is still writing.
+        for tmp in self.root.glob(f"*/{_TMP_PREFIX}*"):
+            tmp.unlink(missing_ok=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

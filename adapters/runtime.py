@@ -1,0 +1,73 @@
+"""The engine's view of adapters: slots for rows, the LoraBatch for each forward,
+and classification heads. Implements hotlora.server.engine.AdapterRuntime."""
+
+from __future__ import annotations
+
+import torch
+
+from hotlora.adapters.cache import AdapterCache
+from hotlora.adapters.errors import FailedPrecondition
+from hotlora.adapters.lora_layers import LoraContext, set_batch
+
+
+class MultiLoraRuntime:
+    def __init__(self, ctx: LoraContext, wrapped: dict, num_slots: int, device, dtype):
+        self.ctx = ctx
+        self.wrapped = wrapped  # (layer, short name) -> MultiLoraLinear
+        self.device = device
+        self.dtype = dtype
+        self.slot_ranks = torch.zeros(num_slots, dtype=torch.long)
+        self.heads: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.cache: AdapterCache | None = None  # set by the service that owns both
+
+    # ---- slot contents (called by the cache on the engine thread) ------------------
+    def install(self, slot: int, weights) -> None:
+        for key, module in self.wrapped.items():
+            m = weights.modules.get(key)
+            if m is None:
+                module.bank.clear(slot)
+            else:
+                module.bank.write(slot, m.a.to(self.device, self.dtype), m.b.to(self.device, self.dtype), m.scale)
+        self.slot_ranks[slot] = weights.rank
+        if weights.head_weight is not None:
+            bias = None if weights.head_bias is None else weights.head_bias.to(self.device, self.dtype)
+            self.heads[slot] = (weights.head_weight.to(self.device, self.dtype), bias)
+        else:
+            self.heads.pop(slot, None)
+
+    def clear(self, slot: int) -> None:
+        for module in self.wrapped.values():
+            module.bank.clear(slot)
+        self.slot_ranks[slot] = 0
+        self.heads.pop(slot, None)
+
+    # ---- AdapterRuntime -------------------------------------------------------------
+    def try_acquire(self, handle) -> int | None:
+        if handle is None:
+            return -1
+        return self.cache.try_acquire(handle.key)
+
+    def release(self, handle) -> None:
+        if handle is not None:
+            self.cache.release(handle.key)
+
+    def begin_forward(self, row_slots: list[int], seq_len: int) -> None:
+        set_batch(self.ctx, row_slots, seq_len, self.slot_ranks, self.device)
+
+    def end_forward(self) -> None:
+        self.ctx.batch = None
+
+    def classify(self, handle, pooled: torch.Tensor) -> torch.Tensor:
+        """pooled: [n, hidden] last-token states -> [n, num_labels] probabilities."""
+        slot = None if handle is None else self.cache.slot_of(handle.key)
+        head = self.heads.get(slot) if slot is not None else None
+        if head is None:
+            raise FailedPrecondition("this adapter has no classification head")
+        weight, bias = head
+        logits = pooled.to(weight.dtype) @ weight.t()
+        if bias is not None:
+            logits = logits + bias
+        return torch.softmax(logits.float(), dim=-1)
+
+    def maintenance(self) -> None:
+        self.cache.maintenance()

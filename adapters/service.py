@@ -1,0 +1,131 @@
+"""Adapter operations behind the Adapters rpcs and adapter resolution for inference:
+the registry (what is stored), the cache (what is loaded), tenancy and limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hotlora.adapters.base_model_info import BaseModelInfo
+from hotlora.adapters.cache import AdapterCache
+from hotlora.adapters.errors import FailedPrecondition, NotFound, ResourceExhausted
+from hotlora.adapters.metadata_store import AdapterRecord
+from hotlora.adapters.names import validate_name
+from hotlora.adapters.peft_format import AdapterLimits, parse_peft_adapter
+from hotlora.adapters.registry import AdapterRegistry
+
+
+@dataclass(frozen=True)
+class AdapterHandle:
+    """One immutable adapter version as a request carries it."""
+
+    key: tuple[str, str, int]  # (tenant, name, version)
+    ref: str  # name@N
+    task: str
+    labels: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AdapterView:
+    record: AdapterRecord
+    state: str  # STORED | HOST | DEVICE
+    pinned: bool
+    waiting: int
+
+
+def _key(rec: AdapterRecord) -> tuple[str, str, int]:
+    return (rec.tenant, rec.name, rec.version)
+
+
+class AdapterService:
+    def __init__(self, registry: AdapterRegistry, base: BaseModelInfo, limits: AdapterLimits,
+                 runtime, num_slots: int, host_bytes: int, max_per_tenant: int = 1000, observer=None):
+        self.registry = registry
+        self.base = base
+        self.limits = limits
+        self.max_per_tenant = max_per_tenant
+        self.observer = observer
+        self.runtime = runtime
+        self.cache = AdapterCache(
+            num_slots, host_bytes, loader=self._load_weights, installer=runtime.install,
+            clearer=runtime.clear, observer=observer,
+        )
+        runtime.cache = self.cache
+
+    def _load_weights(self, key):
+        tenant, name, version = key
+        rec = self.registry.resolve(tenant, f"{name}@{version}")
+        return self.registry.load_weights(rec, self.base, self.limits)
+
+    def _view(self, rec: AdapterRecord) -> AdapterView:
+        state, pinned, waiting = self.cache.state(_key(rec))
+        return AdapterView(rec, state, pinned, waiting)
+
+    # ---- rpcs ---------------------------------------------------------------------
+    def upload(self, tenant: str, name: str, files: dict[str, bytes], *, description: str = "",
+               labels=(), source: str = "UPLOAD", weights=None) -> AdapterView:
+        validate_name(name)
+        if len(self.registry.list(tenant, all_versions=True)) >= self.max_per_tenant:
+            raise ResourceExhausted(
+                f"tenant {tenant!r} already stores {self.max_per_tenant} adapter versions, the limit; delete some first"
+            )
+        if weights is None:
+            weights = parse_peft_adapter(files, self.base, self.limits, labels)
+        rec = self.registry.commit(tenant, name, files, weights, description=description, source=source)
+        return self._view(rec)
+
+    def get(self, tenant: str, ref: str) -> AdapterView:
+        return self._view(self.registry.resolve(tenant, ref))
+
+    def list(self, tenant: str, prefix: str = "", all_versions: bool = False) -> list[AdapterView]:
+        return [self._view(r) for r in self.registry.list(tenant, prefix, all_versions)]
+
+    def delete(self, tenant: str, ref: str) -> list[AdapterRecord]:
+        removed = self.registry.delete(tenant, ref)
+        for rec in removed:
+            self.cache.drop(_key(rec))
+        return removed
+
+    def load(self, tenant: str, ref: str, pin: bool = False, timeout: float = 30.0) -> AdapterView:
+        rec = self.registry.resolve(tenant, ref)
+        self.cache.request_load(_key(rec), pin=pin, timeout=timeout)
+        return self._view(rec)
+
+    def unload(self, tenant: str, ref: str) -> AdapterView:
+        rec = self.registry.resolve(tenant, ref)
+        self.cache.unload(_key(rec))
+        return self._view(rec)
+
+    def export(self, tenant: str, ref: str) -> tuple[AdapterRecord, dict[str, bytes]]:
+        rec = self.registry.resolve(tenant, ref)
+        return rec, self.registry.read_files(rec)
+
+    # ---- inference ------------------------------------------------------------------
+    def resolve(self, tenant: str, ref: str) -> tuple[AdapterHandle | None, str]:
+        if not ref:
+            return None, ""
+        rec = self.registry.resolve(tenant, ref)
+        return AdapterHandle(_key(rec), rec.ref, rec.task, tuple(rec.labels)), rec.ref
+
+    def labels(self, handle: AdapterHandle | None) -> list[str]:
+        if handle is None:
+            raise FailedPrecondition("the base model has no classification head; name a SEQ_CLS adapter")
+        if handle.task != "SEQ_CLS" or not handle.labels:
+            raise FailedPrecondition(
+                f"adapter {handle.ref} is a {handle.task} adapter without a classification head; "
+                "Classify needs a PEFT SEQ_CLS adapter"
+            )
+        return list(handle.labels)
+
+    def release_unadmitted(self, handle) -> None:
+        pass  # slots are taken at admission, so nothing is held before it
+
+    def count_by_state(self) -> dict[str, int]:
+        c = self.cache.counts()
+        return {"device": c["device"], "host": c["host"], "pinned": c["pinned"]}
+
+    def close(self) -> None:
+        self.cache.close()
+        self.registry.close()
+
+
+__all__ = ["AdapterHandle", "AdapterService", "AdapterView", "NotFound"]

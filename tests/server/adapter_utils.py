@@ -1,0 +1,55 @@
+"""Adapters made with the peft library itself, for serving tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from hotlora.v1 import adapters_pb2
+
+
+def make_peft_adapter(out_dir: Path, seed: int, *, model_dir=None, task="CAUSAL_LM", num_labels=3,
+                      std: float = 0.3, **lora_kwargs) -> Path:
+    """Random non-zero A and B (peft initialises B to zero), saved with save_pretrained."""
+    from peft import LoraConfig, get_peft_model
+
+    from tests.tiny import build_tiny_llama, tiny_llama_config
+
+    if task == "SEQ_CLS":
+        from transformers import LlamaForSequenceClassification
+
+        torch.manual_seed(0)
+        base = LlamaForSequenceClassification(tiny_llama_config(num_labels=num_labels)).eval()
+        base.model.load_state_dict(build_tiny_llama().model.state_dict())
+    else:
+        base = build_tiny_llama()
+    cfg = LoraConfig(task_type=task, **lora_kwargs)
+    model = get_peft_model(base, cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name or ("score" in name and p.requires_grad):
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    model.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def upload_chunks(name: str, directory: Path, labels=(), chunk=4096):
+    yield adapters_pb2.UploadChunk(name=name, labels=list(labels))
+    for fname in ("adapter_config.json", "adapter_model.safetensors"):
+        data = (Path(directory) / fname).read_bytes()
+        for off in range(0, len(data), chunk):
+            yield adapters_pb2.UploadChunk(filename=fname, data=data[off : off + chunk])
+
+
+def peft_greedy(adapter_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    from peft import PeftModel
+
+    from tests.tiny import build_tiny_llama
+
+    model = PeftModel.from_pretrained(build_tiny_llama(), str(adapter_dir)).eval()
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=None, pad_token_id=3)
+    return out[0, len(prompt_ids):].tolist()

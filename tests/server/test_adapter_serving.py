@@ -1,0 +1,137 @@
+"""Adapters made with peft, uploaded over gRPC, served all at once: token-for-token PEFT parity."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+
+import grpc
+import pytest
+import torch
+
+from hotlora.v1 import adapters_pb2, common_pb2, inference_pb2
+from tests.server.adapter_utils import make_peft_adapter, peft_greedy, upload_chunks
+from tests.server.harness import running_server
+from tests.tiny import build_tiny_llama, tiny_tokenizer
+
+ADAPTERS = {
+    "all-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                       "gate_proj", "up_proj", "down_proj"]),
+    "attn-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "mlp-r16-layer1": dict(r=16, lora_alpha=8, target_modules=["gate_proj", "down_proj"], layers_to_transform=[1]),
+    "rslora-r2": dict(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj", "up_proj"], use_rslora=True),
+}
+PROMPTS = ["hello world", "a", "the quick brown fox", "LoRA adapters"]
+NEW = 10
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("peft")
+    return {name: make_peft_adapter(root / name, seed=i + 1, **kw) for i, (name, kw) in enumerate(ADAPTERS.items())}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    with running_server(tiny_model_dir, tmp_path_factory.mktemp("data"), adapter_slots=3, max_rank=16) as run:
+        yield run
+
+
+def _gen(run, prompt, adapter=""):
+    return run.inference.Generate(inference_pb2.GenerateRequest(
+        prompt=prompt, adapter=adapter, params=common_pb2.SamplingParams(max_new_tokens=NEW)), timeout=60)
+
+
+def test_upload_then_every_adapter_matches_peft_in_one_mixed_batch(server, adapter_dirs):
+    tok = tiny_tokenizer()
+    for name, d in adapter_dirs.items():
+        a = server.adapters.UploadAdapter(upload_chunks(name, d))
+        assert (a.name, a.version) == (name, 1)
+    expected = {}
+    for name, d in adapter_dirs.items():
+        for p in PROMPTS:
+            expected[(name, p)] = peft_greedy(d, tok(p)["input_ids"], NEW)
+    base_model = build_tiny_llama()
+    for p in PROMPTS:
+        ids = tok(p)["input_ids"]
+        out = base_model.generate(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False, eos_token_id=None,
+                                  pad_token_id=3)
+        expected[("", p)] = out[0, len(ids):].tolist()
+    # every adapter (more than the 3 device slots) and the base model, all in flight at once
+    jobs = [(name, p) for name in [*adapter_dirs, ""] for p in PROMPTS]
+    with cf.ThreadPoolExecutor(len(jobs)) as pool:
+        results = dict(zip(jobs, pool.map(lambda j: _gen(server, j[1], j[0]), jobs), strict=True))
+    for job, resp in results.items():
+        assert list(resp.token_ids) == expected[job], f"{job} differs from PEFT"
+        assert resp.adapter == (f"{job[0]}@1" if job[0] else "")
+    # adapters really change the output
+    assert expected[("all-r8", PROMPTS[0])] != expected[("", PROMPTS[0])]
+
+
+def test_seq_cls_adapter_probabilities_match_peft(server, tmp_path):
+    from peft import PeftModel
+    from transformers import LlamaForSequenceClassification
+
+    from tests.tiny import tiny_llama_config
+
+    d = make_peft_adapter(tmp_path / "cls", seed=7, task="SEQ_CLS", num_labels=3, r=4, lora_alpha=8,
+                          target_modules=["q_proj", "v_proj"])
+    labels = ["neg", "neu", "pos"]
+    a = server.adapters.UploadAdapter(upload_chunks("sentiment", d, labels=labels))
+    assert a.task == common_pb2.TASK_SEQ_CLS and list(a.labels) == labels
+    texts = ["good movie", "bad", "it was fine I guess"]
+    resp = server.inference.Classify(inference_pb2.ClassifyRequest(adapter="sentiment", texts=texts), timeout=60)
+
+    torch.manual_seed(0)
+    base = LlamaForSequenceClassification(tiny_llama_config(num_labels=3)).eval()
+    base.model.load_state_dict(build_tiny_llama().model.state_dict())
+    model = PeftModel.from_pretrained(base, str(d)).eval()
+    tok = tiny_tokenizer()
+    for text, r in zip(texts, resp.results, strict=True):
+        with torch.no_grad():
+            probs = model(torch.tensor([tok(text)["input_ids"]])).logits.softmax(-1)[0]
+        got = torch.tensor([s.score for s in r.scores])
+        assert [s.label for s in r.scores] == labels
+        torch.testing.assert_close(got, probs, atol=1e-4, rtol=1e-4)
+        assert r.label == labels[int(probs.argmax())]
+
+
+def test_classify_with_a_generation_adapter_is_failed_precondition(server, adapter_dirs):
+    server.adapters.UploadAdapter(upload_chunks("gen-only", adapter_dirs["attn-r4"]))
+    with pytest.raises(grpc.RpcError) as e:
+        server.inference.Classify(inference_pb2.ClassifyRequest(adapter="gen-only", texts=["x"]))
+    assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "head" in e.value.details()
+
+
+def test_versions_rollback_and_delete(server, adapter_dirs):
+    server.adapters.UploadAdapter(upload_chunks("roll", adapter_dirs["attn-r4"]))
+    v2 = server.adapters.UploadAdapter(upload_chunks("roll", adapter_dirs["all-r8"]))
+    assert v2.version == 2
+    assert _gen(server, "hello world", "roll").adapter == "roll@2"
+    old = _gen(server, "hello world", "roll@1")
+    assert old.adapter == "roll@1"
+    assert list(old.token_ids) == list(_gen(server, "hello world", "attn-r4@1").token_ids)
+    server.adapters.DeleteAdapter(common_pb2.AdapterRef(name="roll@2"))
+    assert _gen(server, "hello world", "roll").adapter == "roll@1"
+    server.adapters.DeleteAdapter(common_pb2.AdapterRef(name="roll"))
+    with pytest.raises(grpc.RpcError) as e:
+        _gen(server, "hello world", "roll")
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_load_pin_unload_report_state(server, adapter_dirs):
+    server.adapters.UploadAdapter(upload_chunks("pinme", adapter_dirs["rslora-r2"]))
+    a = server.adapters.LoadAdapter(common_pb2.AdapterRef(name="pinme", pin=True))
+    assert a.state == adapters_pb2.ADAPTER_STATE_DEVICE and a.pinned
+    a = server.adapters.UnloadAdapter(common_pb2.AdapterRef(name="pinme"))
+    assert a.state == adapters_pb2.ADAPTER_STATE_STORED and not a.pinned
+
+
+def test_export_is_byte_identical(server, adapter_dirs, tmp_path):
+    d = adapter_dirs["mlp-r16-layer1"]
+    server.adapters.UploadAdapter(upload_chunks("exp", d))
+    files = {}
+    for c in server.adapters.ExportAdapter(common_pb2.AdapterRef(name="exp")):
+        files[c.filename] = files.get(c.filename, b"") + c.data
+    for fname in ("adapter_config.json", "adapter_model.safetensors"):
+        assert files[fname] == (d / fname).read_bytes()
