@@ -56,6 +56,13 @@ class LoraBatch:
     segments: tuple[Segment, ...]  # the G segments as host ints
     segments_are_slices: bool  # every segment is a contiguous token range: no gather/scatter needed
     rank_groups: tuple[RankGroup, ...]  # tokens grouped by their slot's rank
+    # Dense plan (CPU "dense" strategy): set when every used slot has one rank, the used slots nearly fill
+    # the range [dense_lo, dense_lo + dense_span) and segments are short (decode). Then the bank slices
+    # A[lo:lo+span] are used as views in one bmm, instead of gathering a copy of every token's A and B.
+    dense_lo: int = -1
+    dense_span: int = 0
+    dense_rows: int = 0  # rows per slot in the dense layout (longest segment)
+    dense_index: torch.Tensor | None = None  # [T_lora] int64: (slot - lo) * rows + position in segment
 
     @property
     def num_segments(self) -> int:
@@ -113,6 +120,8 @@ def make_lora_batch(token_slots: torch.Tensor, slot_ranks: torch.Tensor) -> Lora
         pick = ranks_of_tokens == rank
         rank_groups.append(RankGroup(rank, order_host[pick].to(device), active_slots[pick].to(device)))
 
+    dense = _dense_plan(segments, rank_groups, len(order))
+
     num_tokens = slots_host.numel()
     has_lora = bool(segments)
     single = has_lora and len(segments) == 1 and segments[0].length == num_tokens
@@ -133,4 +142,27 @@ def make_lora_batch(token_slots: torch.Tensor, slot_ranks: torch.Tensor) -> Lora
         segments=tuple(segments),
         segments_are_slices=all(s.token_start >= 0 for s in segments),
         rank_groups=tuple(rank_groups),
+        dense_lo=dense[0],
+        dense_span=dense[1],
+        dense_rows=dense[2],
+        dense_index=None if dense[3] is None else dense[3].to(device),
     )
+
+
+# The dense layout may waste at most this factor of rows (unused slots in range, short segments).
+DENSE_MAX_WASTE = 1.5
+DENSE_MAX_ROWS = 4
+
+
+def _dense_plan(segments: list[Segment], rank_groups: list, num_lora: int):
+    if len(segments) < 2 or len(rank_groups) != 1:
+        return -1, 0, 0, None
+    lo, hi = segments[0].slot, segments[-1].slot
+    span, rows = hi - lo + 1, max(s.length for s in segments)
+    if rows > DENSE_MAX_ROWS or span * rows > DENSE_MAX_WASTE * num_lora + 2:
+        return -1, 0, 0, None
+    index = torch.empty(num_lora, dtype=torch.int64)
+    for seg in segments:
+        base = (seg.slot - lo) * rows
+        index[seg.start : seg.start + seg.length] = torch.arange(base, base + seg.length)
+    return lo, span, rows, index

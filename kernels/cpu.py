@@ -9,6 +9,9 @@ Three strategies, measured on a 2-core Xeon at SmolLM2-135M shapes (benchmarks/k
   (prefill: a request's tokens sit together) are views of x and y, updated in place with ``addmm_``;
   otherwise x is gathered once into slot order and the result scattered back with one ``index_add_``.
   Cost is ~10 µs of dispatch per segment plus the GEMMs, so it wins when segments are long.
+* ``dense``: decode batches whose used slots nearly fill a slot range and share one rank: the bank
+  slices are used as views in two bmm calls, so each adapter's weights are read once and never copied
+  (2x faster than ``bmm`` at 32 distinct rank-16 adapters, where the weight reads dominate).
 * ``bmm``: tokens grouped by rank; per group, gather each token's A and B (rank-sliced, so a rank-4
   adapter moves rank-4 bytes) and run two batched GEMVs. A constant number of ops whatever the number of
   adapters, so it wins for decode batches of many distinct adapters (one-token segments).
@@ -34,12 +37,14 @@ SEGMENT_MAX_SHORT = 2
 
 
 def choose_cpu_strategy(batch: LoraBatch) -> str:
-    """'single', 'segments' or 'bmm' for this batch (see the module docstring)."""
+    """'single', 'segments', 'dense' or 'bmm' for this batch (see the module docstring)."""
     if batch.single_slot >= 0:
         return "single"
     groups = batch.num_segments
     if groups <= SEGMENT_MAX_SHORT or batch.num_lora_tokens >= SEGMENT_MIN_MEAN_LEN * groups:
         return "segments"
+    if batch.dense_index is not None:
+        return "dense"
     return "bmm"
 
 
@@ -68,10 +73,12 @@ def add_lora_cpu(
         _segment_update(ys, x, lora_a, lora_b, float(scales[seg.slot]), seg.slot, seg.rank)
     elif strategy in ("segments", "single"):
         _add_by_segments(ys, x, lora_a, lora_b, scales, batch)
-    elif strategy == "bmm":
+    elif strategy == "bmm" or (strategy == "dense" and batch.dense_index is None):
         _add_by_bmm(ys, x, lora_a, lora_b, scales, batch)
+    elif strategy == "dense":
+        _add_dense(ys, x, lora_a, lora_b, scales, batch)
     else:
-        raise ValueError(f"unknown CPU strategy {strategy!r}; use 'single', 'segments' or 'bmm'")
+        raise ValueError(f"unknown CPU strategy {strategy!r}; use 'single', 'segments', 'dense' or 'bmm'")
 
 
 def _segment_update(
@@ -127,3 +134,22 @@ def _add_by_bmm(
         b = lora_b[:, :, :r].index_select(0, group.slots)  # [n, H_out, r]
         delta = torch.bmm(v, b.transpose(1, 2)).squeeze(1)  # [n, H_out]
         ys.index_add_(0, group.tokens, delta)
+
+
+def _add_dense(
+    ys: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scales: torch.Tensor,
+    batch: LoraBatch,
+) -> None:
+    # Bank slices are views: each used adapter's weights are read once, never copied (decode is bound
+    # by those reads). x is scattered into a [span, rows, H_in] layout, zero where no token sits.
+    lo, span, rows, r = batch.dense_lo, batch.dense_span, batch.dense_rows, batch.max_rank
+    xf = x.new_zeros(span * rows, x.shape[1])
+    xf.index_copy_(0, batch.dense_index, x.index_select(0, batch.token_order))
+    v = torch.bmm(xf.view(span, rows, -1), lora_a[lo : lo + span, :r].transpose(1, 2))  # [span, rows, r]
+    v.mul_(scales[lo : lo + span].to(v.dtype).view(-1, 1, 1))
+    d = torch.bmm(v, lora_b[lo : lo + span, :, :r].transpose(1, 2))  # [span, rows, H_out]
+    ys.index_add_(0, batch.token_order, d.view(span * rows, -1).index_select(0, batch.dense_index))

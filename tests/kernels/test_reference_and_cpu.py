@@ -8,7 +8,7 @@ from hotlora.kernels.cpu import choose_cpu_strategy
 from .lora_cases import POPULARITY, assert_matches_reference, make_case, popularity_slots
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-STRATEGIES = (None, "segments", "bmm")
+STRATEGIES = (None, "segments", "bmm", "dense")
 
 
 def expected_of(case, out_offset=0):
@@ -110,7 +110,13 @@ def test_one_adapter_for_every_token_takes_the_single_slot_path():
 
 def test_strategy_follows_batch_shape():
     ranks = torch.full((32,), 16)
-    assert choose_cpu_strategy(make_lora_batch(torch.arange(32), ranks)) == "bmm"  # decode, 32 adapters
+    # decode, 32 adapters in a full slot range: bank views, no gather
+    assert choose_cpu_strategy(make_lora_batch(torch.arange(32), ranks)) == "dense"
+    # decode, scattered slots or mixed ranks: gather + bmm
+    assert choose_cpu_strategy(make_lora_batch(torch.arange(0, 32, 4), ranks)) == "bmm"
+    mixed = ranks.clone()
+    mixed[1] = 4
+    assert choose_cpu_strategy(make_lora_batch(torch.arange(32), mixed)) == "bmm"
     prefill = torch.arange(8).repeat_interleave(128)
     assert choose_cpu_strategy(make_lora_batch(prefill, ranks)) == "segments"
 
@@ -130,3 +136,18 @@ def test_comparison_catches_a_wrong_update():
     wrong = make_case(torch.tensor([0, 0, 3, 3]))
     with pytest.raises(AssertionError, match="exceeds tolerance"):
         assert_matches_reference(result_of(CpuBackend(), wrong), expected_of(case))
+
+
+@pytest.mark.parametrize(
+    "slots",
+    [
+        [3, 0, 1, 2, 5, 4, 6, 7],  # decode: distinct adapters, rows in any order
+        [0, 1, 1, 2, 3, 3, -1, 6, 5],  # short segments, a base-only row, slot 4 unused in the range
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_strategy_is_taken_and_matches_reference(slots, dtype):
+    case = make_case(torch.tensor(slots), dtype=dtype, ranks=(8,) * 8)
+    batch = make_lora_batch(case.token_slots, case.slot_ranks)
+    assert batch.dense_index is not None and choose_cpu_strategy(batch) == "dense"
+    assert_matches_reference(result_of(CpuBackend("dense"), case), expected_of(case))
