@@ -49,7 +49,9 @@ class AdapterCache:
         self._busy: collections.Counter[Key] = collections.Counter()
         self._pinned: set[Key] = set()
         self._wanted: collections.OrderedDict[Key, None] = collections.OrderedDict()
-        self._waiting: collections.Counter[Key] = collections.Counter()  # admissions waiting per key
+        # requests per key that found no slot in the last admission pass / in the current one
+        self._waiting: collections.Counter[Key] = collections.Counter()
+        self._waiting_now: collections.Counter[Key] = collections.Counter()
         self._evict_requested: set[Key] = set()
         self._doomed: set[Key] = set()
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hotlora-adapter-load")
@@ -72,7 +74,7 @@ class AdapterCache:
                 self._event("hit", "device")
                 return slot
             self._event("miss", "device")
-            self._waiting[key] += 0  # seen
+            self._waiting_now[key] += 1  # the engine asks once per queued request per pass
             self._want(key)
             return None
 
@@ -89,6 +91,8 @@ class AdapterCache:
     def maintenance(self) -> None:
         """Install host-resident wanted adapters into slots; apply pending evictions."""
         with self._lock:
+            # called once before every admission pass: publish the last pass's waiting counts
+            self._waiting, self._waiting_now = self._waiting_now, collections.Counter()
             for key in list(self._evict_requested | self._doomed):
                 if key in self._slot_of and not self._busy.get(key):
                     self._evict_slot(key)
@@ -120,6 +124,7 @@ class AdapterCache:
     def request_load(self, key: Key, pin: bool = False, timeout: float = 30.0) -> None:
         """Warm `key` into a slot (and pin it) and wait until it is there."""
         with self._lock:
+            newly_pinned = pin and key not in self._pinned
             if pin:
                 pinned_others = len(self._pinned - {key})
                 if pinned_others >= self.num_slots:
@@ -137,6 +142,8 @@ class AdapterCache:
                     raise err
                 left = deadline - time.monotonic()
                 if left <= 0:
+                    if newly_pinned:  # a failed LoadAdapter(pin) must not leave a pin behind
+                        self._pinned.discard(key)
                     raise ResourceExhausted(
                         "no device slot became free in time: every slot is pinned or serving requests"
                     )
@@ -207,7 +214,11 @@ class AdapterCache:
             weights = self._loader(key)
         except Exception as exc:
             log.warning("loading adapter %s failed: %s", key, exc)
-            err = exc if isinstance(exc, HotloraError) else NotFound(f"the adapter could not be loaded: {exc}")
+            if self.observer is not None and hasattr(self.observer, "adapter_load_failed"):
+                self.observer.adapter_load_failed("host")
+            err = (
+                exc if isinstance(exc, HotloraError) else NotFound(f"the adapter could not be loaded: {exc}")
+            )
             with self._lock:
                 self._loading.discard(key)
                 self._load_errors[key] = err

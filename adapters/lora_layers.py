@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
-
 from hotlora.kernels import LoraBackend, LoraBatch, get_backend, make_lora_batch
+from torch import nn
 
 
 @dataclass
@@ -84,8 +83,9 @@ class MultiLoraLinear(nn.Module):
         batch = self.ctx.batch
         if batch is not None and batch.has_lora:
             y2 = y.reshape(-1, self.out_features)
-            self.ctx.backend.add_lora(y2, x.reshape(-1, self.in_features), self.bank.a, self.bank.b,
-                                      self.bank.scales, batch)
+            self.ctx.backend.add_lora(
+                y2, x.reshape(-1, self.in_features), self.bank.a, self.bank.b, self.bank.scales, batch
+            )
             y = y2.view_as(y)
         train = self.ctx.training.get(self.key) if self.ctx.training else None
         if train is not None:
@@ -109,11 +109,12 @@ def inject_multi_lora(model, target_modules, num_slots: int, max_rank: int) -> t
     wrapped: dict[tuple[int, str], MultiLoraLinear] = {}
     targets = set(target_modules)
     for i, layer in enumerate(decoder_layers(model)):
-        for parent_name, parent in list(layer.named_modules()):
+        for _, parent in list(layer.named_modules()):
             for child_name, child in list(parent.named_children()):
                 if child_name in targets and isinstance(child, nn.Linear):
-                    bank = SlotBank(num_slots, max_rank, child.in_features, child.out_features,
-                                    param.device, param.dtype)
+                    bank = SlotBank(
+                        num_slots, max_rank, child.in_features, child.out_features, param.device, param.dtype
+                    )
                     module = MultiLoraLinear(child, (i, child_name), bank, ctx)
                     setattr(parent, child_name, module)
                     wrapped[(i, child_name)] = module

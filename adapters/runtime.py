@@ -4,7 +4,6 @@ and classification heads. Implements hotlora.server.engine.AdapterRuntime."""
 from __future__ import annotations
 
 import torch
-
 from hotlora.adapters.cache import AdapterCache
 from hotlora.adapters.errors import FailedPrecondition
 from hotlora.adapters.lora_layers import LoraContext, set_batch
@@ -27,7 +26,9 @@ class MultiLoraRuntime:
             if m is None:
                 module.bank.clear(slot)
             else:
-                module.bank.write(slot, m.a.to(self.device, self.dtype), m.b.to(self.device, self.dtype), m.scale)
+                module.bank.write(
+                    slot, m.a.to(self.device, self.dtype), m.b.to(self.device, self.dtype), m.scale
+                )
         self.slot_ranks[slot] = weights.rank
         if weights.head_weight is not None:
             bias = None if weights.head_bias is None else weights.head_bias.to(self.device, self.dtype)

@@ -37,8 +37,17 @@ def _key(rec: AdapterRecord) -> tuple[str, str, int]:
 
 
 class AdapterService:
-    def __init__(self, registry: AdapterRegistry, base: BaseModelInfo, limits: AdapterLimits,
-                 runtime, num_slots: int, host_bytes: int, max_per_tenant: int = 1000, observer=None):
+    def __init__(
+        self,
+        registry: AdapterRegistry,
+        base: BaseModelInfo,
+        limits: AdapterLimits,
+        runtime,
+        num_slots: int,
+        host_bytes: int,
+        max_per_tenant: int = 1000,
+        observer=None,
+    ):
         self.registry = registry
         self.base = base
         self.limits = limits
@@ -46,8 +55,12 @@ class AdapterService:
         self.observer = observer
         self.runtime = runtime
         self.cache = AdapterCache(
-            num_slots, host_bytes, loader=self._load_weights, installer=runtime.install,
-            clearer=runtime.clear, observer=observer,
+            num_slots,
+            host_bytes,
+            loader=self._load_weights,
+            installer=runtime.install,
+            clearer=runtime.clear,
+            observer=observer,
         )
         runtime.cache = self.cache
 
@@ -61,12 +74,22 @@ class AdapterService:
         return AdapterView(rec, state, pinned, waiting)
 
     # ---- rpcs ---------------------------------------------------------------------
-    def upload(self, tenant: str, name: str, files: dict[str, bytes], *, description: str = "",
-               labels=(), source: str = "UPLOAD", weights=None) -> AdapterView:
+    def upload(
+        self,
+        tenant: str,
+        name: str,
+        files: dict[str, bytes],
+        *,
+        description: str = "",
+        labels=(),
+        source: str = "UPLOAD",
+        weights=None,
+    ) -> AdapterView:
         validate_name(name)
         if len(self.registry.list(tenant, all_versions=True)) >= self.max_per_tenant:
             raise ResourceExhausted(
-                f"tenant {tenant!r} already stores {self.max_per_tenant} adapter versions, the limit; delete some first"
+                f"tenant {tenant!r} already stores {self.max_per_tenant} adapter versions, the limit; "
+                "delete some first"
             )
         if weights is None:
             weights = parse_peft_adapter(files, self.base, self.limits, labels)

@@ -45,16 +45,23 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
                     if not chunk.filename:
                         raise InvalidArgument("an UploadChunk with data must name its `filename`")
                     if chunk.filename not in files and len(files) >= MAX_UPLOAD_FILES:
-                        raise InvalidArgument("too many files; a PEFT adapter directory has "
-                                              "adapter_config.json and adapter_model.safetensors")
+                        raise InvalidArgument(
+                            "too many files; a PEFT adapter directory has "
+                            "adapter_config.json and adapter_model.safetensors"
+                        )
                     total += len(chunk.data)
                     if total > limit:
                         raise ResourceExhausted(f"upload is over the {limit}-byte limit (--max-upload-bytes)")
                     files.setdefault(chunk.filename, bytearray()).extend(chunk.data)
             if name is None:
                 raise InvalidArgument("empty upload: send the name, then the PEFT adapter files")
-            view = svc.upload(current_tenant(), name, {k: bytes(v) for k, v in files.items()},
-                              description=description or "", labels=labels)
+            view = svc.upload(
+                current_tenant(),
+                name,
+                {k: bytes(v) for k, v in files.items()},
+                description=description or "",
+                labels=labels,
+            )
         except Exception as exc:
             self._observe_upload(_reason(exc))
             raise

@@ -18,15 +18,26 @@ def setup_adapters(state, loaded):
     base = BaseModelInfo.from_model(model)  # before injection: plain nn.Linear shapes
     targets = [t for t in cfg.target_module_list if t in base.linear_shapes]
     if not targets:
-        raise ValueError(f"--target-modules {cfg.target_modules!r} names no linear layer of this model "
-                         f"(it has {', '.join(sorted(base.linear_shapes))})")
+        raise ValueError(
+            f"--target-modules {cfg.target_modules!r} names no linear layer of this model "
+            f"(it has {', '.join(sorted(base.linear_shapes))})"
+        )
     ctx, wrapped = inject_multi_lora(model, targets, cfg.adapter_slots, cfg.max_rank)
     runtime = MultiLoraRuntime(ctx, wrapped, cfg.adapter_slots, loaded.device, loaded.dtype)
-    limits = AdapterLimits(max_rank=cfg.max_rank, max_file_bytes=cfg.max_upload_bytes,
-                           max_upload_bytes=cfg.max_upload_bytes)
+    limits = AdapterLimits(
+        max_rank=cfg.max_rank, max_file_bytes=cfg.max_upload_bytes, max_upload_bytes=cfg.max_upload_bytes
+    )
     registry = AdapterRegistry.open(Path(cfg.data_dir))
-    service = AdapterService(registry, base, limits, runtime, cfg.adapter_slots, cfg.host_cache_bytes,
-                             max_per_tenant=cfg.max_adapters_per_tenant, observer=state.metrics)
+    service = AdapterService(
+        registry,
+        base,
+        limits,
+        runtime,
+        cfg.adapter_slots,
+        cfg.host_cache_bytes,
+        max_per_tenant=cfg.max_adapters_per_tenant,
+        observer=state.metrics,
+    )
     service.base_model_name = loaded.name
     service.lora_context = ctx
     service.wrapped = wrapped

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-
 from hotlora.server.auth import TokenAuthenticator
 from hotlora.server.config import ServerConfig
 from hotlora.server.interceptors import ServerInterceptor
@@ -44,12 +43,16 @@ class HotloraServer:
     def __init__(self, config: ServerConfig):
         self.config = config
         self.state = AppState(config)
-        self.auth = TokenAuthenticator.from_file(config.tokens_file) if config.tokens_file else TokenAuthenticator.dev()
+        self.auth = (
+            TokenAuthenticator.from_file(config.tokens_file)
+            if config.tokens_file
+            else TokenAuthenticator.dev()
+        )
         self.metrics = None
         if config.metrics_port >= 0:
             from hotlora.server.metrics import Metrics
 
-            self.metrics = Metrics()
+            self.metrics = Metrics(expose_adapter_names=config.expose_adapter_names)
             self.state.metrics = self.metrics
         self.health = health.HealthServicer(experimental_non_blocking=True)
         opts = [
@@ -72,8 +75,14 @@ class HotloraServer:
         from hotlora.server.adapters_service import AdaptersServicer
         from hotlora.server.inference_service import InferenceServicer
         from hotlora.server.training_service import TrainingServicer
-        from hotlora.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
-        from hotlora.v1 import training_pb2, training_pb2_grpc
+        from hotlora.v1 import (
+            adapters_pb2,
+            adapters_pb2_grpc,
+            inference_pb2,
+            inference_pb2_grpc,
+            training_pb2,
+            training_pb2_grpc,
+        )
 
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.state), self.grpc)
         adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersServicer(self.state), self.grpc)
@@ -97,7 +106,9 @@ class HotloraServer:
         self._set_health(False)
 
     def _set_health(self, serving: bool):
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in ("", *self.service_names):
             self.health.set(name, status)
 
@@ -111,8 +122,9 @@ class HotloraServer:
             with open(cfg.tls_cert, "rb") as f:
                 cert = f.read()
             ca = open(cfg.tls_client_ca, "rb").read() if cfg.tls_client_ca else None
-            creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
-                                                require_client_auth=bool(ca))
+            creds = grpc.ssl_server_credentials(
+                [(key, cert)], root_certificates=ca, require_client_auth=bool(ca)
+            )
             self.port = self.grpc.add_secure_port(address, creds)
         else:
             self.port = self.grpc.add_insecure_port(address)
@@ -126,7 +138,9 @@ class HotloraServer:
         if self.port is None:
             self.bind()
         self.grpc.start()
-        log.info("listening on %s:%d (health NOT_SERVING until the model is ready)", self.config.host, self.port)
+        log.info(
+            "listening on %s:%d (health NOT_SERVING until the model is ready)", self.config.host, self.port
+        )
 
     def load(self) -> None:
         """Load the model and everything that needs it, then report SERVING."""
@@ -145,9 +159,17 @@ class HotloraServer:
             setup_adapters = None
         if setup_adapters is not None:
             runtime, adapters = setup_adapters(self.state, loaded)
-        limits = EngineLimits(cfg.max_batch_size, cfg.max_queue, cfg.max_queue_per_tenant, cfg.max_prefill_tokens)
-        engine = Engine(loaded.model, loaded.tokenizer, limits=limits, runtime=runtime, observer=self.metrics,
-                        task_share=cfg.train_share)
+        limits = EngineLimits(
+            cfg.max_batch_size, cfg.max_queue, cfg.max_queue_per_tenant, cfg.max_prefill_tokens
+        )
+        engine = Engine(
+            loaded.model,
+            loaded.tokenizer,
+            limits=limits,
+            runtime=runtime,
+            observer=self.metrics,
+            task_share=cfg.train_share,
+        )
         engine.start()
         self.state.engine = engine
         self.state.adapters = adapters
@@ -162,7 +184,9 @@ class HotloraServer:
             self.metrics.attach(self.state)
         self.ready_seconds = time.monotonic() - t0
         self._set_health(True)
-        log.info("ready: model %s on %s/%s in %.2f s", loaded.name, loaded.device, loaded.dtype, self.ready_seconds)
+        log.info(
+            "ready: model %s on %s/%s in %.2f s", loaded.name, loaded.device, loaded.dtype, self.ready_seconds
+        )
 
     def shutdown(self, grace: float | None = None) -> None:
         if self._stopped.is_set():
@@ -200,8 +224,11 @@ class HotloraServer:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         self.start()
-        print(f"hotlora: gRPC on {self.config.host}:{self.port}"
-              + (f", metrics on :{self.metrics_port}" if self.metrics_port else ""), flush=True)
+        print(
+            f"hotlora: gRPC on {self.config.host}:{self.port}"
+            + (f", metrics on :{self.metrics_port}" if self.metrics_port else ""),
+            flush=True,
+        )
         loader = threading.Thread(target=self._load_or_die, args=(stop,), daemon=True)
         loader.start()
         while not stop.wait(0.5):

@@ -23,14 +23,20 @@ def default_cache_dir() -> str:
 
 @dataclass
 class ServerConfig:
-    model: str = _opt("", "local Hugging Face causal-LM directory; empty = the embedded SmolLM2-135M-Instruct")
+    model: str = _opt(
+        "", "local Hugging Face causal-LM directory; empty = the embedded SmolLM2-135M-Instruct"
+    )
     host: str = _opt("127.0.0.1", "address the gRPC port binds to")
     port: int = _opt(50051, "gRPC port (0 = pick a free one and log it)")
     metrics_port: int = _opt(9400, "Prometheus /metrics HTTP port (0 = pick a free one, -1 = off)")
     metrics_host: str = _opt("", "address the metrics port binds to (empty = same as --host)")
     data_dir: str = _opt(default_data_dir(), "registry database, adapter blobs and job records")
-    cache_dir: str = _opt(default_cache_dir(), "per-user cache of the dequantized default model, shared by data dirs")
-    tokens_file: str = _opt("", "tenant tokens file (see README); empty = single-tenant dev mode, 127.0.0.1 only")
+    cache_dir: str = _opt(
+        default_cache_dir(), "per-user cache of the dequantized default model, shared by data dirs"
+    )
+    tokens_file: str = _opt(
+        "", "tenant tokens file (see README); empty = single-tenant dev mode, 127.0.0.1 only"
+    )
     device: str = _opt("auto", "auto | cpu | cuda[:N]", choices=("auto", "cpu", "cuda"))
     dtype: str = _opt("auto", "auto (bf16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16")
     max_batch_size: int = _opt(64, "running generation requests decoded together")
@@ -53,20 +59,39 @@ class ServerConfig:
     train_share: float = _opt(0.3, "largest share of engine time given to fine-tuning while serving")
     max_jobs: int = _opt(2, "fine-tune jobs queued or running, all tenants")
     max_jobs_per_tenant: int = _opt(1, "fine-tune jobs queued or running per tenant")
+    max_finetune_examples: int = _opt(10_000, "training plus validation examples in one fine-tune job")
+    max_finetune_example_tokens: int = _opt(512, "tokens of one fine-tune example (prompt + completion)")
     reflection: bool = _opt(True, "serve gRPC server reflection")
     grace_seconds: float = _opt(20.0, "on SIGTERM, how long in-flight requests may finish")
     workers: int = _opt(64, "gRPC handler threads")
     tls_cert: str = _opt("", "PEM server certificate (enables TLS)")
     tls_key: str = _opt("", "PEM server private key")
     tls_client_ca: str = _opt("", "PEM CA that client certificates must chain to (enables mTLS)")
+    expose_adapter_names: bool = _opt(
+        False, "list running/waiting adapter names (tenant/name@N, top 16) in hotlora_lora_requests_info"
+    )
     log_level: str = _opt("info", "debug | info | warning | error")
     log_format: str = _opt("text", "text | json", choices=("text", "json"))
 
     def __post_init__(self):
         problems = []
-        for name in ("max_batch_size", "max_queue", "max_queue_per_tenant", "max_prefill_tokens",
-                     "max_prompt_tokens", "max_new_tokens", "default_max_new_tokens", "max_texts",
-                     "adapter_slots", "max_rank", "workers", "max_jobs", "max_jobs_per_tenant"):
+        for name in (
+            "max_batch_size",
+            "max_queue",
+            "max_queue_per_tenant",
+            "max_prefill_tokens",
+            "max_prompt_tokens",
+            "max_new_tokens",
+            "default_max_new_tokens",
+            "max_texts",
+            "adapter_slots",
+            "max_rank",
+            "workers",
+            "max_jobs",
+            "max_jobs_per_tenant",
+            "max_finetune_examples",
+            "max_finetune_example_tokens",
+        ):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
         if not 0 <= self.port <= 65535:
@@ -95,8 +120,8 @@ class ServerConfig:
             problems.append(f"--log-level must be debug, info, warning or error (got {self.log_level!r})")
         if not self.tokens_file and self.host not in ("127.0.0.1", "localhost", "::1"):
             problems.append(
-                "without --tokens-file the server runs in single-tenant dev mode and listens on 127.0.0.1 only; "
-                f"give a tokens file to bind {self.host!r}"
+                "without --tokens-file the server runs in single-tenant dev mode and listens on "
+                f"127.0.0.1 only; give a tokens file to bind {self.host!r}"
             )
         if problems:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
@@ -115,8 +140,12 @@ def add_config_arguments(parser) -> None:
         help_ = f"{f.metadata['help']} [env {env}; default {default!r}]"
         if f.type in ("bool", bool):
             parser.add_argument(flag, dest=f.name, default=None, action="store_true", help=help_)
-            parser.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false",
-                                help=argparse_suppress())
+            parser.add_argument(
+                "--no-" + f.name.replace("_", "-"),
+                dest=f.name,
+                action="store_false",
+                help=argparse_suppress(),
+            )
         else:
             parser.add_argument(flag, dest=f.name, default=None, metavar=f.name.upper(), help=help_)
 
@@ -157,5 +186,7 @@ def _convert(name: str, typ, raw):
                 return False
             raise ValueError(v)
     except ValueError:
-        raise ValueError(f"invalid configuration: --{name.replace('_', '-')} expects {typ}, got {raw!r}") from None
+        raise ValueError(
+            f"invalid configuration: --{name.replace('_', '-')} expects {typ}, got {raw!r}"
+        ) from None
     return raw

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
-
 from hotlora.adapters.errors import HotloraError, ResourceExhausted, Unavailable
 from hotlora.server.detokenizer import IncrementalDetokenizer
 from hotlora.server.kv_cache import BatchKVCache
@@ -227,7 +226,11 @@ class Engine:
         except Exception:
             log.exception("background task failed")
             more = False
-        self._task_time += time.perf_counter() - t0
+        step_seconds = time.perf_counter() - t0
+        self._task_time += step_seconds
+        if self.observer is not None:
+            self.observer.finetune_step(step_seconds)
+            self.observer.set_train_share(self._task_time / max(1e-9, self._task_time + self._serve_time))
         if not more:
             self._tasks.popleft()
             if not self._tasks:
@@ -256,7 +259,9 @@ class Engine:
                     if req.cancelled.is_set() or (req.deadline is not None and now > req.deadline):
                         q.popleft()
                         self._n_waiting -= 1
-                        self._finish_unadmitted(req, "deadline" if not req.cancelled.is_set() else "cancelled")
+                        self._finish_unadmitted(
+                            req, "deadline" if not req.cancelled.is_set() else "cancelled"
+                        )
                         progress = True
                         continue
                     is_gen = isinstance(req, GenerationRequest)
@@ -334,8 +339,13 @@ class Engine:
         logits = self.lm_head(hidden[: len(gen_new), -1])
         cache.keep_rows(list(range(len(gen_new))))
         rows = [
-            _Row(r, r.slot, IncrementalDetokenizer(self.tokenizer, r.params.stop), make_generator(r.params.seed),
-                 len(r.prompt_ids) - 1)
+            _Row(
+                r,
+                r.slot,
+                IncrementalDetokenizer(self.tokenizer, r.params.stop),
+                make_generator(r.params.seed),
+                len(r.prompt_ids) - 1,
+            )
             for r in gen_new
         ]
         self._cache.merge(cache)
@@ -368,8 +378,9 @@ class Engine:
         if self.observer is not None:
             # kind, rows in the batch, real tokens processed, seconds
             kind = "prefill" if seq_len > 1 or cache is not self._cache else "decode"
-            self.observer.forward_finished(kind, len(slots), int(mask[:, -seq_len:].sum()),
-                                           time.perf_counter() - t0)
+            self.observer.forward_finished(
+                kind, len(slots), int(mask[:, -seq_len:].sum()), time.perf_counter() - t0
+            )
         return out.last_hidden_state
 
     def _emit(self, rows: list[_Row], logits: torch.Tensor) -> None:
@@ -396,9 +407,9 @@ class Engine:
             if reason is None and req.cancelled.is_set():
                 reason = "cancelled"
             req.text += text
-            req.events.put(TokenEvent([tok], text, reason))
-            if reason is not None:
+            if reason is not None:  # metrics first, so they are counted before the client sees the end
                 self._finish(req, reason)
+            req.events.put(TokenEvent([tok], text, reason))
         self._retire()
 
     def _expire_running(self) -> None:
@@ -437,7 +448,11 @@ class Engine:
         else:
             from hotlora.adapters.errors import Cancelled, DeadlineExceeded
 
-            exc = DeadlineExceeded("deadline exceeded while queued") if reason == "deadline" else Cancelled("cancelled")
+            exc = (
+                DeadlineExceeded("deadline exceeded while queued")
+                if reason == "deadline"
+                else Cancelled("cancelled")
+            )
             req.future.set_exception(exc)
 
     def _fail_request(self, req, exc: Exception) -> None:

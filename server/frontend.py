@@ -10,7 +10,6 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
 import torch
-
 from hotlora.adapters.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -99,10 +98,13 @@ class InferenceFrontend:
                     raise InvalidArgument(f"message role {role!r} is not one of {', '.join(CHAT_ROLES)}")
                 msgs.append({"role": role, "content": content})
             if not getattr(self.tokenizer, "chat_template", None):
-                raise FailedPrecondition("this model has no chat template; send `prompt` instead of `messages`")
+                raise FailedPrecondition(
+                    "this model has no chat template; send `prompt` instead of `messages`"
+                )
             try:
-                out = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True,
-                                                         return_dict=True)
+                out = self.tokenizer.apply_chat_template(
+                    msgs, add_generation_prompt=True, tokenize=True, return_dict=True
+                )
             except Exception as exc:  # templates raise on e.g. role order they do not support
                 raise InvalidArgument(f"the chat template rejected these messages: {exc}") from None
             ids = list(out["input_ids"])
@@ -117,19 +119,25 @@ class InferenceFrontend:
     def _check_text(self, text: str, what: str) -> None:
         # tokens are never fewer than ~chars/32: refuse absurd texts before tokenizing them
         if len(text) > self.config.max_prompt_tokens * 32:
-            raise ResourceExhausted(f"{what} is {len(text)} characters, far over the {self.config.max_prompt_tokens}-token limit")
+            raise ResourceExhausted(
+                f"{what} is {len(text)} characters, far over the {self.config.max_prompt_tokens}-token limit"
+            )
 
     def _check_length(self, n: int, what: str) -> None:
         if n == 0:
             raise InvalidArgument(f"{what} is empty after tokenization")
         if n > self.config.max_prompt_tokens:
-            raise ResourceExhausted(f"{what} has {n} tokens; this server accepts at most {self.config.max_prompt_tokens}")
+            raise ResourceExhausted(
+                f"{what} has {n} tokens; this server accepts at most {self.config.max_prompt_tokens}"
+            )
 
     def _texts(self, texts: list[str]) -> list[list[int]]:
         if not texts:
             raise InvalidArgument("at least one text is required")
         if len(texts) > self.config.max_texts:
-            raise ResourceExhausted(f"{len(texts)} texts in one request; the limit is {self.config.max_texts}")
+            raise ResourceExhausted(
+                f"{len(texts)} texts in one request; the limit is {self.config.max_texts}"
+            )
         out = []
         for i, t in enumerate(texts):
             if not t:
@@ -141,12 +149,15 @@ class InferenceFrontend:
         return out
 
     # ---- requests ----------------------------------------------------------------
-    def start_generation(self, tenant: str, g: GenerateInput, deadline: float | None) -> tuple[GenerationRequest, str]:
+    def start_generation(
+        self, tenant: str, g: GenerateInput, deadline: float | None
+    ) -> tuple[GenerationRequest, str]:
         params = self._sampling(g)
         ids = self._tokenize_prompt(g)
         handle, resolved = self.adapters.resolve(tenant, g.adapter)
-        req = GenerationRequest(ids, params, tenant=tenant, adapter=handle, deadline=deadline,
-                                request_id=g.request_id)
+        req = GenerationRequest(
+            ids, params, tenant=tenant, adapter=handle, deadline=deadline, request_id=g.request_id
+        )
         try:
             self.engine.submit(req)
         except Exception:
@@ -176,9 +187,13 @@ class InferenceFrontend:
         out, resolved, _ = self._pool(tenant, adapter, texts, "mean", deadline)
         return out, resolved
 
-    def classify(self, tenant: str, adapter: str, texts: list[str], deadline=None) -> tuple[list[Classified], str]:
+    def classify(
+        self, tenant: str, adapter: str, texts: list[str], deadline=None
+    ) -> tuple[list[Classified], str]:
         if not adapter:
-            raise FailedPrecondition("Classify needs an adapter with a classification head (a PEFT SEQ_CLS adapter)")
+            raise FailedPrecondition(
+                "Classify needs an adapter with a classification head (a PEFT SEQ_CLS adapter)"
+            )
         probs, resolved, labels = self._pool(tenant, adapter, texts, "last", deadline)
         results = []
         for row in probs:
@@ -197,4 +212,4 @@ class InferenceFrontend:
         if reason == "cancelled":
             raise Cancelled("the request was cancelled")
         if reason and reason.startswith("error:"):
-            raise RuntimeError(reason[len("error:"):])
+            raise RuntimeError(reason[len("error:") :])

@@ -36,43 +36,56 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     def Generate(self, request, context):
         fe = self._frontend()
-        req, resolved = fe.start_generation(current_tenant(), conversion.generate_input(request),
-                                            conversion.deadline_of(context))
+        req, resolved = fe.start_generation(
+            current_tenant(), conversion.generate_input(request), conversion.deadline_of(context)
+        )
         for ev in self._events(req, context):
             if ev.finish_reason is not None:
                 fe.raise_for_finish(ev.finish_reason if ev.finish_reason != "cancelled" else None, req.error)
         return inference_pb2.GenerateResponse(
-            text=req.text, token_ids=req.output_ids, finish_reason=req.finish_reason,
-            usage=conversion.usage(req), adapter=resolved, request_id=request.request_id,
+            text=req.text,
+            token_ids=req.output_ids,
+            finish_reason=req.finish_reason,
+            usage=conversion.usage(req),
+            adapter=resolved,
+            request_id=request.request_id,
         )
 
     def GenerateStream(self, request, context):
         fe = self._frontend()
-        req, resolved = fe.start_generation(current_tenant(), conversion.generate_input(request),
-                                            conversion.deadline_of(context))
+        req, resolved = fe.start_generation(
+            current_tenant(), conversion.generate_input(request), conversion.deadline_of(context)
+        )
         for ev in self._events(req, context):
             last = ev.finish_reason is not None
             if last and ev.finish_reason not in ("eos", "stop", "length", "cancelled"):
                 fe.raise_for_finish(ev.finish_reason, req.error)
-            chunk = inference_pb2.GenerateChunk(text=ev.text, token_ids=ev.token_ids,
-                                                adapter=resolved, request_id=request.request_id)
+            chunk = inference_pb2.GenerateChunk(
+                text=ev.text, token_ids=ev.token_ids, adapter=resolved, request_id=request.request_id
+            )
             if last:
                 chunk.finish_reason = ev.finish_reason
                 chunk.usage.CopyFrom(conversion.usage(req))
             yield chunk
 
     def Embed(self, request, context):
-        vectors, resolved = self._frontend().embed(current_tenant(), request.adapter, list(request.texts),
-                                                   conversion.deadline_of(context))
+        vectors, resolved = self._frontend().embed(
+            current_tenant(), request.adapter, list(request.texts), conversion.deadline_of(context)
+        )
         return inference_pb2.EmbedResponse(
             embeddings=[inference_pb2.Embedding(values=v.tolist()) for v in vectors], adapter=resolved
         )
 
     def Classify(self, request, context):
-        results, resolved = self._frontend().classify(current_tenant(), request.adapter, list(request.texts),
-                                                      conversion.deadline_of(context))
+        results, resolved = self._frontend().classify(
+            current_tenant(), request.adapter, list(request.texts), conversion.deadline_of(context)
+        )
         return inference_pb2.ClassifyResponse(
-            results=[inference_pb2.Classification(label=r.label, score=r.score,
-                                                  scores=conversion.label_scores(r.scores)) for r in results],
+            results=[
+                inference_pb2.Classification(
+                    label=r.label, score=r.score, scores=conversion.label_scores(r.scores)
+                )
+                for r in results
+            ],
             adapter=resolved,
         )

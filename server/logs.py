@@ -9,11 +9,16 @@ import time
 # fields a log call may attach with extra={...}; prompt text and tokens are never among them
 FIELDS = ("request_id", "tenant", "adapter", "rpc", "status", "latency_s", "job_id")
 
+ACCESS_LOGGER = "hotlora.access"
+_MAX_FIELD = 128  # client-supplied strings (request ids, adapter refs) are truncated in logs
+_access = logging.getLogger(ACCESS_LOGGER)
+
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -37,3 +42,54 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     root.setLevel(level.upper())
     for noisy in ("transformers", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def log_rpc(method: str, code, seconds: float, tenant: str, request_id: str = "", adapter: str = "") -> None:
+    """One access-log line per finished RPC, at INFO on the `hotlora.access` logger.
+
+    method: the full gRPC method (`/hotlora.v1.Inference/Generate`) or the bare rpc name; code: a
+    grpc.StatusCode or its name. Carries ids, names, status and latency only: never prompt text,
+    messages or token ids. Silence it with `logging.getLogger("hotlora.access").setLevel("WARNING")`."""
+    if not _access.isEnabledFor(logging.INFO):
+        return
+    rpc = method.rsplit("/", 1)[-1]
+    status = getattr(code, "name", None) or str(code)
+    fields = {
+        "rpc": rpc,
+        "status": status,
+        "latency_s": round(float(seconds), 6),
+        "tenant": _clip(tenant),
+        "request_id": _clip(request_id),
+        "adapter": _clip(adapter),
+    }
+    text = f"{rpc} {status} {seconds * 1000:.1f}ms tenant={fields['tenant']}"
+    if fields["adapter"]:
+        text += f" adapter={fields['adapter']}"
+    if fields["request_id"]:
+        text += f" request_id={fields['request_id']}"
+    _access.info(text, extra=fields)
+
+
+def request_fields(request, metadata=()) -> tuple[str, str]:
+    """(request_id, adapter) of a call, for `log_rpc`: the `x-request-id` metadata or the message's
+    `request_id` field, and the message's `adapter` (a string or an AdapterRef-like `.name`).
+    Streaming requests (iterators) yield ("", "") unless the metadata carries an id."""
+    request_id = ""
+    for key, value in metadata or ():
+        if key == "x-request-id":
+            request_id = value if isinstance(value, str) else ""
+            break
+    if not request_id:
+        rid = getattr(request, "request_id", "")
+        request_id = rid if isinstance(rid, str) else ""
+    adapter = getattr(request, "adapter", "")
+    if not isinstance(adapter, str):
+        adapter = getattr(adapter, "name", "")
+    if not adapter and type(request).__name__ == "AdapterRef":
+        adapter = getattr(request, "name", "")
+    return request_id, adapter if isinstance(adapter, str) else ""
+
+
+def _clip(value) -> str:
+    value = "" if value is None else str(value)
+    return value if len(value) <= _MAX_FIELD else value[:_MAX_FIELD] + "..."

@@ -17,14 +17,12 @@ import threading
 import time
 
 from prometheus_client import (
-    GC_COLLECTOR,
-    PLATFORM_COLLECTOR,
-    PROCESS_COLLECTOR,
     CollectorRegistry,
     Counter,
     Gauge,
     Histogram,
     ProcessCollector,
+    disable_created_metrics,
     start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily
@@ -37,16 +35,119 @@ log = logging.getLogger("hotlora.metrics")
 
 # Buckets span a tiny model on CPU (sub-millisecond steps) to the default model on a busy CPU
 # (seconds per token, minutes per request) and GPU (milliseconds per token).
-TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-                7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0)
-ITL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
-               0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
-E2E_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
-               60.0, 120.0, 240.0, 480.0, 960.0, 1920.0)
-QUEUE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                 60.0, 120.0, 300.0)
-RPC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0,
-               120.0, 300.0, 600.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+)
+ITL_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+E2E_BUCKETS = (
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+)
+QUEUE_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+)
+RPC_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    25.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+)
 FORWARD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 LOAD_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -60,7 +161,14 @@ CACHE_EVENTS = ("hit", "miss", "eviction")
 CACHE_TIERS = ("device", "host")
 ADAPTER_STATES = ("stored", "host", "device", "pinned")
 JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled", "rejected")
-UPLOAD_OUTCOMES = ("ok", "invalid_config", "invalid_tensor", "too_large", "unsupported_option", "does_not_fit")
+UPLOAD_OUTCOMES = (
+    "ok",
+    "invalid_config",
+    "invalid_tensor",
+    "too_large",
+    "unsupported_option",
+    "does_not_fit",
+)
 MAX_OUTCOMES = 32  # more distinct upload outcomes than this are counted as "other"
 MAX_LORA_NAMES = 16  # adapter names in hotlora_lora_requests_info, most requested first
 _LABEL_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
@@ -71,69 +179,140 @@ class Metrics:
         """expose_adapter_names: list running/waiting adapter names (tenant/name@N, top 16) in
         hotlora_lora_requests_info; off by default because they are tenants' names."""
         self.expose_adapter_names = expose_adapter_names
+        # `*_created` series double the exposition and no dashboard uses them (process-wide switch)
+        disable_created_metrics()
         self.registry = CollectorRegistry()
         r = self.registry
         self.state = None
         self._outcomes_lock = threading.Lock()
 
         # ---- gRPC ---------------------------------------------------------------------
-        self.requests = Counter("hotlora_requests", "gRPC calls by rpc and gRPC status code",
-                                ["rpc", "code"], registry=r)
-        self.rpc_seconds = Histogram("hotlora_rpc_duration_seconds", "gRPC call duration by rpc",
-                                     ["rpc"], buckets=RPC_BUCKETS, registry=r)
+        self.requests = Counter(
+            "hotlora_requests", "gRPC calls by rpc and gRPC status code", ["rpc", "code"], registry=r
+        )
+        self.rpc_seconds = Histogram(
+            "hotlora_rpc_duration_seconds",
+            "gRPC call duration by rpc",
+            ["rpc"],
+            buckets=RPC_BUCKETS,
+            registry=r,
+        )
         # ---- generation requests (engine) ---------------------------------------------
-        self.ttft = Histogram("hotlora_time_to_first_token_seconds",
-                              "generation request arrival to its first token", buckets=TTFT_BUCKETS, registry=r)
-        self.itl = Histogram("hotlora_inter_token_latency_seconds",
-                             "mean time between output tokens, one observation per request of 2+ tokens",
-                             buckets=ITL_BUCKETS, registry=r)
-        self.e2e = Histogram("hotlora_e2e_request_latency_seconds",
-                             "generation request arrival to its last token", buckets=E2E_BUCKETS, registry=r)
-        self.queue_time = Histogram("hotlora_request_queue_time_seconds",
-                                    "generation request arrival to admission into the running batch",
-                                    buckets=QUEUE_BUCKETS, registry=r)
-        self.prompt_tokens = Counter("hotlora_prompt_tokens", "prompt tokens of finished generation requests",
-                                     registry=r)
+        self.ttft = Histogram(
+            "hotlora_time_to_first_token_seconds",
+            "generation request arrival to its first token",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "hotlora_inter_token_latency_seconds",
+            "mean time between output tokens, one observation per request of 2+ tokens",
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "hotlora_e2e_request_latency_seconds",
+            "generation request arrival to its last token",
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
+        self.queue_time = Histogram(
+            "hotlora_request_queue_time_seconds",
+            "generation request arrival to admission into the running batch",
+            buckets=QUEUE_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "hotlora_prompt_tokens", "prompt tokens of finished generation requests", registry=r
+        )
         self.generation_tokens = Counter("hotlora_generation_tokens", "tokens generated", registry=r)
-        self.request_prompt_tokens = Histogram("hotlora_request_prompt_tokens", "prompt tokens per request",
-                                               buckets=REQUEST_TOKEN_BUCKETS, registry=r)
-        self.request_generation_tokens = Histogram("hotlora_request_generation_tokens",
-                                                   "generated tokens per request",
-                                                   buckets=REQUEST_TOKEN_BUCKETS, registry=r)
-        self.finished = Counter("hotlora_request_finished", "finished generation requests by finish reason",
-                                ["finish_reason"], registry=r)
-        self.running = Gauge("hotlora_num_requests_running", "generation requests in the running batch",
-                             registry=r)
+        self.request_prompt_tokens = Histogram(
+            "hotlora_request_prompt_tokens",
+            "prompt tokens per request",
+            buckets=REQUEST_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.request_generation_tokens = Histogram(
+            "hotlora_request_generation_tokens",
+            "generated tokens per request",
+            buckets=REQUEST_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.finished = Counter(
+            "hotlora_request_finished",
+            "finished generation requests by finish reason",
+            ["finish_reason"],
+            registry=r,
+        )
+        self.running = Gauge(
+            "hotlora_num_requests_running", "generation requests in the running batch", registry=r
+        )
         self.waiting = Gauge("hotlora_num_requests_waiting", "requests waiting for admission", registry=r)
         # ---- forward passes -----------------------------------------------------------
-        self.batch_size = Histogram("hotlora_batch_size", "rows (sequences) per forward pass, by kind",
-                                    ["kind"], buckets=BATCH_BUCKETS, registry=r)
-        self.forward_tokens = Histogram("hotlora_forward_tokens", "real (unpadded) tokens per forward pass",
-                                        ["kind"], buckets=TOKEN_BUCKETS, registry=r)
-        self.forward_seconds = Histogram("hotlora_forward_duration_seconds", "forward pass duration, by kind",
-                                         ["kind"], buckets=FORWARD_BUCKETS, registry=r)
+        self.batch_size = Histogram(
+            "hotlora_batch_size",
+            "rows (sequences) per forward pass, by kind",
+            ["kind"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.forward_tokens = Histogram(
+            "hotlora_forward_tokens",
+            "real (unpadded) tokens per forward pass",
+            ["kind"],
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.forward_seconds = Histogram(
+            "hotlora_forward_duration_seconds",
+            "forward pass duration, by kind",
+            ["kind"],
+            buckets=FORWARD_BUCKETS,
+            registry=r,
+        )
         # ---- adapters -----------------------------------------------------------------
-        self.cache_hits = Counter("hotlora_adapter_cache_hits", "adapter lookups served from a cache tier",
-                                  ["tier"], registry=r)
-        self.cache_misses = Counter("hotlora_adapter_cache_misses", "adapter lookups that missed a cache tier",
-                                    ["tier"], registry=r)
-        self.cache_evictions = Counter("hotlora_adapter_cache_evictions", "adapters evicted from a cache tier",
-                                       ["tier"], registry=r)
-        self.load_seconds = Histogram("hotlora_adapter_load_seconds",
-                                      "time to load an adapter into a tier (host: from disk, device: from host)",
-                                      ["tier"], buckets=LOAD_BUCKETS, registry=r)
-        self.load_failures = Counter("hotlora_adapter_load_failures", "adapter loads into a tier that failed",
-                                     ["tier"], registry=r)
-        self.uploads = Counter("hotlora_adapter_uploads", "finished adapter uploads by outcome (ok or the "
-                               "validation failure reason)", ["outcome"], registry=r)
+        self.cache_hits = Counter(
+            "hotlora_adapter_cache_hits", "adapter lookups served from a cache tier", ["tier"], registry=r
+        )
+        self.cache_misses = Counter(
+            "hotlora_adapter_cache_misses", "adapter lookups that missed a cache tier", ["tier"], registry=r
+        )
+        self.cache_evictions = Counter(
+            "hotlora_adapter_cache_evictions", "adapters evicted from a cache tier", ["tier"], registry=r
+        )
+        self.load_seconds = Histogram(
+            "hotlora_adapter_load_seconds",
+            "time to load an adapter into a tier (host: from disk, device: from host)",
+            ["tier"],
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
+        self.load_failures = Counter(
+            "hotlora_adapter_load_failures", "adapter loads into a tier that failed", ["tier"], registry=r
+        )
+        self.uploads = Counter(
+            "hotlora_adapter_uploads",
+            "finished adapter uploads by outcome (ok or the validation failure reason)",
+            ["outcome"],
+            registry=r,
+        )
         # ---- fine-tuning --------------------------------------------------------------
-        self.step_seconds = Histogram("hotlora_finetune_step_seconds", "duration of one fine-tuning step",
-                                      buckets=STEP_BUCKETS, registry=r)
-        self.train_share = Gauge("hotlora_train_share_ratio",
-                                 "share of engine time used by fine-tuning recently (0..1)", registry=r)
-        self.train_share_limit = Gauge("hotlora_train_share_limit_ratio",
-                                       "largest share of engine time fine-tuning may take while serving",
-                                       registry=r)
+        self.step_seconds = Histogram(
+            "hotlora_finetune_step_seconds",
+            "duration of one fine-tuning step",
+            buckets=STEP_BUCKETS,
+            registry=r,
+        )
+        self.train_share = Gauge(
+            "hotlora_train_share_ratio",
+            "share of engine time used by fine-tuning recently (0..1)",
+            registry=r,
+        )
+        self.train_share_limit = Gauge(
+            "hotlora_train_share_limit_ratio",
+            "largest share of engine time fine-tuning may take while serving",
+            registry=r,
+        )
         self._job_counts: dict[str, int] = {}
 
         for kind in FORWARD_KINDS:
@@ -142,8 +321,13 @@ class Metrics:
         for reason in FINISH_REASONS:
             self.finished.labels(reason)
         for tier in CACHE_TIERS:
-            for m in (self.cache_hits, self.cache_misses, self.cache_evictions, self.load_seconds,
-                      self.load_failures):
+            for m in (
+                self.cache_hits,
+                self.cache_misses,
+                self.cache_evictions,
+                self.load_seconds,
+                self.load_failures,
+            ):
                 m.labels(tier)
         self._outcomes = set(UPLOAD_OUTCOMES)
         for outcome in UPLOAD_OUTCOMES:
@@ -202,7 +386,8 @@ class Metrics:
         if tier not in CACHE_TIERS:
             log.debug("unknown adapter cache tier %r", tier)
             return
-        counter = {"hit": self.cache_hits, "miss": self.cache_misses, "eviction": self.cache_evictions}.get(event)
+        by_event = {"hit": self.cache_hits, "miss": self.cache_misses, "eviction": self.cache_evictions}
+        counter = by_event.get(event)
         if counter is None:
             log.debug("unknown adapter cache event %r", event)
             return
@@ -264,15 +449,15 @@ class Metrics:
             log.debug("training.count_by_state() failed", exc_info=True)
             return None
 
-    def _read_adapter_counts(self) -> dict[str, int]:
+    def _read_adapter_counts(self) -> dict[str, int] | None:
         adapters = getattr(self.state, "adapters", None)
         if adapters is None or not hasattr(adapters, "count_by_state"):
-            return {}
+            return None
         try:
             return {str(k).lower(): int(v) for k, v in adapters.count_by_state().items()}
         except Exception:
             log.debug("adapters.count_by_state() failed", exc_info=True)
-            return {}
+            return None
 
 
 def _finish_reason(reason: str | None) -> str:
@@ -312,13 +497,19 @@ class _StateCollector:
         state = m.state
         yield self._build_info(state)
 
-        adapters = GaugeMetricFamily("hotlora_adapters", "adapters by state (stored = all committed versions; "
-                                     "host, device = resident in that tier; pinned = never evicted)",
-                                     labels=["state"])
-        counts = dict.fromkeys(ADAPTER_STATES, 0)
-        counts.update({k: v for k, v in m._read_adapter_counts().items() if _LABEL_RE.match(k)})
+        adapters = GaugeMetricFamily(
+            "hotlora_adapters",
+            "adapters by state (stored = all committed versions; "
+            "host, device = resident in that tier; pinned = never evicted)",
+            labels=["state"],
+        )
+        # without an adapter subsystem every state is 0; with one, the states it reports
+        counts = m._read_adapter_counts()
+        if counts is None:
+            counts = dict.fromkeys(ADAPTER_STATES, 0)
         for k, v in counts.items():
-            adapters.add_metric([k], v)
+            if _LABEL_RE.match(k):
+                adapters.add_metric([k], v)
         yield adapters
 
         jobs = GaugeMetricFamily("hotlora_finetune_jobs", "fine-tune jobs by state", labels=["state"])
@@ -335,13 +526,23 @@ class _StateCollector:
         yield from self._cuda_memory()
 
     def _build_info(self, state):
-        info = GaugeMetricFamily("hotlora_build_info", "hotlora version and the served model (value 1)",
-                                 labels=["version", "model", "device", "dtype"])
+        info = GaugeMetricFamily(
+            "hotlora_build_info",
+            "hotlora version and the served model (value 1)",
+            labels=["version", "model", "device", "dtype"],
+        )
         loaded = getattr(state, "loaded", None)
         if loaded is not None:
             dtype = str(getattr(loaded, "dtype", "")).removeprefix("torch.")
-            info.add_metric([hotlora.__version__, str(getattr(loaded, "name", "")),
-                             str(getattr(loaded, "device", "")), dtype], 1)
+            info.add_metric(
+                [
+                    hotlora.__version__,
+                    str(getattr(loaded, "name", "")),
+                    str(getattr(loaded, "device", "")),
+                    dtype,
+                ],
+                1,
+            )
         else:
             info.add_metric([hotlora.__version__, "", "", ""], 1)
         return info
@@ -350,12 +551,15 @@ class _StateCollector:
         info = GaugeMetricFamily(
             "hotlora_lora_requests_info",
             "vLLM-style LoRA routing info; value = scrape unix time. Adapter names (tenant/name@N, top "
-            f"{MAX_LORA_NAMES}) only with expose_adapter_names", labels=["running_lora_adapters",
-                                                                          "waiting_lora_adapters", "max_lora"])
-        running_n = GaugeMetricFamily("hotlora_lora_adapters_running",
-                                      "distinct adapters among running generation requests")
-        waiting_n = GaugeMetricFamily("hotlora_lora_adapters_waiting",
-                                      "distinct adapters among waiting requests")
+            f"{MAX_LORA_NAMES}) only with expose_adapter_names",
+            labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+        )
+        running_n = GaugeMetricFamily(
+            "hotlora_lora_adapters_running", "distinct adapters among running generation requests"
+        )
+        waiting_n = GaugeMetricFamily(
+            "hotlora_lora_adapters_waiting", "distinct adapters among waiting requests"
+        )
         engine = getattr(state, "engine", None)
         if engine is not None:
             running, waiting = _engine_adapters(engine)
@@ -372,12 +576,21 @@ class _StateCollector:
         yield waiting_n
 
     def _cuda_memory(self):
-        allocated = GaugeMetricFamily("hotlora_cuda_memory_allocated_bytes",
-                                      "CUDA memory held by tensors, per device", labels=["device"])
-        reserved = GaugeMetricFamily("hotlora_cuda_memory_reserved_bytes",
-                                     "CUDA memory reserved by the caching allocator, per device", labels=["device"])
-        peak = GaugeMetricFamily("hotlora_cuda_memory_max_allocated_bytes",
-                                 "peak CUDA memory held by tensors since start, per device", labels=["device"])
+        allocated = GaugeMetricFamily(
+            "hotlora_cuda_memory_allocated_bytes",
+            "CUDA memory held by tensors, per device",
+            labels=["device"],
+        )
+        reserved = GaugeMetricFamily(
+            "hotlora_cuda_memory_reserved_bytes",
+            "CUDA memory reserved by the caching allocator, per device",
+            labels=["device"],
+        )
+        peak = GaugeMetricFamily(
+            "hotlora_cuda_memory_max_allocated_bytes",
+            "peak CUDA memory held by tensors since start, per device",
+            labels=["device"],
+        )
         torch = sys.modules.get("torch")  # never import torch just for metrics
         try:
             if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -406,7 +619,3 @@ def _engine_adapters(engine) -> tuple[list[str], list[str]]:
             cond.release()
         waiting = [n for n in (_adapter_name(r) for r in reqs) if n]
     return running, waiting
-
-
-# the default registry's collectors are not used: our registry is per server
-del GC_COLLECTOR, PLATFORM_COLLECTOR, PROCESS_COLLECTOR

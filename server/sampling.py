@@ -33,7 +33,8 @@ def make_generator(seed: int | None) -> torch.Generator:
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
     """logits: [V] float32 on CPU -> one token id (temperature, then top-k, then top-p)."""
-    logits = logits / params.temperature
+    # shift the max to 0 first: a tiny temperature then gives -inf, never inf (inf/inf = NaN in softmax)
+    logits = (logits - logits.max()) / params.temperature
     if params.top_k and params.top_k < logits.shape[0]:
         kth = torch.topk(logits, params.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -49,7 +50,9 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, gen: torch.Generato
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
-def select_tokens(logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator]) -> list[int]:
+def select_tokens(
+    logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator]
+) -> list[int]:
     """logits: [B, V] -> one token per row."""
     logits = logits.float().cpu()
     out = torch.argmax(logits, dim=-1).tolist()

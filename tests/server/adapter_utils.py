@@ -5,12 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-
 from hotlora.v1 import adapters_pb2
 
 
-def make_peft_adapter(out_dir: Path, seed: int, *, model_dir=None, task="CAUSAL_LM", num_labels=3,
-                      std: float = 0.3, **lora_kwargs) -> Path:
+def make_peft_adapter(
+    out_dir: Path,
+    seed: int,
+    *,
+    model_dir=None,
+    task="CAUSAL_LM",
+    num_labels=3,
+    std: float = 0.3,
+    **lora_kwargs,
+) -> Path:
     """Random non-zero A and B (peft initialises B to zero), saved with save_pretrained."""
     from peft import LoraConfig, get_peft_model
 
@@ -50,6 +57,11 @@ def peft_greedy(adapter_dir: Path, prompt_ids: list[int], max_new_tokens: int) -
 
     model = PeftModel.from_pretrained(build_tiny_llama(), str(adapter_dir)).eval()
     with torch.no_grad():
-        out = model.generate(input_ids=torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=None, pad_token_id=3)
-    return out[0, len(prompt_ids):].tolist()
+        out = model.generate(
+            input_ids=torch.tensor([prompt_ids]),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=3,
+        )
+    return out[0, len(prompt_ids) :].tolist()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 
 import grpc
-
 from hotlora.server.app import HotloraServer
 from hotlora.server.config import ServerConfig
 from hotlora.v1 import adapters_pb2_grpc, inference_pb2_grpc, training_pb2_grpc
@@ -27,8 +26,9 @@ class Running:
 
 @contextlib.contextmanager
 def running_server(model_dir, data_dir, load: bool = True, **overrides):
-    cfg = ServerConfig(model=str(model_dir), port=0, metrics_port=0, data_dir=str(data_dir),
-                       grace_seconds=2.0, **overrides)
+    cfg = ServerConfig(
+        model=str(model_dir), port=0, metrics_port=0, data_dir=str(data_dir), grace_seconds=2.0, **overrides
+    )
     server = HotloraServer(cfg)
     server.start()
     run = None

@@ -7,17 +7,22 @@ import concurrent.futures as cf
 import grpc
 import pytest
 import torch
-
 from hotlora.v1 import adapters_pb2, common_pb2, inference_pb2
+
 from tests.server.adapter_utils import make_peft_adapter, peft_greedy, upload_chunks
 from tests.server.harness import running_server
 from tests.tiny import build_tiny_llama, tiny_tokenizer
 
 ADAPTERS = {
-    "all-r8": dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                       "gate_proj", "up_proj", "down_proj"]),
+    "all-r8": dict(
+        r=8,
+        lora_alpha=16,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    ),
     "attn-r4": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
-    "mlp-r16-layer1": dict(r=16, lora_alpha=8, target_modules=["gate_proj", "down_proj"], layers_to_transform=[1]),
+    "mlp-r16-layer1": dict(
+        r=16, lora_alpha=8, target_modules=["gate_proj", "down_proj"], layers_to_transform=[1]
+    ),
     "rslora-r2": dict(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj", "up_proj"], use_rslora=True),
 }
 PROMPTS = ["hello world", "a", "the quick brown fox", "LoRA adapters"]
@@ -27,7 +32,10 @@ NEW = 10
 @pytest.fixture(scope="module")
 def adapter_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("peft")
-    return {name: make_peft_adapter(root / name, seed=i + 1, **kw) for i, (name, kw) in enumerate(ADAPTERS.items())}
+    return {
+        name: make_peft_adapter(root / name, seed=i + 1, **kw)
+        for i, (name, kw) in enumerate(ADAPTERS.items())
+    }
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +45,12 @@ def server(tiny_model_dir, tmp_path_factory):
 
 
 def _gen(run, prompt, adapter=""):
-    return run.inference.Generate(inference_pb2.GenerateRequest(
-        prompt=prompt, adapter=adapter, params=common_pb2.SamplingParams(max_new_tokens=NEW)), timeout=60)
+    return run.inference.Generate(
+        inference_pb2.GenerateRequest(
+            prompt=prompt, adapter=adapter, params=common_pb2.SamplingParams(max_new_tokens=NEW)
+        ),
+        timeout=60,
+    )
 
 
 def test_upload_then_every_adapter_matches_peft_in_one_mixed_batch(server, adapter_dirs):
@@ -53,9 +65,10 @@ def test_upload_then_every_adapter_matches_peft_in_one_mixed_batch(server, adapt
     base_model = build_tiny_llama()
     for p in PROMPTS:
         ids = tok(p)["input_ids"]
-        out = base_model.generate(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False, eos_token_id=None,
-                                  pad_token_id=3)
-        expected[("", p)] = out[0, len(ids):].tolist()
+        out = base_model.generate(
+            torch.tensor([ids]), max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=3
+        )
+        expected[("", p)] = out[0, len(ids) :].tolist()
     # every adapter (more than the 3 device slots) and the base model, all in flight at once
     jobs = [(name, p) for name in [*adapter_dirs, ""] for p in PROMPTS]
     with cf.ThreadPoolExecutor(len(jobs)) as pool:
@@ -73,13 +86,22 @@ def test_seq_cls_adapter_probabilities_match_peft(server, tmp_path):
 
     from tests.tiny import tiny_llama_config
 
-    d = make_peft_adapter(tmp_path / "cls", seed=7, task="SEQ_CLS", num_labels=3, r=4, lora_alpha=8,
-                          target_modules=["q_proj", "v_proj"])
+    d = make_peft_adapter(
+        tmp_path / "cls",
+        seed=7,
+        task="SEQ_CLS",
+        num_labels=3,
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj"],
+    )
     labels = ["neg", "neu", "pos"]
     a = server.adapters.UploadAdapter(upload_chunks("sentiment", d, labels=labels))
     assert a.task == common_pb2.TASK_SEQ_CLS and list(a.labels) == labels
     texts = ["good movie", "bad", "it was fine I guess"]
-    resp = server.inference.Classify(inference_pb2.ClassifyRequest(adapter="sentiment", texts=texts), timeout=60)
+    resp = server.inference.Classify(
+        inference_pb2.ClassifyRequest(adapter="sentiment", texts=texts), timeout=60
+    )
 
     torch.manual_seed(0)
     base = LlamaForSequenceClassification(tiny_llama_config(num_labels=3)).eval()
