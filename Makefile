@@ -7,6 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.hotlora-installed
 PROTOS := $(wildcard proto/hotlora/v1/*.proto)
+KSERVE_PROTOS := $(wildcard proto/kserve/*.proto)
 GEN_STAMP := gen/hotlora/v1/.generated
 
 .PHONY: serve test setup proto model lint format bench clean
@@ -35,11 +36,14 @@ $(STAMP): $(VENV)/bin/python pyproject.toml
 
 proto: $(GEN_STAMP)
 
-$(GEN_STAMP): $(PROTOS)
+$(GEN_STAMP): $(PROTOS) $(KSERVE_PROTOS)
 	rm -rf gen/hotlora
-	mkdir -p gen
+	mkdir -p gen/hotlora/kserve_pb
 	$(PY) -m grpc_tools.protoc -I proto --python_out=gen --grpc_python_out=gen --pyi_out=gen $(PROTOS)
-	touch gen/hotlora/v1/__init__.py $(GEN_STAMP)
+	# KServe: a descriptor set, not *_pb2 modules (they would clash with tritonclient's in the default pool)
+	$(PY) -m grpc_tools.protoc -I proto/kserve --include_imports \
+		--descriptor_set_out=gen/hotlora/kserve_pb/inference.binpb $(KSERVE_PROTOS)
+	touch gen/hotlora/v1/__init__.py gen/hotlora/kserve_pb/__init__.py $(GEN_STAMP)
 
 # Dequantize the GGUF once into the per-user cache (later starts reuse it).
 model: setup
