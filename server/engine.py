@@ -241,6 +241,7 @@ class Engine:
         admitted: list = []
         free_rows = self.limits.max_batch_size - len(self._running)
         budget = self.limits.max_prefill_tokens
+        rows, longest = 0, 0  # the prefill is left-padded: it costs rows x longest tokens
         now = time.monotonic()
         with self._cond:
             tenants = list(self._waiting.keys())
@@ -265,8 +266,9 @@ class Engine:
                         progress = True
                         continue
                     is_gen = isinstance(req, GenerationRequest)
-                    cost = len(req.prompt_ids) if is_gen else sum(len(x) for x in req.inputs)
-                    if (is_gen and free_rows <= 0) or (admitted and cost > budget):
+                    seqs = [req.prompt_ids] if is_gen else req.inputs
+                    new_rows, new_longest = rows + len(seqs), max(longest, *(len(x) for x in seqs))
+                    if (is_gen and free_rows <= 0) or (admitted and new_rows * new_longest > budget):
                         continue
                     try:
                         slot = self.runtime.try_acquire(req.adapter)
@@ -286,7 +288,7 @@ class Engine:
                     req.slot = slot
                     req.admitted_at = now
                     admitted.append(req)
-                    budget -= cost
+                    rows, longest = new_rows, new_longest
                     free_rows -= 1 if is_gen else 0
                     progress = True
             for tenant, reqs in skipped.items():  # back to the front, in order
