@@ -67,6 +67,8 @@ class AdapterCache:
                 self._wanted.pop(key, None)
                 raise err
             slot = self._slot_of.get(key)
+            if key in self._evict_requested:
+                slot = None  # being unloaded: new requests wait for a fresh load, so the unload can finish
             if slot is not None:
                 self._busy[key] += 1
                 self._device_lru.move_to_end(key)
@@ -148,6 +150,16 @@ class AdapterCache:
                         "no device slot became free in time: every slot is pinned or serving requests"
                     )
                 self._changed.wait(min(left, 0.1))
+
+    def offer_host(self, key: Key, weights) -> None:
+        """Weights already parsed (a fresh upload or fine-tune): keep them in the host tier so the
+        first request does not read and validate them from the blob store again."""
+        with self._lock:
+            if key in self._host or key in self._doomed:
+                return
+            self._host[key] = weights
+            self._host_used += self._nbytes(weights)
+            self._shrink_host()
 
     def unload(self, key: Key, timeout: float = 30.0) -> None:
         """Unpin and evict from device and host (in-flight requests finish first)."""

@@ -94,6 +94,7 @@ class AdapterService:
         if weights is None:
             weights = parse_peft_adapter(files, self.base, self.limits, labels)
         rec = self.registry.commit(tenant, name, files, weights, description=description, source=source)
+        self.cache.offer_host(_key(rec), weights)
         return self._view(rec)
 
     def get(self, tenant: str, ref: str) -> AdapterView:
