@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from hotlora.server.detokenizer import IncrementalDetokenizer
 from hotlora.server.sampling import SamplingParams, make_generator, select_tokens
 
@@ -35,7 +34,9 @@ def test_top_k_1_equals_greedy(temperature):
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 5.0])
 def test_tiny_top_p_equals_greedy(temperature):
     logits = random_logits()
-    assert sample_all(logits, SamplingParams(temperature=temperature, top_p=1e-6)) == logits.argmax(-1).tolist()
+    assert (
+        sample_all(logits, SamplingParams(temperature=temperature, top_p=1e-6)) == logits.argmax(-1).tolist()
+    )
 
 
 def test_top_k_only_picks_among_the_k_best():
@@ -63,7 +64,12 @@ def test_same_seed_same_tokens_different_seed_differs():
 
 def test_sampled_row_does_not_disturb_greedy_rows():
     logits = random_logits(rows=4)
-    params = [SamplingParams(), SamplingParams(temperature=2.0), SamplingParams(), SamplingParams(temperature=2.0)]
+    params = [
+        SamplingParams(),
+        SamplingParams(temperature=2.0),
+        SamplingParams(),
+        SamplingParams(temperature=2.0),
+    ]
     out = select_tokens(logits, params, [make_generator(i) for i in range(4)])
     assert out[0] == int(logits[0].argmax()) and out[2] == int(logits[2].argmax())
 
@@ -127,3 +133,14 @@ def test_special_tokens_are_not_in_the_text(tiny_tok):
     detok = IncrementalDetokenizer(tiny_tok)
     out = "".join(detok.add(t) for t in tiny_tok("hi")["input_ids"] + [tiny_tok.eos_token_id])
     assert out + detok.flush() == "hi"
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-30])
+def test_tiny_positive_temperature_behaves_like_greedy(temperature):
+    # logits / 1e-40 overflow to inf; softmax of inf is NaN and multinomial would raise, which
+    # fails the whole engine step (every request in the batch), not just this caller's
+    logits = random_logits()
+    assert sample_all(logits, SamplingParams(temperature=temperature)) == logits.argmax(-1).tolist()
+    assert (
+        sample_all(logits, SamplingParams(temperature=temperature, top_p=0.5)) == logits.argmax(-1).tolist()
+    )

@@ -1,0 +1,143 @@
+"""`hotlora serve` configuration: bad settings fail at start with a clear message, every flag
+has its HOTLORA_<FLAG> variable, and the command runs as a user would start it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hotlora.server.config import ServerConfig, add_config_arguments, config_from_args
+
+HOTLORA = str(Path(sys.executable).with_name("hotlora"))
+
+
+def parse(argv: list[str]) -> ServerConfig:
+    p = argparse.ArgumentParser()
+    add_config_arguments(p)
+    return config_from_args(p.parse_args(argv))
+
+
+def hotlora(*argv: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [HOTLORA, *argv], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
+
+
+@pytest.fixture(autouse=True)
+def _no_hotlora_env(monkeypatch):
+    for k in list(os.environ):
+        if k.startswith("HOTLORA_"):
+            monkeypatch.delenv(k)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--max-batch-size", "0"], "--max-batch-size must be at least 1 (got 0)"),
+        (["--host", "0.0.0.0"], "give a tokens file to bind '0.0.0.0'"),
+        (["--port", "70000"], "--port must be 0..65535"),
+        (["--port", "abc"], "--port expects int, got 'abc'"),
+        (["--train-share", "0"], "--train-share must be in (0, 1]"),
+        (["--dtype", "float8"], "--dtype must be auto, float32, float16 or bfloat16"),
+        (["--tls-cert", "/nonexistent.pem"], "--tls-cert and --tls-key go together"),
+        (["--model", "/no/such/dir"], "--model must be a local model directory"),
+        (
+            ["--default-max-new-tokens", "100", "--max-new-tokens", "10"],
+            "--default-max-new-tokens cannot exceed --max-new-tokens",
+        ),
+    ],
+)
+def test_bad_settings_are_refused_with_a_clear_message(argv, message):
+    with pytest.raises(ValueError) as err:
+        parse(argv)
+    assert message in str(err.value)
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(ValueError) as err:
+        parse(["--max-batch-size", "0", "--max-queue", "0"])
+    assert "--max-batch-size" in str(err.value) and "--max-queue" in str(err.value)
+
+
+def test_environment_variables_and_flag_precedence(monkeypatch):
+    monkeypatch.setenv("HOTLORA_PORT", "50123")
+    monkeypatch.setenv("HOTLORA_MAX_BATCH_SIZE", "7")
+    monkeypatch.setenv("HOTLORA_REFLECTION", "false")
+    cfg = parse([])
+    assert (cfg.port, cfg.max_batch_size, cfg.reflection) == (50123, 7, False)
+    assert parse(["--port", "50124"]).port == 50124  # the flag wins over the variable
+    monkeypatch.setenv("HOTLORA_MAX_BATCH_SIZE", "0")
+    with pytest.raises(ValueError, match="--max-batch-size must be at least 1"):
+        parse([])
+
+
+def test_serve_fails_fast_on_a_bad_flag():
+    out = hotlora("serve", "--max-batch-size", "0", timeout=30)
+    assert out.returncode == 2
+    assert "--max-batch-size must be at least 1 (got 0)" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_serve_refuses_a_public_host_without_tokens():
+    out = hotlora("serve", "--host", "0.0.0.0", timeout=30)
+    assert out.returncode == 2
+    assert "--tokens-file" in out.stderr and "0.0.0.0" in out.stderr
+
+
+def test_serve_help_lists_the_flags():
+    out = hotlora("serve", "--help", timeout=30)
+    assert out.returncode == 0
+    for flag in (
+        "--model",
+        "--host",
+        "--port",
+        "--metrics-port",
+        "--data-dir",
+        "--tokens-file",
+        "--max-batch-size",
+        "--max-new-tokens",
+        "--grace-seconds",
+        "--tls-cert",
+        "--log-format",
+    ):
+        assert flag in out.stdout, flag
+    assert "HOTLORA_PORT" in out.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(90)
+def test_serve_honours_hotlora_port_and_stops_on_sigterm(tiny_model_dir, tmp_path):
+    port = _free_port()
+    env = {**os.environ, "HOTLORA_PORT": str(port), "HOTLORA_METRICS_PORT": "0"}
+    proc = subprocess.Popen(
+        [HOTLORA, "serve", "--model", str(tiny_model_dir), "--data-dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "hotlora: ready" in line:
+                break
+        assert any(re.search(rf"gRPC on 127\.0\.0\.1:{port}\b", x) for x in lines), lines
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
