@@ -93,6 +93,9 @@ class InferenceFrontend:
             raise InvalidArgument("give either prompt or messages, not both")
         if g.messages:
             msgs = []
+            if len(g.messages) > 1024:
+                raise ResourceExhausted(f"{len(g.messages)} chat messages; at most 1024 are accepted")
+            self._check_text("".join(c for _, c in g.messages), "the chat messages")
             for role, content in g.messages:
                 if role not in CHAT_ROLES:
                     raise InvalidArgument(f"message role {role!r} is not one of {', '.join(CHAT_ROLES)}")
