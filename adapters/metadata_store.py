@@ -83,7 +83,7 @@ class MetadataStore(ABC):
     def close(self) -> None: ...
 
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE version_counters (
     tenant TEXT NOT NULL, name TEXT NOT NULL, last_version INTEGER NOT NULL,
@@ -101,6 +101,22 @@ CREATE TABLE adapter_files (
     PRIMARY KEY (tenant, name, version, filename),
     FOREIGN KEY (tenant, name, version) REFERENCES adapters ON DELETE CASCADE);
 CREATE INDEX adapter_files_by_sha256 ON adapter_files (sha256);
+"""
+# Version 2: fine-tune jobs, their progress events, and the files of adapters a job trained but did not
+# promote (kept as job artifacts, never resolvable by name).
+_SCHEMA_V2 = """
+CREATE TABLE finetune_jobs (
+    id TEXT PRIMARY KEY, tenant TEXT NOT NULL, adapter TEXT NOT NULL, task TEXT NOT NULL,
+    method TEXT NOT NULL, state TEXT NOT NULL, metrics TEXT NOT NULL, result_adapter TEXT NOT NULL,
+    error TEXT NOT NULL, created_at REAL NOT NULL, finished_at REAL NOT NULL, promoted INTEGER NOT NULL);
+CREATE INDEX finetune_jobs_by_tenant ON finetune_jobs (tenant, created_at);
+CREATE TABLE finetune_events (
+    job_id TEXT NOT NULL REFERENCES finetune_jobs ON DELETE CASCADE, seq INTEGER NOT NULL,
+    at REAL NOT NULL, message TEXT NOT NULL, job TEXT NOT NULL,
+    PRIMARY KEY (job_id, seq));
+CREATE TABLE finetune_job_files (
+    job_id TEXT NOT NULL REFERENCES finetune_jobs ON DELETE CASCADE, filename TEXT NOT NULL,
+    sha256 TEXT NOT NULL, PRIMARY KEY (job_id, filename));
 """
 _COLUMNS = (
     "tenant, name, version, task, rank, alpha, target_modules, labels, sha256, size_bytes, created_at, "
@@ -140,11 +156,12 @@ class SqliteMetadataStore(MetadataStore):
                     f"registry {self.path} has schema version {current}; this hotlora reads up to "
                     f"{SCHEMA_VERSION} (upgrade hotlora)"
                 )
-            if current == 0:
-                for statement in _SCHEMA.split(";"):
+            steps = {1: _SCHEMA, 2: _SCHEMA_V2}
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                for statement in steps[version].split(";"):
                     if statement.strip():
                         conn.execute(statement)
-                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -235,8 +252,86 @@ class SqliteMetadataStore(MetadataStore):
         return removed
 
     def referenced_blobs(self) -> set[str]:
-        rows = self._conn().execute("SELECT DISTINCT sha256 FROM adapter_files")
+        rows = self._conn().execute(
+            "SELECT sha256 FROM adapter_files UNION SELECT sha256 FROM finetune_job_files"
+        )
         return {sha for (sha,) in rows.fetchall()}
+
+    # ---- fine-tune jobs (JobStore) ----------------------------------------------------------------
+    def save_job(self, job: JobRecord) -> None:
+        # an upsert, not INSERT OR REPLACE: a replace deletes the row first, and its events with it
+        updates = ", ".join(f"{c} = excluded.{c}" for c in _JOB_COLUMNS.split(", ")[1:])
+        self._conn().execute(
+            f"INSERT INTO finetune_jobs ({_JOB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            f"ON CONFLICT (id) DO UPDATE SET {updates}",
+            _job_row(job),
+        )
+
+    def get_job(self, tenant: str, job_id: str) -> JobRecord | None:
+        row = (
+            self._conn()
+            .execute(
+                f"SELECT {_JOB_COLUMNS} FROM finetune_jobs WHERE tenant = ? AND id = ?", (tenant, job_id)
+            )
+            .fetchone()
+        )
+        return None if row is None else _job(row)
+
+    def list_jobs(self, tenant: str) -> list[JobRecord]:
+        rows = self._conn().execute(
+            f"SELECT {_JOB_COLUMNS} FROM finetune_jobs WHERE tenant = ? ORDER BY created_at, id", (tenant,)
+        )
+        return [_job(r) for r in rows.fetchall()]
+
+    def fail_unfinished_jobs(self, reason: str) -> int:
+        """Jobs left QUEUED/RUNNING by a process that is gone become FAILED with `reason`."""
+        cur = self._conn().execute(
+            "UPDATE finetune_jobs SET state = 'FAILED', error = ?, finished_at = ? "
+            "WHERE state IN ('QUEUED', 'RUNNING')",
+            (reason, time.time()),
+        )
+        return cur.rowcount
+
+    def add_job_event(self, job_id: str, message: str, job: JobRecord) -> int:
+        """Append one event (a snapshot of the job); returns its sequence number."""
+        conn = self._conn()
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            (seq,) = conn.execute(
+                "SELECT COALESCE(MAX(seq), 0) + 1 FROM finetune_events WHERE job_id = ?", (job_id,)
+            ).fetchone()
+            conn.execute(
+                "INSERT INTO finetune_events (job_id, seq, at, message, job) VALUES (?, ?, ?, ?, ?)",
+                (job_id, seq, time.time(), message, json.dumps(_job_row(job))),
+            )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return seq
+
+    def job_events(self, job_id: str, after: int = 0) -> list[tuple[int, str, JobRecord]]:
+        rows = self._conn().execute(
+            "SELECT seq, message, job FROM finetune_events WHERE job_id = ? AND seq > ? ORDER BY seq",
+            (job_id, after),
+        )
+        return [(seq, msg, _job(tuple(json.loads(j)))) for seq, msg, j in rows.fetchall()]
+
+    def count_jobs_by_state(self) -> dict[str, int]:
+        rows = self._conn().execute("SELECT state, COUNT(*) FROM finetune_jobs GROUP BY state")
+        return dict(rows.fetchall())
+
+    def set_job_files(self, job_id: str, files: dict[str, str]) -> None:
+        self._conn().executemany(
+            "INSERT OR REPLACE INTO finetune_job_files (job_id, filename, sha256) VALUES (?, ?, ?)",
+            [(job_id, f, sha) for f, sha in sorted(files.items())],
+        )
+
+    def job_files(self, job_id: str) -> dict[str, str]:
+        rows = self._conn().execute(
+            "SELECT filename, sha256 FROM finetune_job_files WHERE job_id = ?", (job_id,)
+        )
+        return dict(rows.fetchall())
 
     def close(self) -> None:
         with self._conns_lock:
@@ -244,6 +339,67 @@ class SqliteMetadataStore(MetadataStore):
                 conn.close()
             self._conns.clear()
         self._local = threading.local()
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """One fine-tune job as stored; `metrics` is a flat dict (step, epoch, train_loss, ...)."""
+
+    id: str
+    tenant: str
+    adapter: str
+    task: str
+    method: str
+    """"HEAD_ONLY" | "LORA" | "AUTO" (until the job resolves it)."""
+    state: str
+    """"QUEUED" | "RUNNING" | "SUCCEEDED" | "FAILED" | "CANCELLED" | "REJECTED"."""
+    metrics: dict = field(default_factory=dict, hash=False)
+    result_adapter: str = ""
+    error: str = ""
+    created_at: float = 0.0
+    finished_at: float = 0.0
+    promoted: bool = False
+
+
+_JOB_COLUMNS = (
+    "id, tenant, adapter, task, method, state, metrics, result_adapter, error, created_at, finished_at, "
+    "promoted"
+)
+
+
+def _job_row(job: JobRecord) -> tuple:
+    return (
+        job.id,
+        job.tenant,
+        job.adapter,
+        job.task,
+        job.method,
+        job.state,
+        json.dumps(job.metrics),
+        job.result_adapter,
+        job.error,
+        job.created_at,
+        job.finished_at,
+        int(job.promoted),
+    )
+
+
+def _job(row: tuple) -> JobRecord:
+    (jid, tenant, adapter, task, method, state, metrics, result, error, created, finished, promoted) = row
+    return JobRecord(
+        jid,
+        tenant,
+        adapter,
+        task,
+        method,
+        state,
+        json.loads(metrics),
+        result,
+        error,
+        created,
+        finished,
+        bool(promoted),
+    )
 
 
 def _record(row: tuple, files: dict[str, str]) -> AdapterRecord:

@@ -54,3 +54,72 @@ def adapter_pb(view):
         source=adapters_pb2.AdapterSource.Value("ADAPTER_SOURCE_" + rec.source),
         description=rec.description, waiting_requests=view.waiting,
     )
+
+
+# ---- hotlora.v1.Training ----------------------------------------------------------------------------
+
+
+def finetune_spec(req):
+    """FineTuneRequest -> FineTuneSpec (enums by name; UNSPECIFIED = the documented default)."""
+    from hotlora.adapters.finetune_spec import Example, FineTuneSpec, HyperParams
+    from hotlora.v1 import training_pb2
+
+    def examples(items):
+        return tuple(Example(e.text, e.label, e.prompt, e.completion) for e in items)
+
+    hp = req.hyperparameters
+    task = common_pb2.Task.Name(req.task).removeprefix("TASK_")
+    method = training_pb2.FineTuneMethod.Name(req.method).removeprefix("METHOD_")
+    promote = training_pb2.Promote.Name(req.promote).removeprefix("PROMOTE_")
+    return FineTuneSpec(
+        adapter=req.adapter,
+        task=task,
+        method="AUTO" if method == "UNSPECIFIED" else method,
+        examples=examples(req.examples),
+        validation=examples(req.validation),
+        hyper=HyperParams(
+            rank=hp.rank,
+            alpha=hp.alpha,
+            learning_rate=hp.learning_rate,
+            epochs=hp.epochs,
+            batch_size=hp.batch_size,
+            target_modules=tuple(hp.target_modules),
+            layers_to_transform=tuple(hp.layers_to_transform),
+            seed=hp.seed if hp.HasField("seed") else 0,
+        ),
+        promote="GATED" if promote == "UNSPECIFIED" else promote,
+        labels=tuple(req.labels),
+        use_chat_template=req.use_chat_template,
+        description=req.description,
+    )
+
+
+def finetune_job_pb(job):
+    from hotlora.v1 import training_pb2
+
+    m = job.metrics
+    method = job.method if job.method in ("HEAD_ONLY", "LORA", "AUTO") else "AUTO"
+    return training_pb2.FineTuneJob(
+        id=job.id,
+        tenant=job.tenant,
+        adapter=job.adapter,
+        task=common_pb2.Task.Value("TASK_" + job.task) if job.task in ("SEQ_CLS", "CAUSAL_LM") else 0,
+        method=training_pb2.FineTuneMethod.Value("METHOD_" + method),
+        state=training_pb2.JobState.Value("JOB_STATE_" + job.state),
+        metrics=training_pb2.FineTuneMetrics(
+            step=int(m.get("step", 0)),
+            total_steps=int(m.get("total_steps", 0)),
+            epoch=int(m.get("epoch", 0)),
+            train_loss=float(m.get("train_loss", 0.0)),
+            validation_metric=float(m.get("validation_metric", 0.0)),
+            baseline_metric=float(m.get("baseline_metric", 0.0)),
+            metric_name=str(m.get("metric_name", "")),
+            elapsed_seconds=float(m.get("elapsed_seconds", 0.0)),
+            remaining_seconds=float(m.get("remaining_seconds", 0.0)),
+        ),
+        result_adapter=job.result_adapter,
+        error=job.error,
+        created_at=job.created_at,
+        finished_at=job.finished_at,
+        promoted=job.promoted,
+    )

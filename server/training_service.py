@@ -1,19 +1,36 @@
-"""hotlora.v1.Training (replaced by the fine-tuning servicer)."""
+"""hotlora.v1.Training: thin wire layer over hotlora.adapters.finetune_jobs.FineTuneManager."""
 
-import grpc
+from __future__ import annotations
 
-from hotlora.v1 import training_pb2_grpc
+from hotlora.adapters.errors import Unavailable
+from hotlora.server.conversion import finetune_job_pb, finetune_spec
+from hotlora.server.interceptors import current_tenant
+from hotlora.v1 import training_pb2, training_pb2_grpc
 
 
 class TrainingServicer(training_pb2_grpc.TrainingServicer):
     def __init__(self, state):
         self.state = state
 
-    def _unimplemented(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "on-line fine-tuning (hotlora.v1.Training) is not built yet")
+    def _manager(self):
+        manager = self.state.training
+        if manager is None:
+            raise Unavailable("the server is starting: fine-tuning is available once the model is loaded")
+        return manager
 
-    CreateFineTune = GetFineTune = ListFineTunes = CancelFineTune = _unimplemented
+    def CreateFineTune(self, request, context):
+        return finetune_job_pb(self._manager().create(current_tenant(), finetune_spec(request)))
+
+    def GetFineTune(self, request, context):
+        return finetune_job_pb(self._manager().get(current_tenant(), request.id))
+
+    def ListFineTunes(self, request, context):
+        jobs = self._manager().list(current_tenant())
+        return training_pb2.ListFineTunesResponse(jobs=[finetune_job_pb(j) for j in jobs])
+
+    def CancelFineTune(self, request, context):
+        return finetune_job_pb(self._manager().cancel(current_tenant(), request.id))
 
     def WatchFineTune(self, request, context):
-        self._unimplemented(request, context)
-        yield from ()
+        for message, job in self._manager().watch(current_tenant(), request.id, context.is_active):
+            yield training_pb2.FineTuneEvent(job=finetune_job_pb(job), message=message)

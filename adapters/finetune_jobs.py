@@ -1,0 +1,453 @@
+"""Fine-tune jobs: validation, queueing on the engine, progress events, the promotion gate, persistence.
+
+A job is QUEUED when created, RUNNING from its first engine step, and ends SUCCEEDED (promoted: served
+as the next version of its adapter at once), REJECTED (the gate found it no better than the baseline),
+FAILED or CANCELLED. Jobs and their events live in the registry database; a job a previous process left
+QUEUED or RUNNING is marked FAILED when the manager opens, so none is RUNNING forever.
+
+Adapters that are trained but not promoted (REJECTED) are kept as job artifacts: their PEFT files are
+stored in the blob store, referenced by the job (never by an adapter name, so `name` keeps resolving to
+the last promoted version), and readable with `artifact(tenant, job_id)`.
+
+Every state transition happens under one lock and only from a non-terminal state, so a cancel, a
+shutdown and a promotion racing each other leave exactly one outcome."""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
+from hotlora.adapters.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from hotlora.adapters.finetune_spec import (
+    FineTuneLimits,
+    FineTuneSpec,
+    check_spec,
+    label_order,
+    per_class_min,
+    resolve_method,
+    split_validation,
+    with_defaults,
+)
+from hotlora.adapters.metadata_store import JobRecord
+from hotlora.adapters.names import parse_ref, validate_name
+from hotlora.adapters.peft_format import write_peft_adapter
+from hotlora.adapters.trainer import TrainData
+from hotlora.adapters.trainer_cls import ClassifierTrainer
+from hotlora.adapters.trainer_lm import CompletionTrainer
+
+log = logging.getLogger("hotlora.finetune")
+
+TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELLED", "REJECTED"})
+ACTIVE = ("QUEUED", "RUNNING")
+RESTARTED = "server restarted during the job"
+STOPPED = "server stopped during the job; submit it again"
+EVENT_INTERVAL_S = 1.0
+
+
+class FineTuneManager:
+    """`engine.submit_task` runs each job's `step()`; everything else is called from rpc threads."""
+
+    def __init__(
+        self,
+        *,
+        store,
+        adapters,
+        engine,
+        model,
+        tokenizer,
+        ctx,
+        base,
+        targets: tuple[str, ...],
+        limits: FineTuneLimits,
+        max_jobs: int,
+        max_jobs_per_tenant: int,
+        max_example_tokens: int = 512,
+        base_model_name: str = "",
+        metrics=None,
+    ):
+        self.store, self.adapters, self.engine = store, adapters, engine
+        self.model, self.tokenizer, self.ctx, self.base = model, tokenizer, ctx, base
+        self.targets, self.limits = tuple(targets), limits
+        self.max_jobs, self.max_jobs_per_tenant = max_jobs, max_jobs_per_tenant
+        self.max_example_tokens = max_example_tokens
+        self.base_model_name = base_model_name
+        self.metrics = metrics
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._tasks: dict[str, JobTask] = {}
+        self._closed = False
+        n = store.fail_unfinished_jobs(RESTARTED)
+        if n:
+            log.warning("marked %d fine-tune job(s) of a previous run FAILED (%s)", n, RESTARTED)
+
+    # ---- rpcs ----------------------------------------------------------------------------------
+    def create(self, tenant: str, spec: FineTuneSpec) -> JobRecord:
+        name, version = parse_ref(spec.adapter) if spec.adapter else ("", None)
+        if not name:
+            raise InvalidArgument("adapter (the name of the adapter to create or continue) is required")
+        validate_name(name)
+        check_spec(spec, self.limits, self.base.num_layers, self.targets)
+        previous = self._previous(tenant, name, version, spec.task)
+        train, val = split_validation(spec)
+        labels = (
+            label_order(spec, tuple(previous.labels) if previous is not None else ())
+            if spec.task == "SEQ_CLS"
+            else ()
+        )
+        method = resolve_method(spec, len(train), per_class_min(train))
+        hyper = with_defaults(spec.hyper, method, len(train), self.base.num_layers, self.targets)
+        data = self._tokenize(spec, train, val, labels)
+        with self._lock:
+            if self._closed:
+                raise FailedPrecondition(
+                    "the server is shutting down; submit the job again after it restarts"
+                )
+            active = [t for t in self._tasks.values() if self._state(t) in ACTIVE]
+            if len(active) >= self.max_jobs:
+                raise ResourceExhausted(
+                    f"{len(active)} fine-tune jobs are queued or running, the server's limit "
+                    f"(--max-jobs {self.max_jobs}); retry when one ends"
+                )
+            mine = [t for t in active if t.job.tenant == tenant]
+            if len(mine) >= self.max_jobs_per_tenant:
+                raise ResourceExhausted(
+                    f"you have {len(mine)} fine-tune job(s) queued or running, the limit per "
+                    f"tenant (--max-jobs-per-tenant {self.max_jobs_per_tenant}); wait or cancel"
+                )
+            job = JobRecord(
+                id=uuid.uuid4().hex[:16],
+                tenant=tenant,
+                adapter=name,
+                task=spec.task,
+                method=method,
+                state="QUEUED",
+                metrics={"metric_name": _metric_name(spec.task)},
+                created_at=time.time(),
+            )
+            task = JobTask(self, job, spec, data, method, hyper, labels, previous)
+            self._tasks[job.id] = task
+            self._save(job, f"queued: {method} on {len(train)} training and {len(val)} validation examples")
+            self._state_changed()
+        self.engine.submit_task(task)
+        return job
+
+    def get(self, tenant: str, job_id: str) -> JobRecord:
+        job = self.store.get_job(tenant, job_id) if job_id else None
+        if job is None:
+            raise NotFound(f"fine-tune job {job_id!r} not found; list jobs to see their ids")
+        return self._live(job)
+
+    def list(self, tenant: str) -> list[JobRecord]:
+        return [self._live(j) for j in self.store.list_jobs(tenant)]
+
+    def _live(self, job: JobRecord) -> JobRecord:
+        """A running job's current progress (the store has it as of the last event)."""
+        task = self._tasks.get(job.id)
+        if task is None or task.trainer is None or task.job.state in TERMINAL:
+            return job
+        return replace(task.job, metrics=task.metrics())
+
+    def cancel(self, tenant: str, job_id: str) -> JobRecord:
+        self.get(tenant, job_id)  # NotFound for another tenant's job
+        with self._lock:
+            task = self._tasks.get(job_id)
+            if task is not None and task.job.state not in TERMINAL:
+                self._finish(task, "CANCELLED", "cancelled by the caller")
+                return task.job
+        return self.get(tenant, job_id)
+
+    def watch(
+        self, tenant: str, job_id: str, active: Callable[[], bool] = lambda: True, poll_s: float = 0.5
+    ) -> Iterator[tuple[str, JobRecord]]:
+        """Every stored event of the job, then new ones as they come, until it ends."""
+        self.get(tenant, job_id)
+        seq = 0
+        while True:
+            job = self.get(tenant, job_id)
+            for number, message, snapshot in self.store.job_events(job_id, seq):
+                seq = number
+                yield message, snapshot
+            if job.state in TERMINAL:
+                return
+            with self._changed:
+                self._changed.wait(poll_s)
+            if not active():
+                return
+
+    def artifact(self, tenant: str, job_id: str) -> dict[str, bytes]:
+        """The PEFT files of the adapter a job trained (also of a REJECTED one)."""
+        job = self.get(tenant, job_id)
+        files = self.store.job_files(job.id)
+        if not files:
+            raise NotFound(f"fine-tune job {job_id} has no trained adapter (state {job.state})")
+        return {name: self.adapters.registry.blobs.get(sha) for name, sha in files.items()}
+
+    def count_by_state(self) -> dict[str, int]:
+        return self.store.count_jobs_by_state()
+
+    def close(self) -> None:
+        """Stop training: jobs still queued or running end FAILED; no adapter is half-written."""
+        with self._lock:
+            self._closed = True
+            for task in list(self._tasks.values()):
+                if task.job.state not in TERMINAL:
+                    self._finish(task, "FAILED", STOPPED)
+
+    # ---- internals -------------------------------------------------------------------------------
+    def _previous(self, tenant, name, version, task):
+        try:
+            rec = self.adapters.registry.resolve(tenant, f"{name}@{version}" if version else name)
+        except NotFound:
+            if version is not None:
+                raise
+            return None  # a new adapter
+        if rec.task != task:
+            raise InvalidArgument(
+                f"adapter {rec.ref} is a {rec.task} adapter; continuing it needs task {rec.task}"
+            )
+        return self.adapters.registry.load_weights(rec, self.adapters.base, self.adapters.limits)
+
+    def _tokenize(self, spec: FineTuneSpec, train, val, labels) -> TrainData:
+        tok = self.tokenizer
+        index = {label: i for i, label in enumerate(labels)}
+
+        def ids(text: str, where: str, special: bool = True) -> list[int]:
+            out = list(tok(text, add_special_tokens=special)["input_ids"])
+            if not out:
+                raise InvalidArgument(f"{where} is empty after tokenization")
+            return out
+
+        def prompt_ids(prompt: str, where: str) -> list[int]:
+            if not spec.use_chat_template:
+                return ids(prompt, where)
+            if not getattr(tok, "chat_template", None):
+                raise FailedPrecondition("use_chat_template: this model has no chat template")
+            out = tok.apply_chat_template(
+                [{"role": "user", "content": prompt}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=True,
+            )
+            return list(out["input_ids"])
+
+        def encode(items, where):
+            inputs, targets = [], []
+            for i, e in enumerate(items):
+                w = f"{where}[{i}]"
+                if spec.task == "SEQ_CLS":
+                    x, y = ids(e.text, w), index[e.label]
+                    n = len(x)
+                else:
+                    x = prompt_ids(e.prompt, w)
+                    y = ids(e.completion, w, special=False) + (
+                        [tok.eos_token_id] if tok.eos_token_id is not None else []
+                    )
+                    n = len(x) + len(y)
+                if n > self.max_example_tokens:
+                    raise ResourceExhausted(
+                        f"{w} has {n} tokens; at most {self.max_example_tokens} per example"
+                    )
+                inputs.append(x)
+                targets.append(y)
+            return inputs, targets
+
+        ti, tt = encode(train, "examples")
+        vi, vt = encode(val, "validation")
+        return TrainData(ti, tt, vi, vt)
+
+    def _state(self, task: JobTask) -> str:
+        return task.job.state
+
+    def _save(self, job: JobRecord, message: str) -> None:
+        self.store.save_job(job)
+        self.store.add_job_event(job.id, message, job)
+        self._changed.notify_all()
+
+    def _update(self, task: JobTask, message: str | None = None, **changes) -> None:
+        with self._lock:
+            if task.job.state in TERMINAL:
+                return
+            old = task.job.state
+            task.job = replace(task.job, **changes)
+            if message is None:
+                self.store.save_job(task.job)
+            else:
+                self._save(task.job, message)
+            if task.job.state != old:
+                self._state_changed()
+
+    def _finish(self, task: JobTask, state: str, message: str, **changes) -> None:
+        with self._lock:
+            if task.job.state in TERMINAL:
+                return
+            error = changes.pop("error", message if state in ("FAILED", "CANCELLED", "REJECTED") else "")
+            task.job = replace(task.job, state=state, error=error, finished_at=time.time(), **changes)
+            self._save(task.job, message)
+            self._state_changed()
+            self._tasks.pop(task.job.id, None)  # frees the examples; the record stays in the store
+        log.info(
+            "fine-tune job %s (%s/%s): %s — %s",
+            task.job.id,
+            task.job.tenant,
+            task.job.adapter,
+            state,
+            message,
+        )
+
+    def _state_changed(self) -> None:
+        if self.metrics is not None and hasattr(self.metrics, "finetune_job_state_changed"):
+            self.metrics.finetune_job_state_changed()
+
+    def _promote_or_keep(self, task: JobTask) -> None:
+        """The promotion gate, then either a new served version or a job artifact."""
+        out = task.trainer.outcome
+        job = task.job
+        files = write_peft_adapter(out.weights, self.base_model_name, base=self.base)
+        margin = gate_margin(job.task, out.baseline, len(task.data.val_inputs))
+        better = out.score > out.baseline + margin
+        scores = f"validation {out.metric_name} {out.score:.4f} vs baseline {out.baseline:.4f}" + (
+            f" (+{margin:.4f} needed)" if margin else ""
+        )
+        metrics = {**task.metrics(), "validation_metric": out.score, "baseline_metric": out.baseline}
+        with self._lock:
+            if job.state in TERMINAL or task.job.state in TERMINAL:
+                return  # cancelled or shut down meanwhile: nothing is written
+            if better or task.spec.promote == "ALWAYS":
+                view = self.adapters.upload(
+                    job.tenant,
+                    job.adapter,
+                    files,
+                    description=task.spec.description,
+                    labels=out.weights.labels,
+                    source="FINETUNE",
+                    weights=out.weights,
+                )
+                ref = view.record.ref
+                why = "better than the baseline" if better else "promote=ALWAYS"
+                self._finish(
+                    task,
+                    "SUCCEEDED",
+                    f"promoted as {ref}: {scores} ({why})",
+                    result_adapter=ref,
+                    promoted=True,
+                    metrics=metrics,
+                )
+            else:
+                self.store.set_job_files(
+                    job.id, {n: self.adapters.registry.blobs.put(d) for n, d in files.items()}
+                )
+                self._finish(
+                    task,
+                    "REJECTED",
+                    f"not promoted: {scores} is not better; the trained adapter is kept as a job "
+                    "artifact, not served (promote=ALWAYS promotes anyway)",
+                    metrics=metrics,
+                )
+
+
+class JobTask:
+    """One job as the engine runs it: `step()` is bounded (one mini-batch or evaluation batch)."""
+
+    def __init__(
+        self,
+        manager: FineTuneManager,
+        job: JobRecord,
+        spec: FineTuneSpec,
+        data: TrainData,
+        method: str,
+        hyper,
+        labels,
+        previous,
+    ):
+        self.manager, self.job, self.spec, self.data = manager, job, spec, data
+        self.method, self.hyper, self.labels, self.previous = method, hyper, labels, previous
+        self.trainer = None
+        self._last_event = 0.0
+        self._last_epoch = 0
+
+    def metrics(self) -> dict:
+        p = self.trainer.progress
+        return {
+            "step": p.step,
+            "total_steps": p.total_steps,
+            "epoch": p.epoch,
+            "train_loss": p.train_loss,
+            "validation_metric": p.validation_metric,
+            "baseline_metric": p.baseline_metric,
+            "metric_name": p.metric_name,
+            "elapsed_seconds": p.elapsed,
+            "remaining_seconds": p.remaining,
+        }
+
+    def step(self) -> bool:
+        m = self.manager
+        if self.job.state in TERMINAL:
+            return False
+        t0 = time.perf_counter()
+        try:
+            if self.trainer is None:
+                self.trainer = self._make_trainer()
+                m._update(self, f"running: {self.method}", state="RUNNING", metrics=self.metrics())
+            more = self.trainer.step()
+            if more:
+                self._report()
+            else:
+                m._promote_or_keep(self)
+            return more and self.job.state not in TERMINAL
+        except Exception as exc:  # a failed job must not take the engine down
+            log.exception("fine-tune job %s failed", self.job.id)
+            m._finish(self, "FAILED", f"training failed: {type(exc).__name__}: {exc}")
+            return False
+        finally:
+            if m.metrics is not None and hasattr(m.metrics, "finetune_step"):
+                m.metrics.finetune_step(time.perf_counter() - t0)
+
+    def _make_trainer(self):
+        m = self.manager
+        shapes = m.base.linear_shapes
+        if self.spec.task == "SEQ_CLS":
+            return ClassifierTrainer(
+                m.model,
+                m.ctx,
+                self.data,
+                labels=self.labels,
+                method=self.method,
+                hyper=self.hyper,
+                shapes=shapes,
+                num_layers=m.base.num_layers,
+                previous=self.previous,
+            )
+        return CompletionTrainer(
+            m.model, m.ctx, self.data, hyper=self.hyper, shapes=shapes, previous=self.previous
+        )
+
+    def _report(self) -> None:
+        p = self.trainer.progress
+        now = time.monotonic()
+        new_epoch = p.epoch != self._last_epoch and p.phase != "head"  # head epochs take microseconds
+        if new_epoch or now - self._last_event >= EVENT_INTERVAL_S:
+            msg = f"{p.phase}: step {p.step}/{p.total_steps}, epoch {p.epoch}"
+            self.manager._update(self, msg, metrics=self.metrics())
+            self._last_event, self._last_epoch = now, p.epoch
+
+
+def gate_margin(task: str, baseline: float, n_val: int) -> float:
+    """How much better than the baseline a new adapter must score to be promoted.
+
+    Accuracy on a small validation set is noisy, and early stopping picks its best epoch on that same
+    set, so "better" means more than one standard error of the baseline accuracy (sqrt(p(1-p)/n)); a
+    model that only fits noise rarely clears it. The completion loss averages over many tokens: any
+    decrease counts."""
+    if task != "SEQ_CLS":
+        return 0.0
+    p = min(max(baseline, 1.0 / n_val), 1.0 - 1.0 / n_val) if n_val > 1 else 0.5
+    return math.sqrt(p * (1 - p) / max(n_val, 1))
+
+
+def _metric_name(task: str) -> str:
+    return "accuracy" if task == "SEQ_CLS" else "neg_completion_loss"

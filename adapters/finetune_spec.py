@@ -1,0 +1,254 @@
+"""What a fine-tune is asked to do, checked before a job is queued: examples, labels, hyper-parameters.
+
+Everything a caller can get wrong is refused here with InvalidArgument (or ResourceExhausted for sizes),
+so a queued job fails only for reasons the caller could not have seen coming."""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field, replace
+
+from hotlora.adapters.errors import InvalidArgument, ResourceExhausted
+
+METHODS = ("AUTO", "HEAD_ONLY", "LORA")
+PROMOTE = ("GATED", "ALWAYS")
+# AUTO: feature extraction below these sizes, LoRA on the upper layers above (SEQ_CLS only).
+AUTO_MIN_EXAMPLES = 200
+AUTO_MIN_PER_CLASS = 20
+VALIDATION_FRACTION = 0.2
+MAX_EPOCHS = 100
+MAX_BATCH_SIZE = 256
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str = ""
+    label: str = ""
+    prompt: str = ""
+    completion: str = ""
+
+
+@dataclass(frozen=True)
+class HyperParams:
+    """0 / empty means "the default for the method" (see `with_defaults`)."""
+
+    rank: int = 0
+    """LoRA rank of new modules (default 8)."""
+    alpha: float = 0.0
+    """LoRA alpha (default 2 × rank)."""
+    learning_rate: float = 0.0
+    """Adam learning rate (default 1e-3 for LoRA, 1e-2 for a head)."""
+    epochs: int = 0
+    """Passes over the training examples (default: enough for ~150 optimizer steps, 2..20; head: 300).
+    Early stopping on the validation metric usually ends sooner."""
+    batch_size: int = 0
+    """Examples per optimizer step (default 8)."""
+    target_modules: tuple[str, ...] = ()
+    """Linear layers that get LoRA (default: every module the server can adapt)."""
+    layers_to_transform: tuple[int, ...] = ()
+    """Decoder layers that get LoRA (default: the upper half)."""
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class FineTuneSpec:
+    adapter: str
+    task: str
+    """"SEQ_CLS" or "CAUSAL_LM"."""
+    method: str = "AUTO"
+    examples: tuple[Example, ...] = ()
+    validation: tuple[Example, ...] = ()
+    """Empty: a (stratified) 20% split of `examples` with the job's seed."""
+    hyper: HyperParams = field(default_factory=HyperParams)
+    promote: str = "GATED"
+    labels: tuple[str, ...] = ()
+    """SEQ_CLS label order (default: sorted labels, or the continued adapter's)."""
+    use_chat_template: bool = False
+    description: str = ""
+
+
+@dataclass(frozen=True)
+class FineTuneLimits:
+    max_examples: int = 10_000
+    """Training plus validation examples in one job."""
+    max_example_chars: int = 8192
+    max_labels: int = 256
+    max_rank: int = 64
+
+
+def check_spec(
+    spec: FineTuneSpec, limits: FineTuneLimits, num_layers: int, target_modules: tuple[str, ...]
+) -> None:
+    """Refuse an inconsistent request; says what is wrong and what is allowed."""
+    if spec.task not in ("SEQ_CLS", "CAUSAL_LM"):
+        raise InvalidArgument(f"task must be SEQ_CLS or CAUSAL_LM (got {spec.task!r})")
+    if spec.method not in METHODS:
+        raise InvalidArgument(f"method must be one of {', '.join(METHODS)} (got {spec.method!r})")
+    if spec.method == "HEAD_ONLY" and spec.task != "SEQ_CLS":
+        raise InvalidArgument(
+            "method HEAD_ONLY trains a classification head: it needs task SEQ_CLS; "
+            "use LORA (or AUTO) for CAUSAL_LM"
+        )
+    if spec.promote not in PROMOTE:
+        raise InvalidArgument(f"promote must be GATED or ALWAYS (got {spec.promote!r})")
+    if not spec.examples:
+        raise InvalidArgument("no training examples; give at least 2")
+    n = len(spec.examples) + len(spec.validation)
+    if n > limits.max_examples:
+        raise ResourceExhausted(f"{n} examples in one job; this server accepts at most {limits.max_examples}")
+    if not spec.validation and len(spec.examples) < 2:
+        raise InvalidArgument(
+            "at least 2 examples are needed to split off a validation set (or give validation examples)"
+        )
+    for where, items in (("examples", spec.examples), ("validation", spec.validation)):
+        for i, e in enumerate(items):
+            _check_example(spec.task, e, f"{where}[{i}]", limits)
+    if spec.task == "SEQ_CLS":
+        _check_labels(spec, limits)
+    elif spec.labels:
+        raise InvalidArgument("labels apply only to SEQ_CLS fine-tunes")
+    _check_hyper(spec.hyper, limits, num_layers, target_modules)
+
+
+def _check_example(task: str, e: Example, where: str, limits: FineTuneLimits) -> None:
+    if task == "SEQ_CLS":
+        if e.prompt or e.completion:
+            raise InvalidArgument(f"{where}: a SEQ_CLS example is {{text, label}}; it has prompt/completion")
+        if not e.text or not e.label:
+            raise InvalidArgument(f"{where}: a SEQ_CLS example needs a non-empty text and label")
+    else:
+        if e.text or e.label:
+            raise InvalidArgument(
+                f"{where}: a CAUSAL_LM example is {{prompt, completion}}; it has text/label"
+            )
+        if not e.prompt or not e.completion:
+            raise InvalidArgument(f"{where}: a CAUSAL_LM example needs a non-empty prompt and completion")
+    size = len(e.text) + len(e.prompt) + len(e.completion)
+    if size > limits.max_example_chars:
+        raise ResourceExhausted(f"{where} has {size} characters; at most {limits.max_example_chars}")
+
+
+def _check_labels(spec: FineTuneSpec, limits: FineTuneLimits) -> None:
+    seen = {e.label for e in spec.examples}
+    if spec.labels:
+        if len(set(spec.labels)) != len(spec.labels):
+            raise InvalidArgument("labels must be unique")
+        unknown = sorted({e.label for e in (*spec.examples, *spec.validation)} - set(spec.labels))
+        if unknown:
+            raise InvalidArgument(
+                f"examples use label(s) {unknown[:5]} that are not in labels {list(spec.labels)[:10]}"
+            )
+    if len(seen) < 2:
+        raise InvalidArgument(
+            f"the training examples have {len(seen)} distinct label(s); a classifier needs at least 2"
+        )
+    n = len(spec.labels) or len(seen | {e.label for e in spec.validation})
+    if n > limits.max_labels:
+        raise ResourceExhausted(f"{n} labels; at most {limits.max_labels}")
+
+
+def _check_hyper(hp: HyperParams, limits: FineTuneLimits, num_layers: int, targets: tuple[str, ...]) -> None:
+    if not 0 <= hp.rank <= limits.max_rank:
+        raise InvalidArgument(f"rank must be 1..{limits.max_rank} (or 0 for the default 8); got {hp.rank}")
+    if not (math.isfinite(hp.alpha) and 0 <= hp.alpha <= 1024):
+        raise InvalidArgument(f"alpha must be in (0, 1024] (or 0 for 2 × rank); got {hp.alpha}")
+    if not (math.isfinite(hp.learning_rate) and 0 <= hp.learning_rate <= 1.0):
+        raise InvalidArgument(
+            f"learning_rate must be in (0, 1] (or 0 for the default); got {hp.learning_rate}"
+        )
+    if not 0 <= hp.epochs <= MAX_EPOCHS:
+        raise InvalidArgument(f"epochs must be 1..{MAX_EPOCHS} (or 0 for the default); got {hp.epochs}")
+    if not 0 <= hp.batch_size <= MAX_BATCH_SIZE:
+        raise InvalidArgument(f"batch_size must be 1..{MAX_BATCH_SIZE} (or 0 for 8); got {hp.batch_size}")
+    bad = sorted(set(hp.target_modules) - set(targets))
+    if bad:
+        raise InvalidArgument(
+            f"target_modules {bad} cannot carry LoRA on this server; allowed: {', '.join(targets)}"
+        )
+    beyond = sorted(i for i in hp.layers_to_transform if not 0 <= i < num_layers)
+    if beyond:
+        raise InvalidArgument(
+            f"layers_to_transform {beyond} out of range; the base model has layers 0..{num_layers - 1}"
+        )
+    if not 0 <= hp.seed < 2**63:
+        raise InvalidArgument("seed must be in [0, 2^63)")
+
+
+def label_order(spec: FineTuneSpec, previous: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The head's row order: the continued adapter's labels, else the request's, else sorted."""
+    used = {e.label for e in (*spec.examples, *spec.validation)}
+    if previous:
+        unknown = sorted(used - set(previous))
+        if unknown:
+            raise InvalidArgument(
+                f"examples use label(s) {unknown[:5]} that the continued adapter's head lacks; "
+                f"its labels are {list(previous)[:10]} (fine-tune a new adapter name for new labels)"
+            )
+        if spec.labels and tuple(spec.labels) != tuple(previous):
+            raise InvalidArgument(f"labels must match the continued adapter's labels {list(previous)[:10]}")
+        return tuple(previous)
+    return tuple(spec.labels) or tuple(sorted(used))
+
+
+def resolve_method(spec: FineTuneSpec, n_train: int, per_class_min: int) -> str:
+    """AUTO: feature extraction for very small data, LoRA on the upper layers for more."""
+    if spec.task == "CAUSAL_LM":
+        return "LORA"
+    if spec.method != "AUTO":
+        return spec.method
+    few = n_train < AUTO_MIN_EXAMPLES or per_class_min < AUTO_MIN_PER_CLASS
+    return "HEAD_ONLY" if few else "LORA"
+
+
+def split_validation(spec: FineTuneSpec) -> tuple[list[Example], list[Example]]:
+    """(train, validation): the given validation set, or a seeded split stratified by label."""
+    if spec.validation:
+        return list(spec.examples), list(spec.validation)
+    rng = random.Random(spec.hyper.seed)
+    groups: dict[str, list[Example]] = defaultdict(list)
+    for e in spec.examples:
+        groups[e.label if spec.task == "SEQ_CLS" else ""].append(e)
+    train, val = [], []
+    for key in sorted(groups):
+        items = groups[key][:]
+        rng.shuffle(items)
+        k = round(len(items) * VALIDATION_FRACTION)
+        k = max(1 if len(items) >= 2 else 0, min(k, len(items) - 1))
+        val += items[:k]
+        train += items[k:]
+    if not val:  # every class had one example: take one anyway
+        val, train = train[:1], train[1:]
+    rng.shuffle(train)
+    return train, val
+
+
+def per_class_min(examples: list[Example]) -> int:
+    counts = Counter(e.label for e in examples)
+    return min(counts.values()) if counts else 0
+
+
+def with_defaults(
+    hp: HyperParams, method: str, n_train: int, num_layers: int, targets: tuple[str, ...]
+) -> HyperParams:
+    batch = hp.batch_size or 8
+    steps_per_epoch = max(1, math.ceil(n_train / batch))
+    if method == "HEAD_ONLY":
+        epochs = hp.epochs or 300  # full-batch head epochs are microseconds
+        lr = hp.learning_rate or 1e-2
+    else:
+        epochs = hp.epochs or max(2, min(20, math.ceil(150 / steps_per_epoch)))
+        lr = hp.learning_rate or 1e-3
+    rank = hp.rank or 8
+    return replace(
+        hp,
+        rank=rank,
+        alpha=hp.alpha or 2.0 * rank,
+        learning_rate=lr,
+        epochs=epochs,
+        batch_size=batch,
+        target_modules=tuple(hp.target_modules) or tuple(targets),
+        layers_to_transform=tuple(sorted(set(hp.layers_to_transform)))
+        or tuple(range(num_layers // 2, num_layers)),
+    )

@@ -1,0 +1,65 @@
+"""Synthetic fine-tune data and helpers for the Training service tests."""
+
+from __future__ import annotations
+
+import random
+import time
+
+from hotlora.v1 import common_pb2, training_pb2
+
+MARKER = " zz"
+TERMINAL = {
+    training_pb2.JOB_STATE_SUCCEEDED,
+    training_pb2.JOB_STATE_FAILED,
+    training_pb2.JOB_STATE_CANCELLED,
+    training_pb2.JOB_STATE_REJECTED,
+}
+
+
+def marker_text(rng: random.Random, positive: bool) -> str:
+    s = "".join(rng.choice("abcdefgh ") for _ in range(rng.randint(5, 12)))
+    return s + MARKER if positive else s
+
+
+def marker_examples(n: int, seed: int) -> list[training_pb2.Example]:
+    """label `yes` iff the text ends with the marker: separable by the last token alone."""
+    rng = random.Random(seed)
+    return [
+        training_pb2.Example(text=marker_text(rng, i % 2 == 0), label="yes" if i % 2 == 0 else "no")
+        for i in range(n)
+    ]
+
+
+def seq_cls(adapter: str, examples, method=training_pb2.METHOD_AUTO, **kw) -> training_pb2.FineTuneRequest:
+    return training_pb2.FineTuneRequest(
+        adapter=adapter, task=common_pb2.TASK_SEQ_CLS, method=method, examples=examples, **kw
+    )
+
+
+def long_lm_job(adapter: str) -> training_pb2.FineTuneRequest:
+    """Thousands of one-example steps: still running when the test acts on it."""
+    ex = [training_pb2.Example(prompt=f"q{i}?", completion=" ok") for i in range(40)]
+    return training_pb2.FineTuneRequest(
+        adapter=adapter,
+        task=common_pb2.TASK_CAUSAL_LM,
+        method=training_pb2.METHOD_LORA,
+        examples=ex,
+        hyperparameters=training_pb2.HyperParameters(epochs=100, batch_size=1),
+    )
+
+
+def watch(stub, job_id: str, metadata=(), timeout: float = 120):
+    """All events until the job ends; returns (events, final job)."""
+    events = list(stub.WatchFineTune(common_pb2.JobRef(id=job_id), metadata=metadata, timeout=timeout))
+    assert events, "WatchFineTune sent no event"
+    return events, events[-1].job
+
+
+def wait_state(stub, job_id: str, states, metadata=(), timeout: float = 60, min_step: int = 0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = stub.GetFineTune(common_pb2.JobRef(id=job_id), metadata=metadata)
+        if job.state in states and job.metrics.step >= min_step:
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} did not reach {states} in {timeout} s (state {job.state})")
