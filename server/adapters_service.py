@@ -88,7 +88,13 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         return adapter_pb(self._service().unload(current_tenant(), request.name))
 
     def ExportAdapter(self, request, context):
-        _, files = self._service().export(current_tenant(), request.name)
+        if request.name.startswith("job:"):  # the adapter a fine-tune trained, promoted or not
+            training = self.state.training
+            if training is None:
+                raise Unavailable("fine-tuning is not available yet")
+            files = training.artifact(current_tenant(), request.name[len("job:") :])
+        else:
+            _, files = self._service().export(current_tenant(), request.name)
         for filename in sorted(files):
             data = files[filename]
             for off in range(0, max(len(data), 1), EXPORT_CHUNK):

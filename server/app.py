@@ -196,14 +196,14 @@ class HotloraServer:
         self.state.draining = True
         self._set_health(False)
         engine = self.state.engine
+        if self.state.training is not None:
+            self.state.training.close()  # running jobs end FAILED ("server stopped"); they would hold the engine
         if engine is not None:
             engine.drain()
         deadline = time.monotonic() + grace
         while engine is not None and not engine.idle and time.monotonic() < deadline:
             time.sleep(0.05)
         self.grpc.stop(max(0.0, deadline - time.monotonic())).wait()
-        if self.state.training is not None:
-            self.state.training.close()
         if engine is not None:
             engine.stop()
         if self.state.adapters is not None:

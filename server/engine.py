@@ -214,7 +214,9 @@ class Engine:
     def _run_task_step(self, served: bool) -> None:
         if not self._tasks:
             return
-        # training gets at most `task_share` of engine time while serving is busy
+        if self._n_waiting and served:
+            return  # admit the waiting requests first: they would wait a whole training unit
+        # while serving is busy, training gets at most `task_share` of engine time; idle time is free
         total = self._task_time + self._serve_time
         if served and total > 0 and self._task_time / total > self.task_share:
             return
@@ -227,7 +229,8 @@ class Engine:
             log.exception("background task failed")
             more = False
         step_seconds = time.perf_counter() - t0
-        self._task_time += step_seconds
+        if served or self._running:
+            self._task_time += step_seconds
         if self.observer is not None:
             self.observer.finetune_step(step_seconds)
             self.observer.set_train_share(self._task_time / max(1e-9, self._task_time + self._serve_time))

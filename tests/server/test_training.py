@@ -157,6 +157,10 @@ def test_unlearnable_labels_are_rejected_by_the_gate_with_both_scores(server):
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     files = server.state.training.artifact("default", job.id)  # kept for inspection, not served
     assert set(files) == {"adapter_config.json", "adapter_model.safetensors"}
+    exported = {}
+    for c in server.adapters.ExportAdapter(common_pb2.AdapterRef(name=f"job:{job.id}")):
+        exported[c.filename] = exported.get(c.filename, b"") + c.data
+    assert exported == files  # over gRPC too, as `job:<id>`
 
 
 def test_cancel_ends_the_job_without_an_adapter(server):
