@@ -76,6 +76,10 @@ class MetadataStore(ABC):
         """Remove one version, or all of them when `version` is None; returns what was removed."""
 
     @abstractmethod
+    def count(self) -> int:
+        """Live adapter versions, all tenants (for the adapters-by-state gauge)."""
+
+    @abstractmethod
     def referenced_blobs(self) -> set[str]:
         """Digests of every file of every live record (for garbage collection)."""
 
@@ -250,6 +254,9 @@ class SqliteMetadataStore(MetadataStore):
             conn.execute("ROLLBACK")
             raise
         return removed
+
+    def count(self) -> int:
+        return int(self._conn().execute("SELECT COUNT(*) FROM adapters").fetchone()[0])
 
     def referenced_blobs(self) -> set[str]:
         rows = self._conn().execute(

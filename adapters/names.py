@@ -15,7 +15,7 @@ NAME_RULE = "1-64 characters from a-z 0-9 . _ -, starting with a letter or digit
 def validate_name(name: str) -> str:
     """Return `name` if it is a valid adapter name, else raise InvalidArgument saying the rule."""
     if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
-        raise InvalidArgument(f"invalid adapter name {name!r}: names are {NAME_RULE}")
+        raise InvalidArgument(f"invalid adapter name {_shown(name)}: names are {NAME_RULE}")
     return name
 
 
@@ -28,10 +28,17 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
         return validate_name(name), None
     if not _VERSION.fullmatch(version):
         raise InvalidArgument(
-            f"invalid version {version!r} in adapter reference {ref!r}: "
+            f"invalid version {_shown(version)} in adapter reference {_shown(ref)}: "
             "use 'name@N' with N a positive integer"
         )
     return validate_name(name), int(version)
+
+
+def _shown(text) -> str:
+    """A client string quoted in a message, cut short: it may be megabytes."""
+    if not isinstance(text, str) or len(text) <= 80:
+        return repr(text)
+    return f"{text[:80]!r}... ({len(text)} chars)"
 
 
 def format_ref(name: str, version: int) -> str:

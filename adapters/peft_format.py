@@ -387,7 +387,7 @@ def _load_config(data: bytes, base: BaseModelInfo, limits: AdapterLimits) -> Lor
         targets = sorted(base.linear_shapes)
     to_save = raw.get("modules_to_save") or []
     allowed_save = {base.head_name, "classifier"} if task == "SEQ_CLS" else set()
-    if not isinstance(to_save, list) or not set(to_save) <= allowed_save:
+    if not _str_list(to_save) or not set(to_save) <= allowed_save:  # [[...]] is unhashable: check types first
         raise InvalidArgument(
             f"modules_to_save={to_save!r} is not supported for {task}; allowed: "
             + (f"the classification head ['{base.head_name}']" if allowed_save else "none")
@@ -397,6 +397,8 @@ def _load_config(data: bytes, base: BaseModelInfo, limits: AdapterLimits) -> Lor
         target_modules=targets, modules_to_save=to_save or ([base.head_name] if allowed_save else None)
     )
     kwargs.pop("runtime_config", None)
+    for name in ("rank_pattern", "alpha_pattern"):  # null/0/[] mean "none" (as _check_numbers reads them)
+        kwargs[name] = raw.get(name) or {}
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -409,8 +411,13 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+MAX_ALPHA = 1e6  # alpha / r becomes a float32 scale: 1e308 overflowed it and failed whole engine steps
+
+
 def _is_real(value: Any) -> bool:
-    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+    """A finite alpha of sane size (ints too: JSON allows 4000-digit integers, which math.isfinite rejects
+    with OverflowError)."""
+    return (_is_int(value) or isinstance(value, float)) and abs(value) <= MAX_ALPHA
 
 
 def _check_rank(what: str, r: Any, limits: AdapterLimits) -> None:
@@ -424,13 +431,19 @@ def _check_numbers(raw: dict[str, Any], base: BaseModelInfo, limits: AdapterLimi
     """Type-check the fields we interpret, so PEFT's matcher never sees a surprising type."""
     _check_rank("r", raw.get("r", 8), limits)
     if not _is_real(raw.get("lora_alpha", 8)):
-        raise InvalidArgument(f"lora_alpha must be a finite number, got {raw.get('lora_alpha')!r}")
+        raise InvalidArgument(
+            f"lora_alpha must be a number of magnitude at most {MAX_ALPHA:g}, "
+            f"got {str(raw.get('lora_alpha'))[:40]}"
+        )
     for name, check in (("rank_pattern", _is_int), ("alpha_pattern", _is_real)):
         pattern = raw.get(name) or {}
         if not isinstance(pattern, dict) or not all(
             isinstance(k, str) and check(v) for k, v in pattern.items()
         ):
-            raise InvalidArgument(f"{name} must map module-name patterns to numbers, got {pattern!r}")
+            raise InvalidArgument(
+                f"{name} must map module-name patterns to numbers (alphas of magnitude at most "
+                f"{MAX_ALPHA:g}), got {str(pattern)[:200]}"
+            )
         if name == "rank_pattern":
             for key, r in pattern.items():
                 _check_rank(f"rank_pattern[{key!r}]", r, limits)

@@ -145,7 +145,12 @@ class AdapterService:
 
     def count_by_state(self) -> dict[str, int]:
         c = self.cache.counts()
-        return {"device": c["device"], "host": c["host"], "pinned": c["pinned"]}
+        return {
+            "stored": self.registry.metadata.count(),
+            "device": c["device"],
+            "host": c["host"],
+            "pinned": c["pinned"],
+        }
 
     def close(self) -> None:
         self.cache.close()

@@ -29,6 +29,7 @@ def _make_adapter(model_dir, out, seed: int):
     from transformers import LlamaForCausalLM
 
     base = LlamaForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    torch.manual_seed(seed)  # peft draws lora_A from the global generator
     model = get_peft_model(
         base,
         LoraConfig(
@@ -48,6 +49,11 @@ def _gen(run, adapter=""):
     return list(run.inference.Generate(inference_pb2.GenerateRequest(
         prompt=PROMPT, adapter=adapter, params=common_pb2.SamplingParams(max_new_tokens=NEW)),
         timeout=120).token_ids)  # fmt: skip
+
+
+def _embed(run, adapter):
+    r = run.inference.Embed(inference_pb2.EmbedRequest(texts=[PROMPT], adapter=adapter), timeout=120)
+    return list(r.embeddings[0].values)
 
 
 @pytest.mark.slow
@@ -75,7 +81,9 @@ def test_uploaded_adapter_changes_the_default_model_and_rollback_serves_v1(model
         a2 = run.adapters.UploadAdapter(upload_chunks("france", dir2), timeout=120)
         assert a2.version == 2
         v2 = _gen(run, "france")
-        assert v2 != v1
+        # strong random adapters may both push greedy decoding into the same degenerate text, so
+        # "v2 is really a different adapter" is checked on the hidden states, not the tokens
+        assert _embed(run, "france") != _embed(run, "france@1")
         assert _gen(run, "france@1") == v1  # rollback: the old version's exact output
         assert _gen(run, "france@2") == v2
         assert _gen(run) == base  # the base model is untouched by either
