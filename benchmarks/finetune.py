@@ -153,7 +153,7 @@ def main() -> None:
         "|---|---|---|",
         f"| idle | {pct(idle, 0.5) * 1e3:.0f} | {pct(idle, 0.99) * 1e3:.0f} |",
         f"| while a LORA fine-tune runs | {pct(busy, 0.5) * 1e3:.0f} | {pct(busy, 0.99) * 1e3:.0f} |",
-        f"| ratio (goal p50 ≤ 1.5×) | **{pct(busy, .5) / pct(idle, .5):.2f}×** | "
+        f"| ratio (goal p50 ≤ 1.5×) | **{pct(busy, 0.5) / pct(idle, 0.5):.2f}×** | "
         f"{pct(busy, 0.99) / pct(idle, 0.99):.2f}× |",
     ]
     print("\n".join(lines))

@@ -197,7 +197,8 @@ class HotloraServer:
         self._set_health(False)
         engine = self.state.engine
         if self.state.training is not None:
-            self.state.training.close()  # running jobs end FAILED ("server stopped"); they would hold the engine
+            # running jobs end FAILED ("server stopped"); they would otherwise hold the engine
+            self.state.training.close()
         if engine is not None:
             engine.drain()
         deadline = time.monotonic() + grace

@@ -46,13 +46,22 @@ def adapter_pb(view):
     rec = view.record
     created = rec.created_at.timestamp() if hasattr(rec.created_at, "timestamp") else float(rec.created_at)
     return adapters_pb2.Adapter(
-        tenant=rec.tenant, name=rec.name, version=rec.version,
-        task=common_pb2.Task.Value("TASK_" + rec.task), rank=rec.rank, alpha=rec.alpha,
-        target_modules=list(rec.target_modules), labels=list(rec.labels), sha256=rec.sha256,
-        size_bytes=rec.size_bytes, state=adapters_pb2.AdapterState.Value("ADAPTER_STATE_" + view.state),
-        pinned=view.pinned, created_at=created,
+        tenant=rec.tenant,
+        name=rec.name,
+        version=rec.version,
+        task=common_pb2.Task.Value("TASK_" + rec.task),
+        rank=rec.rank,
+        alpha=rec.alpha,
+        target_modules=list(rec.target_modules),
+        labels=list(rec.labels),
+        sha256=rec.sha256,
+        size_bytes=rec.size_bytes,
+        state=adapters_pb2.AdapterState.Value("ADAPTER_STATE_" + view.state),
+        pinned=view.pinned,
+        created_at=created,
         source=adapters_pb2.AdapterSource.Value("ADAPTER_SOURCE_" + rec.source),
-        description=rec.description, waiting_requests=view.waiting,
+        description=rec.description,
+        waiting_requests=view.waiting,
     )
 
 

@@ -153,12 +153,14 @@ class Engine:
         with self._cond:
             if self._n_waiting >= self.limits.max_queue:
                 raise ResourceExhausted(
-                    f"the request queue is full ({self.limits.max_queue} waiting requests); retry later"
+                    f"the request queue is full ({self.limits.max_queue} waiting requests, --max-queue); "
+                    "retry later"
                 )
             q = self._waiting.setdefault(req.tenant, collections.deque())
             if len(q) >= self.limits.max_queue_per_tenant:
                 raise ResourceExhausted(
-                    f"tenant {req.tenant!r} has {len(q)} waiting requests, the per-tenant limit; retry later"
+                    f"tenant {req.tenant!r} has {len(q)} waiting requests, the per-tenant limit "
+                    "(--max-queue-per-tenant); retry later"
                 )
             q.append(req)
             self._n_waiting += 1
