@@ -16,6 +16,8 @@ serve: setup model
 	$(VENV)/bin/hotlora serve $(ARGS)
 
 test: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 setup: $(STAMP) $(GEN_STAMP)

@@ -47,6 +47,9 @@ class Model:
     # in flight at the kill: uploads (name, files) and deletes (ref) whose outcome is unknown
     pending_uploads: list[tuple[str, dict[str, bytes]]] = field(default_factory=list)
     pending_deletes: list[str] = field(default_factory=list)
+    # committed while a delete of every version of that name was in flight: the delete may or may not
+    # have removed them (the server orders the two; the clients cannot see which came first)
+    ambiguous: dict[tuple[str, int], dict[str, bytes]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -121,6 +124,8 @@ def _client(
                 ref = name if rng.random() < 0.3 else f"{name}@{rng.choice(mine)}"
                 with model.lock:
                     model.pending_deletes.append(ref)
+                    n, _, v = ref.partition("@")
+                    before = {k for k in model.committed if k[0] == n and (not v or k[1] == int(v))}
                 try:
                     adapters.DeleteAdapter(common_pb2.AdapterRef(name=ref), timeout=10)
                 except grpc.RpcError as e:
@@ -130,9 +135,11 @@ def _client(
                         return  # killed mid-call: the delete stays pending
                 with model.lock:
                     model.pending_deletes.remove(ref)
-                    n, _, v = ref.partition("@")
                     for key in [k for k in model.committed if k[0] == n and (not v or k[1] == int(v))]:
-                        del model.committed[key]
+                        if key in before:
+                            del model.committed[key]
+                        else:  # uploaded while this delete was in flight
+                            model.ambiguous[key] = model.committed.pop(key)
                 counts["deletes"] += 1
             else:
                 files = rng.choice(variants)
@@ -186,6 +193,9 @@ def check_after_restart(address, data_dir: Path, model: Model) -> dict:
         for key, files in exported.items():
             if key in model.committed:
                 continue
+            if key in model.ambiguous:
+                assert files == model.ambiguous[key], f"{key} does not export byte-identical"
+                continue
             candidates = [f for n, f in model.pending_uploads if n == key[0]]
             assert any(files == f for f in candidates), f"{key} is listed but was never uploaded like this"
             recovered += 1
@@ -207,6 +217,7 @@ def check_after_restart(address, data_dir: Path, model: Model) -> dict:
         model.committed = exported
         model.pending_uploads.clear()
         model.pending_deletes.clear()
+        model.ambiguous.clear()
         return {"listed": len(exported), "recovered_in_flight": recovered, "blobs": len(on_disk)}
     finally:
         ch.close()
