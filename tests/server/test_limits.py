@@ -237,19 +237,50 @@ def test_all_slots_pinned_fails_with_deadline_not_internal(server, pinned):
     assert_healthy(server)
 
 
-def test_fine_tune_limits(server):
+def test_fine_tune_limits(tiny_model_dir, tmp_path):
+    """--max-jobs, --max-jobs-per-tenant, --max-finetune-examples, --max-finetune-example-tokens."""
     from hotlora.v1 import training_pb2
 
-    try:
-        server.training.ListFineTunes(training_pb2.ListFineTunesRequest(), metadata=md("alpha"), timeout=10)
-    except grpc.RpcError as e:
-        if e.code() == grpc.StatusCode.UNIMPLEMENTED:
-            pytest.skip(
-                "hotlora.v1.Training is not implemented yet: --max-jobs/--max-jobs-per-tenant "
-                "and fine-tune example limits are documented in docs/limits.md but untested"
-            )
-        raise
-    pytest.skip("Training rpcs exist now: add the job and example limit tests here")
+    from tests.server.training_utils import long_lm_job
+
+    tokens = {"t1": "tok-one", "t2": "tok-two", "t3": "tok-three"}
+    path = tmp_path / "tokens"
+    path.write_text("".join(f"{t} {tok}\n" for t, tok in tokens.items()))
+    meta = {t: (("authorization", f"Bearer {tok}"),) for t, tok in tokens.items()}
+    with running_server(
+        tiny_model_dir,
+        tmp_path / "data",
+        tokens_file=str(path),
+        max_jobs=2,
+        max_jobs_per_tenant=1,
+        max_finetune_examples=50,
+        max_finetune_example_tokens=32,
+    ) as run:
+        create = run.training.CreateFineTune
+
+        def refused(tenant, req, code, *words):
+            with pytest.raises(grpc.RpcError) as e:
+                create(req, metadata=meta[tenant], timeout=30)
+            assert e.value.code() == code, e.value.details()
+            for w in words:
+                assert w in e.value.details()
+
+        jobs = [create(long_lm_job("one"), metadata=meta["t1"], timeout=30)]
+        refused("t1", long_lm_job("two"), grpc.StatusCode.RESOURCE_EXHAUSTED, "--max-jobs-per-tenant")
+        jobs.append(create(long_lm_job("one"), metadata=meta["t2"], timeout=30))
+        refused("t3", long_lm_job("one"), grpc.StatusCode.RESOURCE_EXHAUSTED, "--max-jobs")
+
+        many = long_lm_job("many")
+        del many.examples[:]
+        many.examples.extend(training_pb2.Example(prompt=f"q{i}", completion=" a") for i in range(51))
+        refused("t3", many, grpc.StatusCode.RESOURCE_EXHAUSTED, "51 examples", "50")
+        for j, tenant in zip(jobs, ("t1", "t2"), strict=True):
+            run.training.CancelFineTune(common_pb2.JobRef(id=j.id), metadata=meta[tenant], timeout=30)
+
+        long_one = long_lm_job("long")
+        long_one.examples[0].completion = " word" * 200
+        refused("t3", long_one, grpc.StatusCode.RESOURCE_EXHAUSTED, "at most 32 per example")
+        assert_healthy(run)
 
 
 def test_a_flooding_tenant_does_not_starve_another(tiny_model_dir, tmp_path, tokens_file):
