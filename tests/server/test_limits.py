@@ -280,7 +280,10 @@ def test_fine_tune_limits(tiny_model_dir, tmp_path):
         long_one = long_lm_job("long")
         long_one.examples[0].completion = " word" * 200
         refused("t3", long_one, grpc.StatusCode.RESOURCE_EXHAUSTED, "at most 32 per example")
-        assert_healthy(run)
+        ok = run.inference.Generate(
+            inference_pb2.GenerateRequest(prompt="still fine"), metadata=meta["t3"], timeout=30
+        )
+        assert ok.finish_reason in ("length", "eos")
 
 
 def test_a_flooding_tenant_does_not_starve_another(tiny_model_dir, tmp_path, tokens_file):
