@@ -104,7 +104,8 @@ def run_streams(stub, prompts: list[str]) -> tuple[float, int]:
 
     def one(i: int) -> None:
         req = inference_pb2.GenerateRequest(
-            prompt=prompts[i], params=common_pb2.SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0)
+            prompt=prompts[i],
+            params=common_pb2.SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True),
         )
         barrier.wait()
         try:
@@ -136,7 +137,11 @@ def hf_static_batch(model, tokenizer, prompts: list[str]) -> tuple[float, int]:
     t0 = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(
-            **enc, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            **enc,
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
         )
     seconds = time.perf_counter() - t0
     tokens = 0

@@ -20,6 +20,7 @@ def generate_input(req: inference_pb2.GenerateRequest) -> GenerateInput:
         top_p=p.top_p,
         top_k=p.top_k,
         seed=p.seed if p.HasField("seed") else None,
+        ignore_eos=p.ignore_eos,
         stop=list(p.stop),
         request_id=req.request_id,
     )

@@ -401,7 +401,7 @@ class Engine:
             if req.first_token_at is None:
                 req.first_token_at = now
             reason = None
-            if tok in self.eos_ids:
+            if tok in self.eos_ids and not req.params.ignore_eos:
                 reason = "eos"
                 text = row.detok.flush()
             else:

@@ -33,6 +33,7 @@ class GenerateInput:
     top_p: float = 0.0
     top_k: int = 0
     seed: int | None = None
+    ignore_eos: bool = False
     stop: list[str] = field(default_factory=list)
     request_id: str = ""
 
@@ -86,7 +87,9 @@ class InferenceFrontend:
         if g.seed is not None and not 0 <= g.seed < 2**63:
             raise InvalidArgument("seed must be in [0, 2^63)")
         top_p = g.top_p if 0 < g.top_p < 1 else 1.0
-        return SamplingParams(n, g.temperature, top_p, g.top_k, g.seed, tuple(s for s in g.stop if s))
+        return SamplingParams(
+            n, g.temperature, top_p, g.top_k, g.seed, tuple(s for s in g.stop if s), g.ignore_eos
+        )
 
     def _tokenize_prompt(self, g: GenerateInput) -> list[int]:
         if g.prompt and g.messages:

@@ -16,6 +16,7 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # generate past EOS until max_new_tokens (benchmarks)
 
     @property
     def greedy(self) -> bool:

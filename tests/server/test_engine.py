@@ -142,6 +142,16 @@ def test_eos_finishes_like_transformers(make_engine, tiny_llama, tiny_tok):
     assert req.text == tiny_tok.decode(expected, skip_special_tokens=True)
 
 
+def test_ignore_eos_generates_past_eos_to_max_new_tokens(make_engine, tiny_llama, tiny_tok):
+    eng = make_engine()
+    req = GenerationRequest(tiny_tok("zzz")["input_ids"], SamplingParams(max_new_tokens=400, ignore_eos=True))
+    eng.submit(req)
+    finish(req)
+    stops_at = hf_greedy(tiny_llama, tiny_tok, "zzz", 400)
+    assert req.finish_reason == "length" and len(req.output_ids) == 400
+    assert req.output_ids[: len(stops_at)] == stops_at  # same tokens up to and including the EOS
+
+
 def test_batched_with_joiners_equals_alone(make_engine, tiny_tok):
     lengths = [60, 25, 40, 33]
     alone = [run_alone(make_engine, tiny_tok, p, n) for p, n in zip(PROMPTS, lengths, strict=True)]
