@@ -20,8 +20,8 @@ from hotlora.adapters.weights import LoraModule, LoraWeights
 from torch import nn
 
 Key = tuple[int, str]
-EVAL_BATCH = 8  # examples per forward-only unit (features, validation)
-MICRO_BATCH = 4  # examples per forward+backward unit: a mini-batch is accumulated over several units,
+EVAL_BATCH = 4  # examples per forward-only unit (features, validation)
+MICRO_BATCH = 2  # examples per forward+backward unit: a mini-batch is accumulated over several units,
 # so one unit stays short next to a decode step and serving latency barely moves
 
 

@@ -63,6 +63,10 @@ class LoraBatch:
     dense_span: int = 0
     dense_rows: int = 0  # rows per slot in the dense layout (longest segment)
     dense_index: torch.Tensor | None = None  # [T_lora] int64: (slot - lo) * rows + position in segment
+    # Decode fast path: every slot of the range has exactly one token. dense_tokens[j] is the token of
+    # slot lo + j; dense_in_order means that is simply token j (no gather or scatter at all).
+    dense_tokens: torch.Tensor | None = None  # [span] int64
+    dense_in_order: bool = False
 
     @property
     def num_segments(self) -> int:
@@ -120,7 +124,7 @@ def make_lora_batch(token_slots: torch.Tensor, slot_ranks: torch.Tensor) -> Lora
         pick = ranks_of_tokens == rank
         rank_groups.append(RankGroup(rank, order_host[pick].to(device), active_slots[pick].to(device)))
 
-    dense = _dense_plan(segments, rank_groups, len(order))
+    dense = _dense_plan(segments, rank_groups, len(order), order, slots_host.numel())
 
     num_tokens = slots_host.numel()
     has_lora = bool(segments)
@@ -146,6 +150,8 @@ def make_lora_batch(token_slots: torch.Tensor, slot_ranks: torch.Tensor) -> Lora
         dense_span=dense[1],
         dense_rows=dense[2],
         dense_index=None if dense[3] is None else dense[3].to(device),
+        dense_tokens=None if dense[4] is None else dense[4].to(device),
+        dense_in_order=dense[5],
     )
 
 
@@ -154,15 +160,20 @@ DENSE_MAX_WASTE = 1.5
 DENSE_MAX_ROWS = 4
 
 
-def _dense_plan(segments: list[Segment], rank_groups: list, num_lora: int):
+def _dense_plan(segments: list[Segment], rank_groups: list, num_lora: int, order: list[int], num_tokens: int):
+    none = (-1, 0, 0, None, None, False)
     if len(segments) < 2 or len(rank_groups) != 1:
-        return -1, 0, 0, None
+        return none
     lo, hi = segments[0].slot, segments[-1].slot
     span, rows = hi - lo + 1, max(s.length for s in segments)
     if rows > DENSE_MAX_ROWS or span * rows > DENSE_MAX_WASTE * num_lora + 2:
-        return -1, 0, 0, None
+        return none
     index = torch.empty(num_lora, dtype=torch.int64)
     for seg in segments:
         base = (seg.slot - lo) * rows
         index[seg.start : seg.start + seg.length] = torch.arange(base, base + seg.length)
-    return lo, span, rows, index
+    tokens, in_order = None, False
+    if rows == 1 and span == num_lora:  # one token per slot, no gap: order[j] is the token of slot lo + j
+        tokens = torch.tensor(order, dtype=torch.int64)
+        in_order = num_tokens == span and order == list(range(span))
+    return lo, span, rows, index, tokens, in_order

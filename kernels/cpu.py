@@ -147,9 +147,20 @@ def _add_dense(
     # Bank slices are views: each used adapter's weights are read once, never copied (decode is bound
     # by those reads). x is scattered into a [span, rows, H_in] layout, zero where no token sits.
     lo, span, rows, r = batch.dense_lo, batch.dense_span, batch.dense_rows, batch.max_rank
+    a, b = lora_a[lo : lo + span, :r].transpose(1, 2), lora_b[lo : lo + span, :, :r].transpose(1, 2)
+    if batch.dense_tokens is not None:  # decode: one token per slot, few ops (dispatch cost matters here)
+        xs = x if batch.dense_in_order else x.index_select(0, batch.dense_tokens)
+        v = torch.bmm(xs.unsqueeze(1), a)  # [span, 1, r]
+        v.mul_(scales[lo : lo + span].to(v.dtype).view(-1, 1, 1))
+        d = torch.bmm(v, b).squeeze(1)  # [span, H_out]
+        if batch.dense_in_order:
+            ys.add_(d)
+        else:
+            ys.index_add_(0, batch.dense_tokens, d)
+        return
     xf = x.new_zeros(span * rows, x.shape[1])
     xf.index_copy_(0, batch.dense_index, x.index_select(0, batch.token_order))
-    v = torch.bmm(xf.view(span, rows, -1), lora_a[lo : lo + span, :r].transpose(1, 2))  # [span, rows, r]
+    v = torch.bmm(xf.view(span, rows, -1), a)  # [span, rows, r]
     v.mul_(scales[lo : lo + span].to(v.dtype).view(-1, 1, 1))
-    d = torch.bmm(v, lora_b[lo : lo + span, :, :r].transpose(1, 2))  # [span, rows, H_out]
+    d = torch.bmm(v, b)  # [span, rows, H_out]
     ys.index_add_(0, batch.token_order, d.view(span * rows, -1).index_select(0, batch.dense_index))

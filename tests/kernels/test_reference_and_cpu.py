@@ -143,6 +143,8 @@ def test_comparison_catches_a_wrong_update():
     [
         [3, 0, 1, 2, 5, 4, 6, 7],  # decode: distinct adapters, rows in any order
         [0, 1, 1, 2, 3, 3, -1, 6, 5],  # short segments, a base-only row, slot 4 unused in the range
+        [0, 1, 2, 3, 4, 5, 6, 7],  # decode, rows already in slot order: no gather, no scatter
+        [2, 3, 4, -1, 5],  # one token per slot with a base-only row between
     ],
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
