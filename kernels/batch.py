@@ -67,6 +67,11 @@ class LoraBatch:
     # slot lo + j; dense_in_order means that is simply token j (no gather or scatter at all).
     dense_tokens: torch.Tensor | None = None  # [span] int64
     dense_in_order: bool = False
+    # when every token has a slot (T == span): dense_slot_of[t] = t's slot - lo, so the update is
+    # a gather + add instead of index_add_ (which is slow on CPU in the model's forward)
+    dense_slot_of: torch.Tensor | None = None  # [T] int64
+    # every token has a slot: token_rank[t] = t's position in token_order (scatter = gather + add)
+    token_rank: torch.Tensor | None = None  # [T] int64
 
     @property
     def num_segments(self) -> int:
@@ -152,6 +157,8 @@ def make_lora_batch(token_slots: torch.Tensor, slot_ranks: torch.Tensor) -> Lora
         dense_index=None if dense[3] is None else dense[3].to(device),
         dense_tokens=None if dense[4] is None else dense[4].to(device),
         dense_in_order=dense[5],
+        dense_slot_of=None if dense[6] is None else dense[6].to(device),
+        token_rank=torch.argsort(order_host).to(device) if len(order) == num_tokens and order else None,
     )
 
 
@@ -161,7 +168,7 @@ DENSE_MAX_ROWS = 4
 
 
 def _dense_plan(segments: list[Segment], rank_groups: list, num_lora: int, order: list[int], num_tokens: int):
-    none = (-1, 0, 0, None, None, False)
+    none = (-1, 0, 0, None, None, False, None)
     if len(segments) < 2 or len(rank_groups) != 1:
         return none
     lo, hi = segments[0].slot, segments[-1].slot
@@ -172,8 +179,10 @@ def _dense_plan(segments: list[Segment], rank_groups: list, num_lora: int, order
     for seg in segments:
         base = (seg.slot - lo) * rows
         index[seg.start : seg.start + seg.length] = torch.arange(base, base + seg.length)
-    tokens, in_order = None, False
+    tokens, in_order, slot_of = None, False, None
     if rows == 1 and span == num_lora:  # one token per slot, no gap: order[j] is the token of slot lo + j
         tokens = torch.tensor(order, dtype=torch.int64)
         in_order = num_tokens == span and order == list(range(span))
-    return lo, span, rows, index, tokens, in_order
+        if num_tokens == span:
+            slot_of = torch.argsort(tokens)
+    return lo, span, rows, index, tokens, in_order, slot_of

@@ -7,7 +7,7 @@ Three strategies, measured on a 2-core Xeon at SmolLM2-135M shapes (benchmarks/k
 * ``single``: every token uses one slot, two plain GEMMs on rank-sliced views, no indexing at all.
 * ``segments``: one GEMM pair per segment (tokens of one slot). Segments that are contiguous token ranges
   (prefill: a request's tokens sit together) are views of x and y, updated in place with ``addmm_``;
-  otherwise x is gathered once into slot order and the result scattered back with one ``index_add_``.
+  otherwise x is gathered once into slot order and the result scattered back once.
   Cost is ~10 µs of dispatch per segment plus the GEMMs, so it wins when segments are long.
 * ``dense``: decode batches whose used slots nearly fill a slot range and share one rank: the bank
   slices are used as views in two bmm calls, so each adapter's weights are read once and never copied
@@ -114,7 +114,7 @@ def _add_by_segments(
     for seg in batch.segments:
         rows = slice(seg.start, seg.start + seg.length)
         _segment_update(delta[rows], xs[rows], lora_a, lora_b, scale_of[seg.slot], seg.slot, seg.rank)
-    ys.index_add_(0, batch.token_order, delta)
+    scatter_add_rows(ys, batch.token_order, delta, batch.token_rank)
 
 
 def _add_by_bmm(
@@ -133,7 +133,7 @@ def _add_by_bmm(
         v.mul_(scales.index_select(0, group.slots).to(v.dtype).view(-1, 1, 1))
         b = lora_b[:, :, :r].index_select(0, group.slots)  # [n, H_out, r]
         delta = torch.bmm(v, b.transpose(1, 2)).squeeze(1)  # [n, H_out]
-        ys.index_add_(0, group.tokens, delta)
+        scatter_add_rows(ys, group.tokens, delta, batch.token_rank if len(batch.rank_groups) == 1 else None)
 
 
 def _add_dense(
@@ -155,12 +155,30 @@ def _add_dense(
         d = torch.bmm(v, b).squeeze(1)  # [span, H_out]
         if batch.dense_in_order:
             ys.add_(d)
+        elif batch.dense_slot_of is not None:
+            ys.add_(d.index_select(0, batch.dense_slot_of))
         else:
-            ys.index_add_(0, batch.dense_tokens, d)
+            scatter_add_rows(ys, batch.dense_tokens, d)
         return
     xf = x.new_zeros(span * rows, x.shape[1])
     xf.index_copy_(0, batch.dense_index, x.index_select(0, batch.token_order))
     v = torch.bmm(xf.view(span, rows, -1), a)  # [span, rows, r]
     v.mul_(scales[lo : lo + span].to(v.dtype).view(-1, 1, 1))
     d = torch.bmm(v, b)  # [span, rows, H_out]
-    ys.index_add_(0, batch.token_order, d.view(span * rows, -1).index_select(0, batch.dense_index))
+    scatter_add_rows(
+        ys, batch.token_order, d.view(span * rows, -1).index_select(0, batch.dense_index), batch.token_rank
+    )
+
+
+def scatter_add_rows(
+    ys: torch.Tensor, rows: torch.Tensor, src: torch.Tensor, rank: torch.Tensor | None = None
+) -> None:
+    """``ys[rows[i]] += src[i]`` for distinct rows. ``index_add_`` is several times slower than this inside
+    the model's forward on CPU, so: a gather + add when src covers every row in ``rows`` order given by
+    ``rank`` (``rank[t]`` = position of row t in ``rows``), else an index_copy into zeros + add."""
+    if rank is not None:
+        ys.add_(src.index_select(0, rank))
+        return
+    full = src.new_zeros(ys.shape[0], src.shape[1])
+    full.index_copy_(0, rows, src)
+    ys.add_(full)

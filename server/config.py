@@ -56,7 +56,7 @@ class ServerConfig:
     target_modules: str = _opt(
         "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "linear layers that can carry LoRA"
     )
-    train_share: float = _opt(0.3, "largest share of engine time given to fine-tuning while serving")
+    train_share: float = _opt(0.2, "largest share of engine time given to fine-tuning while serving")
     max_jobs: int = _opt(2, "fine-tune jobs queued or running, all tenants")
     max_jobs_per_tenant: int = _opt(1, "fine-tune jobs queued or running per tenant")
     max_finetune_examples: int = _opt(10_000, "training plus validation examples in one fine-tune job")
