@@ -209,12 +209,35 @@ def test_no_per_request_labels(run):
     assert labels <= allowed, labels - allowed
 
 
-def test_promtool_check_metrics_passes_on_live_output(run):
+def test_promtool_check_metrics_passes_on_live_output(run, tmp_path):
+    """After generation, an upload, classification and a fine-tune, as the issue asks."""
+    from hotlora.v1 import training_pb2
+
+    from tests.server.adapter_utils import make_peft_adapter, upload_chunks
+    from tests.server.training_utils import marker_examples, seq_cls, watch
+
     promtool = find_or_install_promtool()
     generate(run)
     with pytest.raises(grpc.RpcError):
         generate(run, temperature=-1.0)
-    promtool_check_metrics(promtool, scrape(run))
+    d = make_peft_adapter(tmp_path / "cls", seed=3, task="SEQ_CLS", num_labels=2, r=2, lora_alpha=4,
+                          target_modules=["q_proj"])  # fmt: skip
+    run.adapters.UploadAdapter(upload_chunks("metrics-cls", d, labels=["no", "yes"]), timeout=30)
+    run.inference.Classify(inference_pb2.ClassifyRequest(adapter="metrics-cls", texts=["a", "b"]), timeout=30)
+    job = run.training.CreateFineTune(
+        seq_cls("metrics-ft", marker_examples(24, 1), method=training_pb2.METHOD_HEAD_ONLY), timeout=30
+    )
+    _, job = watch(run.training, job.id)
+    assert job.state in (training_pb2.JOB_STATE_SUCCEEDED, training_pb2.JOB_STATE_REJECTED)
+    text = wait_for(run, lambda s: any(n == "hotlora_finetune_step_seconds_count" for n, _ in s))
+    names = {n for n, _ in samples(text)}
+    assert {
+        "hotlora_adapter_uploads_total",
+        "hotlora_finetune_jobs",
+        "hotlora_finetune_step_seconds_count",
+    } <= names
+    assert any(n == "hotlora_requests_total" and ("rpc", "Classify") in ls for n, ls in samples(text))
+    promtool_check_metrics(promtool, text)
 
 
 # ---- observer methods (called by the adapter cache and the trainer) -----
@@ -304,7 +327,7 @@ def test_observer_methods_move_their_metrics():
     assert value(ss, "hotlora_adapter_uploads_total", outcome="other") == 1
     assert value(ss, "hotlora_finetune_step_seconds_count") == 1
     assert value(ss, "hotlora_train_share_ratio") == 0.25
-    assert value(ss, "hotlora_train_share_limit_ratio") == 0.3
+    assert value(ss, "hotlora_train_share_limit_ratio") == pytest.approx(0.2)  # the default --train-share
     assert value(ss, "hotlora_finetune_jobs", state="running") == 1
     assert value(ss, "hotlora_finetune_jobs", state="succeeded") == 3
     assert value(ss, "hotlora_finetune_jobs", state="queued") == 0
