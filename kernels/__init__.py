@@ -9,7 +9,7 @@ banks when ranks change; a per-slot bound costs one scalar load and keeps a sing
 """
 
 from .backend import CpuBackend, LoraBackend, TorchReferenceBackend, TritonBackend, get_backend
-from .batch import LoraBatch, make_lora_batch
+from .batch import LoraBatch, make_lora_batch, make_rows_batch
 from .reference import add_lora_reference, expand_reference, shrink_reference
 
 __all__ = [
@@ -22,5 +22,6 @@ __all__ = [
     "expand_reference",
     "get_backend",
     "make_lora_batch",
+    "make_rows_batch",
     "shrink_reference",
 ]

@@ -11,7 +11,7 @@ import abc
 
 import torch
 
-from .batch import LoraBatch
+from .batch import LoraBatch, make_lora_batch
 from .cpu import add_lora_cpu
 from .reference import add_lora_reference
 from .validation import check_add_lora_args, check_same_device
@@ -39,6 +39,8 @@ class LoraBackend(abc.ABC):
         """Shapes, dtypes and devices of one call, against the batch (ValueError on a mismatch)."""
         check_add_lora_args(y, x, lora_a, lora_b, scales, batch.num_tokens, out_offset)
         check_same_device(x.device, y=y, lora_a=lora_a, lora_b=lora_b, scales=scales)
+        if batch.rows_only and batch.slot_ranks.device != x.device:
+            raise ValueError("a rows plan's slot_ranks must live on the compute device")
         if batch.slot_ranks.shape[0] != lora_a.shape[0]:
             raise ValueError(
                 f"the batch was built for {batch.slot_ranks.shape[0]} slots, "
@@ -69,6 +71,10 @@ class CpuBackend(LoraBackend):
         if not batch.has_lora:
             return
         self.check(y, x, lora_a, lora_b, scales, batch, out_offset)
+        if batch.rows_only:  # host sync is free on CPU: plan it properly
+            batch = make_lora_batch(batch.token_slots, batch.slot_ranks)
+            if not batch.has_lora:
+                return
         add_lora_cpu(y, x, lora_a, lora_b, scales, batch, out_offset, self.strategy)
 
 
@@ -91,6 +97,8 @@ class TritonBackend(LoraBackend):
         self._bgmv = triton_bgmv
 
     def choose_kernel(self, batch: LoraBatch) -> str:
+        if batch.rows_only:
+            return "bgmv"  # a graph-safe plan has no segments
         if self.kernel is not None:
             return self.kernel
         short = batch.num_lora_tokens < self.BGMV_MAX_MEAN_SEGMENT * batch.num_segments

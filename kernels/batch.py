@@ -72,6 +72,9 @@ class LoraBatch:
     dense_slot_of: torch.Tensor | None = None  # [T] int64
     # every token has a slot: token_rank[t] = t's position in token_order (scatter = gather + add)
     token_rank: torch.Tensor | None = None  # [T] int64
+    # Graph-safe plan (make_rows_batch): every token is a row of its own, in token order, slot -1 included;
+    # nothing was read back to the host, so only the row kernels (BGMV) and the reference may use it.
+    rows_only: bool = False
 
     @property
     def num_segments(self) -> int:
@@ -160,6 +163,61 @@ def make_lora_batch(token_slots: torch.Tensor, slot_ranks: torch.Tensor) -> Lora
         dense_slot_of=None if dense[6] is None else dense[6].to(device),
         token_rank=torch.argsort(order_host).to(device) if len(order) == num_tokens and order else None,
     )
+
+
+def make_rows_batch(token_slots: torch.Tensor, slot_ranks: torch.Tensor, max_rank: int) -> LoraBatch:
+    """A plan built without any device->host synchronisation, for a decode step captured as a CUDA graph.
+
+    token_slots: [T] int64 on the compute device (slot per row, -1 = base only), usually a static buffer the
+    caller refills before each replay. slot_ranks: [S] int64 on the same device (read by the kernels at run
+    time, so installing an adapter needs no new plan). max_rank: the bank's R_max, which sizes the grid;
+    programs past a slot's real rank exit at once, so a rank-4 adapter still moves rank-4 bytes.
+    Every field depends only on T and max_rank: the launches it leads to are identical from step to step.
+    """
+    if token_slots.dim() != 1 or slot_ranks.dim() != 1:
+        raise ValueError(
+            f"token_slots [T] and slot_ranks [S] must be 1-D, got {tuple(token_slots.shape)}, "
+            f"{tuple(slot_ranks.shape)}"
+        )
+    if token_slots.device != slot_ranks.device:
+        raise ValueError(
+            f"token_slots ({token_slots.device}) and slot_ranks ({slot_ranks.device}) must share a device: "
+            "the kernels read both at run time"
+        )
+    if max_rank <= 0:
+        raise ValueError(f"max_rank must be the bank's R_max (> 0), got {max_rank}")
+    num_tokens = token_slots.shape[0]
+    empty = token_slots.new_empty(0)
+    return LoraBatch(
+        token_slots=token_slots,
+        num_tokens=num_tokens,
+        num_lora_tokens=num_tokens,
+        has_lora=num_tokens > 0,
+        single_slot=-1,
+        token_order=_arange(num_tokens, token_slots.device),
+        sorted_slots=token_slots,
+        seg_slots=empty,
+        seg_starts=empty,
+        seg_lens=empty,
+        slot_ranks=slot_ranks,
+        max_segment_len=1,
+        max_rank=max_rank,
+        segments=(),
+        segments_are_slices=False,
+        rank_groups=(),
+        rows_only=True,
+    )
+
+
+_ARANGE: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def _arange(n: int, device: torch.device) -> torch.Tensor:
+    # one tensor per (n, device), made once: a captured graph keeps pointing at it
+    key = (n, str(device))
+    if key not in _ARANGE:
+        _ARANGE[key] = torch.arange(n, dtype=torch.int64, device=device)
+    return _ARANGE[key]
 
 
 # The dense layout may waste at most this factor of rows (unused slots in range, short segments).

@@ -7,6 +7,8 @@ a decode batch of 32 rows on 32 distinct adapters wastes no ``tl.dot`` rows (whi
 Mixed ranks: the rank is read per slot; shrink programs past ``r`` exit and expand loops over the rank only
 up to ``r``, so each row moves its own adapter's rank worth of bytes (per-slot rank, as in S-LoRA).
 Rows are written in the same slot order as the SGMV kernels, so the two families share the v buffer.
+A row whose slot is -1 (or an empty slot) exits at once: a graph-safe plan (``make_rows_batch``) passes every
+row of a fixed-size decode batch in its own order, so the grid and the arguments never depend on host data.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ def _bgmv_shrink_kernel(
     row = tl.program_id(0)
     r0 = tl.program_id(1) * BLOCK_R
     slot = tl.load(row_slot_ptr + row)
+    if slot < 0:  # a base-only row (graph-safe plans keep them in the grid)
+        return
     rank = tl.load(rank_ptr + slot)
     if r0 >= rank:
         return
@@ -62,7 +66,11 @@ def _bgmv_expand_kernel(
     row = tl.program_id(0)
     n0 = tl.program_id(1) * BLOCK_N
     slot = tl.load(row_slot_ptr + row)
+    if slot < 0:
+        return
     rank = tl.load(rank_ptr + slot)
+    if rank == 0:  # an empty slot: its rows get nothing
+        return
     tok = tl.load(order_ptr + row)
     offs_n = n0 + tl.arange(0, BLOCK_N)
     n_mask = offs_n < h_out
@@ -113,7 +121,8 @@ def bgmv_shrink(
 
     v: [T_lora, R_max] float32 (written; columns >= r untouched), x: [T, H_in] fp32/fp16/bf16 (unit last
     stride), lora_a: [S, R_max, H_in] contiguous, dtype of x. token_order, sorted_slots: [T_lora] int64
-    (every slot non-empty). slot_ranks: [S] int64. max_rank: int, the largest r_s among the rows.
+    (-1 = skip the row). slot_ranks: [S] int64. max_rank: int, the largest r_s among the rows (or the bank's
+    R_max: programs past a slot's rank exit at once).
     """
     check_shrink_args(v, x, lora_a)
     _check_rows(v, token_order, sorted_slots, slot_ranks, x.device, lora_a.shape[0])

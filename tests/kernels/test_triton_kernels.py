@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hotlora.kernels import TorchReferenceBackend, TritonBackend, make_lora_batch
+from hotlora.kernels import TorchReferenceBackend, TritonBackend, make_lora_batch, make_rows_batch
 
 from .lora_cases import POPULARITY, assert_matches_reference, make_case, popularity_slots
 
@@ -119,3 +119,27 @@ def test_comparison_catches_a_wrong_kernel():
     TritonBackend("sgmv").add_lora(y, case.x, case.lora_a, case.lora_b, case.scales, truncated)
     with pytest.raises(AssertionError, match="exceeds tolerance"):
         assert_matches_reference(y.cpu(), want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_graph_safe_rows_plan_matches_reference(dtype):
+    """make_rows_batch: unsorted rows, base-only rows (-1), an empty slot and mixed ranks, planned with no
+    host sync and a grid sized by the bank's R_max; padding beyond each rank is NaN and must not be read."""
+    slots = torch.tensor([3, -1, 0, 5, 3, -1, 1, 0, 2, 4, 3, 5])
+    case = make_case(slots, dtype=dtype, device=DEVICE)
+    batch = make_rows_batch(case.token_slots, case.slot_ranks.to(DEVICE), case.lora_a.shape[1])
+    assert TritonBackend().choose_kernel(batch) == "bgmv"
+    y = case.y.clone()
+    TritonBackend().add_lora(y, case.x, case.lora_a, case.lora_b, case.scales, batch)
+    got = y.cpu()
+    assert_matches_reference(got, expected_of(case))
+    base_only = (slots == -1) | (slots == 4)
+    assert torch.equal(got[base_only], case.y.cpu()[base_only])
+
+
+def test_rows_plan_refuses_host_ranks_for_the_kernels():
+    case = make_case(torch.tensor([0, 1]), device=DEVICE)
+    if DEVICE == "cpu":
+        pytest.skip("on CPU both live on the host")
+    with pytest.raises(ValueError, match="share a device"):
+        make_rows_batch(case.token_slots, case.slot_ranks.cpu(), 64)
