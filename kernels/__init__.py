@@ -10,7 +10,7 @@ banks when ranks change; a per-slot bound costs one scalar load and keeps a sing
 
 from .backend import CpuBackend, LoraBackend, TorchReferenceBackend, TritonBackend, get_backend
 from .batch import LoraBatch, make_lora_batch, make_rows_batch
-from .reference import add_lora_reference, expand_reference, shrink_reference
+from .reference import add_lora_packed_reference, add_lora_reference, expand_reference, shrink_reference
 
 __all__ = [
     "CpuBackend",
@@ -18,6 +18,7 @@ __all__ = [
     "LoraBatch",
     "TorchReferenceBackend",
     "TritonBackend",
+    "add_lora_packed_reference",
     "add_lora_reference",
     "expand_reference",
     "get_backend",

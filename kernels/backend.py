@@ -12,7 +12,7 @@ import abc
 import torch
 
 from .batch import LoraBatch, make_lora_batch
-from .cpu import add_lora_cpu
+from .cpu import add_lora_cpu, add_lora_packed_cpu
 from .reference import add_lora_reference
 from .validation import check_add_lora_args, check_same_device
 
@@ -34,6 +34,39 @@ class LoraBackend(abc.ABC):
         """y[t, off:off+H_out] += scales[s] * (x[t] @ lora_a[s, :r_s]ᵀ) @ lora_b[s, :, :r_s]ᵀ for s = slot of token t (skip s = -1).
         y: [T, H_out_total] (in place), x: [T, H_in], lora_a: [S, R_max, H_in], lora_b: [S, H_out, R_max],
         scales: [S] float32. Entries of lora_a/lora_b beyond a slot's rank are zero-padded but must not be paid for."""  # noqa: E501
+
+    def add_lora_packed(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        lora_a: torch.Tensor,
+        lora_bs: tuple[torch.Tensor, ...],
+        scales: torch.Tensor,
+        batch: LoraBatch,
+        out_offsets: tuple[int, ...],
+    ) -> None:
+        """A fused projection (qkv, gate_up): slice i of the packed bank updates y's columns
+        [off_i, off_i + H_i): ``y[t, off_i:] += scales[i, s] · (x[t] · A[s, iR:iR+r_s]ᵀ) · B_i[s, :, :r_s]ᵀ``.
+        lora_a: [S, n·R, H_in], lora_bs: n x [S, H_i, R], scales: [n, S] float32, out_offsets: n ints.
+        This default runs one add_lora per slice on views of the bank; backends override it to shrink once."""
+        r_max = self.check_packed(lora_a, lora_bs, scales, out_offsets)
+        for i, (b, off) in enumerate(zip(lora_bs, out_offsets, strict=True)):
+            self.add_lora(y, x, lora_a[:, i * r_max : (i + 1) * r_max], b, scales[i], batch, off)
+
+    @staticmethod
+    def check_packed(lora_a, lora_bs, scales, out_offsets) -> int:
+        """Shapes of a packed call that add_lora's checks do not see; returns R (rank rows per slice)."""
+        n = len(lora_bs)
+        if n < 1 or len(out_offsets) != n:
+            raise ValueError(f"one output offset per B slice: got {len(out_offsets)} offsets for {n} slices")
+        if lora_a.dim() != 3 or lora_a.shape[1] % n:
+            raise ValueError(f"lora_a {tuple(lora_a.shape)} does not hold {n} equal slices of rank rows")
+        if scales.shape != (n, lora_a.shape[0]) or scales.dtype != torch.float32:
+            raise ValueError(
+                f"scales must be [n={n}, S={lora_a.shape[0]}] float32, "
+                f"got {tuple(scales.shape)} {scales.dtype}"
+            )
+        return lora_a.shape[1] // n
 
     def check(self, y, x, lora_a, lora_b, scales, batch: LoraBatch, out_offset: int) -> None:
         """Shapes, dtypes and devices of one call, against the batch (ValueError on a mismatch)."""
@@ -77,6 +110,18 @@ class CpuBackend(LoraBackend):
                 return
         add_lora_cpu(y, x, lora_a, lora_b, scales, batch, out_offset, self.strategy)
 
+    def add_lora_packed(self, y, x, lora_a, lora_bs, scales, batch, out_offsets) -> None:
+        if not batch.has_lora:
+            return
+        r_max = self.check_packed(lora_a, lora_bs, scales, out_offsets)
+        if batch.rows_only:
+            batch = make_lora_batch(batch.token_slots, batch.slot_ranks)
+        if batch.has_lora and not add_lora_packed_cpu(y, x, lora_a, lora_bs, scales, batch, out_offsets):
+            for i, (b, off) in enumerate(zip(lora_bs, out_offsets, strict=True)):
+                a = lora_a[:, i * r_max : (i + 1) * r_max]
+                self.check(y, x, a, b, scales[i], batch, off)
+                add_lora_cpu(y, x, a, b, scales[i], batch, off, self.strategy)
+
 
 class TritonBackend(LoraBackend):
     """Triton SGMV / BGMV shrink + expand kernels (CUDA; CPU only under TRITON_INTERPRET=1).
@@ -119,6 +164,27 @@ class TritonBackend(LoraBackend):
             segs = (b.token_order, b.seg_slots, b.seg_starts, b.seg_lens, b.slot_ranks, b.max_segment_len)
             self._sgmv.sgmv_shrink(v, x, lora_a, *segs, b.max_rank)
             self._sgmv.sgmv_expand(y, v, lora_b, scales, *segs, out_offset)
+
+    def add_lora_packed(self, y, x, lora_a, lora_bs, scales, batch, out_offsets) -> None:
+        if not batch.has_lora:
+            return
+        r_max = self.check_packed(lora_a, lora_bs, scales, out_offsets)
+        n = len(lora_bs)
+        for i, (lb, off) in enumerate(zip(lora_bs, out_offsets, strict=True)):
+            self.check(y, x, lora_a[:, i * r_max : (i + 1) * r_max], lb, scales[i], batch, off)
+        # one shrink over the packed bank (x read once for q, k and v), then one expand per slice
+        v = torch.empty(batch.num_lora_tokens, n * r_max, dtype=torch.float32, device=x.device)
+        b = batch
+        if self.choose_kernel(batch) == "bgmv":
+            rows = (b.token_order, b.sorted_slots, b.slot_ranks)
+            self._bgmv.bgmv_shrink(v, x, lora_a, *rows, b.max_rank, num_slices=n)
+            for i, (lb, off) in enumerate(zip(lora_bs, out_offsets, strict=True)):
+                self._bgmv.bgmv_expand(y, v[:, i * r_max : (i + 1) * r_max], lb, scales[i], *rows, off)
+        else:
+            segs = (b.token_order, b.seg_slots, b.seg_starts, b.seg_lens, b.slot_ranks, b.max_segment_len)
+            self._sgmv.sgmv_shrink(v, x, lora_a, *segs, b.max_rank, num_slices=n)
+            for i, (lb, off) in enumerate(zip(lora_bs, out_offsets, strict=True)):
+                self._sgmv.sgmv_expand(y, v[:, i * r_max : (i + 1) * r_max], lb, scales[i], *segs, off)
 
 
 def triton_available() -> bool:

@@ -182,3 +182,46 @@ def scatter_add_rows(
     full = src.new_zeros(ys.shape[0], src.shape[1])
     full.index_copy_(0, rows, src)
     ys.add_(full)
+
+
+def add_lora_packed_cpu(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_bs: tuple[torch.Tensor, ...],
+    scales: torch.Tensor,
+    batch: LoraBatch,
+    out_offsets: tuple[int, ...],
+) -> bool:
+    """A fused projection's update with one shrink over the packed bank, where that is possible without
+    reading past the slots' ranks: every used slot at the bank's full rank R, and a decode batch on the
+    dense layout or a single adapter. Returns False (nothing done) otherwise: the caller then runs one
+    add_lora per slice, which honours per-slot ranks. See LoraBackend.add_lora_packed for the shapes."""
+    n = len(lora_bs)
+    r_max = lora_a.shape[1] // n
+    if batch.max_rank != r_max or any(g.rank != r_max for g in batch.rank_groups):
+        return False
+    strategy = choose_cpu_strategy(batch)
+    if strategy == "single":
+        s = batch.single_slot
+        v = torch.mm(x, lora_a[s].T)  # [T, n·R]: q, k and v (or gate and up) in one GEMM
+        for i, (b, off) in enumerate(zip(lora_bs, out_offsets, strict=True)):
+            ys = y[:, off : off + b.shape[1]]
+            ys.addmm_(v[:, i * r_max : (i + 1) * r_max], b[s].T, alpha=float(scales[i, s]))
+        return True
+    if strategy != "dense" or batch.dense_tokens is None:
+        return False
+    lo, span = batch.dense_lo, batch.dense_span
+    xs = x if batch.dense_in_order else x.index_select(0, batch.dense_tokens)
+    v = torch.bmm(xs.unsqueeze(1), lora_a[lo : lo + span].transpose(1, 2))  # [span, 1, n·R]
+    for i, (b, off) in enumerate(zip(lora_bs, out_offsets, strict=True)):
+        vi = v[:, :, i * r_max : (i + 1) * r_max] * scales[i, lo : lo + span].to(v.dtype).view(-1, 1, 1)
+        d = torch.bmm(vi, b[lo : lo + span].transpose(1, 2)).squeeze(1)  # [span, H_i]
+        ys = y[:, off : off + b.shape[1]]
+        if batch.dense_in_order:
+            ys.add_(d)
+        elif batch.dense_slot_of is not None:
+            ys.add_(d.index_select(0, batch.dense_slot_of))
+        else:
+            scatter_add_rows(ys, batch.dense_tokens, d)
+    return True

@@ -72,3 +72,26 @@ def add_lora_reference(
     """
     v = shrink_reference(x, lora_a, token_slots, slot_ranks)
     expand_reference(y, v, lora_b, scales, token_slots, slot_ranks, out_offset)
+
+
+def add_lora_packed_reference(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_bs: tuple[torch.Tensor, ...],
+    scales: torch.Tensor,
+    token_slots: torch.Tensor,
+    slot_ranks: torch.Tensor,
+    out_offsets: tuple[int, ...],
+) -> None:
+    """A fused projection's update, slice by slice: for slice i (q, k, v of a fused qkv),
+    ``y[t, off_i:off_i+H_i] += scales[i, s] · (x[t] · A[s, iR:iR+r_s]ᵀ) · B_i[s, :, :r_s]ᵀ``.
+
+    lora_a: [S, n·R, H_in] (slice i's A in rows [i·R, i·R + r_s)), lora_bs: n tensors [S, H_i, R],
+    scales: [n, S] float32, out_offsets: n ints. Shapes otherwise as in :func:`add_lora_reference`.
+    """
+    n = len(lora_bs)
+    r_max = lora_a.shape[1] // n
+    for i, (b, off) in enumerate(zip(lora_bs, out_offsets, strict=True)):
+        a = lora_a[:, i * r_max : (i + 1) * r_max]
+        add_lora_reference(y, x, a, b, scales[i], token_slots, slot_ranks, off)

@@ -18,22 +18,24 @@ import triton
 import triton.language as tl
 
 from .validation import (
-    check_contiguous,
     check_expand_args,
     check_index,
+    check_row_major,
     check_same_device,
     check_shrink_args,
+    check_slices,
 )
 
 
 @triton.jit
 def _bgmv_shrink_kernel(
     x_ptr, a_ptr, v_ptr, order_ptr, row_slot_ptr, rank_ptr,
-    h_in, stride_xt, stride_as, stride_ar, stride_vt,
+    h_in, stride_xt, stride_as, stride_ar, stride_vt, slice_r, blocks_per_slice,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     row = tl.program_id(0)
-    r0 = tl.program_id(1) * BLOCK_R
+    part = tl.program_id(1) // blocks_per_slice  # packed banks: slice `part` owns rows [part*slice_r, ...)
+    r0 = (tl.program_id(1) % blocks_per_slice) * BLOCK_R
     slot = tl.load(row_slot_ptr + row)
     if slot < 0:  # a base-only row (graph-safe plans keep them in the grid)
         return
@@ -43,6 +45,7 @@ def _bgmv_shrink_kernel(
     tok = tl.load(order_ptr + row)
     offs_r = r0 + tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
+    offs_r += part * slice_r  # row of the packed bank (and column of v)
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
     for k0 in range(0, h_in, BLOCK_K):
@@ -104,7 +107,7 @@ def _check_rows(v, token_order, sorted_slots, slot_ranks, device, num_slots) -> 
         raise ValueError(
             f"v must be [T_lora={token_order.shape[0]}, R_max] float32, got {tuple(v.shape)} {v.dtype}"
         )
-    check_contiguous(v=v)
+    check_row_major(v=v)
     check_same_device(device, v=v, token_order=token_order, sorted_slots=sorted_slots, slot_ranks=slot_ranks)
 
 
@@ -116,23 +119,28 @@ def bgmv_shrink(
     sorted_slots: torch.Tensor,
     slot_ranks: torch.Tensor,
     max_rank: int,
+    num_slices: int = 1,
 ) -> None:
     """BGMV shrink: ``v[p, :r] = x[token_order[p]] · A[s, :r]ᵀ`` with s = sorted_slots[p], r = r_s.
+    A packed bank (``num_slices`` n > 1, slice i in rows [i·R, i·R + r)) is shrunk in the same launch.
 
-    v: [T_lora, R_max] float32 (written; columns >= r untouched), x: [T, H_in] fp32/fp16/bf16 (unit last
-    stride), lora_a: [S, R_max, H_in] contiguous, dtype of x. token_order, sorted_slots: [T_lora] int64
+    v: [T_lora, n·R_max] float32, unit last stride (written; columns past each slice's r untouched),
+    x: [T, H_in] fp32/fp16/bf16 (unit last stride), lora_a: [S, n·R_max, H_in] (unit last stride), dtype of x.
+    token_order, sorted_slots: [T_lora] int64
     (-1 = skip the row). slot_ranks: [S] int64. max_rank: int, the largest r_s among the rows (or the bank's
     R_max: programs past a slot's rank exit at once).
     """
     check_shrink_args(v, x, lora_a)
     _check_rows(v, token_order, sorted_slots, slot_ranks, x.device, lora_a.shape[0])
+    slice_r = check_slices(lora_a, num_slices, max_rank)
     if token_order.numel() == 0 or max_rank <= 0:
         return
     block_r, block_k = 16, 128
-    grid = (token_order.shape[0], triton.cdiv(max_rank, block_r))
+    per_slice = triton.cdiv(max_rank, block_r)
+    grid = (token_order.shape[0], per_slice * num_slices)
     _bgmv_shrink_kernel[grid](
         x, lora_a, v, token_order, sorted_slots, slot_ranks,
-        x.shape[1], x.stride(0), lora_a.stride(0), lora_a.stride(1), v.stride(0),
+        x.shape[1], x.stride(0), lora_a.stride(0), lora_a.stride(1), v.stride(0), slice_r, per_slice,
         BLOCK_R=block_r, BLOCK_K=block_k,
     )  # fmt: skip
 
@@ -151,9 +159,9 @@ def bgmv_expand(
 
     s = sorted_slots[p], r = r_s.
 
-    y: [T, H_total] (in place, rows may be strided, unit last stride), v: [T_lora, R_max] float32,
-    lora_b: [S, H_out, R_max] contiguous, dtype of y. scales: [S] float32. token_order, sorted_slots:
-    [T_lora] int64. slot_ranks: [S] int64. out_offset: int.
+    y: [T, H_total] (in place, rows may be strided, unit last stride), v: [T_lora, R_max] float32 (unit
+    last stride), lora_b: [S, H_out, R_max] (unit last stride), dtype of y. scales: [S] float32.
+    token_order, sorted_slots: [T_lora] int64. slot_ranks: [S] int64. out_offset: int.
     """
     check_expand_args(y, v, lora_b, scales, out_offset)
     _check_rows(v, token_order, sorted_slots, slot_ranks, y.device, lora_b.shape[0])

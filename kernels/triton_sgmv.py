@@ -19,11 +19,12 @@ import triton
 import triton.language as tl
 
 from .validation import (
-    check_contiguous,
     check_expand_args,
     check_index,
+    check_row_major,
     check_same_device,
     check_shrink_args,
+    check_slices,
     triton_interpreting,
 )
 
@@ -31,13 +32,14 @@ from .validation import (
 @triton.jit
 def _sgmv_shrink_kernel(
     x_ptr, a_ptr, v_ptr, order_ptr, seg_slot_ptr, seg_start_ptr, seg_len_ptr, rank_ptr,
-    h_in, stride_xt, stride_as, stride_ar, stride_vt,
+    h_in, stride_xt, stride_as, stride_ar, stride_vt, slice_r, blocks_per_slice,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):  # fmt: skip
     seg = tl.program_id(0)
     m0 = tl.program_id(1) * BLOCK_M
-    r0 = tl.program_id(2) * BLOCK_R
+    part = tl.program_id(2) // blocks_per_slice  # packed banks: slice `part` owns rows [part*slice_r, ...)
+    r0 = (tl.program_id(2) % blocks_per_slice) * BLOCK_R
     seg_len = tl.load(seg_len_ptr + seg)
     if m0 >= seg_len:
         return
@@ -51,6 +53,7 @@ def _sgmv_shrink_kernel(
     tok = tl.load(order_ptr + start + offs_m, mask=m_mask, other=0)
     offs_r = r0 + tl.arange(0, BLOCK_R)
     r_mask = offs_r < rank
+    offs_r += part * slice_r  # row of the packed bank (and column of v)
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :]  # [BM, BK]
     a_ptrs = a_ptr + slot * stride_as + offs_r[None, :] * stride_ar + offs_k[:, None]  # [BK, BR] = Aᵀ
@@ -143,7 +146,7 @@ def _check_segments(v, token_order, seg_slots, seg_starts, seg_lens, slot_ranks,
         raise ValueError(
             f"v must be [T_lora={token_order.shape[0]}, R_max] float32, got {tuple(v.shape)} {v.dtype}"
         )
-    check_contiguous(v=v)
+    check_row_major(v=v)
     check_same_device(
         device,
         v=v,
@@ -166,24 +169,29 @@ def sgmv_shrink(
     slot_ranks: torch.Tensor,
     max_segment_len: int,
     max_rank: int,
+    num_slices: int = 1,
 ) -> None:
     """SGMV shrink: ``v[p, :r] = x[token_order[p]] · A[s, :r]ᵀ`` for p in segment g.
 
-    s = seg_slots[g], r = r_s.
+    s = seg_slots[g], r = r_s. With ``num_slices`` n > 1 the bank is packed (a fused projection's slices
+    stacked along the rank, slice i in rows [i·R, i·R + r)): v[p, iR:iR+r] = x · A[s, iR:iR+r]ᵀ, one launch.
 
-    v: [T_lora, R_max] float32 (written; columns >= r untouched), x: [T, H_in] fp32/fp16/bf16 (unit last
-    stride), lora_a: [S, R_max, H_in] contiguous, dtype of x. token_order: [T_lora] int64.
+    v: [T_lora, n·R_max] float32, unit last stride (written; columns past each slice's r untouched),
+    x: [T, H_in] fp32/fp16/bf16 (unit last stride), lora_a: [S, n·R_max, H_in] (unit last stride), dtype of x.
+    token_order: [T_lora] int64.
     seg_slots, seg_starts, seg_lens: [G] int64. slot_ranks: [S] int64. max_segment_len, max_rank: ints.
     """
     check_shrink_args(v, x, lora_a)
     _check_segments(v, token_order, seg_slots, seg_starts, seg_lens, slot_ranks, x.device, lora_a.shape[0])
+    slice_r = check_slices(lora_a, num_slices, max_rank)
     if seg_slots.numel() == 0 or max_segment_len <= 0 or max_rank <= 0:
         return
     block_m, block_r, block_k = _block_m(max_segment_len), 16 if max_rank <= 16 else 32, 64
-    grid = (seg_slots.shape[0], triton.cdiv(max_segment_len, block_m), triton.cdiv(max_rank, block_r))
+    per_slice = triton.cdiv(max_rank, block_r)
+    grid = (seg_slots.shape[0], triton.cdiv(max_segment_len, block_m), per_slice * num_slices)
     _sgmv_shrink_kernel[grid](
         x, lora_a, v, token_order, seg_slots, seg_starts, seg_lens, slot_ranks,
-        x.shape[1], x.stride(0), lora_a.stride(0), lora_a.stride(1), v.stride(0),
+        x.shape[1], x.stride(0), lora_a.stride(0), lora_a.stride(1), v.stride(0), slice_r, per_slice,
         BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k, PRECISION=_precision(x.dtype),
         UPCAST=_upcast(x.dtype),
     )  # fmt: skip
@@ -206,8 +214,9 @@ def sgmv_expand(
 
     p in segment g, s = seg_slots[g], r = r_s.
 
-    y: [T, H_total] (in place, rows may be strided, unit last stride), v: [T_lora, R_max] float32,
-    lora_b: [S, H_out, R_max] contiguous, dtype of y. scales: [S] float32. token_order: [T_lora] int64.
+    y: [T, H_total] (in place, rows may be strided, unit last stride), v: [T_lora, R_max] float32 (unit last
+    stride: a packed shrink's v is expanded slice by slice as column views), lora_b: [S, H_out, R_max] (unit
+    last stride), dtype of y. scales: [S] float32. token_order: [T_lora] int64.
     seg_slots, seg_starts, seg_lens: [G] int64. slot_ranks: [S] int64. max_segment_len, out_offset: ints.
     """
     check_expand_args(y, v, lora_b, scales, out_offset)

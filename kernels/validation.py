@@ -81,14 +81,6 @@ def check_row_major(**tensors: torch.Tensor) -> None:
             raise ValueError(f"{name} must have unit stride in its last dimension, got strides {t.stride()}")
 
 
-def check_contiguous(**tensors: torch.Tensor) -> None:
-    for name, t in tensors.items():
-        if not t.is_contiguous():
-            raise ValueError(
-                f"{name} must be contiguous (slot banks are allocated contiguous), got {t.stride()}"
-            )
-
-
 def check_index(**tensors: torch.Tensor) -> None:
     for name, t in tensors.items():
         if t.dim() != 1 or t.dtype not in INDEX_DTYPES:
@@ -104,11 +96,10 @@ def check_shrink_args(v: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor) ->
     if x.dtype != lora_a.dtype:
         raise ValueError(f"x and lora_a must share one dtype, got {x.dtype} and {lora_a.dtype}")
     if v.dim() == 2 and v.shape[1] != lora_a.shape[1]:
-        raise ValueError(f"v must have R_max={lora_a.shape[1]} columns, got {v.shape[1]}")
+        raise ValueError(f"v must have one column per row of lora_a ({lora_a.shape[1]}), got {v.shape[1]}")
     check_triton_device(x.device)
     check_same_device(x.device, lora_a=lora_a)
-    check_row_major(x=x)
-    check_contiguous(lora_a=lora_a)
+    check_row_major(x=x, lora_a=lora_a)
 
 
 def check_expand_args(
@@ -135,5 +126,16 @@ def check_expand_args(
         )
     check_triton_device(y.device)
     check_same_device(y.device, lora_b=lora_b, scales=scales)
-    check_row_major(y=y)
-    check_contiguous(lora_b=lora_b)
+    check_row_major(y=y, lora_b=lora_b)
+
+
+def check_slices(lora_a: torch.Tensor, num_slices: int, max_rank: int) -> int:
+    """A packed bank holds ``num_slices`` slices of R rows each; returns R (the rows per slice)."""
+    if num_slices < 1 or lora_a.shape[1] % num_slices:
+        raise ValueError(
+            f"lora_a has {lora_a.shape[1]} rank rows, which do not split into {num_slices} equal slices"
+        )
+    slice_r = lora_a.shape[1] // num_slices
+    if max_rank > slice_r:
+        raise ValueError(f"max_rank {max_rank} is over the {slice_r} rank rows of each slice")
+    return slice_r
