@@ -1,11 +1,14 @@
-"""Multi-LoRA layers injected once into the resident base model.
+"""Where the multi-LoRA update meets the base model: `y = base(x) + Σ scale[s]·(x·A[s]ᵀ)·B[s]ᵀ` for each
+token's slot s, read from the forward pass's LoraBatch in a LoraContext shared by every site.
 
-Each target nn.Linear is wrapped by a MultiLoraLinear that owns a SlotBank (the
-per-slot A/B/scale tensors of that layer) and reads the forward pass's LoraBatch
-from a LoraContext shared by all layers: `y = base(x) + Σ scale[s]·(x·A[s]ᵀ)·B[s]ᵀ`
-for each token's slot s. The layer never indexes slots itself: the kernels backend
-does (STYLE.md point 4). A fine-tune attaches its own trainable A/B (`train_lora`)
-for the duration of a training step; the frozen base weights are shared, not copied."""
+Two kinds of site, one contract:
+* :class:`LoraSite` -- the runner's fused projections (qkv, o, gate_up, down). Its PackedSlotBank stacks the
+  targeted slices' A along the rank, so one shrink serves q, k and v; each slice has its own B and scale.
+* :class:`MultiLoraLinear` -- the transformers path (a family the runner does not cover): each target
+  nn.Linear is wrapped and owns a plain SlotBank.
+Neither indexes slots itself: the kernels backend does (STYLE.md point 4). A fine-tune attaches its own
+trainable A/B (`ctx.training`) for the duration of a training unit; the frozen base weights are shared,
+not copied. Every site installs an adapter from its LoraWeights by (layer, module name)."""
 
 from __future__ import annotations
 
@@ -64,6 +67,90 @@ class SlotBank:
         return (self.a[0].numel() + self.b[0].numel()) * self.a.element_size()
 
 
+class PackedSlotBank:
+    """One fused projection's adapter slots: slice i's A in rows [i·R, i·R + r) of a [S, n·R, in],
+    its B in bs[i] [S, out_i, R], its scale in scales[i, S] (fp32)."""
+
+    def __init__(self, out_sizes, num_slots: int, max_rank: int, in_features: int, device, dtype):
+        n = len(out_sizes)
+        self.max_rank = max_rank
+        self.a = torch.zeros(num_slots, n * max_rank, in_features, device=device, dtype=dtype)
+        self.bs = tuple(torch.zeros(num_slots, o, max_rank, device=device, dtype=dtype) for o in out_sizes)
+        self.scales = torch.zeros(n, num_slots, device=device, dtype=torch.float32)
+
+    def write(self, slot: int, modules) -> None:
+        """modules: one (a [r, in], b [out_i, r], scale) or None per slice (None: slice untouched)."""
+        self.a[slot].zero_()
+        for i, m in enumerate(modules):
+            self.bs[i][slot].zero_()
+            if m is None:
+                self.scales[i, slot] = 0.0
+                continue
+            a, b, scale = m
+            r = a.shape[0]
+            self.a[slot, i * self.max_rank : i * self.max_rank + r].copy_(a)
+            self.bs[i][slot, :, :r].copy_(b)
+            self.scales[i, slot] = scale
+
+    @property
+    def nbytes_per_slot(self) -> int:
+        return (self.a[0].numel() + sum(b[0].numel() for b in self.bs)) * self.a.element_size()
+
+
+class LoraSite:
+    """The update of one fused projection of one layer, for the slices an adapter may target.
+    `names` are PEFT module names (q_proj, k_proj, ...); `offsets` their first output column."""
+
+    def __init__(self, layer: int, names, out_sizes, offsets, in_features, bank: PackedSlotBank, ctx):
+        self.layer = layer
+        self.names = tuple(names)
+        self.out_sizes = tuple(out_sizes)
+        self.offsets = tuple(offsets)
+        self.in_features = in_features
+        self.bank = bank
+        self.ctx = ctx
+
+    def apply(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y: [T, out] (the base projection of x: [T, in]); serving adapters in place, a fine-tune's LoRA
+        out of place (autograd). Returns the result."""
+        ctx = self.ctx
+        batch = ctx.batch
+        if batch is not None and batch.has_lora:
+            b = self.bank
+            ctx.backend.add_lora_packed(y, x, b.a, b.bs, b.scales, batch, self.offsets)
+        if ctx.training:
+            for name, size, off in zip(self.names, self.out_sizes, self.offsets, strict=True):
+                t = ctx.training.get((self.layer, name))
+                if t is None:
+                    continue
+                h = nn.functional.dropout(x, t.dropout, True) if t.dropout else x
+                delta = t.scale * ((h @ t.a.t()) @ t.b.t())
+                cols = torch.arange(off, off + size, device=y.device)
+                y = y.index_add(1, cols, delta.to(y.dtype))
+        return y
+
+    def install(self, slot: int, weights) -> None:
+        mods = []
+        for name in self.names:
+            m = weights.modules.get((self.layer, name))
+            mods.append(None if m is None else (m.a, m.b, m.scale))
+        self.bank.write(slot, [_cast(m, self.bank.a) for m in mods])
+
+    def clear(self, slot: int) -> None:
+        self.bank.write(slot, [None] * len(self.names))
+
+    @property
+    def nbytes_per_slot(self) -> int:
+        return self.bank.nbytes_per_slot
+
+
+def _cast(module, like: torch.Tensor):
+    if module is None:
+        return None
+    a, b, scale = module
+    return a.to(like.device, like.dtype), b.to(like.device, like.dtype), scale
+
+
 class MultiLoraLinear(nn.Module):
     def __init__(self, base: nn.Linear, key: tuple[int, str], bank: SlotBank, ctx: LoraContext):
         super().__init__()
@@ -93,12 +180,58 @@ class MultiLoraLinear(nn.Module):
             y = y + train.scale * ((h @ train.a.t()) @ train.b.t())
         return y
 
+    def install(self, slot: int, weights) -> None:
+        m = weights.modules.get(self.key)
+        if m is None:
+            self.bank.clear(slot)
+        else:
+            dev, dt = self.bank.a.device, self.bank.a.dtype
+            self.bank.write(slot, m.a.to(dev, dt), m.b.to(dev, dt), m.scale)
+
+    def clear(self, slot: int) -> None:
+        self.bank.clear(slot)
+
+    @property
+    def nbytes_per_slot(self) -> int:
+        return self.bank.nbytes_per_slot
+
 
 def decoder_layers(model) -> nn.ModuleList:
     layers = getattr(model.get_decoder(), "layers", None)
     if layers is None:
         raise ValueError(f"{type(model).__name__}: no decoder `layers` to inject LoRA into")
     return layers
+
+
+def make_lora_sites(
+    layout: dict[str, tuple[int, tuple[str, ...], tuple[int, ...]]],
+    num_layers: int,
+    target_modules,
+    num_slots: int,
+    max_rank: int,
+    device,
+    dtype,
+) -> tuple[LoraContext, dict[tuple[int, str], LoraSite]]:
+    """The runner's sites: for each layer and fused projection (layout: projection -> (in_features, module
+    names, their output sizes)), a LoraSite over the targeted names only. Returns the shared context and
+    {(layer, projection): site}."""
+    ctx = LoraContext(backend=get_backend(device))
+    targets = set(target_modules)
+    sites: dict[tuple[int, str], LoraSite] = {}
+    for proj, (in_features, names, sizes) in layout.items():
+        offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+        picked = [(n, o, off) for n, o, off in zip(names, sizes, offsets, strict=True) if n in targets]
+        if not picked:
+            continue
+        for layer in range(num_layers):
+            bank = PackedSlotBank([o for _, o, _ in picked], num_slots, max_rank, in_features, device, dtype)
+            sites[(layer, proj)] = LoraSite(
+                layer, [n for n, _, _ in picked], [o for _, o, _ in picked], [f for _, _, f in picked],
+                in_features, bank, ctx,
+            )  # fmt: skip
+    if not sites:
+        raise ValueError(f"none of the target modules {sorted(targets)} is a projection of this model")
+    return ctx, sites
 
 
 def inject_multi_lora(model, target_modules, num_slots: int, max_rank: int) -> tuple[LoraContext, dict]:
@@ -123,10 +256,9 @@ def inject_multi_lora(model, target_modules, num_slots: int, max_rank: int) -> t
     return ctx, wrapped
 
 
-def set_batch(ctx: LoraContext, row_slots: list[int], seq_len: int, slot_ranks: torch.Tensor, device) -> None:
-    """Give every token of a [rows, seq_len] forward its row's slot."""
-    if all(s < 0 for s in row_slots):
+def set_batch(ctx: LoraContext, token_slots: list[int], slot_ranks: torch.Tensor, device) -> None:
+    """Give every token of the forward pass its slot (-1 = base model only)."""
+    if all(s < 0 for s in token_slots):
         ctx.batch = None
         return
-    token_slots = torch.tensor(row_slots, dtype=torch.long).repeat_interleave(seq_len).to(device)
-    ctx.batch = make_lora_batch(token_slots, slot_ranks)
+    ctx.batch = make_lora_batch(torch.tensor(token_slots, dtype=torch.long, device=device), slot_ranks)

@@ -1,5 +1,8 @@
 """The engine's view of adapters: slots for rows, the LoraBatch for each forward,
-and classification heads. Implements hotlora.server.engine.AdapterRuntime."""
+and classification heads. Implements hotlora.server.engine.AdapterRuntime.
+
+`sites` are the places an adapter is installed into: the runner's LoraSites (fused projections) or, on the
+transformers path, the wrapped MultiLoraLinear layers; both take `install(slot, weights)` / `clear(slot)`."""
 
 from __future__ import annotations
 
@@ -10,9 +13,9 @@ from hotlora.adapters.lora_layers import LoraContext, set_batch
 
 
 class MultiLoraRuntime:
-    def __init__(self, ctx: LoraContext, wrapped: dict, num_slots: int, device, dtype):
+    def __init__(self, ctx: LoraContext, sites: list, num_slots: int, device, dtype):
         self.ctx = ctx
-        self.wrapped = wrapped  # (layer, short name) -> MultiLoraLinear
+        self.sites = list(sites)
         self.device = device
         self.dtype = dtype
         self.slot_ranks = torch.zeros(num_slots, dtype=torch.long)
@@ -21,14 +24,8 @@ class MultiLoraRuntime:
 
     # ---- slot contents (called by the cache on the engine thread) ------------------
     def install(self, slot: int, weights) -> None:
-        for key, module in self.wrapped.items():
-            m = weights.modules.get(key)
-            if m is None:
-                module.bank.clear(slot)
-            else:
-                module.bank.write(
-                    slot, m.a.to(self.device, self.dtype), m.b.to(self.device, self.dtype), m.scale
-                )
+        for site in self.sites:
+            site.install(slot, weights)
         self.slot_ranks[slot] = weights.rank
         if weights.head_weight is not None:
             bias = None if weights.head_bias is None else weights.head_bias.to(self.device, self.dtype)
@@ -37,8 +34,8 @@ class MultiLoraRuntime:
             self.heads.pop(slot, None)
 
     def clear(self, slot: int) -> None:
-        for module in self.wrapped.values():
-            module.bank.clear(slot)
+        for site in self.sites:
+            site.clear(slot)
         self.slot_ranks[slot] = 0
         self.heads.pop(slot, None)
 
@@ -52,8 +49,8 @@ class MultiLoraRuntime:
         if handle is not None:
             self.cache.release(handle.key)
 
-    def begin_forward(self, row_slots: list[int], seq_len: int) -> None:
-        set_batch(self.ctx, row_slots, seq_len, self.slot_ranks, self.device)
+    def begin_forward(self, token_slots: list[int]) -> None:
+        set_batch(self.ctx, token_slots, self.slot_ranks, self.device)
 
     def end_forward(self) -> None:
         self.ctx.batch = None

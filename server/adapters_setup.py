@@ -1,29 +1,40 @@
-"""Wire the adapter side into the loaded model: multi-LoRA layers, runtime, registry, cache."""
+"""Wire the adapter side into the loaded model: LoRA sites, runtime, registry, cache."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from hotlora.adapters.base_model_info import BaseModelInfo
-from hotlora.adapters.lora_layers import inject_multi_lora
+from hotlora.adapters.lora_layers import inject_multi_lora, make_lora_sites
 from hotlora.adapters.peft_format import AdapterLimits
 from hotlora.adapters.registry import AdapterRegistry
 from hotlora.adapters.runtime import MultiLoraRuntime
 from hotlora.adapters.service import AdapterService
+from hotlora.server.runner import FUSED
 
 
 def setup_adapters(state, loaded):
     cfg = state.config
-    model = loaded.model
-    base = BaseModelInfo.from_model(model)  # before injection: plain nn.Linear shapes
+    base = loaded.base
     targets = [t for t in cfg.target_module_list if t in base.linear_shapes]
     if not targets:
         raise ValueError(
             f"--target-modules {cfg.target_modules!r} names no linear layer of this model "
             f"(it has {', '.join(sorted(base.linear_shapes))})"
         )
-    ctx, wrapped = inject_multi_lora(model, targets, cfg.adapter_slots, cfg.max_rank)
-    runtime = MultiLoraRuntime(ctx, wrapped, cfg.adapter_slots, loaded.device, loaded.dtype)
+    runner = loaded.model
+    if loaded.runner_kind == "runner":
+        shapes = runner.projection_shapes()
+        layout = {proj: (shapes[proj][0], FUSED[proj], shapes[proj][1]) for proj in FUSED}
+        ctx, by_key = make_lora_sites(
+            layout, base.num_layers, targets, cfg.adapter_slots, cfg.max_rank, loaded.device, loaded.dtype
+        )
+        runner.sites = by_key
+        sites = list(by_key.values())
+    else:  # the transformers path: wrap its nn.Linear layers
+        ctx, wrapped = inject_multi_lora(runner.model, targets, cfg.adapter_slots, cfg.max_rank)
+        runner.lora_ctx = ctx
+        sites = list(wrapped.values())
+    runtime = MultiLoraRuntime(ctx, sites, cfg.adapter_slots, loaded.device, loaded.dtype)
     limits = AdapterLimits(
         max_rank=cfg.max_rank, max_file_bytes=cfg.max_upload_bytes, max_upload_bytes=cfg.max_upload_bytes
     )
@@ -40,5 +51,5 @@ def setup_adapters(state, loaded):
     )
     service.base_model_name = loaded.name
     service.lora_context = ctx
-    service.wrapped = wrapped
+    service.targets = tuple(sorted(targets))
     return runtime, service

@@ -6,6 +6,7 @@ accepting, let in-flight work finish within the grace period, then stop."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import threading
@@ -150,7 +151,17 @@ class HotloraServer:
 
         cfg = self.config
         t0 = time.monotonic()
-        loaded = load_model(cfg.model, cfg.cache_dir, cfg.device, cfg.dtype)
+        loaded = load_model(
+            cfg.model,
+            cfg.cache_dir,
+            cfg.device,
+            cfg.dtype,
+            kv_cache_bytes=cfg.kv_cache_bytes,
+            kv_block_size=cfg.kv_block_size,
+            runner=cfg.runner,
+        )
+        if not cfg.prefix_caching:
+            loaded.model.kv_config = dataclasses.replace(loaded.model.kv_config, prefix_caching=False)
         self.state.loaded = loaded
         runtime, adapters = None, None
         try:

@@ -38,11 +38,30 @@ class ServerConfig:
         "", "tenant tokens file (see README); empty = single-tenant dev mode, 127.0.0.1 only"
     )
     device: str = _opt("auto", "auto | cpu | cuda[:N]", choices=("auto", "cpu", "cuda"))
-    dtype: str = _opt("auto", "auto (bf16 on CUDA, fp32 on CPU) | float32 | float16 | bfloat16")
+    dtype: str = _opt(
+        "auto",
+        "auto (bf16 on CUDA and on CPUs with avx512_bf16 or AMX, fp32 elsewhere) "
+        "| float32 | float16 | bfloat16",
+    )
+    runner: str = _opt(
+        "auto",
+        "auto (hotlora's runner for Llama, Mistral and Qwen2; transformers for other families) "
+        "| transformers",
+        choices=("auto", "transformers"),
+    )
+    kv_cache_bytes: int = _opt(
+        2 << 30, "memory of the paged KV cache (on CPU its pages are committed as tokens fill them)"
+    )
+    kv_block_size: int = _opt(16, "tokens per KV cache block (a power of two)")
+    prefix_caching: bool = _opt(
+        True, "reuse the KV blocks of a prompt prefix already computed for the same tenant and adapter"
+    )
     max_batch_size: int = _opt(64, "running generation requests decoded together")
     max_queue: int = _opt(1024, "waiting requests, all tenants together")
     max_queue_per_tenant: int = _opt(256, "waiting requests of one tenant")
-    max_prefill_tokens: int = _opt(4096, "padded prompt tokens prefilled in one forward pass")
+    max_prefill_tokens: int = _opt(
+        512, "prompt tokens computed in one engine step; longer prompts are chunked across steps"
+    )
     max_prompt_tokens: int = _opt(4096, "longest prompt accepted, in tokens")
     max_new_tokens: int = _opt(1024, "largest max_new_tokens a request may ask for")
     default_max_new_tokens: int = _opt(128, "max_new_tokens when a request leaves it 0")
@@ -91,6 +110,7 @@ class ServerConfig:
             "max_jobs_per_tenant",
             "max_finetune_examples",
             "max_finetune_example_tokens",
+            "kv_block_size",
         ):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
@@ -102,6 +122,12 @@ class ServerConfig:
             problems.append("--default-max-new-tokens cannot exceed --max-new-tokens")
         if not 0.0 < self.train_share <= 1.0:
             problems.append(f"--train-share must be in (0, 1] (got {self.train_share})")
+        if self.kv_block_size & (self.kv_block_size - 1):
+            problems.append(f"--kv-block-size must be a power of two (got {self.kv_block_size})")
+        if self.kv_cache_bytes < 1 << 20:
+            problems.append(f"--kv-cache-bytes must be at least 1 MiB (got {self.kv_cache_bytes})")
+        if self.runner not in ("auto", "transformers"):
+            problems.append(f"--runner must be auto or transformers (got {self.runner!r})")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             problems.append(f"--dtype must be auto, float32, float16 or bfloat16 (got {self.dtype!r})")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):

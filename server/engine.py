@@ -1,11 +1,19 @@
-"""The engine: one frozen model, a scheduler thread, iteration-level batching.
+"""The engine: one scheduler thread driving the model runner over the paged KV cache.
 
-Each loop iteration (a "step") admits waiting requests, prefills the newcomers in one
-left-padded forward pass, then runs one decode step for every running request. A
-newcomer therefore joins at the next step and a finished request leaves at once; nobody
-waits for another request to finish. Every row carries its own adapter slot (-1 = base),
-handed to the adapter runtime before each forward so the multi-LoRA layers add the right
-delta per token."""
+Every admitted request is a *sequence*: its tokens (prompt, then outputs) and how many of them already have
+K/V in the cache (`num_computed`). Each step schedules, under a token budget, every decoding sequence's one
+pending token and then prefill chunks of the sequences still reading their prompts (longest first come first;
+a prompt longer than the budget is computed over several steps, so decode never waits for a long prefill),
+runs them as one flat batch, and samples for each sequence whose tokens are now all computed. A newcomer
+joins at the next step, a finished request leaves at once, and nobody waits for another to finish.
+Embed and Classify texts are sequences too: chunked the same way, pooled when their last chunk is done.
+
+Deadlines and cancellation are checked every step. When the cache runs out of blocks for a decoding
+sequence, the most recently admitted one is preempted: its blocks go back (registered ones stay in the
+prefix cache) and it is re-admitted first, recomputing what it held. The scheduler owns admission,
+fairness (round-robin across tenants), deadlines, cancellation and co-serving of training; the runner owns
+the forward pass; the block manager owns the cache's memory.
+"""
 
 from __future__ import annotations
 
@@ -13,14 +21,16 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 from hotlora.adapters.errors import HotloraError, ResourceExhausted, Unavailable
 from hotlora.server.detokenizer import IncrementalDetokenizer
-from hotlora.server.kv_cache import BatchKVCache
 from hotlora.server.requests import GenerationRequest, PoolingRequest, TokenEvent
+from hotlora.server.runner.attention import AttentionMetadata, PrefillSpan, decode_mask
+from hotlora.server.runner.kv_cache import NULL_BLOCK, BlockManager, SequenceKV
+from hotlora.server.runner.model import StepInput
 from hotlora.server.sampling import make_generator, select_tokens
 
 log = logging.getLogger("hotlora.engine")
@@ -31,7 +41,7 @@ class AdapterRuntime(Protocol):
 
     def try_acquire(self, handle: Any) -> int | None: ...  # device slot, or None = not resident yet
     def release(self, handle: Any) -> None: ...
-    def begin_forward(self, row_slots: list[int], seq_len: int) -> None: ...
+    def begin_forward(self, token_slots: list[int]) -> None: ...  # one slot per token of the step
     def end_forward(self) -> None: ...
     def classify(self, handle: Any, pooled: torch.Tensor) -> torch.Tensor: ...
     def maintenance(self) -> None: ...  # engine thread, between steps: install loaded adapters
@@ -46,7 +56,7 @@ class BaseOnlyRuntime:
     def release(self, handle):
         pass
 
-    def begin_forward(self, row_slots, seq_len):
+    def begin_forward(self, token_slots):
         pass
 
     def end_forward(self):
@@ -61,10 +71,15 @@ class BaseOnlyRuntime:
 
 @dataclass(frozen=True)
 class EngineLimits:
-    max_batch_size: int = 64  # running generation rows
+    max_batch_size: int = 64  # generation sequences admitted at once
     max_queue: int = 1024  # waiting requests, all tenants
     max_queue_per_tenant: int = 256
-    max_prefill_tokens: int = 4096  # padded tokens in one prefill forward
+    max_prefill_tokens: int = 512  # prompt tokens computed in one step; longer prompts are chunked
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch_size", "max_queue", "max_queue_per_tenant", "max_prefill_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 class Task(Protocol):
@@ -73,19 +88,46 @@ class Task(Protocol):
     def step(self) -> bool: ...  # run one bounded step; False when finished
 
 
-@dataclass
-class _Row:
-    req: GenerationRequest
+@dataclass(eq=False)
+class _Seq:
+    """A generation request, or one text of a pooling request, as the scheduler tracks it."""
+
+    req: GenerationRequest | PoolingRequest
+    tokens: list[int]
     slot: int
-    detok: IncrementalDetokenizer
-    gen: torch.Generator
-    position: int  # position id of the next input token
+    kv: SequenceKV
+    num_computed: int = 0
+    admitted_order: int = 0
+    # generation
+    detok: IncrementalDetokenizer | None = None
+    gen: torch.Generator | None = None
+    # pooling
+    part: int = 0  # which text of the request
+    pooled_sum: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
+
+    @property
+    def pending(self) -> int:
+        return len(self.tokens) - self.num_computed
+
+    @property
+    def is_generation(self) -> bool:
+        return isinstance(self.req, GenerationRequest)
+
+
+@dataclass(eq=False)
+class _Pooling:
+    """A pooling request in flight: its texts' sequences and their results."""
+
+    req: PoolingRequest
+    results: list[torch.Tensor | None] = field(default_factory=list)
+    remaining: int = 0
 
 
 class Engine:
     def __init__(
         self,
-        model,
+        runner,
         tokenizer,
         *,
         limits: EngineLimits = EngineLimits(),
@@ -93,26 +135,28 @@ class Engine:
         observer: Any = None,
         task_share: float = 0.3,
     ):
-        self.model = model
+        self.runner = runner
         self.tokenizer = tokenizer
         self.limits = limits
         self.runtime = runtime or BaseOnlyRuntime()
         self.observer = observer
         self.task_share = task_share  # max fraction of engine time given to background tasks
-        self.decoder = model.get_decoder()
-        self.lm_head = model.get_output_embeddings()
-        self.device = next(model.parameters()).device
-        self.num_layers = model.config.num_hidden_layers
-        self.max_positions = int(getattr(model.config, "max_position_embeddings", 1 << 30))
-        self.eos_ids = _eos_ids(model, tokenizer)
-        self.pad_id = _pad_id(model, tokenizer)
+        self.device = runner.device
+        self.max_positions = runner.spec.max_positions
+        self.eos_ids = _eos_ids(runner, tokenizer)
+        self.pad_id = pad_id(runner.config, tokenizer)
+        self.blocks = BlockManager(runner.kv_config)
+        self.block_size = runner.kv_config.block_size
 
         self._cond = threading.Condition()
         self._waiting: dict[str, collections.deque] = collections.OrderedDict()
         self._n_waiting = 0
         self._rr = 0
-        self._running: list[_Row] = []
-        self._cache = BatchKVCache(self.num_layers)
+        self._resume: collections.deque[_Seq] = collections.deque()  # preempted, admitted first
+        self._running: list[_Seq] = []  # generation sequences (prefilling or decoding), admission order
+        self._pooling: list[_Seq] = []  # pooling texts still being read
+        self._pool_reqs: dict[int, _Pooling] = {}
+        self._order = 0
         self._tasks: collections.deque[Task] = collections.deque()
         self._task_time = 0.0
         self._serve_time = 0.0
@@ -120,6 +164,7 @@ class Engine:
         self._accepting = True
         self._thread = threading.Thread(target=self._loop, name="hotlora-engine", daemon=True)
         self.steps = 0
+        self.preemptions = 0
 
     # ---- public API (any thread) -------------------------------------------------
     def start(self) -> None:
@@ -137,7 +182,7 @@ class Engine:
 
     @property
     def idle(self) -> bool:
-        return not self._running and self._n_waiting == 0 and not self._tasks
+        return not (self._running or self._pooling or self._resume or self._n_waiting or self._tasks)
 
     @property
     def num_running(self) -> int:
@@ -145,11 +190,26 @@ class Engine:
 
     @property
     def num_waiting(self) -> int:
-        return self._n_waiting
+        return self._n_waiting + len(self._resume)
+
+    def running_requests(self) -> list:
+        """The generation requests in the running batch (a snapshot, for metrics)."""
+        return [s.req for s in list(self._running)]
+
+    def waiting_requests(self) -> list:
+        """The requests waiting for admission (a snapshot, for metrics)."""
+        with self._cond:
+            return [s.req for s in self._resume] + [r for q in self._waiting.values() for r in q]
+
+    @property
+    def kv_cache_usage(self) -> float:
+        """Fraction of the KV cache's blocks held by sequences (cached-but-unused blocks count as free)."""
+        return self.blocks.usage
 
     def submit(self, req: GenerationRequest | PoolingRequest) -> None:
         if not self._accepting or self._stop:
             raise Unavailable("the server is shutting down; retry on another replica")
+        self._check_fits(req)
         with self._cond:
             if self._n_waiting >= self.limits.max_queue:
                 raise ResourceExhausted(
@@ -170,6 +230,20 @@ class Engine:
         with self._cond:
             self._tasks.append(task)
             self._cond.notify_all()
+
+    def _check_fits(self, req) -> None:
+        """A sequence the whole KV cache cannot hold would wait forever: refuse it now."""
+        longest = (
+            len(req.prompt_ids) + req.params.max_new_tokens
+            if isinstance(req, GenerationRequest)
+            else max((len(x) for x in req.inputs), default=0)
+        )
+        capacity = (self.blocks.config.num_blocks - 1) * self.block_size
+        if longest > capacity:
+            raise ResourceExhausted(
+                f"the request needs up to {longest} tokens of KV cache but this server holds {capacity} "
+                "(--kv-cache-bytes); send a shorter prompt or fewer new tokens"
+            )
 
     # ---- scheduler thread -------------------------------------------------------
     def _loop(self) -> None:
@@ -193,25 +267,17 @@ class Engine:
                 if not worked and not self._tasks:
                     with self._cond:
                         if not self._stop and self._n_waiting:
-                            self._cond.wait(0.005)  # waiting on an adapter load
+                            self._cond.wait(0.005)  # waiting on an adapter load or on free blocks
         self._fail_all_running("server stopped")
 
     def _serve_step(self) -> bool:
-        self._expire_running()
-        newcomers = self._admit()
-        self._newcomers = newcomers  # failed together if the step raises
-        gen_new = [r for r in newcomers if isinstance(r, GenerationRequest)]
-        pool_new = [r for r in newcomers if isinstance(r, PoolingRequest)]
-        worked = False
-        if gen_new or pool_new:
-            self._prefill(gen_new, pool_new)
-            worked = True
-        if self._running:
-            self._decode()
-            worked = True
-        if worked:
-            self.steps += 1
-        return worked
+        self._expire()
+        decode, prefill = self._schedule()
+        if not decode and not prefill:
+            return False
+        self._step(decode, prefill)
+        self.steps += 1
+        return True
 
     def _run_task_step(self, served: bool) -> None:
         if not self._tasks:
@@ -241,26 +307,132 @@ class Engine:
             if not self._tasks:
                 self._task_time = self._serve_time = 0.0
 
-    def _admit(self) -> list:
-        """Round-robin over tenants; a request whose adapter is not resident yet stays queued."""
-        admitted: list = []
-        free_rows = self.limits.max_batch_size - len(self._running)
+    # ---- scheduling -------------------------------------------------------------------
+    def _schedule(self) -> tuple[list[_Seq], list[tuple[_Seq, int]]]:
+        """This step's work: decoding sequences (one token each) and (sequence, chunk length) prefills."""
+        decode: list[_Seq] = []
+        prefill: list[tuple[_Seq, int]] = []
+        for seq in list(self._running):  # admission order: the newest are preempted first
+            if seq in self._running and seq.pending == 1 and self._reserve(seq, decode, prefill):
+                decode.append(seq)
+        # prefill: newcomers first (at most half the budget while other prompts are being read, so a long
+        # prompt or Embed never holds the queue), then the prompts already being read, then newcomers again
         budget = self.limits.max_prefill_tokens
-        rows, longest = 0, 0  # the prefill is left-padded: it costs rows x longest tokens
+        continuing = [s for s in self._running if s.pending > 1] + list(self._pooling)
+        share = max(1, budget // 2) if continuing else budget
+        budget -= share - self._admit_newcomers(share, decode, prefill)
+        for seq in continuing:
+            if budget <= 0:
+                break
+            budget = self._take_chunk(seq, budget, prefill)
+        if budget > 0:
+            self._admit_newcomers(budget, decode, prefill)
+        return decode, prefill
+
+    def _admit_newcomers(self, budget: int, decode: list[_Seq], prefill: list) -> int:
+        """Admit waiting requests (the preempted first) while `budget` prompt tokens remain; returns what is
+        left of the budget."""
+        while budget > 0:
+            admitted = self._admit_one()
+            if not admitted:
+                break
+            taken = False
+            for seq in admitted:
+                if seq.is_generation and seq.pending == 1:
+                    taken = self._reserve(seq, decode, prefill)
+                    if taken:
+                        decode.append(seq)
+                elif budget > 0:
+                    before = budget
+                    budget = self._take_chunk(seq, budget, prefill)
+                    taken = taken or budget < before
+            if not taken:
+                break  # no room in the cache for it this step: admit nobody else now
+        return budget
+
+    def _take_chunk(self, seq: _Seq, budget: int, out: list) -> int:
+        n = min(seq.pending, budget)
+        if n > 0 and self.blocks.grow(seq.kv, seq.num_computed + n):
+            out.append((seq, n))
+            return budget - n
+        return budget
+
+    def _reserve(self, seq: _Seq, decode: list[_Seq], prefill: list) -> bool:
+        """Blocks for a decoding sequence's next token; preempts the newest while the cache is full."""
+        while not self.blocks.grow(seq.kv, seq.num_computed + 1):
+            victim = max(self._running, key=lambda s: s.admitted_order)
+            if victim in decode:
+                decode.remove(victim)
+            prefill[:] = [(s, n) for s, n in prefill if s is not victim]
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: _Seq) -> None:
+        self.blocks.close(seq.kv)
+        seq.num_computed = 0
+        self._running.remove(seq)
+        self._resume.appendleft(seq)
+        self.preemptions += 1
+        log.info(
+            "KV cache full: preempted request %s (%d tokens); it is recomputed when re-admitted",
+            seq.req.seq,
+            len(seq.tokens),
+        )
+
+    def _admit_one(self) -> list[_Seq]:
+        """Admit the next request: its sequence (generation) or its texts' sequences (pooling)."""
+        if self._resume and len(self._running) < self.limits.max_batch_size:
+            seq = self._resume.popleft()
+            seq.kv = self.blocks.open(self._cache_key(seq.req), seq.tokens)
+            seq.num_computed = seq.kv.num_cached
+            seq.admitted_order = self._next_order()
+            self._running.append(seq)
+            return [seq]
+        req = self._pop_waiting()
+        if req is None:
+            return []
+        req.admitted_at = time.monotonic()
+        key = self._cache_key(req)
+        if isinstance(req, GenerationRequest):
+            kv = self.blocks.open(key, req.prompt_ids)
+            seq = _Seq(req, list(req.prompt_ids), req.slot, kv, num_computed=kv.num_cached)
+            seq.detok = IncrementalDetokenizer(self.tokenizer, req.params.stop)
+            seq.gen = make_generator(req.params.seed)
+            seq.admitted_order = self._next_order()
+            self._running.append(seq)
+            return [seq]
+        # pooling: every text is a sequence; no prefix reuse (mean pooling needs every token's state)
+        group = _Pooling(req, [None] * len(req.inputs), len(req.inputs))
+        self._pool_reqs[req.seq] = group
+        seqs = [
+            _Seq(req, list(ids), req.slot, self.blocks.open(key, (), lookup=False), part=i)
+            for i, ids in enumerate(req.inputs)
+        ]
+        for seq in seqs:
+            seq.admitted_order = self._next_order()
+        self._pooling.extend(seqs)
+        if not seqs:
+            self._finish_pooling(group)
+        return seqs
+
+    def _next_order(self) -> int:
+        self._order += 1
+        return self._order
+
+    def _pop_waiting(self):
+        """The next admissible request, round-robin over tenants. A request whose adapter is not resident yet
+        stays queued, first in its tenant's line, while the tenant's later requests may go ahead."""
         now = time.monotonic()
+        found = None
         with self._cond:
             tenants = list(self._waiting.keys())
-            if not tenants:
-                return admitted
-            progress = True
             skipped: dict[str, list] = collections.defaultdict(list)
-            while progress and self._n_waiting:
-                progress = False
-                for i in range(len(tenants)):
-                    tenant = tenants[(self._rr + i) % len(tenants)]
-                    q = self._waiting.get(tenant)
-                    if not q:
-                        continue
+            start = self._rr % len(tenants) if tenants else 0
+            for tenant in tenants[start:] + tenants[:start]:
+                q = self._waiting[tenant]
+                while q and found is None:
                     req = q[0]
                     if req.cancelled.is_set() or (req.deadline is not None and now > req.deadline):
                         q.popleft()
@@ -268,179 +440,221 @@ class Engine:
                         self._finish_unadmitted(
                             req, "deadline" if not req.cancelled.is_set() else "cancelled"
                         )
-                        progress = True
                         continue
-                    is_gen = isinstance(req, GenerationRequest)
-                    seqs = [req.prompt_ids] if is_gen else req.inputs
-                    new_rows, new_longest = rows + len(seqs), max(longest, *(len(x) for x in seqs))
-                    if (is_gen and free_rows <= 0) or (admitted and new_rows * new_longest > budget):
-                        continue
+                    if (
+                        isinstance(req, GenerationRequest)
+                        and len(self._running) >= self.limits.max_batch_size
+                    ):
+                        break  # no row free for this tenant's next generation
                     try:
                         slot = self.runtime.try_acquire(req.adapter)
                     except HotloraError as exc:  # e.g. deleted or unloadable adapter: fail this one only
                         q.popleft()
                         self._n_waiting -= 1
                         self._fail_request(req, exc)
-                        progress = True
-                        continue
-                    if slot is None:  # adapter loading: try the next one of this tenant later
-                        skipped[tenant].append(q.popleft())
-                        self._n_waiting -= 1
-                        progress = True
                         continue
                     q.popleft()
                     self._n_waiting -= 1
+                    if slot is None:  # adapter loading
+                        skipped[tenant].append(req)
+                        continue
                     req.slot = slot
-                    req.admitted_at = now
-                    admitted.append(req)
-                    rows, longest = new_rows, new_longest
-                    free_rows -= 1 if is_gen else 0
-                    progress = True
+                    found = req
+                if found is not None:
+                    break
+            self._rr += 1
             for tenant, reqs in skipped.items():  # back to the front, in order
                 q = self._waiting.setdefault(tenant, collections.deque())
                 q.extendleft(reversed(reqs))
                 self._n_waiting += len(reqs)
             for tenant in [t for t, q in self._waiting.items() if not q]:
                 del self._waiting[tenant]
-            self._rr += 1
-        return admitted
+        return found
 
-    def _prefill(self, gen_new: list[GenerationRequest], pool_new: list[PoolingRequest]) -> None:
-        seqs: list[list[int]] = [r.prompt_ids for r in gen_new]
-        slots: list[int] = [r.slot for r in gen_new]
-        for p in pool_new:
-            seqs.extend(p.inputs)
-            slots.extend([p.slot] * len(p.inputs))
-        n, L = len(seqs), max(len(s) for s in seqs)
-        input_ids = torch.full((n, L), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((n, L), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            input_ids[i, L - len(s) :] = torch.tensor(s, dtype=torch.long)
-            mask[i, L - len(s) :] = 1
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = BatchKVCache(self.num_layers)
-        cache.pad = torch.tensor([L - len(s) for s in seqs], dtype=torch.long)
-        hidden = self._forward(input_ids, mask, positions, cache, slots, L)  # [n, L, H]
+    def _cache_key(self, req) -> tuple:
+        adapter = getattr(req.adapter, "key", None) if req.adapter is not None else None
+        return (req.tenant, adapter)
 
-        # pooling rows: answer now, they never join the decode batch
-        row = len(gen_new)
-        for p in pool_new:
-            k = len(p.inputs)
-            try:
-                h, m = hidden[row : row + k], mask[row : row + k].to(hidden.device)
-                if p.mode == "mean":
-                    pooled = (h * m[..., None]).sum(1) / m.sum(1, keepdim=True)
-                    out = pooled.float().cpu()
-                else:
-                    pooled = h[:, -1]
-                    out = self.runtime.classify(p.adapter, pooled).float().cpu()
-                p.future.set_result(out)
-            except Exception as exc:  # a broken head fails its request, not the batch
-                p.future.set_exception(exc)
-            finally:
-                self.runtime.release(p.adapter)
-            row += k
-
-        if not gen_new:
-            return
-        logits = self.lm_head(hidden[: len(gen_new), -1])
-        cache.keep_rows(list(range(len(gen_new))))
-        rows = [
-            _Row(
-                r,
-                r.slot,
-                IncrementalDetokenizer(self.tokenizer, r.params.stop),
-                make_generator(r.params.seed),
-                len(r.prompt_ids) - 1,
+    # ---- one step ---------------------------------------------------------------------
+    def _step(self, decode: list[_Seq], prefill: list[tuple[_Seq, int]]) -> None:
+        self.runner.pool.zero_blocks(self.blocks.take_fresh())
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slots: list[int] = []
+        mapping: list[int] = []
+        for seq in decode:
+            p = seq.num_computed
+            ids.append(seq.tokens[p])
+            pos.append(p)
+            slots.append(seq.slot)
+            mapping.append(seq.kv.blocks[p // bs] * bs + p % bs)
+        spans = []
+        for seq, n in prefill:
+            start, p0 = len(ids), seq.num_computed
+            ids.extend(seq.tokens[p0 : p0 + n])
+            pos.extend(range(p0, p0 + n))
+            slots.extend([seq.slot] * n)
+            blocks = seq.kv.blocks
+            mapping.extend(blocks[p // bs] * bs + p % bs for p in range(p0, p0 + n))
+            spans.append(
+                PrefillSpan(start, n, p0, torch.tensor(blocks, dtype=torch.int64, device=self.device))
             )
-            for r in gen_new
-        ]
-        self._cache.merge(cache)
-        self._running.extend(rows)
-        self._emit(rows, logits)
-
-    def _decode(self) -> None:
-        rows = self._running
-        input_ids = torch.tensor([[r.req.output_ids[-1]] for r in rows], dtype=torch.long)
-        positions = torch.tensor([[r.position] for r in rows], dtype=torch.long)
-        mask = self._cache.attention_mask(1, "cpu")
-        hidden = self._forward(input_ids, mask, positions, self._cache, [r.slot for r in rows], 1)
-        logits = self.lm_head(hidden[:, -1])
-        self._emit(rows, logits)
-
-    def _forward(self, input_ids, mask, positions, cache, slots, seq_len) -> torch.Tensor:
         dev = self.device
+        if decode:
+            width = max(len(s.kv.blocks) for s in decode)
+            tables = torch.full((len(decode), width), NULL_BLOCK, dtype=torch.int64)
+            for i, seq in enumerate(decode):
+                tables[i, : len(seq.kv.blocks)] = torch.tensor(seq.kv.blocks, dtype=torch.int64)
+            lens = torch.tensor([s.num_computed + 1 for s in decode], dtype=torch.int64)
+            tables, lens = tables.to(dev), lens.to(dev)
+            mask = decode_mask(lens, width * bs, None)
+        else:
+            tables = torch.zeros((0, 1), dtype=torch.int64, device=dev)
+            lens = torch.zeros(0, dtype=torch.int64, device=dev)
+            mask = None
+        meta = AttentionMetadata(
+            num_decode=len(decode),
+            decode_tables=tables,
+            decode_lens=lens,
+            prefills=tuple(spans),
+            slot_mapping=torch.tensor(mapping, dtype=torch.int64, device=dev),
+            decode_mask=mask,
+        )
+        step = StepInput(
+            torch.tensor(ids, dtype=torch.int64, device=dev),
+            torch.tensor(pos, dtype=torch.int64, device=dev),
+            meta,
+        )
         t0 = time.perf_counter()
-        self.runtime.begin_forward(slots, seq_len)
+        self.runtime.begin_forward(slots)
         try:
-            out = self.decoder(
-                input_ids=input_ids.to(dev),
-                attention_mask=mask.to(dev),
-                position_ids=positions.to(dev),
-                past_key_values=cache,
-                use_cache=True,
-            )
+            hidden = self.runner(step)
         finally:
             self.runtime.end_forward()
         if self.observer is not None:
-            # kind, rows in the batch, real tokens processed, seconds
-            kind = "prefill" if seq_len > 1 or cache is not self._cache else "decode"
+            kind = "prefill" if prefill else "decode"
             self.observer.forward_finished(
-                kind, len(slots), int(mask[:, -seq_len:].sum()), time.perf_counter() - t0
+                kind, len(decode) + len(prefill), len(ids), time.perf_counter() - t0
             )
-        return out.last_hidden_state
 
-    def _emit(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Pick each row's next token, stream it, and retire finished rows."""
-        tokens = select_tokens(logits, [r.req.params for r in rows], [r.gen for r in rows])
+        # advance every scheduled sequence; pick the rows whose next token is sampled now
+        sample_rows: list[int] = []
+        sample_seqs: list[_Seq] = []
+        for i, seq in enumerate(decode):
+            seq.num_computed += 1
+            self.blocks.commit(seq.kv, seq.tokens, seq.num_computed)
+            sample_rows.append(i)
+            sample_seqs.append(seq)
+        for span, (seq, n) in zip(spans, prefill, strict=True):
+            seq.num_computed += n
+            if seq.is_generation:
+                self.blocks.commit(seq.kv, seq.tokens, seq.num_computed)
+                if seq.pending == 0:
+                    sample_rows.append(span.start + n - 1)
+                    sample_seqs.append(seq)
+            else:
+                self._pool_chunk(seq, hidden[span.start : span.start + n])
+        if sample_seqs:
+            logits = self.runner.logits(hidden[torch.tensor(sample_rows, device=hidden.device)])
+            self._emit(sample_seqs, logits)
+        self._retire()
+
+    def _pool_chunk(self, seq: _Seq, hidden: torch.Tensor) -> None:
+        req = seq.req
+        if req.mode == "mean":
+            part = hidden.float().sum(0)
+            seq.pooled_sum = part if seq.pooled_sum is None else seq.pooled_sum + part
+        if seq.pending:
+            return
+        seq.pooled = seq.pooled_sum / len(seq.tokens) if req.mode == "mean" else hidden[-1]
+        group = self._pool_reqs.get(req.seq)
+        self.blocks.close(seq.kv)
+        self._pooling.remove(seq)
+        if group is None:
+            return
+        group.results[seq.part] = seq.pooled
+        group.remaining -= 1
+        if group.remaining == 0:
+            self._finish_pooling(group)
+
+    def _finish_pooling(self, group: _Pooling) -> None:
+        req = group.req
+        self._pool_reqs.pop(req.seq, None)
+        try:
+            if not group.results:
+                out = torch.zeros(0, self.runner.spec.hidden_size)
+            elif req.mode == "mean":
+                out = torch.stack(group.results).float().cpu()
+            else:
+                out = self.runtime.classify(req.adapter, torch.stack(group.results)).float().cpu()
+            req.future.set_result(out)
+        except Exception as exc:  # a broken head fails its request, not the batch
+            req.future.set_exception(exc)
+        finally:
+            self.runtime.release(req.adapter)
+
+    def _emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+        """Pick each sequence's next token, stream it, and mark finished requests."""
+        tokens = select_tokens(logits, [s.req.params for s in seqs], [s.gen for s in seqs])
         now = time.monotonic()
-        for row, tok in zip(rows, tokens, strict=True):
-            req = row.req
+        for seq, tok in zip(seqs, tokens, strict=True):
+            req = seq.req
             req.output_ids.append(tok)
-            row.position += 1
+            seq.tokens.append(tok)
             if req.first_token_at is None:
                 req.first_token_at = now
             reason = None
             if tok in self.eos_ids and not req.params.ignore_eos:
                 reason = "eos"
-                text = row.detok.flush()
+                text = seq.detok.flush()
             else:
-                text = row.detok.add(tok)
-                if row.detok.stopped:
+                text = seq.detok.add(tok)
+                if seq.detok.stopped:
                     reason = "stop"
-                elif len(req.output_ids) >= req.params.max_new_tokens or row.position >= self.max_positions:
+                elif (
+                    len(req.output_ids) >= req.params.max_new_tokens or len(seq.tokens) >= self.max_positions
+                ):
                     reason = "length"
-                    text += row.detok.flush()
+                    text += seq.detok.flush()
             if reason is None and req.cancelled.is_set():
                 reason = "cancelled"
             req.text += text
             if reason is not None:  # metrics first, so they are counted before the client sees the end
                 self._finish(req, reason)
             req.events.put(TokenEvent([tok], text, reason))
-        self._retire()
 
-    def _expire_running(self) -> None:
+    # ---- endings ----------------------------------------------------------------------
+    def _expire(self) -> None:
         now = time.monotonic()
-        changed = False
-        for row in self._running:
-            req = row.req
-            if req.cancelled.is_set() or (req.deadline is not None and now > req.deadline):
+        for seq in list(self._running) + list(self._resume):
+            req = seq.req
+            if not req.done and (req.cancelled.is_set() or (req.deadline is not None and now > req.deadline)):
                 reason = "cancelled" if req.cancelled.is_set() else "deadline"
                 req.events.put(TokenEvent([], "", reason))
                 self._finish(req, reason)
-                changed = True
-        if changed:
-            self._retire()
+        for seq in list(self._pooling):
+            req = seq.req
+            if req.cancelled.is_set() or (req.deadline is not None and now > req.deadline):
+                self._drop_pooling(req, "cancelled" if req.cancelled.is_set() else "deadline")
+        self._retire()
+
+    def _drop_pooling(self, req: PoolingRequest, reason: str) -> None:
+        for seq in [s for s in self._pooling if s.req is req]:
+            self.blocks.close(seq.kv)
+            self._pooling.remove(seq)
+        if self._pool_reqs.pop(req.seq, None) is not None:
+            self._finish_unadmitted(req, reason)
+            self.runtime.release(req.adapter)
 
     def _retire(self) -> None:
-        keep = [i for i, r in enumerate(self._running) if not r.req.done]
-        if len(keep) == len(self._running):
-            return
-        for r in self._running:
-            if r.req.done:
-                self.runtime.release(r.req.adapter)
-        self._running = [self._running[i] for i in keep]
-        self._cache.keep_rows(keep)
+        for seq in [s for s in self._running if s.req.done]:
+            self.blocks.close(seq.kv)
+            self._running.remove(seq)
+            self.runtime.release(seq.req.adapter)
+        for seq in [s for s in self._resume if s.req.done]:
+            self._resume.remove(seq)
+            self.runtime.release(seq.req.adapter)
 
     def _finish(self, req: GenerationRequest, reason: str) -> None:
         req.finish_reason = reason
@@ -460,7 +674,8 @@ class Engine:
                 if reason == "deadline"
                 else Cancelled("cancelled")
             )
-            req.future.set_exception(exc)
+            if not req.future.done():
+                req.future.set_exception(exc)
 
     def _fail_request(self, req, exc: Exception) -> None:
         if isinstance(req, PoolingRequest):
@@ -471,28 +686,27 @@ class Engine:
         self._finish(req, "error")
 
     def _fail_all_running(self, why: str) -> None:
-        for req in getattr(self, "_newcomers", []):
-            if isinstance(req, PoolingRequest):
-                if not req.future.done():
-                    req.future.set_exception(RuntimeError(why))
-                    self.runtime.release(req.adapter)
-            elif not req.done and not any(r.req is req for r in self._running):
-                req.events.put(TokenEvent([], "", "error:" + why))
-                self._finish(req, "error:" + why)
-                self.runtime.release(req.adapter)
-        self._newcomers = []
-        for row in self._running:
-            if not row.req.done:
-                row.req.events.put(TokenEvent([], "", "error:" + why))
-                self._finish(row.req, "error:" + why)
-                self.runtime.release(row.req.adapter)
+        for group in list(self._pool_reqs.values()):
+            if not group.req.future.done():
+                group.req.future.set_exception(RuntimeError(why))
+            self.runtime.release(group.req.adapter)
+        self._pool_reqs.clear()
+        for seq in self._pooling:
+            self.blocks.close(seq.kv)
+        self._pooling = []
+        for seq in list(self._running) + list(self._resume):
+            if not seq.req.done:
+                seq.req.events.put(TokenEvent([], "", "error:" + why))
+                self._finish(seq.req, "error:" + why)
+            self.blocks.close(seq.kv)
+            self.runtime.release(seq.req.adapter)
         self._running = []
-        self._cache = BatchKVCache(self.num_layers)
+        self._resume.clear()
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def _eos_ids(runner, tokenizer) -> set[int]:
     ids: set[int] = set()
-    for src in (getattr(model, "generation_config", None), model.config):
+    for src in (getattr(runner, "generation_config", None), runner.config):
         v = getattr(src, "eos_token_id", None) if src is not None else None
         if isinstance(v, int):
             ids.add(v)
@@ -503,8 +717,9 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
-def _pad_id(model, tokenizer) -> int:
-    for v in (tokenizer.pad_token_id, getattr(model.config, "pad_token_id", None), tokenizer.eos_token_id, 0):
+def pad_id(config, tokenizer) -> int:
+    """The one pad id of the server (engine, trainer): the tokenizer's, else the model's, else EOS, else 0."""
+    for v in (tokenizer.pad_token_id, getattr(config, "pad_token_id", None), tokenizer.eos_token_id, 0):
         if isinstance(v, int):
             return v
     return 0

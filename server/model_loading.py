@@ -27,12 +27,14 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @dataclass
 class LoadedModel:
-    model: object  # a transformers *ForCausalLM, frozen, eval mode
+    model: object  # the runner (hotlora.server.runner.Runner, or HFRunner for other families), frozen
     tokenizer: object
     name: str
     path: Path
     device: object
     dtype: object
+    base: object = None  # BaseModelInfo: the base model's module layout, for adapter validation
+    runner_kind: str = "runner"  # "runner" | "transformers"
 
 
 def default_gguf_path() -> Path:
@@ -116,22 +118,63 @@ def resolve_dtype(dtype: str, device):
     import torch
 
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        from hotlora.server.runner import auto_dtype
+
+        return auto_dtype(device)
     return getattr(torch, dtype)
 
 
-def load_model(model_dir: str, cache_dir: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+def load_model(
+    model_dir: str,
+    cache_dir: str,
+    device: str = "auto",
+    dtype: str = "auto",
+    kv_cache_bytes: int = 2 << 30,
+    kv_block_size: int = 16,
+    runner: str = "auto",
+) -> LoadedModel:
+    """The runner on the model's safetensors, or the transformers path for a family it does not cover."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub at run time
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch
+    from hotlora.adapters.base_model_info import BaseModelInfo
+    from hotlora.server.runner import ModelSpec, Unsupported, load_runner
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(model_dir) if model_dir else prepare_default_model(cache_dir)
     name = path.name if model_dir else DEFAULT_MODEL_NAME
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt, local_files_only=True)
-    model.to(dev).eval()
-    model.requires_grad_(False)  # frozen: shared by inference and every fine-tune
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model=model, tokenizer=tokenizer, name=name, path=path, device=dev, dtype=dt)
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    with torch.device("meta"):  # the module layout adapters are validated against, without weights
+        base = BaseModelInfo.from_model(AutoModelForCausalLM.from_config(config))
+    why = "--runner transformers" if runner == "transformers" else None
+    if why is None:
+        try:
+            ModelSpec.from_config(config)
+        except Unsupported as exc:
+            why = str(exc)
+    if why is None:
+        model = load_runner(path, config, dt, dev, kv_cache_bytes, kv_block_size)
+        kind = "runner"
+    else:
+        from hotlora.server.runner.hf_runner import HFRunner
+
+        log.warning("serving %s through the transformers path: %s", name, why)
+        hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt, local_files_only=True)
+        hf.to(dev).eval()
+        hf.requires_grad_(False)  # frozen: shared by inference and every fine-tune
+        model = HFRunner(hf, kv_cache_bytes, kv_block_size)
+        kind = "transformers"
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        name=name,
+        path=path,
+        device=dev,
+        dtype=dt,
+        base=base,
+        runner_kind=kind,
+    )

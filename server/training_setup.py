@@ -12,7 +12,7 @@ def setup_training(state) -> FineTuneManager | None:
         return None  # no multi-LoRA layers: nothing to train on
     cfg = state.config
     loaded = state.loaded
-    targets = tuple(sorted({short for _, short in adapters.wrapped}))
+    targets = adapters.targets
     limits = FineTuneLimits(max_examples=cfg.max_finetune_examples, max_rank=cfg.max_rank)
     return FineTuneManager(
         store=adapters.registry.metadata,

@@ -11,6 +11,7 @@ import torch
 from hotlora.adapters.errors import ResourceExhausted, Unavailable
 from hotlora.server.engine import BaseOnlyRuntime, Engine, EngineLimits
 from hotlora.server.requests import GenerationRequest, PoolingRequest
+from hotlora.server.runner import runner_from_model
 from hotlora.server.sampling import SamplingParams
 
 # Byte-level prompts of different lengths; greedy decoding of these does not reach EOS
@@ -45,7 +46,7 @@ class FailOnceRuntime(BaseOnlyRuntime):
     def arm(self):
         self.armed.set()
 
-    def begin_forward(self, row_slots, seq_len):
+    def begin_forward(self, token_slots):
         if self.armed.is_set():
             self.armed.clear()
             raise RuntimeError("injected failure")
@@ -57,7 +58,7 @@ def make_engine(tiny_llama, tiny_tok):
 
     def make(**kw) -> Engine:
         start = kw.pop("start", True)
-        eng = Engine(tiny_llama, tiny_tok, **kw)
+        eng = Engine(runner_from_model(tiny_llama, **kw.pop("runner_kw", {})), tiny_tok, **kw)
         engines.append(eng)
         if start:
             eng.start()

@@ -1,0 +1,91 @@
+"""Building a runner: from a model directory's safetensors (serving) or an in-memory model (tests)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from .kv_cache import KVCacheConfig, KVPool
+from .model import Runner
+from .spec import ModelSpec
+from .weights import build_weights, module_getter, safetensors_getter
+
+log = logging.getLogger("hotlora.runner")
+
+
+def cpu_has_fast_bf16() -> bool:
+    """avx512_bf16 or AMX: oneDNN's bf16 GEMMs beat fp32 there. Without them it emulates bf16 and is
+    several times slower than fp32 (measured on an avx512 Xeon without avx512_bf16: 5-7x at 512 rows)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def auto_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the hardware computes it fast (CUDA; CPUs with avx512_bf16 or AMX), fp32 elsewhere."""
+    if device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()):
+        return torch.bfloat16
+    return torch.float32
+
+
+def load_runner(
+    model_dir: str | Path,
+    config,
+    dtype: torch.dtype,
+    device: torch.device,
+    kv_bytes: int,
+    block_size: int = 16,
+) -> Runner:
+    """`config`: the directory's transformers config (raises runner.spec.Unsupported for other families)."""
+    spec = ModelSpec.from_config(config)
+    weights = build_weights(spec, safetensors_getter(model_dir), dtype, device)
+    runner = _assemble(spec, weights, config, dtype, device, kv_bytes, block_size)
+    runner.generation_config = _generation_config(model_dir)
+    return runner
+
+
+def runner_from_model(
+    model, dtype: torch.dtype | None = None, kv_bytes: int = 64 << 20, block_size: int = 16, device=None
+) -> Runner:
+    """A runner on a transformers model's weights (fused copies; the model itself is left as it is)."""
+    spec = ModelSpec.from_config(model.config)
+    param = next(model.parameters())
+    dtype = dtype or param.dtype
+    device = torch.device(device) if device is not None else param.device
+    weights = build_weights(spec, module_getter(model), dtype, device)
+    runner = _assemble(spec, weights, model.config, dtype, device, kv_bytes, block_size)
+    runner.generation_config = getattr(model, "generation_config", None)
+    return runner
+
+
+def _assemble(spec, weights, config, dtype, device, kv_bytes, block_size) -> Runner:
+    bytes_per_token = spec.kv_bytes_per_token * torch.empty(0, dtype=dtype).element_size()
+    kv = KVCacheConfig.for_bytes(kv_bytes, bytes_per_token, block_size=block_size)
+    pool = KVPool(spec.num_layers, kv, spec.num_kv_heads, spec.head_dim, dtype, device)
+    runner = Runner(spec, weights, config, pool)
+    runner.kv_config = kv
+    log.info(
+        "runner: %s, %d layers, %s on %s, weights %.0f MiB, KV cache %d blocks x %d tokens (%d B/token)",
+        spec.family,
+        spec.num_layers,
+        str(dtype).removeprefix("torch."),
+        device,
+        weights.nbytes / 2**20,
+        kv.num_blocks,
+        kv.block_size,
+        bytes_per_token,
+    )
+    return runner
+
+
+def _generation_config(model_dir):
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(str(model_dir), local_files_only=True)
+    except OSError:  # no generation_config.json: the model config's ids are used
+        return None

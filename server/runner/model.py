@@ -1,0 +1,202 @@
+"""The model runner: Llama-family decoder layers over a flat batch of tokens, on the paged KV cache.
+
+One step's tokens -- decode rows and prefill chunks of many sequences, each token with its own position and
+adapter slot -- run as one [T, H] batch through fused projections (one GEMM for q/k/v, one for gate/up),
+RoPE from a precomputed table, attention on the paged cache, and the multi-LoRA sites. The arithmetic follows
+transformers' modelling code op for op (RMSNorm in fp32, then cast; RoPE as rotate-half; SiLU gate), so fp32
+greedy decoding matches `generate`.
+
+The same weights serve on-line training: :meth:`Runner.dense_hidden` is a cache-free causal forward with
+autograd, and :meth:`Runner.get_decoder` / :meth:`Runner.get_output_embeddings` give the trainer the surface
+of a transformers model. There is one copy of the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import AttentionMetadata, dense_attention, paged_attention
+from .kv_cache import KVPool
+from .spec import ModelSpec
+from .weights import RunnerWeights
+
+# projection name -> the PEFT module names it fuses, in output-column order
+FUSED = {
+    "qkv": ("q_proj", "k_proj", "v_proj"),
+    "o": ("o_proj",),
+    "gate_up": ("gate_proj", "up_proj"),
+    "down": ("down_proj",),
+}
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """One forward pass over the paged cache (built by the engine)."""
+
+    token_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    attention: AttentionMetadata
+
+
+class _DecoderOutput:
+    def __init__(self, hidden: torch.Tensor):
+        self.last_hidden_state = hidden
+
+
+class _DecoderView(nn.Module):
+    """`runner.get_decoder()`: called like a transformers decoder by the trainer."""
+
+    def __init__(self, runner: Runner):
+        super().__init__()
+        self._runner = [runner]  # not a submodule: parameters() stay the runner's own
+
+    def forward(self, input_ids, attention_mask=None, use_cache=False, **_):
+        return _DecoderOutput(self._runner[0].dense_hidden(input_ids, attention_mask))
+
+
+class Runner(nn.Module):
+    def __init__(self, spec: ModelSpec, weights: RunnerWeights, config, pool: KVPool | None = None):
+        super().__init__()
+        self.spec = spec
+        self.w = weights
+        self.config = config  # the transformers config (pad/eos ids, model_type) for the rest of the server
+        self.pool = pool
+        self.generation_config = None  # transformers GenerationConfig, when the model has one (EOS ids)
+        self.kv_config = None  # set by the loader with the pool
+        self.sites: dict[tuple[int, str], object] = {}  # (layer, projection) -> LoraSite
+        self.dtype = weights.embed.dtype
+        self.device = weights.embed.device
+        self.scale = spec.head_dim**-0.5
+        cos, sin = _rope_table(spec, spec.max_positions)
+        self.register_buffer("rope_cos", cos.to(self.device, self.dtype), persistent=False)
+        self.register_buffer("rope_sin", sin.to(self.device, self.dtype), persistent=False)
+        # the weights as frozen parameters: parameters() and requires_grad checks see the model
+        for i, t in enumerate(weights.tensors()):
+            self.register_parameter(f"w{i}", nn.Parameter(t, requires_grad=False))
+        self._lm_head = _LmHead(weights.lm_head)
+
+    # ---- the serving forward ----------------------------------------------------------------------------
+    def forward(self, step: StepInput) -> torch.Tensor:
+        """Final-norm hidden states [T, H] of the step's tokens; K/V written into the pool."""
+        meta = step.attention
+        pool = self.pool
+
+        def attend(i: int, q, k, v):
+            pool.write(i, meta.slot_mapping, k, v)
+            return paged_attention(
+                q, k, v, pool.k[i], pool.v[i], meta, self.scale, self.spec.sliding_windows[i]
+            )
+
+        return self._run(step.token_ids, step.positions, attend)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self._lm_head(hidden)
+
+    # ---- training and scoring: no cache, autograd ------------------------------------------------------
+    def dense_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Right-padded [B, L] -> final-norm hidden [B, L, H], causal within each sequence."""
+        b, length = input_ids.shape
+        ids = input_ids.to(self.device)
+        lengths = (
+            attention_mask.to(self.device).sum(-1)
+            if attention_mask is not None
+            else torch.full((b,), length, device=self.device)
+        )
+        pos = torch.arange(length, device=self.device).expand(b, length).reshape(-1)
+
+        def attend(i: int, q, k, v):
+            shape = (b, length)
+            return dense_attention(
+                q.view(*shape, *q.shape[1:]),
+                k.view(*shape, *k.shape[1:]),
+                v.view(*shape, *v.shape[1:]),
+                lengths,
+                self.scale,
+                self.spec.sliding_windows[i],
+            ).reshape(b * length, -1)
+
+        return self._run(ids.reshape(-1), pos, attend).view(b, length, -1)
+
+    def get_decoder(self) -> nn.Module:
+        return _DecoderView(self)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self._lm_head
+
+    # ---- the layers ---------------------------------------------------------------------------------------
+    def _run(self, token_ids: torch.Tensor, positions: torch.Tensor, attend: Callable) -> torch.Tensor:
+        spec, w = self.spec, self.w
+        h = F.embedding(token_ids, w.embed)
+        cos = self.rope_cos[positions].unsqueeze(1)  # [T, 1, d]
+        sin = self.rope_sin[positions].unsqueeze(1)
+        t = token_ids.shape[0]
+        qs, kvs = spec.q_size, spec.kv_size
+        for i, layer in enumerate(w.layers):
+            x = _rms_norm(h, layer.input_norm, spec.rms_norm_eps)
+            qkv = self._project(i, "qkv", x, layer.qkv, layer.qkv_bias)
+            q, k, v = qkv.split((qs, kvs, kvs), dim=-1)
+            q = q.reshape(t, spec.num_heads, spec.head_dim)
+            k = k.reshape(t, spec.num_kv_heads, spec.head_dim)
+            v = v.reshape(t, spec.num_kv_heads, spec.head_dim)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            a = attend(i, q, k, v)
+            h = h + self._project(i, "o", a, layer.o, layer.o_bias)
+            x = _rms_norm(h, layer.post_norm, spec.rms_norm_eps)
+            gate, up = self._project(i, "gate_up", x, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
+            h = h + self._project(i, "down", F.silu(gate) * up, layer.down, layer.down_bias)
+        return _rms_norm(h, w.norm, spec.rms_norm_eps)
+
+    def _project(self, layer: int, name: str, x, weight, bias) -> torch.Tensor:
+        y = F.linear(x, weight, bias)
+        site = self.sites.get((layer, name))
+        return y if site is None else site.apply(y, x)
+
+    # ---- LoRA sites -------------------------------------------------------------------------------------
+    def projection_shapes(self) -> dict[str, tuple[int, tuple[int, ...]]]:
+        """projection -> (in_features, output size of each fused module)."""
+        s = self.spec
+        return {
+            "qkv": (s.hidden_size, (s.q_size, s.kv_size, s.kv_size)),
+            "o": (s.q_size, (s.hidden_size,)),
+            "gate_up": (s.hidden_size, (s.intermediate_size, s.intermediate_size)),
+            "down": (s.intermediate_size, (s.hidden_size,)),
+        }
+
+
+class _LmHead(nn.Module):
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self._weight = [weight]  # shared with the embedding when tied; registered on the runner
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._weight[0]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self._weight[0])
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # transformers' LlamaRMSNorm: statistics in fp32, cast back, then the weight
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rope_table(spec: ModelSpec, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # as LlamaRotaryEmbedding: freqs = pos · inv_freq in fp32, emb = [freqs, freqs], times attention_scaling
+    pos = torch.arange(length, dtype=torch.float32)
+    freqs = pos[:, None] * spec.inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos() * spec.rope_scaling, emb.sin() * spec.rope_scaling
