@@ -18,7 +18,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from hotlora.server.auth import TokenAuthenticator
 from hotlora.server.config import ServerConfig
+from hotlora.server.idle_watchdog import IdleWatchdog
 from hotlora.server.interceptors import ServerInterceptor
+from hotlora.server.rpc_admission import RpcAdmission, RpcLimits
+from hotlora.server.transport import server_options
 
 log = logging.getLogger("hotlora.server")
 
@@ -55,16 +58,19 @@ class HotloraServer:
             self.metrics = Metrics(expose_adapter_names=config.expose_adapter_names)
             self.state.metrics = self.metrics
         self.health = health.HealthServicer(experimental_non_blocking=True)
-        opts = [
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ]
+        self.admission = RpcAdmission(RpcLimits(config.rpc_limit, config.tenant_rpc_limit))
+        self.interceptor = ServerInterceptor(
+            self.auth,
+            self.metrics,
+            admission=self.admission,
+            watchdog=IdleWatchdog(config.request_idle_seconds),
+        )
+        # no maximum_concurrent_rpcs: the interceptor admits calls (grpc's own cap would refuse a call
+        # after the interceptor counted it, and never tell it)
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="hotlora-rpc"),
-            interceptors=[ServerInterceptor(self.auth, self.metrics)],
-            options=opts,
-            maximum_concurrent_rpcs=config.workers * 4,
+            interceptors=[self.interceptor],
+            options=server_options(config),
         )
         self._register_services()
         self.port = None
@@ -211,6 +217,7 @@ class HotloraServer:
             self.state.adapters.close()
         if self.metrics is not None:
             self.metrics.stop_http()
+        self.interceptor.close()
         self._stopped.set()
         log.info("stopped")
 
