@@ -49,6 +49,10 @@ class BlobStore(ABC):
     def list(self) -> Iterator[str]:
         """Every stored digest."""
 
+    @abstractmethod
+    def check(self) -> None:
+        """Raises unless a blob could be written now (the health probe)."""
+
 
 class LocalBlobStore(BlobStore):
     """`<root>/ab/cdef...`: written to a temp file in the same folder, fsynced, renamed, folder fsynced."""
@@ -106,6 +110,10 @@ class LocalBlobStore(BlobStore):
                     digest = sub.name + f.name
                     if _SHA256.fullmatch(digest):
                         yield digest
+
+    def check(self) -> None:
+        with tempfile.TemporaryFile(dir=self.root, prefix=_TMP_PREFIX):
+            pass
 
     def _remove_partial_writes(self) -> None:
         # Left by a crash between mkstemp and os.replace; at start-up nothing of ours is still writing.

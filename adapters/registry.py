@@ -42,13 +42,20 @@ class AdapterRegistry:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, data_dir: Path) -> AdapterRegistry:
+    def open(cls, data_dir: Path, connections: int = 8) -> AdapterRegistry:
         """The default stores under `data_dir` (SQLite + local blobs); removes orphaned blobs."""
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
-        registry = cls(SqliteMetadataStore(data_dir / METADATA_FILE), LocalBlobStore(data_dir / BLOBS_DIR))
+        registry = cls(
+            SqliteMetadataStore(data_dir / METADATA_FILE, connections), LocalBlobStore(data_dir / BLOBS_DIR)
+        )
         registry.gc()
         return registry
+
+    def check(self) -> None:
+        """Raises unless both stores work: the database answers and the blob store can write."""
+        self.metadata.ping()
+        self.blobs.check()
 
     def close(self) -> None:
         self.metadata.close()

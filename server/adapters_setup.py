@@ -27,7 +27,7 @@ def setup_adapters(state, loaded):
     limits = AdapterLimits(
         max_rank=cfg.max_rank, max_file_bytes=cfg.max_upload_bytes, max_upload_bytes=cfg.max_upload_bytes
     )
-    registry = AdapterRegistry.open(Path(cfg.data_dir))
+    registry = AdapterRegistry.open(Path(cfg.data_dir), cfg.registry_connections)
     service = AdapterService(
         registry,
         base,

@@ -20,6 +20,7 @@ from hotlora.server.auth import TokenAuthenticator
 from hotlora.server.config import ServerConfig
 from hotlora.server.idle_watchdog import IdleWatchdog
 from hotlora.server.interceptors import ServerInterceptor
+from hotlora.server.registry_health import RegistryHealth
 from hotlora.server.rpc_admission import RpcAdmission, RpcLimits
 from hotlora.server.transport import server_options
 
@@ -75,6 +76,7 @@ class HotloraServer:
         self._register_services()
         self.port = None
         self.metrics_port = None
+        self.registry_health: RegistryHealth | None = None
         self._stopped = threading.Event()
 
     def _register_services(self):
@@ -188,11 +190,20 @@ class HotloraServer:
             self.state.training = setup_training(self.state)
         if self.metrics is not None:
             self.metrics.attach(self.state)
+        if adapters is not None:
+            self.registry_health = RegistryHealth(
+                adapters.registry.check, self._registry_health_changed, cfg.health_check_seconds
+            )
+            self.registry_health.start()
         self.ready_seconds = time.monotonic() - t0
         self._set_health(True)
         log.info(
             "ready: model %s on %s/%s in %.2f s", loaded.name, loaded.device, loaded.dtype, self.ready_seconds
         )
+
+    def _registry_health_changed(self, healthy: bool) -> None:
+        if not self.state.draining:
+            self._set_health(healthy)
 
     def shutdown(self, grace: float | None = None) -> None:
         if self._stopped.is_set():
@@ -201,6 +212,8 @@ class HotloraServer:
         log.info("draining (grace %.1f s)", grace)
         self.state.draining = True
         self._set_health(False)
+        if self.registry_health is not None:
+            self.registry_health.stop()
         engine = self.state.engine
         if self.state.training is not None:
             # running jobs end FAILED ("server stopped"); they would otherwise hold the engine

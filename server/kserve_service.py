@@ -235,6 +235,9 @@ class KServeServicer:
         cancel = threading.Event()
         context.add_callback(cancel.set)
         workers: list[threading.Thread] = []
+        # at most this many requests of the stream in flight: the reader stops reading (and HTTP/2 flow
+        # control stops the client) until one finishes, so one stream cannot start unbounded threads
+        slots = threading.BoundedSemaphore(self.state.config.max_stream_requests)
 
         def serve(request):
             try:
@@ -246,18 +249,27 @@ class KServeServicer:
                 log.exception("ModelStreamInfer request failed")
                 msg = "internal error; the server log has the details"
                 out.put(pb.ModelStreamInferResponse(error_message=msg))
+            finally:
+                slots.release()
 
         def read():
             try:
                 for request in request_iterator:
+                    while not slots.acquire(timeout=0.25):
+                        if cancel.is_set():
+                            return
                     t = threading.Thread(target=serve, args=(request,), daemon=True, name="kserve-stream")
                     t.start()
                     workers.append(t)
+                    workers[:] = [w for w in workers if w.is_alive()]
+            except HotloraError as exc:  # e.g. bytes that are no ModelInferRequest: say so, then stop
+                out.put(pb.ModelStreamInferResponse(error_message=exc.message))
             except Exception:  # the client went away: stop the stream
                 cancel.set()
-            for t in workers:
-                t.join()
-            out.put(None)
+            finally:
+                for t in workers:
+                    t.join()
+                out.put(None)
 
         threading.Thread(target=read, daemon=True, name="kserve-stream-reader").start()
         while True:
