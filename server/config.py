@@ -188,7 +188,7 @@ class ServerConfig:
                 if host not in LOOPBACK:
                     problems.append(
                         "without --tokens-file the server runs in single-tenant dev mode and listens on "
-                        f"127.0.0.1 only; give a tokens file to bind {flag} {host!r}"
+                        f"127.0.0.1 only; give a tokens file to bind {host!r} ({flag})"
                     )
         if problems:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))

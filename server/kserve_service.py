@@ -164,7 +164,7 @@ class KServeServicer:
         t0 = time.monotonic()
         ok, items = False, 0
         try:
-            texts, shape = kc.text_input(request)
+            texts, shape = kc.text_input(request, self.state.config.max_texts)
             items = len(texts)
             if model.task == "SEQ_CLS":
                 response = self._classify(tenant, model, request, texts, shape, context)
@@ -280,13 +280,10 @@ class KServeServicer:
 
     def _stream_one(self, tenant, request, context, cancel: threading.Event):
         model = self._model(tenant, request.model_name, request.model_version)
-        empty_final = (
-            kc.param_value(request.parameters["triton_enable_empty_final_response"]) is True
-            if "triton_enable_empty_final_response" in request.parameters
-            else False
-        )
+        key = "triton_enable_empty_final_response"
+        empty_final = kc.param_bool(request.parameters[key], key) if key in request.parameters else False
         t0 = time.monotonic()
-        texts, shape = kc.text_input(request)
+        texts, shape = kc.text_input(request, self.state.config.max_texts)
         if model.task == "SEQ_CLS":
             ok = False
             try:
@@ -361,7 +358,7 @@ class KServeServicer:
     def RepositoryModelLoad(self, request, context):
         tenant, name = current_tenant(), request.model_name
         files, config = kc.load_request_files(request, self.state.config.max_upload_bytes)
-        pin = bool(kc.param_value(request.parameters["pin"])) if "pin" in request.parameters else False
+        pin = kc.param_bool(request.parameters["pin"], "pin") if "pin" in request.parameters else False
         if name == BASE_MODEL:
             if files:
                 raise InvalidArgument(
