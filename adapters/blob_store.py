@@ -39,6 +39,11 @@ class BlobStore(ABC):
         """The blob's bytes, verified against `sha256`; BlobIntegrityError if missing or damaged."""
 
     @abstractmethod
+    def iter_chunks(self, sha256: str, chunk_bytes: int) -> Iterator[bytes]:
+        """The blob in chunks of at most `chunk_bytes` (at least one, empty for an empty blob), verified
+        against `sha256` before the first is yielded; never the whole blob in memory."""
+
+    @abstractmethod
     def exists(self, sha256: str) -> bool: ...
 
     @abstractmethod
@@ -94,6 +99,26 @@ class LocalBlobStore(BlobStore):
         if sha256_hex(data) != sha256:
             raise BlobIntegrityError(f"blob {sha256} in {self.root} is damaged: its bytes hash differently")
         return data
+
+    def iter_chunks(self, sha256: str, chunk_bytes: int) -> Iterator[bytes]:
+        path = self._path(sha256)
+        try:
+            f = open(path, "rb")  # noqa: SIM115 (closed below, also when the consumer stops early)
+        except FileNotFoundError:
+            raise BlobIntegrityError(f"blob {sha256} is missing from {self.root}") from None
+        with f:
+            digest = hashlib.sha256()
+            for data in iter(lambda: f.read(chunk_bytes), b""):
+                digest.update(data)
+            if digest.hexdigest() != sha256:
+                raise BlobIntegrityError(
+                    f"blob {sha256} in {self.root} is damaged: its bytes hash differently"
+                )
+            f.seek(0)
+            data = f.read(chunk_bytes)
+            yield data
+            while data := f.read(chunk_bytes):
+                yield data
 
     def exists(self, sha256: str) -> bool:
         return self._path(sha256).is_file()

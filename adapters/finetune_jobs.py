@@ -179,12 +179,17 @@ class FineTuneManager:
             if not active():
                 return
 
-    def artifact(self, tenant: str, job_id: str) -> dict[str, bytes]:
-        """The PEFT files of the adapter a job trained (also of a REJECTED one)."""
+    def artifact_files(self, tenant: str, job_id: str) -> dict[str, str]:
+        """File name -> blob digest of the adapter a job trained (also of a REJECTED one)."""
         job = self.get(tenant, job_id)
         files = self.store.job_files(job.id)
         if not files:
             raise NotFound(f"fine-tune job {job_id} has no trained adapter (state {job.state})")
+        return files
+
+    def artifact(self, tenant: str, job_id: str) -> dict[str, bytes]:
+        """The PEFT files of the adapter a job trained, in memory (small adapters, tests)."""
+        files = self.artifact_files(tenant, job_id)
         return {name: self.adapters.registry.blobs.get(sha) for name, sha in files.items()}
 
     def count_by_state(self) -> dict[str, int]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from hotlora.adapters.errors import FailedPrecondition
+from hotlora.adapters.errors import FailedPrecondition, ResourceExhausted
 from hotlora.adapters.names import format_ref
 from hotlora.adapters.sqlite_pool import ConnectionPool
 
@@ -51,13 +51,41 @@ class AdapterRecord:
         return format_ref(self.name, self.version)
 
 
+@dataclass(frozen=True)
+class TenantQuota:
+    """What one tenant may store; checked inside the transaction that commits a version, so racing
+    uploads cannot all pass it."""
+
+    max_versions: int
+    """--max-adapters-per-tenant"""
+    max_bytes: int
+    """--max-tenant-bytes: size_bytes of every live version together"""
+
+    def check(self, tenant: str, versions: int, used_bytes: int, new_bytes: int) -> None:
+        if versions >= self.max_versions:
+            raise ResourceExhausted(
+                f"tenant {tenant!r} already stores {self.max_versions} adapter versions, the limit "
+                "(--max-adapters-per-tenant); delete some first"
+            )
+        if used_bytes + new_bytes > self.max_bytes:
+            raise ResourceExhausted(
+                f"tenant {tenant!r} stores {used_bytes} bytes of adapters; {new_bytes} more would pass its "
+                f"quota of {self.max_bytes} bytes (--max-tenant-bytes); delete some first"
+            )
+
+
 class MetadataStore(ABC):
     """Adapter records per tenant. Implementations are safe to call from many threads."""
 
     @abstractmethod
-    def insert_next_version(self, draft: AdapterRecord) -> AdapterRecord:
-        """In one transaction: version = the largest ever given to (tenant, name) + 1, then insert.
-        `draft.version` and `draft.created_at` are ignored; the stored record is returned."""
+    def insert_next_version(self, draft: AdapterRecord, quota: TenantQuota | None = None) -> AdapterRecord:
+        """In one transaction: check the tenant's `quota` (ResourceExhausted), version = the largest ever
+        given to (tenant, name) + 1, then insert. `draft.version` and `draft.created_at` are ignored; the
+        stored record is returned."""
+
+    @abstractmethod
+    def usage(self, tenant: str) -> tuple[int, int]:
+        """(live versions, their size_bytes together) of one tenant."""
 
     @abstractmethod
     def get(self, tenant: str, name: str, version: int | None) -> AdapterRecord | None:
@@ -170,10 +198,13 @@ class SqliteMetadataStore(MetadataStore):
             conn.execute("ROLLBACK")
             raise
 
-    def insert_next_version(self, draft: AdapterRecord) -> AdapterRecord:
+    def insert_next_version(self, draft: AdapterRecord, quota: TenantQuota | None = None) -> AdapterRecord:
         with self._pool.connection() as conn:
-            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("BEGIN IMMEDIATE")  # the write lock: no other commit between check and insert
             try:
+                if quota is not None:
+                    versions, used = _usage(conn, draft.tenant)
+                    quota.check(draft.tenant, versions, used, draft.size_bytes)
                 (version,) = conn.execute(
                     "INSERT INTO version_counters (tenant, name, last_version) VALUES (?, ?, 1) "
                     "ON CONFLICT (tenant, name) DO UPDATE SET last_version = last_version + 1 "
@@ -251,6 +282,10 @@ class SqliteMetadataStore(MetadataStore):
 
     def count(self) -> int:
         return int(self._one("SELECT COUNT(*) FROM adapters")[0])
+
+    def usage(self, tenant: str) -> tuple[int, int]:
+        with self._pool.connection() as conn:
+            return _usage(conn, tenant)
 
     def referenced_blobs(self) -> set[str]:
         with self._pool.connection() as conn:
@@ -345,6 +380,13 @@ def _setup_connection(conn: sqlite3.Connection) -> None:
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=FULL")
     conn.execute("PRAGMA foreign_keys=ON")
+
+
+def _usage(conn: sqlite3.Connection, tenant: str) -> tuple[int, int]:
+    n, size = conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM adapters WHERE tenant = ?", (tenant,)
+    ).fetchone()
+    return int(n), int(size)
 
 
 def _records(conn: sqlite3.Connection, where: str, args: tuple) -> list[AdapterRecord]:

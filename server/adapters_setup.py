@@ -10,6 +10,9 @@ from hotlora.adapters.peft_format import AdapterLimits
 from hotlora.adapters.registry import AdapterRegistry
 from hotlora.adapters.runtime import MultiLoraRuntime
 from hotlora.adapters.service import AdapterService
+from hotlora.adapters.upload_spool import UploadBudget, UploadSpooler
+
+UPLOADS_DIR = "uploads-in-flight"  # under --data-dir: spools of uploads not yet stored
 
 
 def setup_adapters(state, loaded):
@@ -37,6 +40,10 @@ def setup_adapters(state, loaded):
         cfg.host_cache_bytes,
         max_per_tenant=cfg.max_adapters_per_tenant,
         observer=state.metrics,
+        max_tenant_bytes=cfg.max_tenant_bytes,
+        uploads=UploadSpooler(
+            Path(cfg.data_dir) / UPLOADS_DIR, UploadBudget(cfg.upload_buffer_bytes), cfg.max_upload_bytes
+        ),
     )
     service.base_model_name = loaded.name
     service.lora_context = ctx

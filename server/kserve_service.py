@@ -373,7 +373,8 @@ class KServeServicer:
             if "@" in name:
                 raise InvalidArgument("an upload creates the next version itself; give the bare adapter name")
             labels, description = kc.config_labels_description(config)
-            ref = svc.upload(tenant, name, files, description=description, labels=labels).record.ref
+            with svc.uploads.budget.held(sum(len(d) for d in files.values())):  # --upload-buffer-bytes
+                ref = svc.upload(tenant, name, files, description=description, labels=labels).record.ref
         timeout = context.time_remaining()
         timeout = 30.0 if timeout is None or timeout > 30 else max(0.1, timeout - 0.05)
         svc.load(tenant, ref, pin, timeout)
