@@ -52,6 +52,7 @@ class AdapterService:
         *,
         max_tenant_bytes: int = 1 << 62,
         uploads: UploadSpooler | None = None,
+        max_pins_per_tenant: int | None = None,
     ):
         self.registry = registry
         self.base = base
@@ -59,6 +60,7 @@ class AdapterService:
         self.max_per_tenant = max_per_tenant
         self.quota = TenantQuota(max_per_tenant, max_tenant_bytes)
         self.uploads = uploads
+        self.max_pins_per_tenant = max_pins_per_tenant
         self.observer = observer
         self.runtime = runtime
         self.cache = AdapterCache(
@@ -68,6 +70,7 @@ class AdapterService:
             installer=runtime.install,
             clearer=runtime.clear,
             observer=observer,
+            owner_of=lambda key: key[0],  # (tenant, name, version): pins count per tenant
         )
         runtime.cache = self.cache
 
@@ -119,7 +122,7 @@ class AdapterService:
 
     def load(self, tenant: str, ref: str, pin: bool = False, timeout: float = 30.0) -> AdapterView:
         rec = self.registry.resolve(tenant, ref)
-        self.cache.request_load(_key(rec), pin=pin, timeout=timeout)
+        self.cache.request_load(_key(rec), pin=pin, timeout=timeout, max_owner_pins=self.max_pins_per_tenant)
         return self._view(rec)
 
     def unload(self, tenant: str, ref: str) -> AdapterView:

@@ -41,6 +41,7 @@ def setup_adapters(state, loaded):
         max_per_tenant=cfg.max_adapters_per_tenant,
         observer=state.metrics,
         max_tenant_bytes=cfg.max_tenant_bytes,
+        max_pins_per_tenant=cfg.tenant_pin_limit,
         uploads=UploadSpooler(
             Path(cfg.data_dir) / UPLOADS_DIR, UploadBudget(cfg.upload_buffer_bytes), cfg.max_upload_bytes
         ),

@@ -62,7 +62,9 @@ class ServerConfig:
     )
     max_adapters_per_tenant: int = _opt(1000, "stored adapter versions per tenant")
     max_tenant_bytes: int = _opt(16 << 30, "stored adapter bytes per tenant (all versions' files)")
-    max_pins_per_tenant: int = _opt(0, "device slots one tenant may pin; 0 = a quarter of --adapter-slots")
+    max_pins_per_tenant: int = _opt(
+        0, "device slots one tenant may pin; 0 = a quarter of --adapter-slots (dev mode: all of them)"
+    )
     target_modules: str = _opt(
         "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "linear layers that can carry LoRA"
     )
@@ -208,7 +210,9 @@ class ServerConfig:
     @property
     def tenant_pin_limit(self) -> int:
         """--max-pins-per-tenant resolved."""
-        return self.max_pins_per_tenant or max(1, self.adapter_slots // 4)
+        if self.max_pins_per_tenant:
+            return self.max_pins_per_tenant
+        return max(1, self.adapter_slots // 4) if self.tokens_file else self.adapter_slots
 
     @property
     def target_module_list(self) -> tuple[str, ...]:

@@ -203,10 +203,12 @@ class KServeServicer:
         if len(inputs) > fe.config.max_texts:
             raise InvalidArgument(f"{len(inputs)} prompts in one request; the limit is {fe.config.max_texts}")
         deadline = deadline_of(context)
+        prepared = [fe.prepare_generation(g) for g in inputs]  # all checked before any is submitted
+        fe.check_request_tokens(sum(len(ids) for ids, _ in prepared), "prompts")
         started, resolved = [], ""
         try:
-            for g in inputs:  # all submitted before waiting: the engine batches them
-                req, resolved = fe.start_generation(tenant, g, deadline)
+            for g, p in zip(inputs, prepared, strict=True):  # all submitted before waiting: batched
+                req, resolved = fe.start_generation(tenant, g, deadline, prepared=p)
                 started.append(req)
             for req in started:
                 for ev in self._events(req, context):
