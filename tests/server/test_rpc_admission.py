@@ -15,10 +15,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hotlora.server import kserve_conversion as kc
-from hotlora.v1 import adapters_pb2, inference_pb2
+from hotlora.v1 import adapters_pb2, common_pb2, inference_pb2
 
+from tests.server.adapter_utils import make_peft_adapter, upload_chunks
 from tests.server.harness import running_server
 from tests.server.test_metrics import scrape, value
+from tests.server.test_registry_resources import _infer_request
 
 TOKENS = {"alpha": "tok-alpha-admission", "beta": "tok-beta-admission"}
 WORKERS = 4
@@ -196,3 +198,38 @@ def test_connections_are_closed_when_idle_or_too_old(tiny_model_dir, tmp_path, l
         finally:
             run.channel.unsubscribe(watch)
         assert run.inference.Generate(inference_pb2.GenerateRequest(prompt="x"), timeout=30).token_ids
+
+
+def test_one_kserve_stream_has_at_most_max_stream_requests_in_flight(tiny_model_dir, tmp_path):
+    """Each streamed request runs on a thread of its own; the stream stops reading past the cap."""
+    dirs = [
+        make_peft_adapter(tmp_path / f"p{i}", seed=i, r=2, lora_alpha=4, target_modules=["q_proj"])
+        for i in (1, 2)
+    ]
+    with running_server(tiny_model_dir, tmp_path / "data", adapter_slots=1, max_stream_requests=2) as run:
+        for name, d in zip(("pinned", "waits"), dirs, strict=True):
+            run.adapters.UploadAdapter(upload_chunks(name, d), timeout=30)
+        run.adapters.LoadAdapter(common_pb2.AdapterRef(name="pinned", pin=True), timeout=30)
+        stream = run.channel.stream_stream(
+            f"/{kc.SERVICE}/ModelStreamInfer",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=kc.pb.ModelStreamInferResponse.FromString,
+        )
+        release = threading.Event()
+
+        def requests():
+            for _ in range(6):  # none can be admitted: the only slot is pinned
+                yield _infer_request("waits")
+            release.wait(60)
+
+        call = stream(requests(), timeout=60)
+        engine = run.state.engine
+        seen = []
+        for _ in range(100):
+            seen.append(engine.num_waiting)
+            if seen[-1] >= 2 and len(seen) > 20:
+                break
+            threading.Event().wait(0.02)
+        release.set()
+        call.cancel()
+        assert max(seen) == 2, seen
