@@ -37,6 +37,7 @@ STATUS_OF = {
 
 # health answers without a token (probes); reflection needs one when a tokens file is set
 _OPEN_PREFIXES = ("/grpc.health.v1.",)
+_UNRECORDED_PREFIXES = ("/grpc.health.v1.", "/grpc.reflection.")
 SIDE_THREADS = 8  # refusals and health checks: never queued behind the tenants' handler threads
 
 _tenant: contextvars.ContextVar[str] = contextvars.ContextVar("tenant", default="default")
@@ -219,6 +220,8 @@ class ServerInterceptor(grpc.ServerInterceptor):
         return grpc.StatusCode.INTERNAL
 
     def _finish(self, method, code, context, t0, tenant, request, metadata) -> None:
+        if method.startswith(_UNRECORDED_PREFIXES):
+            return  # probes and tooling: neither counted nor access-logged (docs/operations.md)
         try:
             if code == grpc.StatusCode.OK and not context.is_active():
                 code = grpc.StatusCode.CANCELLED  # answered, but the client was gone

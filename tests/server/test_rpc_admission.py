@@ -125,6 +125,11 @@ def test_a_tenant_holding_calls_open_gets_only_its_share(server):
     # the refusal names the flag; the held ones were cut off by --request-idle-seconds
     with stalled(server) as s:
         held = [s.open(GENERATE, md("alpha")) for _ in range(2)]
+        admission = server.server.admission
+        for _ in range(400):  # the client sends the calls asynchronously: wait until both are admitted
+            if admission.in_flight("alpha") == 2:
+                break
+            threading.Event().wait(0.01)
         with pytest.raises(grpc.RpcError) as e:
             generate(server, "alpha")
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
