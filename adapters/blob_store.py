@@ -39,6 +39,11 @@ class BlobStore(ABC):
         """The blob's bytes, verified against `sha256`; BlobIntegrityError if missing or damaged."""
 
     @abstractmethod
+    def iter_chunks(self, sha256: str, chunk_bytes: int) -> Iterator[bytes]:
+        """The blob in chunks of at most `chunk_bytes` (at least one, empty for an empty blob), verified
+        against `sha256` before the first is yielded; never the whole blob in memory."""
+
+    @abstractmethod
     def exists(self, sha256: str) -> bool: ...
 
     @abstractmethod
@@ -48,6 +53,10 @@ class BlobStore(ABC):
     @abstractmethod
     def list(self) -> Iterator[str]:
         """Every stored digest."""
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raises unless a blob could be written now (the health probe)."""
 
 
 class LocalBlobStore(BlobStore):
@@ -91,6 +100,26 @@ class LocalBlobStore(BlobStore):
             raise BlobIntegrityError(f"blob {sha256} in {self.root} is damaged: its bytes hash differently")
         return data
 
+    def iter_chunks(self, sha256: str, chunk_bytes: int) -> Iterator[bytes]:
+        path = self._path(sha256)
+        try:
+            f = open(path, "rb")  # noqa: SIM115 (closed below, also when the consumer stops early)
+        except FileNotFoundError:
+            raise BlobIntegrityError(f"blob {sha256} is missing from {self.root}") from None
+        with f:
+            digest = hashlib.sha256()
+            for data in iter(lambda: f.read(chunk_bytes), b""):
+                digest.update(data)
+            if digest.hexdigest() != sha256:
+                raise BlobIntegrityError(
+                    f"blob {sha256} in {self.root} is damaged: its bytes hash differently"
+                )
+            f.seek(0)
+            data = f.read(chunk_bytes)
+            yield data
+            while data := f.read(chunk_bytes):
+                yield data
+
     def exists(self, sha256: str) -> bool:
         return self._path(sha256).is_file()
 
@@ -106,6 +135,10 @@ class LocalBlobStore(BlobStore):
                     digest = sub.name + f.name
                     if _SHA256.fullmatch(digest):
                         yield digest
+
+    def check(self) -> None:
+        with tempfile.TemporaryFile(dir=self.root, prefix=_TMP_PREFIX):
+            pass
 
     def _remove_partial_writes(self) -> None:
         # Left by a crash between mkstemp and os.replace; at start-up nothing of ours is still writing.

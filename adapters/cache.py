@@ -32,10 +32,12 @@ class AdapterCache:
         clearer: Callable[[int], None],  # slot: engine thread
         nbytes: Callable[[object], int] = lambda w: w.nbytes,
         observer=None,
+        owner_of: Callable[[Key], Hashable] = lambda key: None,  # whose pin quota a key counts against
     ):
         self.num_slots = num_slots
         self.host_bytes = host_bytes
         self._loader, self._installer, self._clearer, self._nbytes = loader, installer, clearer, nbytes
+        self._owner_of = owner_of
         self.observer = observer
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
@@ -123,8 +125,11 @@ class AdapterCache:
             self._changed.notify_all()
 
     # ---- any thread -------------------------------------------------------------
-    def request_load(self, key: Key, pin: bool = False, timeout: float = 30.0) -> None:
-        """Warm `key` into a slot (and pin it) and wait until it is there."""
+    def request_load(
+        self, key: Key, pin: bool = False, timeout: float = 30.0, max_owner_pins: int | None = None
+    ) -> None:
+        """Warm `key` into a slot (and pin it) and wait until it is there. `max_owner_pins`: how many
+        keys of `key`'s owner (a tenant) may be pinned at once, so one owner cannot pin every slot."""
         with self._lock:
             newly_pinned = pin and key not in self._pinned
             if pin:
@@ -132,6 +137,13 @@ class AdapterCache:
                 if pinned_others >= self.num_slots:
                     raise ResourceExhausted(
                         f"all {self.num_slots} device slots are pinned; unpin or unload an adapter first"
+                    )
+                owner = self._owner_of(key)
+                mine = sum(1 for k in self._pinned - {key} if self._owner_of(k) == owner)
+                if max_owner_pins is not None and mine >= max_owner_pins:
+                    raise ResourceExhausted(
+                        f"tenant {owner!r} has {mine} pinned adapters, its limit (--max-pins-per-tenant); "
+                        "unload one of them first (pins keep device slots from everyone else)"
                     )
                 self._pinned.add(key)
             self._evict_requested.discard(key)

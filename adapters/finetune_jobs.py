@@ -33,10 +33,11 @@ from hotlora.adapters.finetune_spec import (
     split_validation,
     with_defaults,
 )
+from hotlora.adapters.job_queue import FairTaskQueue
 from hotlora.adapters.metadata_store import JobRecord
 from hotlora.adapters.names import parse_ref, validate_name
 from hotlora.adapters.peft_format import write_peft_adapter
-from hotlora.adapters.trainer import TrainData
+from hotlora.adapters.trainer import UNIT_SECONDS, TrainData
 from hotlora.adapters.trainer_cls import ClassifierTrainer
 from hotlora.adapters.trainer_lm import CompletionTrainer
 
@@ -50,7 +51,8 @@ EVENT_INTERVAL_S = 1.0
 
 
 class FineTuneManager:
-    """`engine.submit_task` runs each job's `step()`; everything else is called from rpc threads."""
+    """The engine runs the jobs' `step()`s through one `FairTaskQueue` (tenants take turns); everything
+    else is called from rpc threads."""
 
     def __init__(
         self,
@@ -67,6 +69,7 @@ class FineTuneManager:
         max_jobs: int,
         max_jobs_per_tenant: int,
         max_example_tokens: int = 512,
+        unit_seconds: float = UNIT_SECONDS,
         base_model_name: str = "",
         metrics=None,
     ):
@@ -75,11 +78,13 @@ class FineTuneManager:
         self.targets, self.limits = tuple(targets), limits
         self.max_jobs, self.max_jobs_per_tenant = max_jobs, max_jobs_per_tenant
         self.max_example_tokens = max_example_tokens
+        self.unit_seconds = unit_seconds
         self.base_model_name = base_model_name
         self.metrics = metrics
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)
         self._tasks: dict[str, JobTask] = {}
+        self._queue = FairTaskQueue(engine.submit_task)
         self._closed = False
         n = store.fail_unfinished_jobs(RESTARTED)
         if n:
@@ -133,7 +138,7 @@ class FineTuneManager:
             self._tasks[job.id] = task
             self._save(job, f"queued: {method} on {len(train)} training and {len(val)} validation examples")
             self._state_changed()
-        self.engine.submit_task(task)
+        self._queue.add(tenant, task)
         return job
 
     def get(self, tenant: str, job_id: str) -> JobRecord:
@@ -179,12 +184,17 @@ class FineTuneManager:
             if not active():
                 return
 
-    def artifact(self, tenant: str, job_id: str) -> dict[str, bytes]:
-        """The PEFT files of the adapter a job trained (also of a REJECTED one)."""
+    def artifact_files(self, tenant: str, job_id: str) -> dict[str, str]:
+        """File name -> blob digest of the adapter a job trained (also of a REJECTED one)."""
         job = self.get(tenant, job_id)
         files = self.store.job_files(job.id)
         if not files:
             raise NotFound(f"fine-tune job {job_id} has no trained adapter (state {job.state})")
+        return files
+
+    def artifact(self, tenant: str, job_id: str) -> dict[str, bytes]:
+        """The PEFT files of the adapter a job trained, in memory (small adapters, tests)."""
+        files = self.artifact_files(tenant, job_id)
         return {name: self.adapters.registry.blobs.get(sha) for name, sha in files.items()}
 
     def count_by_state(self) -> dict[str, int]:
@@ -421,9 +431,16 @@ class JobTask:
                 shapes=shapes,
                 num_layers=m.base.num_layers,
                 previous=self.previous,
+                unit_seconds=m.unit_seconds,
             )
         return CompletionTrainer(
-            m.model, m.ctx, self.data, hyper=self.hyper, shapes=shapes, previous=self.previous
+            m.model,
+            m.ctx,
+            self.data,
+            hyper=self.hyper,
+            shapes=shapes,
+            previous=self.previous,
+            unit_seconds=m.unit_seconds,
         )
 
     def _report(self) -> None:

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from hotlora.adapters.errors import FailedPrecondition
+from hotlora.adapters.errors import FailedPrecondition, ResourceExhausted
 from hotlora.adapters.names import format_ref
+from hotlora.adapters.sqlite_pool import ConnectionPool
 
 SOURCES = ("UPLOAD", "FINETUNE")
 
@@ -51,13 +51,41 @@ class AdapterRecord:
         return format_ref(self.name, self.version)
 
 
+@dataclass(frozen=True)
+class TenantQuota:
+    """What one tenant may store; checked inside the transaction that commits a version, so racing
+    uploads cannot all pass it."""
+
+    max_versions: int
+    """--max-adapters-per-tenant"""
+    max_bytes: int
+    """--max-tenant-bytes: size_bytes of every live version together"""
+
+    def check(self, tenant: str, versions: int, used_bytes: int, new_bytes: int) -> None:
+        if versions >= self.max_versions:
+            raise ResourceExhausted(
+                f"tenant {tenant!r} already stores {self.max_versions} adapter versions, the limit "
+                "(--max-adapters-per-tenant); delete some first"
+            )
+        if used_bytes + new_bytes > self.max_bytes:
+            raise ResourceExhausted(
+                f"tenant {tenant!r} stores {used_bytes} bytes of adapters; {new_bytes} more would pass its "
+                f"quota of {self.max_bytes} bytes (--max-tenant-bytes); delete some first"
+            )
+
+
 class MetadataStore(ABC):
     """Adapter records per tenant. Implementations are safe to call from many threads."""
 
     @abstractmethod
-    def insert_next_version(self, draft: AdapterRecord) -> AdapterRecord:
-        """In one transaction: version = the largest ever given to (tenant, name) + 1, then insert.
-        `draft.version` and `draft.created_at` are ignored; the stored record is returned."""
+    def insert_next_version(self, draft: AdapterRecord, quota: TenantQuota | None = None) -> AdapterRecord:
+        """In one transaction: check the tenant's `quota` (ResourceExhausted), version = the largest ever
+        given to (tenant, name) + 1, then insert. `draft.version` and `draft.created_at` are ignored; the
+        stored record is returned."""
+
+    @abstractmethod
+    def usage(self, tenant: str) -> tuple[int, int]:
+        """(live versions, their size_bytes together) of one tenant."""
 
     @abstractmethod
     def get(self, tenant: str, name: str, version: int | None) -> AdapterRecord | None:
@@ -82,6 +110,10 @@ class MetadataStore(ABC):
     @abstractmethod
     def referenced_blobs(self) -> set[str]:
         """Digests of every file of every live record (for garbage collection)."""
+
+    @abstractmethod
+    def ping(self) -> None:
+        """Raises unless the store answers a query (the health probe)."""
 
     @abstractmethod
     def close(self) -> None: ...
@@ -129,27 +161,22 @@ _COLUMNS = (
 
 
 class SqliteMetadataStore(MetadataStore):
-    """One SQLite file in WAL mode; one connection per thread (all closed by `close`); synchronous=FULL
-    so a committed version survives a crash or power loss."""
+    """One SQLite file in WAL mode behind a bounded connection pool shared by all threads (see
+    `ConnectionPool`); synchronous=FULL so a committed version survives a crash or power loss."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, connections: int = 8):
         self.path = Path(path)
-        self._local = threading.local()
-        self._conns: list[sqlite3.Connection] = []
-        self._conns_lock = threading.Lock()
-        self._migrate(self._conn())
+        self._pool = ConnectionPool(self.path, connections, _setup_connection)
+        with self._pool.connection() as conn:
+            self._migrate(conn)
 
-    def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, isolation_level=None, timeout=30.0, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")
-            conn.execute("PRAGMA foreign_keys=ON")
-            self._local.conn = conn
-            with self._conns_lock:
-                self._conns.append(conn)
-        return conn
+    def open_connections(self) -> int:
+        return self._pool.open_connections()
+
+    def ping(self) -> None:
+        """Raises (Unavailable) unless the database answers a query."""
+        with self._pool.connection() as conn:
+            conn.execute("SELECT COUNT(*) FROM version_counters").fetchone()
 
     def _migrate(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")
@@ -171,46 +198,40 @@ class SqliteMetadataStore(MetadataStore):
             conn.execute("ROLLBACK")
             raise
 
-    def insert_next_version(self, draft: AdapterRecord) -> AdapterRecord:
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            (version,) = conn.execute(
-                "INSERT INTO version_counters (tenant, name, last_version) VALUES (?, ?, 1) "
-                "ON CONFLICT (tenant, name) DO UPDATE SET last_version = last_version + 1 "
-                "RETURNING last_version",
-                (draft.tenant, draft.name),
-            ).fetchone()
-            created = time.time()
-            conn.execute(
-                f"INSERT INTO adapters ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    draft.tenant, draft.name, version, draft.task, draft.rank, draft.alpha,
-                    json.dumps(list(draft.target_modules)), json.dumps(list(draft.labels)),
-                    draft.sha256, draft.size_bytes, created, draft.source, draft.description,
-                ),
-            )  # fmt: skip
-            conn.executemany(
-                "INSERT INTO adapter_files (tenant, name, version, filename, sha256) VALUES (?, ?, ?, ?, ?)",
-                [(draft.tenant, draft.name, version, f, sha) for f, sha in sorted(draft.files.items())],
-            )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        return self.get(draft.tenant, draft.name, version)  # type: ignore[return-value]
-
-    def _records(self, where: str, args: tuple) -> list[AdapterRecord]:
-        conn = self._conn()
-        rows = conn.execute(f"SELECT {_COLUMNS} FROM adapters WHERE {where} ORDER BY name, version", args)
-        out = []
-        for row in rows.fetchall():
-            files = conn.execute(
-                "SELECT filename, sha256 FROM adapter_files WHERE tenant = ? AND name = ? AND version = ?",
-                row[:3],
-            ).fetchall()
-            out.append(_record(row, dict(files)))
-        return out
+    def insert_next_version(self, draft: AdapterRecord, quota: TenantQuota | None = None) -> AdapterRecord:
+        with self._pool.connection() as conn:
+            conn.execute("BEGIN IMMEDIATE")  # the write lock: no other commit between check and insert
+            try:
+                if quota is not None:
+                    versions, used = _usage(conn, draft.tenant)
+                    quota.check(draft.tenant, versions, used, draft.size_bytes)
+                (version,) = conn.execute(
+                    "INSERT INTO version_counters (tenant, name, last_version) VALUES (?, ?, 1) "
+                    "ON CONFLICT (tenant, name) DO UPDATE SET last_version = last_version + 1 "
+                    "RETURNING last_version",
+                    (draft.tenant, draft.name),
+                ).fetchone()
+                created = time.time()
+                conn.execute(
+                    f"INSERT INTO adapters ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        draft.tenant, draft.name, version, draft.task, draft.rank, draft.alpha,
+                        json.dumps(list(draft.target_modules)), json.dumps(list(draft.labels)),
+                        draft.sha256, draft.size_bytes, created, draft.source, draft.description,
+                    ),
+                )  # fmt: skip
+                conn.executemany(
+                    "INSERT INTO adapter_files (tenant, name, version, filename, sha256) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    [(draft.tenant, draft.name, version, f, sha) for f, sha in sorted(draft.files.items())],
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return _records(
+                conn, "tenant = ? AND name = ? AND version = ?", (draft.tenant, draft.name, version)
+            )[0]
 
     def get(self, tenant: str, name: str, version: int | None) -> AdapterRecord | None:
         if version is None:
@@ -218,16 +239,19 @@ class SqliteMetadataStore(MetadataStore):
                 "tenant = ? AND name = ? AND version = "
                 "(SELECT MAX(version) FROM adapters WHERE tenant = ? AND name = ?)"
             )
-            found = self._records(where, (tenant, name, tenant, name))
+            args: tuple = (tenant, name, tenant, name)
         else:
-            found = self._records("tenant = ? AND name = ? AND version = ?", (tenant, name, version))
+            where, args = "tenant = ? AND name = ? AND version = ?", (tenant, name, version)
+        with self._pool.connection() as conn:
+            found = _records(conn, where, args)
         return found[0] if found else None
 
     def versions(self, tenant: str, name: str) -> list[int]:
-        rows = self._conn().execute(
-            "SELECT version FROM adapters WHERE tenant = ? AND name = ? ORDER BY version", (tenant, name)
-        )
-        return [v for (v,) in rows.fetchall()]
+        with self._pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT version FROM adapters WHERE tenant = ? AND name = ? ORDER BY version", (tenant, name)
+            ).fetchall()
+        return [v for (v,) in rows]
 
     def list(self, tenant: str, prefix: str = "", all_versions: bool = False) -> list[AdapterRecord]:
         # substr() instead of LIKE: '_' and '%' are legal in names and must not act as wildcards.
@@ -237,115 +261,144 @@ class SqliteMetadataStore(MetadataStore):
                 " AND version = (SELECT MAX(version) FROM adapters AS b "
                 "WHERE b.tenant = adapters.tenant AND b.name = adapters.name)"
             )
-        return self._records(where, (tenant, len(prefix), prefix))
+        with self._pool.connection() as conn:
+            return _records(conn, where, (tenant, len(prefix), prefix))
 
     def delete(self, tenant: str, name: str, version: int | None) -> list[AdapterRecord]:
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            if version is None:
-                where, args = "tenant = ? AND name = ?", (tenant, name)
-            else:
-                where, args = "tenant = ? AND name = ? AND version = ?", (tenant, name, version)
-            removed = self._records(where, args)
-            conn.execute(f"DELETE FROM adapters WHERE {where}", args)
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        with self._pool.connection() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if version is None:
+                    where, args = "tenant = ? AND name = ?", (tenant, name)
+                else:
+                    where, args = "tenant = ? AND name = ? AND version = ?", (tenant, name, version)
+                removed = _records(conn, where, args)
+                conn.execute(f"DELETE FROM adapters WHERE {where}", args)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
         return removed
 
     def count(self) -> int:
-        return int(self._conn().execute("SELECT COUNT(*) FROM adapters").fetchone()[0])
+        return int(self._one("SELECT COUNT(*) FROM adapters")[0])
+
+    def usage(self, tenant: str) -> tuple[int, int]:
+        with self._pool.connection() as conn:
+            return _usage(conn, tenant)
 
     def referenced_blobs(self) -> set[str]:
-        rows = self._conn().execute(
-            "SELECT sha256 FROM adapter_files UNION SELECT sha256 FROM finetune_job_files"
-        )
-        return {sha for (sha,) in rows.fetchall()}
+        with self._pool.connection() as conn:
+            rows = conn.execute(
+                "SELECT sha256 FROM adapter_files UNION SELECT sha256 FROM finetune_job_files"
+            ).fetchall()
+        return {sha for (sha,) in rows}
+
+    def _one(self, sql: str, args: tuple = ()):
+        with self._pool.connection() as conn:
+            return conn.execute(sql, args).fetchone()
+
+    def _all(self, sql: str, args: tuple = ()) -> list:
+        with self._pool.connection() as conn:
+            return conn.execute(sql, args).fetchall()
 
     # ---- fine-tune jobs (JobStore) ----------------------------------------------------------------
     def save_job(self, job: JobRecord) -> None:
         # an upsert, not INSERT OR REPLACE: a replace deletes the row first, and its events with it
         updates = ", ".join(f"{c} = excluded.{c}" for c in _JOB_COLUMNS.split(", ")[1:])
-        self._conn().execute(
+        self._all(
             f"INSERT INTO finetune_jobs ({_JOB_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
             f"ON CONFLICT (id) DO UPDATE SET {updates}",
             _job_row(job),
         )
 
     def get_job(self, tenant: str, job_id: str) -> JobRecord | None:
-        row = (
-            self._conn()
-            .execute(
-                f"SELECT {_JOB_COLUMNS} FROM finetune_jobs WHERE tenant = ? AND id = ?", (tenant, job_id)
-            )
-            .fetchone()
+        row = self._one(
+            f"SELECT {_JOB_COLUMNS} FROM finetune_jobs WHERE tenant = ? AND id = ?", (tenant, job_id)
         )
         return None if row is None else _job(row)
 
     def list_jobs(self, tenant: str) -> list[JobRecord]:
-        rows = self._conn().execute(
+        rows = self._all(
             f"SELECT {_JOB_COLUMNS} FROM finetune_jobs WHERE tenant = ? ORDER BY created_at, id", (tenant,)
         )
-        return [_job(r) for r in rows.fetchall()]
+        return [_job(r) for r in rows]
 
     def fail_unfinished_jobs(self, reason: str) -> int:
         """Jobs left QUEUED/RUNNING by a process that is gone become FAILED with `reason`."""
-        cur = self._conn().execute(
-            "UPDATE finetune_jobs SET state = 'FAILED', error = ?, finished_at = ? "
-            "WHERE state IN ('QUEUED', 'RUNNING')",
-            (reason, time.time()),
-        )
-        return cur.rowcount
+        with self._pool.connection() as conn:
+            cur = conn.execute(
+                "UPDATE finetune_jobs SET state = 'FAILED', error = ?, finished_at = ? "
+                "WHERE state IN ('QUEUED', 'RUNNING')",
+                (reason, time.time()),
+            )
+            return cur.rowcount
 
     def add_job_event(self, job_id: str, message: str, job: JobRecord) -> int:
         """Append one event (a snapshot of the job); returns its sequence number."""
-        conn = self._conn()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            (seq,) = conn.execute(
-                "SELECT COALESCE(MAX(seq), 0) + 1 FROM finetune_events WHERE job_id = ?", (job_id,)
-            ).fetchone()
-            conn.execute(
-                "INSERT INTO finetune_events (job_id, seq, at, message, job) VALUES (?, ?, ?, ?, ?)",
-                (job_id, seq, time.time(), message, json.dumps(_job_row(job))),
-            )
-            conn.execute("COMMIT")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
+        with self._pool.connection() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                (seq,) = conn.execute(
+                    "SELECT COALESCE(MAX(seq), 0) + 1 FROM finetune_events WHERE job_id = ?", (job_id,)
+                ).fetchone()
+                conn.execute(
+                    "INSERT INTO finetune_events (job_id, seq, at, message, job) VALUES (?, ?, ?, ?, ?)",
+                    (job_id, seq, time.time(), message, json.dumps(_job_row(job))),
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
         return seq
 
     def job_events(self, job_id: str, after: int = 0) -> list[tuple[int, str, JobRecord]]:
-        rows = self._conn().execute(
+        rows = self._all(
             "SELECT seq, message, job FROM finetune_events WHERE job_id = ? AND seq > ? ORDER BY seq",
             (job_id, after),
         )
-        return [(seq, msg, _job(tuple(json.loads(j)))) for seq, msg, j in rows.fetchall()]
+        return [(seq, msg, _job(tuple(json.loads(j)))) for seq, msg, j in rows]
 
     def count_jobs_by_state(self) -> dict[str, int]:
-        rows = self._conn().execute("SELECT state, COUNT(*) FROM finetune_jobs GROUP BY state")
-        return dict(rows.fetchall())
+        return dict(self._all("SELECT state, COUNT(*) FROM finetune_jobs GROUP BY state"))
 
     def set_job_files(self, job_id: str, files: dict[str, str]) -> None:
-        self._conn().executemany(
-            "INSERT OR REPLACE INTO finetune_job_files (job_id, filename, sha256) VALUES (?, ?, ?)",
-            [(job_id, f, sha) for f, sha in sorted(files.items())],
-        )
+        with self._pool.connection() as conn:
+            conn.executemany(
+                "INSERT OR REPLACE INTO finetune_job_files (job_id, filename, sha256) VALUES (?, ?, ?)",
+                [(job_id, f, sha) for f, sha in sorted(files.items())],
+            )
 
     def job_files(self, job_id: str) -> dict[str, str]:
-        rows = self._conn().execute(
-            "SELECT filename, sha256 FROM finetune_job_files WHERE job_id = ?", (job_id,)
-        )
-        return dict(rows.fetchall())
+        return dict(self._all("SELECT filename, sha256 FROM finetune_job_files WHERE job_id = ?", (job_id,)))
 
     def close(self) -> None:
-        with self._conns_lock:
-            for conn in self._conns:
-                conn.close()
-            self._conns.clear()
-        self._local = threading.local()
+        self._pool.close()
+
+
+def _setup_connection(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=FULL")
+    conn.execute("PRAGMA foreign_keys=ON")
+
+
+def _usage(conn: sqlite3.Connection, tenant: str) -> tuple[int, int]:
+    n, size = conn.execute(
+        "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM adapters WHERE tenant = ?", (tenant,)
+    ).fetchone()
+    return int(n), int(size)
+
+
+def _records(conn: sqlite3.Connection, where: str, args: tuple) -> list[AdapterRecord]:
+    rows = conn.execute(f"SELECT {_COLUMNS} FROM adapters WHERE {where} ORDER BY name, version", args)
+    out = []
+    for row in rows.fetchall():
+        files = conn.execute(
+            "SELECT filename, sha256 FROM adapter_files WHERE tenant = ? AND name = ? AND version = ?",
+            row[:3],
+        ).fetchall()
+        out.append(_record(row, dict(files)))
+    return out
 
 
 @dataclass(frozen=True)

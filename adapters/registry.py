@@ -8,17 +8,19 @@ blobs, which `gc()` (run by `open`) removes; a crash after it leaves a complete 
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 from hotlora.adapters.base_model_info import BaseModelInfo
 from hotlora.adapters.blob_store import BlobStore, LocalBlobStore
-from hotlora.adapters.errors import InvalidArgument, NotFound
+from hotlora.adapters.errors import HotloraError, InvalidArgument, NotFound
 from hotlora.adapters.metadata_store import (
     SOURCES,
     AdapterRecord,
     MetadataStore,
     SqliteMetadataStore,
+    TenantQuota,
 )
 from hotlora.adapters.names import format_ref, parse_ref, validate_name
 from hotlora.adapters.peft_format import WEIGHTS_FILE, AdapterLimits, parse_peft_adapter
@@ -42,13 +44,20 @@ class AdapterRegistry:
         self._lock = threading.Lock()
 
     @classmethod
-    def open(cls, data_dir: Path) -> AdapterRegistry:
+    def open(cls, data_dir: Path, connections: int = 8) -> AdapterRegistry:
         """The default stores under `data_dir` (SQLite + local blobs); removes orphaned blobs."""
         data_dir = Path(data_dir)
         data_dir.mkdir(parents=True, exist_ok=True)
-        registry = cls(SqliteMetadataStore(data_dir / METADATA_FILE), LocalBlobStore(data_dir / BLOBS_DIR))
+        registry = cls(
+            SqliteMetadataStore(data_dir / METADATA_FILE, connections), LocalBlobStore(data_dir / BLOBS_DIR)
+        )
         registry.gc()
         return registry
+
+    def check(self) -> None:
+        """Raises unless both stores work: the database answers and the blob store can write."""
+        self.metadata.ping()
+        self.blobs.check()
 
     def close(self) -> None:
         self.metadata.close()
@@ -62,8 +71,10 @@ class AdapterRegistry:
         *,
         description: str = "",
         source: str = "UPLOAD",
+        quota: TenantQuota | None = None,
     ) -> AdapterRecord:
-        """Store a validated adapter as version max+1 of `name`; visible only once complete."""
+        """Store a validated adapter as version max+1 of `name`; visible only once complete. The tenant's
+        `quota` is checked in the committing transaction; a refused version leaves no blob behind."""
         _check_tenant(tenant)
         validate_name(name)
         if source not in SOURCES:
@@ -97,7 +108,11 @@ class AdapterRegistry:
             for fname, sha in manifest.items():
                 if not self.blobs.exists(sha):
                     self.blobs.put(files[fname])
-            return self.metadata.insert_next_version(draft)
+            try:
+                return self.metadata.insert_next_version(draft, quota)
+            except HotloraError:  # refused (over the quota): its blobs go now, not at the next start
+                self._remove_unreferenced(set(manifest.values()))
+                raise
 
     def resolve(self, tenant: str, ref: str) -> AdapterRecord:
         """`name` -> latest version, `name@N` -> that version; NotFound says what exists."""
@@ -130,6 +145,13 @@ class AdapterRegistry:
     def read_files(self, record: AdapterRecord) -> dict[str, bytes]:
         """The files exactly as committed (each verified against its sha256)."""
         return {fname: self.blobs.get(sha) for fname, sha in sorted(record.files.items())}
+
+    def stream_files(self, manifest: dict[str, str], chunk_bytes: int) -> Iterator[tuple[str, bytes]]:
+        """(file name, chunk) of each file of a manifest, by name, read from the blob store a chunk at a
+        time (each file verified before its first chunk); an empty file is one empty chunk."""
+        for fname, sha in sorted(manifest.items()):
+            for data in self.blobs.iter_chunks(sha, chunk_bytes):
+                yield fname, data
 
     def load_weights(self, record: AdapterRecord, base: BaseModelInfo, limits: AdapterLimits) -> LoraWeights:
         """Re-parse the stored files (the host cache's path from disk to memory)."""

@@ -3,15 +3,17 @@ the registry (what is stored), the cache (what is loaded), tenancy and limits.""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from hotlora.adapters.base_model_info import BaseModelInfo
 from hotlora.adapters.cache import AdapterCache
-from hotlora.adapters.errors import FailedPrecondition, NotFound, ResourceExhausted
-from hotlora.adapters.metadata_store import AdapterRecord
+from hotlora.adapters.errors import FailedPrecondition, NotFound
+from hotlora.adapters.metadata_store import AdapterRecord, TenantQuota
 from hotlora.adapters.names import validate_name
-from hotlora.adapters.peft_format import AdapterLimits, parse_peft_adapter
+from hotlora.adapters.peft_format import IGNORED_FILES, AdapterLimits, parse_peft_adapter
 from hotlora.adapters.registry import AdapterRegistry
+from hotlora.adapters.upload_spool import UploadSpooler
 
 
 @dataclass(frozen=True)
@@ -47,11 +49,18 @@ class AdapterService:
         host_bytes: int,
         max_per_tenant: int = 1000,
         observer=None,
+        *,
+        max_tenant_bytes: int = 1 << 62,
+        uploads: UploadSpooler | None = None,
+        max_pins_per_tenant: int | None = None,
     ):
         self.registry = registry
         self.base = base
         self.limits = limits
         self.max_per_tenant = max_per_tenant
+        self.quota = TenantQuota(max_per_tenant, max_tenant_bytes)
+        self.uploads = uploads
+        self.max_pins_per_tenant = max_pins_per_tenant
         self.observer = observer
         self.runtime = runtime
         self.cache = AdapterCache(
@@ -61,6 +70,7 @@ class AdapterService:
             installer=runtime.install,
             clearer=runtime.clear,
             observer=observer,
+            owner_of=lambda key: key[0],  # (tenant, name, version): pins count per tenant
         )
         runtime.cache = self.cache
 
@@ -86,14 +96,15 @@ class AdapterService:
         weights=None,
     ) -> AdapterView:
         validate_name(name)
-        if len(self.registry.list(tenant, all_versions=True)) >= self.max_per_tenant:
-            raise ResourceExhausted(
-                f"tenant {tenant!r} already stores {self.max_per_tenant} adapter versions, the limit; "
-                "delete some first"
-            )
+        kept = {f: data for f, data in files.items() if f not in IGNORED_FILES}  # e.g. a model card
+        # refused before parsing costs anything; the check that counts runs again in the commit
+        versions, used = self.registry.metadata.usage(tenant)
+        self.quota.check(tenant, versions, used, sum(len(d) for d in kept.values()))
         if weights is None:
             weights = parse_peft_adapter(files, self.base, self.limits, labels)
-        rec = self.registry.commit(tenant, name, files, weights, description=description, source=source)
+        rec = self.registry.commit(
+            tenant, name, kept, weights, description=description, source=source, quota=self.quota
+        )
         self.cache.offer_host(_key(rec), weights)
         return self._view(rec)
 
@@ -111,7 +122,7 @@ class AdapterService:
 
     def load(self, tenant: str, ref: str, pin: bool = False, timeout: float = 30.0) -> AdapterView:
         rec = self.registry.resolve(tenant, ref)
-        self.cache.request_load(_key(rec), pin=pin, timeout=timeout)
+        self.cache.request_load(_key(rec), pin=pin, timeout=timeout, max_owner_pins=self.max_pins_per_tenant)
         return self._view(rec)
 
     def unload(self, tenant: str, ref: str) -> AdapterView:
@@ -122,6 +133,11 @@ class AdapterService:
     def export(self, tenant: str, ref: str) -> tuple[AdapterRecord, dict[str, bytes]]:
         rec = self.registry.resolve(tenant, ref)
         return rec, self.registry.read_files(rec)
+
+    def export_chunks(self, tenant: str, ref: str, chunk_bytes: int) -> Iterator[tuple[str, bytes]]:
+        """(file name, chunk) of a stored version, read from disk a chunk at a time."""
+        rec = self.registry.resolve(tenant, ref)  # NotFound before the first chunk
+        return self.registry.stream_files(rec.files, chunk_bytes)
 
     # ---- inference ------------------------------------------------------------------
     def resolve(self, tenant: str, ref: str) -> tuple[AdapterHandle | None, str]:

@@ -16,13 +16,15 @@ from dataclasses import dataclass, field
 
 import torch
 from hotlora.adapters.lora_layers import LoraContext, TrainableLora
+from hotlora.adapters.train_units import UnitSizer
 from hotlora.adapters.weights import LoraModule, LoraWeights
 from torch import nn
 
 Key = tuple[int, str]
-EVAL_BATCH = 4  # examples per forward-only unit (features, validation)
-MICRO_BATCH = 2  # examples per forward+backward unit: a mini-batch is accumulated over several units,
+EVAL_BATCH = 4  # most examples per forward-only unit (features, validation)
+MICRO_BATCH = 2  # most examples per forward+backward unit: a mini-batch is accumulated over several units,
 # so one unit stays short next to a decode step and serving latency barely moves
+UNIT_SECONDS = 0.2  # what a unit aims at (--max-train-unit-ms); units shrink to fit, to one example
 
 
 @dataclass
@@ -114,8 +116,14 @@ class LoraSet:
 class Trainer:
     """Drives `_run()` (a generator: one yield per bounded unit) from `step()`."""
 
-    def __init__(self, model, ctx: LoraContext, data: TrainData, seed: int):
+    def __init__(
+        self, model, ctx: LoraContext, data: TrainData, seed: int, unit_seconds: float = UNIT_SECONDS
+    ):
         self.model = model
+        # units sized to last about `unit_seconds`: measured per kind (a backward costs ~3 forwards)
+        self.train_units = UnitSizer(unit_seconds, MICRO_BATCH)
+        self.eval_units = UnitSizer(unit_seconds, EVAL_BATCH)
+        self._unit_examples = {True: 0, False: 0}  # examples through `hidden` in this unit, by grad mode
         self.ctx = ctx
         self.data = data
         if any(p.requires_grad for p in model.parameters()):
@@ -139,6 +147,8 @@ class Trainer:
             self._gen = self._run()
         saved_batch = self.ctx.batch
         self.ctx.batch = None  # a serving batch must never apply to a training forward
+        self._unit_examples = {True: 0, False: 0}
+        t0 = time.perf_counter()
         try:
             with torch.inference_mode(False), torch.enable_grad():
                 self.ctx.training = self.lora.for_forward(self.dtype)
@@ -149,6 +159,11 @@ class Trainer:
         finally:
             self.ctx.training = {}
             self.ctx.batch = saved_batch
+            seconds, n = time.perf_counter() - t0, self._unit_examples
+            if n[True]:
+                self.train_units.observe(n[True], seconds)
+            elif n[False]:
+                self.eval_units.observe(n[False], seconds)
 
     def refresh_lora(self) -> None:
         """Re-cast the masters after an optimizer update, for the next forward of the same unit."""
@@ -157,6 +172,7 @@ class Trainer:
     # ---- forward helpers ------------------------------------------------------------------
     def hidden(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded forward of the decoder: hidden [B, L, H] and lengths [B]."""
+        self._unit_examples[torch.is_grad_enabled()] += len(seqs)
         lengths = torch.tensor([len(s) for s in seqs])
         L = int(lengths.max())
         ids = torch.full((len(seqs), L), self.pad_id, dtype=torch.long)
@@ -174,9 +190,13 @@ class Trainer:
         h, lengths = self.hidden(seqs)
         return h[torch.arange(len(seqs), device=h.device), lengths - 1]
 
-    @staticmethod
-    def micro(idx: list[int]) -> list[list[int]]:
-        return [idx[i : i + MICRO_BATCH] for i in range(0, len(idx), MICRO_BATCH)]
+    def micro(self, idx: list[int]) -> Iterator[list[int]]:
+        """A mini-batch in forward+backward parts, one per unit, each sized to the unit budget."""
+        return self.train_units.split(idx)
+
+    def eval_parts(self, n: int) -> Iterator[list[int]]:
+        """range(n) in forward-only parts, one per unit, each sized to the unit budget."""
+        return self.eval_units.split(list(range(n)))
 
     def batches(self, n: int, size: int) -> list[list[int]]:
         order = torch.randperm(n, generator=self.rng).tolist()

@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import torch
 from hotlora.adapters.finetune_spec import HyperParams
 from hotlora.adapters.trainer import (
-    EVAL_BATCH,
+    UNIT_SECONDS,
     EarlyStopping,
     LoraSet,
     TrainData,
@@ -48,8 +48,9 @@ class ClassifierTrainer(Trainer):
         shapes: dict[str, tuple[int, int]],
         num_layers: int,
         previous: LoraWeights | None = None,
+        unit_seconds: float = UNIT_SECONDS,
     ):
-        super().__init__(model, ctx, data, hyper.seed)
+        super().__init__(model, ctx, data, hyper.seed, unit_seconds)
         self.labels, self.method, self.hyper = labels, method, hyper
         self.shapes, self.num_layers, self.previous = shapes, num_layers, previous
         self.progress.metric_name = "accuracy"
@@ -64,9 +65,9 @@ class ClassifierTrainer(Trainer):
 
     def _features(self, seqs: list[list[int]]) -> Iterator[torch.Tensor]:
         out = []
-        for i in range(0, len(seqs), EVAL_BATCH):
+        for part in self.eval_parts(len(seqs)):
             with torch.no_grad():
-                out.append(self.pooled(seqs[i : i + EVAL_BATCH]).float().cpu())
+                out.append(self.pooled([seqs[i] for i in part]).float().cpu())
             yield
         return torch.cat(out)
 
@@ -148,9 +149,9 @@ class ClassifierTrainer(Trainer):
                 p.train_loss = total
                 yield
             val_logits = []
-            for i in range(0, len(d.val_inputs), EVAL_BATCH):
+            for part in self.eval_parts(len(d.val_inputs)):
                 with torch.no_grad():
-                    val_logits.append((self.pooled(d.val_inputs[i : i + EVAL_BATCH]).float() @ w.t()).cpu())
+                    val_logits.append((self.pooled([d.val_inputs[i] for i in part]).float() @ w.t()).cpu())
                 yield
             logits = torch.cat(val_logits)
             key = (_accuracy(logits, yv), -float(F.cross_entropy(logits, yv)))

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import torch
 from hotlora.adapters.finetune_spec import HyperParams
 from hotlora.adapters.trainer import (
-    EVAL_BATCH,
+    UNIT_SECONDS,
     EarlyStopping,
     LoraSet,
     TrainData,
@@ -36,8 +36,9 @@ class CompletionTrainer(Trainer):
         hyper: HyperParams,
         shapes: dict[str, tuple[int, int]],
         previous: LoraWeights | None = None,
+        unit_seconds: float = UNIT_SECONDS,
     ):
-        super().__init__(model, ctx, data, hyper.seed)
+        super().__init__(model, ctx, data, hyper.seed, unit_seconds)
         self.hyper, self.previous = hyper, previous
         self.lm_head = model.get_output_embeddings()
         self.progress.metric_name = METRIC
@@ -68,11 +69,9 @@ class CompletionTrainer(Trainer):
     def _evaluate(self) -> Iterator[None]:
         d = self.data
         total, count = 0.0, 0
-        for i in range(0, len(d.val_inputs), EVAL_BATCH):
+        for part in self.eval_parts(len(d.val_inputs)):
             with torch.no_grad():
-                s, n = self._loss(
-                    list(range(i, min(i + EVAL_BATCH, len(d.val_inputs)))), d.val_inputs, d.val_targets
-                )
+                s, n = self._loss(part, d.val_inputs, d.val_targets)
             total, count = total + float(s), count + n
             yield
         return -total / max(count, 1)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from hotlora.adapters.errors import InvalidArgument, ResourceExhausted, Unavailable
+from hotlora.adapters.errors import InvalidArgument, Unavailable
 from hotlora.server.conversion import adapter_pb
 from hotlora.server.interceptors import current_tenant
 from hotlora.v1 import adapters_pb2, adapters_pb2_grpc, common_pb2
 
 EXPORT_CHUNK = 1 << 20
-MAX_UPLOAD_FILES = 8
 
 
 class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
@@ -28,42 +27,29 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
 
     def UploadAdapter(self, request_iterator, context):
         svc = self._service()
-        limit = self.state.config.max_upload_bytes
         name = description = None
         labels: list[str] = []
-        files: dict[str, bytearray] = {}
-        total = 0
         try:
-            for i, chunk in enumerate(request_iterator):
-                if i == 0:
-                    if not chunk.name:
-                        raise InvalidArgument("the first UploadChunk must carry the adapter `name`")
-                    name, description, labels = chunk.name, chunk.description, list(chunk.labels)
-                elif chunk.name and chunk.name != name:
-                    raise InvalidArgument("`name` may only be given in the first UploadChunk")
-                if chunk.data or chunk.filename:
-                    if not chunk.filename:
-                        raise InvalidArgument("an UploadChunk with data must name its `filename`")
-                    if chunk.filename not in files and len(files) >= MAX_UPLOAD_FILES:
-                        raise InvalidArgument(
-                            "too many files; a PEFT adapter directory has "
-                            "adapter_config.json and adapter_model.safetensors"
-                        )
-                    total += len(chunk.data)
-                    if total > limit:
-                        raise ResourceExhausted(f"upload is over the {limit}-byte limit (--max-upload-bytes)")
-                    files.setdefault(chunk.filename, bytearray()).extend(chunk.data)
-            if name is None:
-                raise InvalidArgument("empty upload: send the name, then the PEFT adapter files")
-            view = svc.upload(
-                current_tenant(),
-                name,
-                {k: bytes(v) for k, v in files.items()},
-                description=description or "",
-                labels=labels,
-            )
+            # spooled to disk as it arrives, within --upload-buffer-bytes; removed whatever happens
+            with svc.uploads.spool() as spool:
+                for i, chunk in enumerate(request_iterator):
+                    if i == 0:
+                        if not chunk.name:
+                            raise InvalidArgument("the first UploadChunk must carry the adapter `name`")
+                        name, description, labels = chunk.name, chunk.description, list(chunk.labels)
+                    elif chunk.name and chunk.name != name:
+                        raise InvalidArgument("`name` may only be given in the first UploadChunk")
+                    if chunk.data or chunk.filename:
+                        if not chunk.filename:
+                            raise InvalidArgument("an UploadChunk with data must name its `filename`")
+                        spool.add(chunk.filename, chunk.data)
+                if name is None:
+                    raise InvalidArgument("empty upload: send the name, then the PEFT adapter files")
+                view = svc.upload(
+                    current_tenant(), name, spool.read(), description=description or "", labels=labels
+                )
         except Exception as exc:
-            self._observe_upload(_reason(exc))
+            self._observe_upload(_reason(exc, context))
             raise
         self._observe_upload("ok")
         return adapter_pb(view)
@@ -88,24 +74,26 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         return adapter_pb(self._service().unload(current_tenant(), request.name))
 
     def ExportAdapter(self, request, context):
+        svc = self._service()
         if request.name.startswith("job:"):  # the adapter a fine-tune trained, promoted or not
             training = self.state.training
             if training is None:
                 raise Unavailable("fine-tuning is not available yet")
-            files = training.artifact(current_tenant(), request.name[len("job:") :])
+            manifest = training.artifact_files(current_tenant(), request.name[len("job:") :])
+            chunks = svc.registry.stream_files(manifest, EXPORT_CHUNK)
         else:
-            _, files = self._service().export(current_tenant(), request.name)
-        for filename in sorted(files):
-            data = files[filename]
-            for off in range(0, max(len(data), 1), EXPORT_CHUNK):
-                yield common_pb2.FileChunk(filename=filename, data=data[off : off + EXPORT_CHUNK])
+            chunks = svc.export_chunks(current_tenant(), request.name, EXPORT_CHUNK)
+        for filename, data in chunks:  # read from disk a chunk at a time, as the client takes them
+            yield common_pb2.FileChunk(filename=filename, data=data)
 
 
-def _reason(exc: Exception) -> str:
+def _reason(exc: Exception, context) -> str:
     """A bounded label for the uploads metric."""
     from hotlora.adapters import errors
 
     msg = getattr(exc, "message", "").lower()
+    if not isinstance(exc, errors.HotloraError) and not context.is_active():
+        return "cancelled"  # the client went away (or sent nothing for --request-idle-seconds)
     if isinstance(exc, errors.ResourceExhausted):
         return "too_large"
     if isinstance(exc, errors.FailedPrecondition):

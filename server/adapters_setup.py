@@ -9,7 +9,10 @@ from hotlora.adapters.peft_format import AdapterLimits
 from hotlora.adapters.registry import AdapterRegistry
 from hotlora.adapters.runtime import MultiLoraRuntime
 from hotlora.adapters.service import AdapterService
+from hotlora.adapters.upload_spool import UploadBudget, UploadSpooler
 from hotlora.server.runner import FUSED
+
+UPLOADS_DIR = "uploads-in-flight"  # under --data-dir: spools of uploads not yet stored
 
 
 def setup_adapters(state, loaded):
@@ -38,7 +41,7 @@ def setup_adapters(state, loaded):
     limits = AdapterLimits(
         max_rank=cfg.max_rank, max_file_bytes=cfg.max_upload_bytes, max_upload_bytes=cfg.max_upload_bytes
     )
-    registry = AdapterRegistry.open(Path(cfg.data_dir))
+    registry = AdapterRegistry.open(Path(cfg.data_dir), cfg.registry_connections)
     service = AdapterService(
         registry,
         base,
@@ -48,6 +51,11 @@ def setup_adapters(state, loaded):
         cfg.host_cache_bytes,
         max_per_tenant=cfg.max_adapters_per_tenant,
         observer=state.metrics,
+        max_tenant_bytes=cfg.max_tenant_bytes,
+        max_pins_per_tenant=cfg.tenant_pin_limit,
+        uploads=UploadSpooler(
+            Path(cfg.data_dir) / UPLOADS_DIR, UploadBudget(cfg.upload_buffer_bytes), cfg.max_upload_bytes
+        ),
     )
     service.base_model_name = loaded.name
     service.lora_context = ctx

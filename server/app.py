@@ -19,7 +19,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from hotlora.server.auth import TokenAuthenticator
 from hotlora.server.config import ServerConfig
+from hotlora.server.idle_watchdog import IdleWatchdog
 from hotlora.server.interceptors import ServerInterceptor
+from hotlora.server.registry_health import RegistryHealth
+from hotlora.server.rpc_admission import RpcAdmission, RpcLimits
+from hotlora.server.transport import server_options
 
 log = logging.getLogger("hotlora.server")
 
@@ -56,20 +60,24 @@ class HotloraServer:
             self.metrics = Metrics(expose_adapter_names=config.expose_adapter_names)
             self.state.metrics = self.metrics
         self.health = health.HealthServicer(experimental_non_blocking=True)
-        opts = [
-            ("grpc.max_receive_message_length", config.max_message_bytes),
-            ("grpc.max_send_message_length", config.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ]
+        self.admission = RpcAdmission(RpcLimits(config.rpc_limit, config.tenant_rpc_limit))
+        self.interceptor = ServerInterceptor(
+            self.auth,
+            self.metrics,
+            admission=self.admission,
+            watchdog=IdleWatchdog(config.request_idle_seconds),
+        )
+        # no maximum_concurrent_rpcs: the interceptor admits calls (grpc's own cap would refuse a call
+        # after the interceptor counted it, and never tell it)
         self.grpc = grpc.server(
             futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="hotlora-rpc"),
-            interceptors=[ServerInterceptor(self.auth, self.metrics)],
-            options=opts,
-            maximum_concurrent_rpcs=config.workers * 4,
+            interceptors=[self.interceptor],
+            options=server_options(config),
         )
         self._register_services()
         self.port = None
         self.metrics_port = None
+        self.registry_health: RegistryHealth | None = None
         self._stopped = threading.Event()
 
     def _register_services(self):
@@ -193,11 +201,20 @@ class HotloraServer:
             self.state.training = setup_training(self.state)
         if self.metrics is not None:
             self.metrics.attach(self.state)
+        if adapters is not None:
+            self.registry_health = RegistryHealth(
+                adapters.registry.check, self._registry_health_changed, cfg.health_check_seconds
+            )
+            self.registry_health.start()
         self.ready_seconds = time.monotonic() - t0
         self._set_health(True)
         log.info(
             "ready: model %s on %s/%s in %.2f s", loaded.name, loaded.device, loaded.dtype, self.ready_seconds
         )
+
+    def _registry_health_changed(self, healthy: bool) -> None:
+        if not self.state.draining:
+            self._set_health(healthy)
 
     def shutdown(self, grace: float | None = None) -> None:
         if self._stopped.is_set():
@@ -206,6 +223,8 @@ class HotloraServer:
         log.info("draining (grace %.1f s)", grace)
         self.state.draining = True
         self._set_health(False)
+        if self.registry_health is not None:
+            self.registry_health.stop()
         engine = self.state.engine
         if self.state.training is not None:
             # running jobs end FAILED ("server stopped"); they would otherwise hold the engine
@@ -222,6 +241,7 @@ class HotloraServer:
             self.state.adapters.close()
         if self.metrics is not None:
             self.metrics.stop_http()
+        self.interceptor.close()
         self._stopped.set()
         log.info("stopped")
 

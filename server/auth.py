@@ -33,6 +33,7 @@ class TokenAuthenticator:
     @classmethod
     def from_file(cls, path: str | Path) -> TokenAuthenticator:
         entries = []
+        first_line: dict[bytes, tuple[int, str]] = {}  # digest -> (line, tenant) where it was first listed
         for n, line in enumerate(Path(path).read_text().splitlines(), 1):
             line = line.split("#", 1)[0].strip()
             if not line:
@@ -50,6 +51,14 @@ class TokenAuthenticator:
                 digest = bytes.fromhex(hexdigest)
             else:
                 digest = hashlib.sha256(token.encode()).digest()
+            if digest in first_line:
+                # one token naming two tenants would silently belong to one of them: refuse to guess
+                line_no, other = first_line[digest]
+                raise InvalidArgument(
+                    f"{path}:{n}: this token (or its sha256) is already listed on line {line_no} "
+                    f"for tenant {other!r}; each token may appear once"
+                )
+            first_line[digest] = (n, tenant)
             entries.append((tenant, digest))
         if not entries:
             raise InvalidArgument(f"{path}: no tokens; remove --tokens-file for single-tenant dev mode")

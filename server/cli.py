@@ -40,9 +40,14 @@ def _serve(args) -> int:
     from hotlora.server.logs import setup_logging
 
     setup_logging(cfg.log_level, cfg.log_format)
+    from hotlora.adapters.errors import HotloraError
     from hotlora.server.app import HotloraServer
 
-    server = HotloraServer(cfg)
+    try:
+        server = HotloraServer(cfg)
+    except HotloraError as exc:  # e.g. a tokens file that lists one token twice
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2
     server.serve_forever()
     return getattr(server, "exit_code", 0)
 

@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
 
 def _opt(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
@@ -66,12 +68,22 @@ class ServerConfig:
     max_new_tokens: int = _opt(1024, "largest max_new_tokens a request may ask for")
     default_max_new_tokens: int = _opt(128, "max_new_tokens when a request leaves it 0")
     max_texts: int = _opt(256, "texts in one Embed or Classify request")
+    max_request_tokens: int = _opt(
+        8192, "tokens of one request, all its texts or prompts together (Embed, Classify, KServe batches)"
+    )
     max_message_bytes: int = _opt(64 << 20, "largest gRPC message, each direction")
     adapter_slots: int = _opt(32, "device slots for adapters (adapters served in one batch)")
     max_rank: int = _opt(64, "largest LoRA rank accepted")
     host_cache_bytes: int = _opt(2 << 30, "host memory for adapters that are not in a device slot")
     max_upload_bytes: int = _opt(512 << 20, "largest adapter upload, all files together")
+    upload_buffer_bytes: int = _opt(
+        1 << 30, "bytes of all uploads in flight together (received, not yet stored); more are refused"
+    )
     max_adapters_per_tenant: int = _opt(1000, "stored adapter versions per tenant")
+    max_tenant_bytes: int = _opt(16 << 30, "stored adapter bytes per tenant (all versions' files)")
+    max_pins_per_tenant: int = _opt(
+        0, "device slots one tenant may pin; 0 = a quarter of --adapter-slots (dev mode: all of them)"
+    )
     target_modules: str = _opt(
         "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "linear layers that can carry LoRA"
     )
@@ -80,9 +92,37 @@ class ServerConfig:
     max_jobs_per_tenant: int = _opt(1, "fine-tune jobs queued or running per tenant")
     max_finetune_examples: int = _opt(10_000, "training plus validation examples in one fine-tune job")
     max_finetune_example_tokens: int = _opt(512, "tokens of one fine-tune example (prompt + completion)")
+    max_train_unit_ms: float = _opt(
+        200.0, "engine time one training unit aims at; units shrink to fit (one example at least)"
+    )
     reflection: bool = _opt(True, "serve gRPC server reflection")
     grace_seconds: float = _opt(20.0, "on SIGTERM, how long in-flight requests may finish")
     workers: int = _opt(64, "gRPC handler threads")
+    max_concurrent_rpcs: int = _opt(
+        0, "rpcs in flight, all tenants (running or waiting for a handler thread); 0 = 4 x --workers"
+    )
+    max_rpcs_per_tenant: int = _opt(
+        0, "rpcs one tenant may have in flight; 0 = a quarter of --workers (dev mode: no per-tenant cap)"
+    )
+    max_stream_requests: int = _opt(16, "requests in flight on one KServe ModelStreamInfer stream")
+    request_idle_seconds: float = _opt(
+        60.0, "longest wait for a client's next message (request body, upload chunk, stream request)"
+    )
+    keepalive_seconds: float = _opt(60.0, "server keepalive ping interval on each connection")
+    keepalive_timeout_seconds: float = _opt(
+        20.0, "a connection whose keepalive ping is unanswered this long is closed"
+    )
+    connection_idle_seconds: float = _opt(600.0, "a connection with no rpc for this long is closed (GOAWAY)")
+    connection_max_age_seconds: float = _opt(
+        3600.0, "a connection older than this is asked to reconnect (GOAWAY); 0 = no limit"
+    )
+    connection_age_grace_seconds: float = _opt(
+        60.0, "rpcs still running on a too-old connection are cut off after this grace"
+    )
+    registry_connections: int = _opt(8, "SQLite connections of the registry pool, shared by all threads")
+    health_check_seconds: float = _opt(
+        5.0, "how often the registry is probed; health NOT_SERVING when it fails"
+    )
     tls_cert: str = _opt("", "PEM server certificate (enables TLS)")
     tls_key: str = _opt("", "PEM server private key")
     tls_client_ca: str = _opt("", "PEM CA that client certificates must chain to (enables mTLS)")
@@ -111,6 +151,11 @@ class ServerConfig:
             "max_finetune_examples",
             "max_finetune_example_tokens",
             "kv_block_size",
+            "max_request_tokens",
+            "upload_buffer_bytes",
+            "max_tenant_bytes",
+            "max_stream_requests",
+            "registry_connections",
         ):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)})")
@@ -144,13 +189,56 @@ class ServerConfig:
             problems.append(f"--model must be a local model directory; {self.model!r} is not one")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             problems.append(f"--log-level must be debug, info, warning or error (got {self.log_level!r})")
-        if not self.tokens_file and self.host not in ("127.0.0.1", "localhost", "::1"):
-            problems.append(
-                "without --tokens-file the server runs in single-tenant dev mode and listens on "
-                f"127.0.0.1 only; give a tokens file to bind {self.host!r}"
-            )
+        for name in ("max_concurrent_rpcs", "max_rpcs_per_tenant", "max_pins_per_tenant"):
+            if getattr(self, name) < 0:
+                problems.append(
+                    f"--{name.replace('_', '-')} must be 0 (automatic) or more (got {getattr(self, name)})"
+                )
+        for name in (
+            "request_idle_seconds",
+            "keepalive_seconds",
+            "keepalive_timeout_seconds",
+            "connection_idle_seconds",
+            "connection_age_grace_seconds",
+            "health_check_seconds",
+            "max_train_unit_ms",
+        ):
+            if not getattr(self, name) > 0:
+                problems.append(f"--{name.replace('_', '-')} must be more than 0 (got {getattr(self, name)})")
+        if self.connection_max_age_seconds < 0:
+            problems.append("--connection-max-age-seconds must be 0 (no limit) or more")
+        if self.max_request_tokens < self.max_prompt_tokens:
+            problems.append("--max-request-tokens cannot be below --max-prompt-tokens")
+        if self.upload_buffer_bytes < self.max_upload_bytes:
+            problems.append("--upload-buffer-bytes cannot be below --max-upload-bytes (one upload must fit)")
+        if not self.tokens_file:
+            for flag, host in (("--host", self.host), ("--metrics-host", self.metrics_host or self.host)):
+                if host not in LOOPBACK:
+                    problems.append(
+                        "without --tokens-file the server runs in single-tenant dev mode and listens on "
+                        f"127.0.0.1 only; give a tokens file to bind {host!r} ({flag})"
+                    )
         if problems:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
+
+    @property
+    def rpc_limit(self) -> int:
+        """--max-concurrent-rpcs resolved."""
+        return self.max_concurrent_rpcs or 4 * self.workers
+
+    @property
+    def tenant_rpc_limit(self) -> int | None:
+        """--max-rpcs-per-tenant resolved; None = no per-tenant cap (dev mode has one tenant)."""
+        if self.max_rpcs_per_tenant:
+            return self.max_rpcs_per_tenant
+        return max(1, self.workers // 4) if self.tokens_file else None
+
+    @property
+    def tenant_pin_limit(self) -> int:
+        """--max-pins-per-tenant resolved."""
+        if self.max_pins_per_tenant:
+            return self.max_pins_per_tenant
+        return max(1, self.adapter_slots // 4) if self.tokens_file else self.adapter_slots
 
     @property
     def target_module_list(self) -> tuple[str, ...]:

@@ -144,6 +144,12 @@ class InferenceFrontend:
             raise ResourceExhausted(
                 f"{len(texts)} texts in one request; the limit is {self.config.max_texts}"
             )
+        chars = sum(len(t) for t in texts)
+        if chars > self.config.max_request_tokens * 32:  # as _check_text, for the request as a whole
+            raise ResourceExhausted(
+                f"the texts are {chars} characters together, far over the "
+                f"{self.config.max_request_tokens}-token limit of one request (--max-request-tokens)"
+            )
         out = []
         for i, t in enumerate(texts):
             if not t:
@@ -152,14 +158,36 @@ class InferenceFrontend:
             ids = self.tokenizer(t)["input_ids"]
             self._check_length(len(ids), f"texts[{i}]")
             out.append(ids)
+        self.check_request_tokens(sum(len(ids) for ids in out), "texts")
         return out
 
+    def check_request_tokens(self, n: int, what: str) -> None:
+        """One request's tokens, all its texts or prompts together, against --max-request-tokens: the
+        engine time a single request can claim grows with them."""
+        if n > self.config.max_request_tokens:
+            raise ResourceExhausted(
+                f"this request's {what} have {n} tokens together; one request may have at most "
+                f"{self.config.max_request_tokens} (--max-request-tokens): split it into several requests"
+            )
+
     # ---- requests ----------------------------------------------------------------
-    def start_generation(
-        self, tenant: str, g: GenerateInput, deadline: float | None
-    ) -> tuple[GenerationRequest, str]:
+    def prepare_generation(self, g: GenerateInput) -> tuple[list[int], SamplingParams]:
+        """Validated sampling parameters and the prompt's token ids (nothing submitted yet)."""
         params = self._sampling(g)
-        ids = self._tokenize_prompt(g)
+        return self._tokenize_prompt(g), params
+
+    def start_generation(
+        self,
+        tenant: str,
+        g: GenerateInput,
+        deadline: float | None,
+        prepared: tuple[list[int], SamplingParams] | None = None,
+    ) -> tuple[GenerationRequest, str]:
+        if prepared is None:
+            params = self._sampling(g)
+            ids = self._tokenize_prompt(g)
+        else:
+            ids, params = prepared
         handle, resolved = self.adapters.resolve(tenant, g.adapter)
         req = GenerationRequest(
             ids, params, tenant=tenant, adapter=handle, deadline=deadline, request_id=g.request_id

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import json
+import math
 import struct
 from dataclasses import dataclass
 
@@ -114,6 +115,10 @@ def decode_bytes(raw: bytes, count: int, name: str) -> list[bytes]:
     """Triton BYTES serialization: per element a 4-byte little-endian length, then the bytes."""
     out, off = [], 0
     while off < len(raw):
+        if len(out) == count:  # more elements than the shape says: stop decoding here
+            raise InvalidArgument(
+                f"input {name!r}: the raw contents hold more than the {count} elements the shape says"
+            )
         if off + 4 > len(raw):
             raise InvalidArgument(f"input {name!r}: truncated BYTES length prefix at offset {off}")
         (n,) = struct.unpack_from("<I", raw, off)
@@ -135,8 +140,9 @@ def encode_bytes(items: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(b)) + b for b in items)
 
 
-def text_input(request) -> tuple[list[str], list[int]]:
-    """The prompts/texts of a request and the shape they came in."""
+def text_input(request, max_texts: int) -> tuple[list[str], list[int]]:
+    """The prompts/texts of a request and the shape they came in; a shape of more than `max_texts`
+    elements is refused before any element is decoded."""
     names = [t.name for t in request.inputs]
     if names != [TEXT_INPUT]:
         raise InvalidArgument(
@@ -153,9 +159,14 @@ def text_input(request) -> tuple[list[str], list[int]]:
         raise InvalidArgument(
             f"input {TEXT_INPUT!r} needs a concrete shape such as [1] or [batch]; got {shape}"
         )
-    count = int(np.prod(shape))
+    count = math.prod(shape)  # Python ints: a product past 2^64 is not wrapped around
     if count == 0:
         raise InvalidArgument(f"input {TEXT_INPUT!r} has no elements (shape {shape})")
+    if count > max_texts:
+        raise ResourceExhausted(
+            f"input {TEXT_INPUT!r} has shape {_short(shape)}, {_short(count)} elements; at most {max_texts} "
+            "texts per request (--max-texts)"
+        )
     if request.raw_input_contents:
         if len(request.raw_input_contents) != len(request.inputs):
             raise InvalidArgument("raw_input_contents must hold one entry per input")
@@ -190,10 +201,40 @@ def fp32_raw(rows: list[list[float]]) -> bytes:
     return np.asarray(rows, dtype="<f4").tobytes()
 
 
+def _short(value, limit: int = 80) -> str:
+    text = str(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 # ---- parameters --------------------------------------------------------------------------
 def param_value(p):
     which = p.WhichOneof("parameter_choice")
     return None if which is None else getattr(p, which)
+
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def param_bool(p, key: str) -> bool:
+    """A boolean parameter: bool_param, an integer 0/1, or a string true/false (1/0, yes/no, on/off).
+    Anything else is refused: `bool("false")` is True."""
+    value = param_value(p)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+        return value.strip().lower() in _TRUE
+    raise InvalidArgument(f"parameter {key!r} must be a boolean (true or false); got {_short(repr(value))}")
+
+
+def parse_json(text: str, what: str):
+    """json.loads with every failure the caller's: malformed text, nesting too deep, huge numbers."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise InvalidArgument(f"{what} is not valid JSON: {_short(reason, 200)}") from None
 
 
 def _is_reserved(key: str) -> bool:
@@ -236,7 +277,7 @@ def _stop_list(value) -> list[str]:
     if not isinstance(value, str):
         raise TypeError
     if value.startswith("["):
-        items = json.loads(value)
+        items = parse_json(value, "parameter 'stop'")
         if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
             raise ValueError
         return items
@@ -301,10 +342,9 @@ def load_request_files(request, max_bytes: int) -> tuple[dict[str, bytes], dict]
                 )
             files[fname] = p.bytes_param
         elif key == "config":
-            try:
-                config = json.loads(p.string_param or "{}")
-            except json.JSONDecodeError as exc:
-                raise InvalidArgument(f"parameter 'config' is not JSON: {exc}") from None
+            if p.WhichOneof("parameter_choice") not in (None, "string_param"):
+                raise InvalidArgument("parameter 'config' must be a JSON object in a string_param")
+            config = parse_json(p.string_param or "{}", "parameter 'config'")
             if not isinstance(config, dict):
                 raise InvalidArgument("parameter 'config' must be a JSON object")
     return files, config
@@ -313,6 +353,10 @@ def load_request_files(request, max_bytes: int) -> tuple[dict[str, bytes], dict]
 def config_labels_description(config: dict) -> tuple[list[str], str]:
     """`labels`/`description` at the top level, or as Triton-style `parameters.<k>.string_value`."""
     params = config.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise InvalidArgument(
+            "config `parameters` must be a JSON object (Triton style: {key: {string_value}})"
+        )
 
     def get(key):
         if key in config:
@@ -323,7 +367,7 @@ def config_labels_description(config: dict) -> tuple[list[str], str]:
     labels = get("labels") or []
     if isinstance(labels, str):
         labels = (
-            json.loads(labels)
+            parse_json(labels, "config `labels`")
             if labels.startswith("[")
             else [s.strip() for s in labels.split(",") if s.strip()]
         )

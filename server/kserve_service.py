@@ -164,7 +164,7 @@ class KServeServicer:
         t0 = time.monotonic()
         ok, items = False, 0
         try:
-            texts, shape = kc.text_input(request)
+            texts, shape = kc.text_input(request, self.state.config.max_texts)
             items = len(texts)
             if model.task == "SEQ_CLS":
                 response = self._classify(tenant, model, request, texts, shape, context)
@@ -203,10 +203,12 @@ class KServeServicer:
         if len(inputs) > fe.config.max_texts:
             raise InvalidArgument(f"{len(inputs)} prompts in one request; the limit is {fe.config.max_texts}")
         deadline = deadline_of(context)
+        prepared = [fe.prepare_generation(g) for g in inputs]  # all checked before any is submitted
+        fe.check_request_tokens(sum(len(ids) for ids, _ in prepared), "prompts")
         started, resolved = [], ""
         try:
-            for g in inputs:  # all submitted before waiting: the engine batches them
-                req, resolved = fe.start_generation(tenant, g, deadline)
+            for g, p in zip(inputs, prepared, strict=True):  # all submitted before waiting: batched
+                req, resolved = fe.start_generation(tenant, g, deadline, prepared=p)
                 started.append(req)
             for req in started:
                 for ev in self._events(req, context):
@@ -235,6 +237,9 @@ class KServeServicer:
         cancel = threading.Event()
         context.add_callback(cancel.set)
         workers: list[threading.Thread] = []
+        # at most this many requests of the stream in flight: the reader stops reading (and HTTP/2 flow
+        # control stops the client) until one finishes, so one stream cannot start unbounded threads
+        slots = threading.BoundedSemaphore(self.state.config.max_stream_requests)
 
         def serve(request):
             try:
@@ -246,18 +251,27 @@ class KServeServicer:
                 log.exception("ModelStreamInfer request failed")
                 msg = "internal error; the server log has the details"
                 out.put(pb.ModelStreamInferResponse(error_message=msg))
+            finally:
+                slots.release()
 
         def read():
             try:
                 for request in request_iterator:
+                    while not slots.acquire(timeout=0.25):
+                        if cancel.is_set():
+                            return
                     t = threading.Thread(target=serve, args=(request,), daemon=True, name="kserve-stream")
                     t.start()
                     workers.append(t)
+                    workers[:] = [w for w in workers if w.is_alive()]
+            except HotloraError as exc:  # e.g. bytes that are no ModelInferRequest: say so, then stop
+                out.put(pb.ModelStreamInferResponse(error_message=exc.message))
             except Exception:  # the client went away: stop the stream
                 cancel.set()
-            for t in workers:
-                t.join()
-            out.put(None)
+            finally:
+                for t in workers:
+                    t.join()
+                out.put(None)
 
         threading.Thread(target=read, daemon=True, name="kserve-stream-reader").start()
         while True:
@@ -268,13 +282,10 @@ class KServeServicer:
 
     def _stream_one(self, tenant, request, context, cancel: threading.Event):
         model = self._model(tenant, request.model_name, request.model_version)
-        empty_final = (
-            kc.param_value(request.parameters["triton_enable_empty_final_response"]) is True
-            if "triton_enable_empty_final_response" in request.parameters
-            else False
-        )
+        key = "triton_enable_empty_final_response"
+        empty_final = kc.param_bool(request.parameters[key], key) if key in request.parameters else False
         t0 = time.monotonic()
-        texts, shape = kc.text_input(request)
+        texts, shape = kc.text_input(request, self.state.config.max_texts)
         if model.task == "SEQ_CLS":
             ok = False
             try:
@@ -349,7 +360,7 @@ class KServeServicer:
     def RepositoryModelLoad(self, request, context):
         tenant, name = current_tenant(), request.model_name
         files, config = kc.load_request_files(request, self.state.config.max_upload_bytes)
-        pin = bool(kc.param_value(request.parameters["pin"])) if "pin" in request.parameters else False
+        pin = kc.param_bool(request.parameters["pin"], "pin") if "pin" in request.parameters else False
         if name == BASE_MODEL:
             if files:
                 raise InvalidArgument(
@@ -364,7 +375,8 @@ class KServeServicer:
             if "@" in name:
                 raise InvalidArgument("an upload creates the next version itself; give the bare adapter name")
             labels, description = kc.config_labels_description(config)
-            ref = svc.upload(tenant, name, files, description=description, labels=labels).record.ref
+            with svc.uploads.budget.held(sum(len(d) for d in files.values())):  # --upload-buffer-bytes
+                ref = svc.upload(tenant, name, files, description=description, labels=labels).record.ref
         timeout = context.time_remaining()
         timeout = 30.0 if timeout is None or timeout > 30 else max(0.1, timeout - 0.05)
         svc.load(tenant, ref, pin, timeout)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 
 # fields a log call may attach with extra={...}; prompt text and tokens are never among them
@@ -90,6 +91,23 @@ def request_fields(request, metadata=()) -> tuple[str, str]:
     return request_id, adapter if isinstance(adapter, str) else ""
 
 
+# control characters (newlines above all) and backslash: a client string must not forge log lines
+_UNSAFE = re.compile(r"[\\\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape(value: str) -> str:
+    """`value` with backslash and control characters written as escapes (`\\n` -> `\\x0a`)."""
+    return _UNSAFE.sub(lambda m: _escape_char(m.group()), value)
+
+
+def _escape_char(ch: str) -> str:
+    if ch == "\\":
+        return "\\\\"
+    code = ord(ch)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
 def _clip(value) -> str:
     value = "" if value is None else str(value)
-    return value if len(value) <= _MAX_FIELD else value[:_MAX_FIELD] + "..."
+    value = value if len(value) <= _MAX_FIELD else value[:_MAX_FIELD] + "..."
+    return escape(value)

@@ -168,6 +168,7 @@ UPLOAD_OUTCOMES = (
     "too_large",
     "unsupported_option",
     "does_not_fit",
+    "cancelled",
 )
 MAX_OUTCOMES = 32  # more distinct upload outcomes than this are counted as "other"
 MAX_LORA_NAMES = 16  # adapter names in hotlora_lora_requests_info, most requested first

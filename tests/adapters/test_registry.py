@@ -152,7 +152,7 @@ def test_crash_between_blobs_and_metadata_leaves_nothing_visible(tmp_path, uploa
     registry = AdapterRegistry.open(tmp_path / "data")
     registry.commit("t1", "kept", files, weights)
 
-    def crash(draft):
+    def crash(draft, quota=None):
         raise SystemExit("simulated crash before the metadata transaction")
 
     monkeypatch.setattr(registry.metadata, "insert_next_version", crash)

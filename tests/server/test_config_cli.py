@@ -42,6 +42,17 @@ def _no_hotlora_env(monkeypatch):
     [
         (["--max-batch-size", "0"], "--max-batch-size must be at least 1 (got 0)"),
         (["--host", "0.0.0.0"], "give a tokens file to bind '0.0.0.0'"),
+        (["--metrics-host", "0.0.0.0"], "give a tokens file to bind '0.0.0.0' (--metrics-host)"),
+        (["--request-idle-seconds", "0"], "--request-idle-seconds must be more than 0"),
+        (["--max-rpcs-per-tenant", "-1"], "--max-rpcs-per-tenant must be 0 (automatic) or more"),
+        (
+            ["--max-prompt-tokens", "100", "--max-request-tokens", "99"],
+            "--max-request-tokens cannot be below",
+        ),
+        (
+            ["--max-upload-bytes", "100", "--upload-buffer-bytes", "99"],
+            "--upload-buffer-bytes cannot be below --max-upload-bytes",
+        ),
         (["--port", "70000"], "--port must be 0..65535"),
         (["--port", "abc"], "--port expects int, got 'abc'"),
         (["--train-share", "0"], "--train-share must be in (0, 1]"),
@@ -89,6 +100,21 @@ def test_serve_refuses_a_public_host_without_tokens():
     out = hotlora("serve", "--host", "0.0.0.0", timeout=30)
     assert out.returncode == 2
     assert "--tokens-file" in out.stderr and "0.0.0.0" in out.stderr
+
+
+def test_serve_refuses_a_token_listed_for_two_tenants(tmp_path, tiny_model_dir):
+    """Issue 12, finding 11: the token would silently belong to one of them."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("acme shared-token\nglobex other-token\nglobex shared-token\n")
+    out = hotlora(
+        "serve", "--tokens-file", str(tokens), "--model", str(tiny_model_dir), "--port", "0",
+        "--metrics-port", "-1", "--data-dir", str(tmp_path / "data"), timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 2
+    assert (
+        f"{tokens}:3: this token (or its sha256) is already listed on line 1 for tenant 'acme'" in out.stderr
+    )
+    assert "Traceback" not in out.stderr
 
 
 def test_serve_help_lists_the_flags():
