@@ -1,0 +1,152 @@
+"""The runner against transformers, family by family: each model directory is loaded from its safetensors
+the way `--model` loads it, and its greedy tokens through the engine must equal `generate` in fp32. In bf16
+(the default where the CPU or GPU computes it fast) rounding may flip a near tie, so the check is a
+documented tolerance instead: at every step of the bf16 engine's greedy output, the fp32 transformers model
+given the same prefix picks the same token in at least 90% of the steps. A family the runner does not cover
+is served through the transformers path, with a log line saying so, and stays exact."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from hotlora.server.engine import Engine
+from hotlora.server.model_loading import load_model
+from hotlora.server.runner import runner_from_model
+
+from tests.tiny import VOCAB_SIZE, tiny_tokenizer
+
+from .test_engine import finish, gen_req, hf_greedy, ids_of
+
+BF16_TOP1_AGREEMENT = 0.9
+# longer than the sliding windows below, so the window is exercised in prefill and in decode
+PROMPTS = ["The quick brown fox jumps over", "a", "Once upon a time in a land far away"]
+NEW_TOKENS = 24
+
+COMMON = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=3,
+    initializer_range=0.2,
+)
+
+
+def _llama3_rope():
+    from transformers import LlamaConfig
+
+    rope = dict(
+        rope_type="llama3",
+        rope_theta=10000.0,
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=32,
+    )
+    return LlamaConfig(**COMMON, rope_parameters=rope, tie_word_embeddings=True, attention_bias=True)
+
+
+def _mistral_sliding():
+    from transformers import MistralConfig
+
+    return MistralConfig(**COMMON, sliding_window=8, tie_word_embeddings=False)
+
+
+def _qwen2_biases_and_window():
+    from transformers import Qwen2Config
+
+    # layer 0 full attention, layer 1 a sliding window of 8; q/k/v carry biases
+    return Qwen2Config(**COMMON, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+
+
+def _qwen3_not_covered():
+    from transformers import Qwen3Config
+
+    return Qwen3Config(**COMMON)
+
+
+def _model_dir(tmp_path, config):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    path = tmp_path / config.model_type
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return model, path
+
+
+def _greedy_through_engine(runner, tok, prompts, n=NEW_TOKENS) -> list[list[int]]:
+    eng = Engine(runner, tok)
+    eng.start()
+    try:
+        reqs = [gen_req(tok, p, n, ignore_eos=True) for p in prompts]
+        for r in reqs:  # submitted together: batched decode with prefills of different lengths
+            eng.submit(r)
+        return [finish(r).output_ids for r in reqs]
+    finally:
+        eng.stop()
+
+
+@pytest.mark.parametrize(
+    "make_config",
+    [_llama3_rope, _mistral_sliding, _qwen2_biases_and_window],
+    ids=["llama-llama3-rope-tied-bias", "mistral-sliding-window", "qwen2-biases-window-layers"],
+)
+def test_fp32_greedy_equals_generate_for_each_family(tmp_path, make_config):
+    model, path = _model_dir(tmp_path, make_config())
+    loaded = load_model(str(path), str(tmp_path / "cache"), device="cpu", dtype="float32")
+    assert loaded.runner_kind == "runner"
+    tok = loaded.tokenizer
+    got = _greedy_through_engine(loaded.model, tok, PROMPTS)
+    for prompt, out in zip(PROMPTS, got, strict=True):
+        assert out == hf_greedy(model, tok, prompt, NEW_TOKENS), prompt
+
+
+def test_a_family_the_runner_does_not_cover_serves_through_transformers(tmp_path, caplog):
+    model, path = _model_dir(tmp_path, _qwen3_not_covered())
+    with caplog.at_level(logging.WARNING, logger="hotlora.model"):
+        loaded = load_model(str(path), str(tmp_path / "cache"), device="cpu", dtype="float32")
+    assert loaded.runner_kind == "transformers"
+    assert "through the transformers path" in caplog.text and "qwen3" in caplog.text
+    tok = loaded.tokenizer
+    got = _greedy_through_engine(loaded.model, tok, PROMPTS)
+    for prompt, out in zip(PROMPTS, got, strict=True):
+        assert out == hf_greedy(model, tok, prompt, NEW_TOKENS), prompt
+
+
+def _top1_agreement(reference, tok, prompt: str, output: list[int]) -> float:
+    """Share of steps where the reference's top-1 given the same prefix is the token the runner chose."""
+    ids = torch.tensor([ids_of(tok, prompt) + output])
+    with torch.no_grad():
+        logits = reference(ids).logits[0]
+    start = len(ids_of(tok, prompt)) - 1
+    picks = logits[start : start + len(output)].argmax(-1).tolist()
+    return sum(a == b for a, b in zip(picks, output, strict=True)) / len(output)
+
+
+def test_bf16_runner_agrees_with_the_fp32_reference_within_tolerance(tiny_llama, tiny_tok):
+    runner = runner_from_model(tiny_llama, dtype=torch.bfloat16)
+    got = _greedy_through_engine(runner, tiny_tok, PROMPTS)
+    for prompt, out in zip(PROMPTS, got, strict=True):
+        agreement = _top1_agreement(tiny_llama, tiny_tok, prompt, out)
+        assert agreement >= BF16_TOP1_AGREEMENT, (prompt, agreement)
+
+
+def test_the_bf16_tolerance_catches_a_broken_runner(tiny_llama, tiny_tok):
+    # the check above is only worth something if a wrong model fails it: drop RoPE's rotation
+    runner = runner_from_model(tiny_llama, dtype=torch.bfloat16)
+    runner.rope_sin.zero_()
+    runner.rope_cos.fill_(1.0)
+    got = _greedy_through_engine(runner, tiny_tok, PROMPTS)
+    worst = min(_top1_agreement(tiny_llama, tiny_tok, p, out) for p, out in zip(PROMPTS, got, strict=True))
+    assert worst < BF16_TOP1_AGREEMENT
