@@ -10,15 +10,19 @@ import torch
 from hotlora.adapters.cache import AdapterCache
 from hotlora.adapters.errors import FailedPrecondition
 from hotlora.adapters.lora_layers import LoraContext, set_batch
+from hotlora.kernels.batch import make_rows_batch
 
 
 class MultiLoraRuntime:
-    def __init__(self, ctx: LoraContext, sites: list, num_slots: int, device, dtype):
+    def __init__(self, ctx: LoraContext, sites: list, num_slots: int, device, dtype, max_rank: int = 0):
         self.ctx = ctx
         self.sites = list(sites)
         self.device = device
         self.dtype = dtype
+        self.max_rank = max_rank
         self.slot_ranks = torch.zeros(num_slots, dtype=torch.long)
+        # the same ranks on the compute device, read by the kernels of a captured decode step at run time
+        self.slot_ranks_device = torch.zeros(num_slots, dtype=torch.long, device=device)
         self.heads: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
         self.cache: AdapterCache | None = None  # set by the service that owns both
 
@@ -27,6 +31,7 @@ class MultiLoraRuntime:
         for site in self.sites:
             site.install(slot, weights)
         self.slot_ranks[slot] = weights.rank
+        self.slot_ranks_device[slot] = weights.rank
         if weights.head_weight is not None:
             bias = None if weights.head_bias is None else weights.head_bias.to(self.device, self.dtype)
             self.heads[slot] = (weights.head_weight.to(self.device, self.dtype), bias)
@@ -37,6 +42,7 @@ class MultiLoraRuntime:
         for site in self.sites:
             site.clear(slot)
         self.slot_ranks[slot] = 0
+        self.slot_ranks_device[slot] = 0
         self.heads.pop(slot, None)
 
     # ---- AdapterRuntime -------------------------------------------------------------
@@ -51,6 +57,11 @@ class MultiLoraRuntime:
 
     def begin_forward(self, token_slots: list[int]) -> None:
         set_batch(self.ctx, token_slots, self.slot_ranks, self.device)
+
+    def graph_plan(self, token_slots: torch.Tensor) -> None:
+        """The LoRA plan of a static decode step (runner.decode_graphs): built from the slot buffer without
+        reading it, so a captured graph stays valid whatever the buffer and the slots hold later."""
+        self.ctx.batch = make_rows_batch(token_slots, self.slot_ranks_device, self.max_rank)
 
     def end_forward(self) -> None:
         self.ctx.batch = None

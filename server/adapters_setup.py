@@ -37,7 +37,7 @@ def setup_adapters(state, loaded):
         ctx, wrapped = inject_multi_lora(runner.model, targets, cfg.adapter_slots, cfg.max_rank)
         runner.lora_ctx = ctx
         sites = list(wrapped.values())
-    runtime = MultiLoraRuntime(ctx, sites, cfg.adapter_slots, loaded.device, loaded.dtype)
+    runtime = MultiLoraRuntime(ctx, sites, cfg.adapter_slots, loaded.device, loaded.dtype, cfg.max_rank)
     limits = AdapterLimits(
         max_rank=cfg.max_rank, max_file_bytes=cfg.max_upload_bytes, max_upload_bytes=cfg.max_upload_bytes
     )

@@ -188,6 +188,7 @@ class HotloraServer:
             runtime=runtime,
             observer=self.metrics,
             task_share=cfg.train_share,
+            static_decode=_decode_graphs(cfg, loaded, runtime),
         )
         engine.start()
         self.state.engine = engine
@@ -275,3 +276,14 @@ class HotloraServer:
             log.exception("start-up failed")
             self.exit_code = 1
             stop.set()
+
+
+def _decode_graphs(cfg, loaded, runtime):
+    """CUDA graphs for decode steps: on a CUDA device, with hotlora's runner, unless --no-cuda-graphs."""
+    if not cfg.cuda_graphs or loaded.device.type != "cuda" or loaded.runner_kind != "runner":
+        return None
+    from hotlora.server.runner.decode_graphs import StaticDecode
+
+    plan = getattr(runtime, "graph_plan", None)
+    done = getattr(runtime, "end_forward", None) if plan is not None else None
+    return StaticDecode(loaded.model, capture=True, lora_plan=plan, lora_done=done)

@@ -58,6 +58,11 @@ class ServerConfig:
     prefix_caching: bool = _opt(
         True, "reuse the KV blocks of a prompt prefix already computed for the same tenant and adapter"
     )
+    cuda_graphs: bool = _opt(
+        True,
+        "on CUDA, decode steps replay CUDA graphs captured per batch bucket (no effect on CPU, where eager "
+        "execution is faster)",
+    )
     max_batch_size: int = _opt(64, "running generation requests decoded together")
     max_queue: int = _opt(1024, "waiting requests, all tenants together")
     max_queue_per_tenant: int = _opt(256, "waiting requests of one tenant")

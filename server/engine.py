@@ -134,6 +134,7 @@ class Engine:
         runtime: AdapterRuntime | None = None,
         observer: Any = None,
         task_share: float = 0.3,
+        static_decode: Any = None,
     ):
         self.runner = runner
         self.tokenizer = tokenizer
@@ -141,6 +142,8 @@ class Engine:
         self.runtime = runtime or BaseOnlyRuntime()
         self.observer = observer
         self.task_share = task_share  # max fraction of engine time given to background tasks
+        # runner.decode_graphs.StaticDecode: decode-only steps through per-bucket buffers (CUDA graphs)
+        self.static_decode = static_decode
         self.device = runner.device
         self.max_positions = runner.spec.max_positions
         self.eos_ids = _eos_ids(runner, tokenizer)
@@ -500,38 +503,11 @@ class Engine:
             spans.append(
                 PrefillSpan(start, n, p0, torch.tensor(blocks, dtype=torch.int64, device=self.device))
             )
-        dev = self.device
-        if decode:
-            width = max(len(s.kv.blocks) for s in decode)
-            tables = torch.full((len(decode), width), NULL_BLOCK, dtype=torch.int64)
-            for i, seq in enumerate(decode):
-                tables[i, : len(seq.kv.blocks)] = torch.tensor(seq.kv.blocks, dtype=torch.int64)
-            lens = torch.tensor([s.num_computed + 1 for s in decode], dtype=torch.int64)
-            tables, lens = tables.to(dev), lens.to(dev)
-            mask = decode_mask(lens, width * bs, None)
-        else:
-            tables = torch.zeros((0, 1), dtype=torch.int64, device=dev)
-            lens = torch.zeros(0, dtype=torch.int64, device=dev)
-            mask = None
-        meta = AttentionMetadata(
-            num_decode=len(decode),
-            decode_tables=tables,
-            decode_lens=lens,
-            prefills=tuple(spans),
-            slot_mapping=torch.tensor(mapping, dtype=torch.int64, device=dev),
-            decode_mask=mask,
-        )
-        step = StepInput(
-            torch.tensor(ids, dtype=torch.int64, device=dev),
-            torch.tensor(pos, dtype=torch.int64, device=dev),
-            meta,
-        )
         t0 = time.perf_counter()
-        self.runtime.begin_forward(slots)
-        try:
-            hidden = self.runner(step)
-        finally:
-            self.runtime.end_forward()
+        if not prefill and self.static_decode is not None and self.static_decode.fits(len(decode)):
+            hidden = self.static_decode.run(ids, pos, [s.kv.blocks for s in decode], mapping, slots)
+        else:
+            hidden = self._forward(decode, ids, pos, slots, mapping, spans)
         if self.observer is not None:
             kind = "prefill" if prefill else "decode"
             self.observer.forward_finished(
@@ -559,6 +535,40 @@ class Engine:
             logits = self.runner.logits(hidden[torch.tensor(sample_rows, device=hidden.device)])
             self._emit(sample_seqs, logits)
         self._retire()
+
+    def _forward(self, decode, ids, pos, slots, mapping, spans) -> torch.Tensor:
+        """The step's tensors, then one runner forward (the dynamic-shape path)."""
+        dev, bs = self.device, self.block_size
+        if decode:
+            width = max(len(s.kv.blocks) for s in decode)
+            tables = torch.full((len(decode), width), NULL_BLOCK, dtype=torch.int64)
+            for i, seq in enumerate(decode):
+                tables[i, : len(seq.kv.blocks)] = torch.tensor(seq.kv.blocks, dtype=torch.int64)
+            lens = torch.tensor([s.num_computed + 1 for s in decode], dtype=torch.int64)
+            tables, lens = tables.to(dev), lens.to(dev)
+            mask = decode_mask(lens, width * bs, None)
+        else:
+            tables = torch.zeros((0, 1), dtype=torch.int64, device=dev)
+            lens = torch.zeros(0, dtype=torch.int64, device=dev)
+            mask = None
+        meta = AttentionMetadata(
+            num_decode=len(decode),
+            decode_tables=tables,
+            decode_lens=lens,
+            prefills=tuple(spans),
+            slot_mapping=torch.tensor(mapping, dtype=torch.int64, device=dev),
+            decode_mask=mask,
+        )
+        step = StepInput(
+            torch.tensor(ids, dtype=torch.int64, device=dev),
+            torch.tensor(pos, dtype=torch.int64, device=dev),
+            meta,
+        )
+        self.runtime.begin_forward(slots)
+        try:
+            return self.runner(step)
+        finally:
+            self.runtime.end_forward()
 
     def _pool_chunk(self, seq: _Seq, hidden: torch.Tensor) -> None:
         req = seq.req

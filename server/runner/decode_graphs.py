@@ -1,0 +1,183 @@
+"""Decode steps with static shapes, replayed as CUDA graphs.
+
+A decode-only step (every sequence adds one token) is padded to a *bucket*: the batch to the next of
+:data:`BATCH_BUCKETS` and the block-table width to the next power of two. Each (batch, width) bucket owns
+its input buffers, so the forward pass reads the same addresses every time and launches the same kernels:
+on CUDA it is captured once as a graph and then replayed after the inputs are copied in (no Python per
+layer, no launch overhead). Padding rows are harmless by construction: token 0 at position 0, a table of the
+null block, one visible key (finite, because every block is zeroed before use), their K/V written to the
+null block's first slot, slot -1 (no adapter); their outputs are dropped.
+
+Nothing in the captured step reads a device value back to the host: attention masks are built from the
+length buffer on the device, and the LoRA update uses the graph-safe rows plan (``make_rows_batch``: slot
+ids and ranks read by the kernels at run time, so installing an adapter into a slot needs no new capture).
+The only synchronisation left in a decode step is the engine reading the sampled tokens.
+
+On CPU the same path runs eagerly (``capture=False``): it is how the tests check that padding and
+bucketing change no output. It is not the CPU default: padding costs work that eager execution does not
+otherwise pay, and torch.compile of this step was measured slower than eager on a 2-core CPU
+(benchmarks/engine.py --compile, RESULTS.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .attention import AttentionMetadata, decode_mask
+from .kv_cache import NULL_BLOCK
+from .model import StepInput
+
+log = logging.getLogger("hotlora.runner")
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def batch_bucket(n: int) -> int | None:
+    """The smallest bucket holding n rows, or None when n is past the largest."""
+    return next((b for b in BATCH_BUCKETS if b >= n), None)
+
+
+def width_bucket(blocks: int, max_width: int) -> int:
+    """Block-table width: the next power of two, at most the longest table a sequence can have."""
+    return min(1 << max(blocks - 1, 0).bit_length(), max_width)
+
+
+@dataclass
+class _Bucket:
+    ids: torch.Tensor  # [B] int64
+    positions: torch.Tensor  # [B] int64
+    tables: torch.Tensor  # [B, W] int64
+    lens: torch.Tensor  # [B] int64
+    mapping: torch.Tensor  # [B] int64
+    slots: torch.Tensor  # [B] int64, -1 = base model
+    staging: torch.Tensor  # [5 + W, B] int64 on the host (pinned on CUDA): filled, then copied in once
+    graph: torch.cuda.CUDAGraph | None = None
+    out: torch.Tensor | None = None  # [B, H] the captured forward's output (overwritten by each replay)
+
+
+class StaticDecode:
+    """Decode steps of a Runner through per-bucket static buffers; CUDA graphs when ``capture``.
+
+    ``lora_plan(slots_buffer)``: called with the bucket's slot buffer before its forward runs (at capture,
+    or at every eager call) to install the LoRA plan; None = no adapters. ``lora_done()`` clears it."""
+
+    def __init__(
+        self,
+        runner,
+        capture: bool,
+        lora_plan: Callable[[torch.Tensor], None] | None = None,
+        lora_done: Callable[[], None] | None = None,
+    ):
+        if capture and runner.device.type != "cuda":
+            raise ValueError("CUDA graphs need a CUDA device (capture=False runs the static path eagerly)")
+        self.runner = runner
+        self.capture = capture
+        self.lora_plan = lora_plan
+        self.lora_done = lora_done
+        self.block_size = runner.kv_config.block_size
+        self.max_width = -(-runner.spec.max_positions // self.block_size)
+        self.max_batch = BATCH_BUCKETS[-1]
+        self._buckets: dict[tuple[int, int], _Bucket] = {}
+        self._pool = torch.cuda.graph_pool_handle() if capture else None  # one memory pool for all graphs
+
+    def fits(self, rows: int) -> bool:
+        return batch_bucket(rows) is not None
+
+    def run(
+        self,
+        ids: list[int],
+        positions: list[int],
+        tables: list[list[int]],
+        mapping: list[int],
+        slots: list[int],
+    ) -> torch.Tensor:
+        """Final-norm hidden states [n, H] of n decode rows (K/V written to the pool, as Runner.forward)."""
+        n = len(ids)
+        bsz = batch_bucket(n)
+        if bsz is None:
+            raise ValueError(f"{n} decode rows is past the largest bucket ({self.max_batch})")
+        width = width_bucket(max(len(t) for t in tables), self.max_width)
+        b = self._bucket(bsz, width)
+        st = b.staging
+        st.zero_()  # padding rows: token 0 at position 0, null-block tables ...
+        st[3].fill_(1)  # ... one visible key ...
+        st[4].fill_(NULL_BLOCK * self.block_size)  # ... K/V written to the null block ...
+        st[2].fill_(-1)  # ... no adapter
+        st[0, :n] = torch.tensor(ids, dtype=torch.int64)
+        st[1, :n] = torch.tensor(positions, dtype=torch.int64)
+        st[2, :n] = torch.tensor(slots, dtype=torch.int64)
+        st[3, :n] = st[1, :n] + 1
+        st[4, :n] = torch.tensor(mapping, dtype=torch.int64)
+        for i, t in enumerate(tables):
+            st[5 : 5 + len(t), i] = torch.tensor(t, dtype=torch.int64)
+        nb = self.capture  # pinned staging: the copies are asynchronous
+        b.ids.copy_(st[0], non_blocking=nb)
+        b.positions.copy_(st[1], non_blocking=nb)
+        b.slots.copy_(st[2], non_blocking=nb)
+        b.lens.copy_(st[3], non_blocking=nb)
+        b.mapping.copy_(st[4], non_blocking=nb)
+        b.tables.copy_(st[5:].T, non_blocking=nb)
+        if b.graph is not None:
+            b.graph.replay()
+            return b.out[:n]
+        return self._forward(b)[:n]
+
+    # ---- buckets ------------------------------------------------------------------------------------------
+    def _bucket(self, bsz: int, width: int) -> _Bucket:
+        b = self._buckets.get((bsz, width))
+        if b is None:
+            b = self._buckets[(bsz, width)] = self._make(bsz, width)
+        return b
+
+    def _make(self, bsz: int, width: int) -> _Bucket:
+        dev = self.runner.device
+
+        def buf(*shape):
+            return torch.zeros(*shape, dtype=torch.int64, device=dev)
+
+        staging = torch.zeros(5 + width, bsz, dtype=torch.int64)
+        if self.capture:
+            staging = staging.pin_memory()
+        b = _Bucket(buf(bsz), buf(bsz), buf(bsz, width), buf(bsz), buf(bsz), buf(bsz), staging)
+        b.lens.fill_(1)
+        b.mapping.fill_(NULL_BLOCK * self.block_size)
+        b.slots.fill_(-1)
+        if self.capture:
+            self._capture(b)
+            log.info("captured the decode step for %d rows x %d blocks as a CUDA graph", bsz, width)
+        return b
+
+    def _forward(self, b: _Bucket) -> torch.Tensor:
+        length = b.tables.shape[1] * self.block_size
+        meta = AttentionMetadata(
+            num_decode=b.ids.shape[0],
+            decode_tables=b.tables,
+            decode_lens=b.lens,
+            prefills=(),
+            slot_mapping=b.mapping,
+            decode_mask=decode_mask(b.lens, length, None),
+        )
+        if self.lora_plan is not None:
+            self.lora_plan(b.slots)
+        try:
+            return self.runner(StepInput(b.ids, b.positions, meta))
+        finally:
+            if self.lora_done is not None:
+                self.lora_done()
+
+    def _capture(self, b: _Bucket) -> None:
+        # warm up on a side stream first (lazy initialisation, autotuning), as torch.cuda.graphs advises
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._forward(b)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            b.out = self._forward(b)
+        b.graph = graph
