@@ -82,12 +82,15 @@ def paged_attention(
             ks = _gather(k_pool, span.block_table, total).transpose(0, 1)
             vs = _gather(v_pool, span.block_table, total).transpose(0, 1)
         gqa = ks.shape[0] != heads
+        # 4-D inputs: with 3-D ones torch's CPU SDPA falls back to its math path (the scores materialised,
+        # 4-10x slower at 512 tokens); 4-D ones take the flash kernel, as transformers' calls do
+        qs, ks, vs = qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0)
         if window is None and span.context == 0:
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
         else:
             mask = _chunk_mask(span.context, span.length, window, q.device)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
-        out[rows] = o.transpose(0, 1)
+        out[rows] = o[0].transpose(0, 1)
     return out.view(num_tokens, heads * d)
 
 
