@@ -185,17 +185,17 @@ def prompt(i: int) -> str:
     return f"Write one sentence about {TOPICS[i % len(TOPICS)]}."
 
 
-def run_streams(stub, adapters: list[str]) -> float:
-    """All streams at once; returns aggregate tokens/s (tokens received / wall time)."""
+def stream_all(stub, adapters: list[str], prompts: list[str], new_tokens: int) -> tuple[float, int]:
+    """One GenerateStream per adapter ("" = base), all at once; (wall seconds, tokens received)."""
     counts = [0] * len(adapters)
     errors: list[BaseException] = []
     start = threading.Barrier(len(adapters) + 1)
 
     def one(i: int) -> None:
         req = inference_pb2.GenerateRequest(
-            prompt=prompt(i),
+            prompt=prompts[i],
             adapter=adapters[i],
-            params=common_pb2.SamplingParams(max_new_tokens=NEW_TOKENS, ignore_eos=True),
+            params=common_pb2.SamplingParams(max_new_tokens=new_tokens, ignore_eos=True),
         )
         start.wait()
         try:
@@ -214,7 +214,13 @@ def run_streams(stub, adapters: list[str]) -> float:
     wall = time.perf_counter() - t0
     if errors:
         raise errors[0]
-    return sum(counts) / wall
+    return wall, sum(counts)
+
+
+def run_streams(stub, adapters: list[str]) -> float:
+    """All streams at once; returns aggregate tokens/s (tokens received / wall time)."""
+    wall, tokens = stream_all(stub, adapters, [prompt(i) for i in range(len(adapters))], NEW_TOKENS)
+    return tokens / wall
 
 
 def best_of(fn, repeats: int) -> float:

@@ -26,10 +26,8 @@ import argparse
 import datetime
 import json
 import os
-import re
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -38,47 +36,15 @@ import torch
 from hotlora.server.app import HotloraServer
 from hotlora.server.config import ServerConfig
 from hotlora.v1 import adapters_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc
-from serving import cpu_name  # benchmarks/serving.py
+from serving import cpu_name, write_section  # benchmarks/serving.py
 
-from adapters import chunks, peft_files  # benchmarks/adapters.py
+from adapters import chunks, peft_files, stream_all  # benchmarks/adapters.py
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 NEW_TOKENS = 32
 ADAPTERS = 32
 TTFT_PROMPT = 512
 TTFT_SHARED = 448
-
-
-def streams(stub, adapters: list[str], new_tokens: int, prompts: list[str]) -> tuple[float, int]:
-    """All requests at once; (wall seconds, tokens received)."""
-    counts = [0] * len(adapters)
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(len(adapters) + 1)
-
-    def one(i: int) -> None:
-        req = inference_pb2.GenerateRequest(
-            prompt=prompts[i],
-            adapter=adapters[i],
-            params=common_pb2.SamplingParams(max_new_tokens=new_tokens, ignore_eos=True),
-        )
-        barrier.wait()
-        try:
-            for c in stub.GenerateStream(req, timeout=600):
-                counts[i] += len(c.token_ids)
-        except grpc.RpcError as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(adapters))]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    if errors:
-        raise errors[0]
-    return wall, sum(counts)
 
 
 def decode_prompts(n: int) -> list[str]:
@@ -152,16 +118,6 @@ def compile_vs_eager(runner) -> tuple[dict[int, tuple[float, float]], float]:
     return out, compile_s
 
 
-def write_results(section: str) -> None:
-    text = RESULTS.read_text()
-    pattern = re.compile(r"^## Engine\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text.rstrip("\n") + "\n")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one repeat, RESULTS.md untouched")
@@ -200,8 +156,8 @@ def main() -> None:
         rows: list[str] = []
         try:
             # warm-up: every adapter resident, thread pools up
-            streams(stub, names, 2, decode_prompts(ADAPTERS))
-            streams(stub, [""] * 8, 2, decode_prompts(8))
+            stream_all(stub, names, decode_prompts(ADAPTERS), 2)
+            stream_all(stub, [""] * 8, decode_prompts(8), 2)
 
             # (1) decode throughput
             tput: dict[tuple[int, str], float] = {}
@@ -210,7 +166,7 @@ def main() -> None:
                     best = 0.0
                     for _ in range(repeats):
                         ads = [""] * n if kind == "base" else names[:n]
-                        wall, toks = streams(stub, ads, NEW_TOKENS, decode_prompts(n))
+                        wall, toks = stream_all(stub, ads, decode_prompts(n), NEW_TOKENS)
                         best = max(best, toks / wall)
                     tput[(n, kind)] = best
                     print(f"(1) N={n:2d} {kind:5s}: {best:6.1f} tok/s", flush=True)
@@ -229,7 +185,7 @@ def main() -> None:
                     # a new first word per round: the prefix cache must not serve a repeat
                     ps = [f"Round {r}{kind}. {p}" for p in prompts]
                     ads = [""] * ADAPTERS if kind == "base" else names
-                    wall, _ = streams(stub, ads, 1, ps)
+                    wall, _ = stream_all(stub, ads, ps, 1)
                     walls[kind].append(wall)
             base_s, mixed_s = min(walls["base"]), min(walls["mixed"])
             print(f"(2) prefill 32x128: base {base_s:.2f} s, 32 adapters {mixed_s:.2f} s", flush=True)
@@ -299,7 +255,7 @@ def main() -> None:
     ]
     if comp_lines:
         section += ["", "torch.compile (inductor, `dynamic=True`) against eager, same process:", *comp_lines]
-    write_results("\n".join(section) + "\n")
+    write_section("Engine", "\n".join(section) + "\n")
     print(f"wrote the Engine section of {RESULTS}")
 
 

@@ -153,14 +153,19 @@ def hf_static_batch(model, tokenizer, prompts: list[str]) -> tuple[float, int]:
 # ---- report -----------------------------------------------------------------------------
 
 
-def write_results(section: str) -> None:
+def write_section(title: str, section: str) -> None:
+    """Replace the `## {title}` section of RESULTS.md with `section` (or append it)."""
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(r"^## Serving core\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(text):
         text = pattern.sub(lambda _: section, text)
     else:
         text = text.rstrip("\n") + "\n\n" + section
     RESULTS.write_text(text.rstrip("\n") + "\n")
+
+
+def write_results(section: str) -> None:
+    write_section("Serving core", section)
 
 
 def main() -> None:

@@ -34,27 +34,28 @@ def tiny_tokenizer():
     return fast
 
 
+# the sizes and ids every tiny model shares, whatever its family
+TINY_SIZES = dict(
+    vocab_size=VOCAB_SIZE,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=1024,
+    rms_norm_eps=1e-5,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=3,
+    initializer_range=0.2,
+)
+
+
 def tiny_llama_config(**overrides):
     from transformers import LlamaConfig
 
-    cfg = dict(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=1024,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-        initializer_range=0.2,
-    )
-    cfg.update(overrides)
-    return LlamaConfig(**cfg)
+    return LlamaConfig(**{**TINY_SIZES, "tie_word_embeddings": False, **overrides})
 
 
 def build_tiny_llama(seed: int = 0, **overrides):

@@ -15,7 +15,7 @@ from hotlora.server.engine import Engine
 from hotlora.server.model_loading import load_model
 from hotlora.server.runner import runner_from_model
 
-from tests.tiny import VOCAB_SIZE, tiny_tokenizer
+from tests.tiny import TINY_SIZES, tiny_tokenizer
 
 from .test_engine import finish, gen_req, hf_greedy, ids_of
 
@@ -24,21 +24,7 @@ BF16_TOP1_AGREEMENT = 0.9
 PROMPTS = ["The quick brown fox jumps over", "a", "Once upon a time in a land far away"]
 NEW_TOKENS = 24
 
-COMMON = dict(
-    vocab_size=VOCAB_SIZE,
-    hidden_size=64,
-    intermediate_size=96,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=16,
-    max_position_embeddings=1024,
-    rms_norm_eps=1e-5,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=3,
-    initializer_range=0.2,
-)
+COMMON = TINY_SIZES
 
 
 def _llama3_rope():
