@@ -49,6 +49,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             usage=conversion.usage(req),
             adapter=resolved,
             request_id=request.request_id,
+            logprobs=conversion.token_logprobs(req.output_logprobs, fe.tokenizer),
         )
 
     def GenerateStream(self, request, context):
@@ -61,7 +62,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             if last and ev.finish_reason not in ("eos", "stop", "length", "cancelled"):
                 fe.raise_for_finish(ev.finish_reason, req.error)
             chunk = inference_pb2.GenerateChunk(
-                text=ev.text, token_ids=ev.token_ids, adapter=resolved, request_id=request.request_id
+                text=ev.text,
+                token_ids=ev.token_ids,
+                adapter=resolved,
+                request_id=request.request_id,
+                logprobs=conversion.token_logprobs(ev.logprobs, fe.tokenizer),
             )
             if last:
                 chunk.finish_reason = ev.finish_reason

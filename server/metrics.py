@@ -170,16 +170,26 @@ UPLOAD_OUTCOMES = (
     "does_not_fit",
     "cancelled",
 )
+HTTP_ROUTES = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/embeddings",
+    "/v1/models",
+    "/v1/load_lora_adapter",
+    "/v1/unload_lora_adapter",
+)
 MAX_OUTCOMES = 32  # more distinct upload outcomes than this are counted as "other"
 MAX_LORA_NAMES = 16  # adapter names in hotlora_lora_requests_info, most requested first
 _LABEL_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
 
 class Metrics:
-    def __init__(self, expose_adapter_names: bool = False):
+    def __init__(self, expose_adapter_names: bool = False, vllm_compatible: bool = False):
         """expose_adapter_names: list running/waiting adapter names (tenant/name@N, top 16) in
-        hotlora_lora_requests_info; off by default because they are tenants' names."""
+        hotlora_lora_requests_info; off by default because they are tenants' names.
+        vllm_compatible: also export vLLM's names of the gauges LoRA-aware routers read."""
         self.expose_adapter_names = expose_adapter_names
+        self.vllm_compatible = vllm_compatible
         # `*_created` series double the exposition and no dashboard uses them (process-wide switch)
         disable_created_metrics()
         self.registry = CollectorRegistry()
@@ -195,6 +205,20 @@ class Metrics:
             "hotlora_rpc_duration_seconds",
             "gRPC call duration by rpc",
             ["rpc"],
+            buckets=RPC_BUCKETS,
+            registry=r,
+        )
+        # ---- the HTTP door ------------------------------------------------------------
+        self.http_requests = Counter(
+            "hotlora_http_requests",
+            "HTTP door requests by route and HTTP status",
+            ["route", "status"],
+            registry=r,
+        )
+        self.http_seconds = Histogram(
+            "hotlora_http_request_duration_seconds",
+            "HTTP door request duration by route (streams: until the response starts)",
+            ["route"],
             buckets=RPC_BUCKETS,
             registry=r,
         )
@@ -359,6 +383,11 @@ class Metrics:
         self.requests.labels(rpc, code).inc()
         self.rpc_seconds.labels(rpc).observe(seconds)
 
+    def http_finished(self, route: str, status: int, seconds: float) -> None:
+        route = route if route in HTTP_ROUTES else "other"
+        self.http_requests.labels(route, str(status)).inc()
+        self.http_seconds.labels(route).observe(seconds)
+
     def request_finished(self, req) -> None:
         """A GenerationRequest left the engine (any finish reason)."""
         n_out = len(req.output_ids)
@@ -478,6 +507,11 @@ def _adapter_name(req) -> str | None:
     return f"{tenant}/{ref}" if tenant else ref
 
 
+def _adapter_ref(req) -> str | None:
+    ref = getattr(getattr(req, "adapter", None), "ref", None)
+    return ref if isinstance(ref, str) and ref else None
+
+
 def _top(names: list[str], n: int = MAX_LORA_NAMES) -> list[str]:
     return [name for name, _ in collections.Counter(names).most_common(n)]
 
@@ -524,6 +558,8 @@ class _StateCollector:
         yield jobs
 
         yield from self._lora_info(state)
+        if m.vllm_compatible:
+            yield from self._vllm_gauges(state)
         yield from self._cuda_memory()
 
     def _build_info(self, state):
@@ -575,6 +611,36 @@ class _StateCollector:
         yield info
         yield running_n
         yield waiting_n
+
+    def _vllm_gauges(self, state):
+        """vLLM's names, as the Gateway API Inference Extension (llm-d) reads them. Adapter names in
+        vllm:lora_requests_info are those a caller puts in `model` (name@N, without the tenant), top
+        MAX_LORA_NAMES, and only with expose_adapter_names: they are tenants' names."""
+        running = GaugeMetricFamily("vllm:num_requests_running", "requests in the running batch")
+        waiting = GaugeMetricFamily("vllm:num_requests_waiting", "requests waiting for admission")
+        kv = GaugeMetricFamily("vllm:kv_cache_usage_perc", "fraction of KV cache blocks in use (0..1)")
+        info = GaugeMetricFamily(
+            "vllm:lora_requests_info",
+            "running and waiting LoRA adapters (comma-separated) and adapter slots; value = scrape unix time",
+            labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+        )
+        engine = getattr(state, "engine", None)
+        if engine is not None:
+            run_reqs, wait_reqs = engine.running_requests(), engine.waiting_requests()
+            running.add_metric([], len(run_reqs))
+            waiting.add_metric([], len(wait_reqs))
+            kv.add_metric([], engine.kv_cache_usage)
+            names = ["", ""]
+            if self.m.expose_adapter_names:
+                names = [
+                    ",".join(_top([r for r in map(_adapter_ref, reqs) if r]))
+                    for reqs in (run_reqs, wait_reqs)
+                ]
+            info.add_metric([*names, str(getattr(state.config, "adapter_slots", 0))], time.time())
+        yield running
+        yield waiting
+        yield kv
+        yield info
 
     def _cuda_memory(self):
         allocated = GaugeMetricFamily(

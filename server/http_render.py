@@ -1,0 +1,129 @@
+"""OpenAI response objects for completions and chat completions: whole responses, SSE chunks, usage
+and log-probabilities, from the engine's requests and events."""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+# engine finish reasons -> OpenAI's; any other ending is an error raised before rendering
+FINISH_REASON = {"eos": "stop", "stop": "stop", "length": "length"}
+
+
+class Renderer:
+    def __init__(self, tokenizer, kind: str, model: str, n: int):
+        self.tokenizer = tokenizer
+        self.chat = kind == "chat.completion"
+        self.kind = kind
+        self.model = model
+        self.n = n
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex
+        self.created = int(time.time())
+        self._started: set[int] = set()
+        self._offsets: dict[int, int] = {}  # completions' text_offset per choice
+
+    def _head(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    # ---- whole responses --------------------------------------------------------------------------------
+    def response(self, groups, echo=None) -> dict:
+        choices = []
+        for gi, group in enumerate(groups):
+            for i, req in enumerate(group.requests):
+                index = gi * group.n + i
+                reason = FINISH_REASON.get(req.finish_reason, req.finish_reason)
+                entries = req.output_logprobs if req.params.logprobs is not None else None
+                if self.chat:
+                    choices.append(
+                        {
+                            "index": index,
+                            "message": {"role": "assistant", "content": req.text},
+                            "logprobs": self._chat_logprobs(entries),
+                            "finish_reason": reason,
+                        }
+                    )
+                else:
+                    prefix = echo[gi] if echo else ""
+                    choices.append(
+                        {
+                            "index": index,
+                            "text": prefix + req.text,
+                            "logprobs": self._completion_logprobs(index, entries, len(prefix)),
+                            "finish_reason": reason,
+                        }
+                    )
+        return {**self._head(self.kind), "choices": choices, "usage": self.usage(groups)}
+
+    @staticmethod
+    def usage(groups) -> dict:
+        prompt = sum(len(g.requests[0].prompt_ids) for g in groups if g.requests)
+        completion = sum(len(r.output_ids) for g in groups for r in g.requests)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    # ---- streaming --------------------------------------------------------------------------------------
+    def started(self, choice: int) -> bool:
+        return choice in self._started
+
+    def chunks(self, choice: int, event, prefix: str = ""):
+        """The SSE chunk objects for one engine event of one choice (none for an empty middle event)."""
+        first = choice not in self._started
+        self._started.add(choice)
+        reason = FINISH_REASON.get(event.finish_reason) if event.finish_reason else None
+        text = prefix + event.text
+        if not (first or text or event.logprobs or reason):
+            return
+        if self.chat:
+            delta = {"role": "assistant", "content": text} if first else {"content": text}
+            body = {"index": choice, "delta": delta, "logprobs": self._chat_logprobs(event.logprobs)}
+            obj = "chat.completion.chunk"
+        else:
+            offset = self._offsets.get(choice, len(prefix))
+            body = {
+                "index": choice,
+                "text": text,
+                "logprobs": self._completion_logprobs(choice, event.logprobs, offset),
+            }
+            obj = "text_completion"
+        body["finish_reason"] = reason
+        yield {**self._head(obj), "choices": [body]}
+
+    def usage_chunk(self, groups) -> dict:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return {**self._head(obj), "choices": [], "usage": self.usage(groups)}
+
+    # ---- log-probabilities ------------------------------------------------------------------------------
+    def _token(self, token_id: int) -> str:
+        return self.tokenizer.decode([token_id])
+
+    def _chat_logprobs(self, entries):
+        if entries is None:
+            return None
+
+        def item(token_id: int, logprob: float) -> dict:
+            token = self._token(token_id)
+            return {"token": token, "logprob": logprob, "bytes": list(token.encode())}
+
+        return {
+            "content": [
+                {**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                for e in entries
+            ]
+        }
+
+    def _completion_logprobs(self, choice: int, entries, offset: int):
+        if entries is None:
+            return None
+        tokens, offsets = [], []
+        pos = self._offsets.get(choice, offset)
+        for e in entries:
+            token = self._token(e.token_id)
+            tokens.append(token)
+            offsets.append(pos)
+            pos += len(token)
+        self._offsets[choice] = pos
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{self._token(t): lp for t, lp in e.top} for e in entries],
+            "text_offset": offsets,
+        }
