@@ -20,7 +20,7 @@ from pathlib import Path
 import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from hotlora.adapters.errors import (
     HotloraError,
     InvalidArgument,
@@ -117,10 +117,11 @@ class HttpDoor:
         app.add_api_route("/v1/load_lora_adapter", self.load_lora_adapter, methods=["POST"])
         app.add_api_route("/v1/unload_lora_adapter", self.unload_lora_adapter, methods=["POST"])
         app.add_api_route("/health", self.health, methods=["GET"])
+        app.add_api_route("/metrics", self.prometheus, methods=["GET"])
         return app
 
     def _observe(self, route: str, status: int, seconds: float) -> None:
-        if self.metrics is not None and route != "/health":
+        if self.metrics is not None and route not in ("/health", "/metrics"):
             try:
                 self.metrics.http_finished(route, status, seconds)
             except Exception:  # metrics never break a request
@@ -165,6 +166,15 @@ class HttpDoor:
         if self.state.frontend is None or self.state.draining:
             return PlainTextResponse("not ready", status_code=503)
         return PlainTextResponse("ok")
+
+    def prometheus(self):
+        """Every metric, and vLLM's gauge names (--vllm-compatible-metrics): llm-d scrapes the model
+        server's HTTP port, as it would vLLM's. Unauthenticated, like the metrics port."""
+        if self.metrics is None:
+            raise NotFound("metrics are off (--metrics-port -1)")
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(self.metrics.exposition(vllm=True), media_type=CONTENT_TYPE_LATEST)
 
     def models(self, request: Request):
         tenant, lease = self._admit(request)

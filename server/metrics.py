@@ -23,6 +23,7 @@ from prometheus_client import (
     Histogram,
     ProcessCollector,
     disable_created_metrics,
+    generate_latest,
     start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily
@@ -363,6 +364,9 @@ class Metrics:
         PlatformCollector(registry=r)
         GCCollector(registry=r)
         r.register(_StateCollector(self))
+        self.vllm_registry = CollectorRegistry()
+        if vllm_compatible:
+            self.vllm_registry.register(_VllmCollector(self))
         self._server = None
         self._thread = None
 
@@ -462,6 +466,12 @@ class Metrics:
         self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
         return self._server.server_port
 
+    def exposition(self, vllm: bool = False) -> bytes:
+        """The text exposition of every metric; with `vllm`, vLLM's gauge names too (the HTTP door's
+        /metrics, where llm-d looks for them)."""
+        text = generate_latest(self.registry)
+        return text + generate_latest(self.vllm_registry) if vllm else text
+
     def stop_http(self) -> None:
         if self._server is not None:
             self._server.shutdown()
@@ -558,8 +568,6 @@ class _StateCollector:
         yield jobs
 
         yield from self._lora_info(state)
-        if m.vllm_compatible:
-            yield from self._vllm_gauges(state)
         yield from self._cuda_memory()
 
     def _build_info(self, state):
@@ -612,36 +620,6 @@ class _StateCollector:
         yield running_n
         yield waiting_n
 
-    def _vllm_gauges(self, state):
-        """vLLM's names, as the Gateway API Inference Extension (llm-d) reads them. Adapter names in
-        vllm:lora_requests_info are those a caller puts in `model` (name@N, without the tenant), top
-        MAX_LORA_NAMES, and only with expose_adapter_names: they are tenants' names."""
-        running = GaugeMetricFamily("vllm:num_requests_running", "requests in the running batch")
-        waiting = GaugeMetricFamily("vllm:num_requests_waiting", "requests waiting for admission")
-        kv = GaugeMetricFamily("vllm:kv_cache_usage_perc", "fraction of KV cache blocks in use (0..1)")
-        info = GaugeMetricFamily(
-            "vllm:lora_requests_info",
-            "running and waiting LoRA adapters (comma-separated) and adapter slots; value = scrape unix time",
-            labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
-        )
-        engine = getattr(state, "engine", None)
-        if engine is not None:
-            run_reqs, wait_reqs = engine.running_requests(), engine.waiting_requests()
-            running.add_metric([], len(run_reqs))
-            waiting.add_metric([], len(wait_reqs))
-            kv.add_metric([], engine.kv_cache_usage)
-            names = ["", ""]
-            if self.m.expose_adapter_names:
-                names = [
-                    ",".join(_top([r for r in map(_adapter_ref, reqs) if r]))
-                    for reqs in (run_reqs, wait_reqs)
-                ]
-            info.add_metric([*names, str(getattr(state.config, "adapter_slots", 0))], time.time())
-        yield running
-        yield waiting
-        yield kv
-        yield info
-
     def _cuda_memory(self):
         allocated = GaugeMetricFamily(
             "hotlora_cuda_memory_allocated_bytes",
@@ -671,6 +649,47 @@ class _StateCollector:
         yield allocated
         yield reserved
         yield peak
+
+
+class _VllmCollector:
+    """vLLM's gauge names, as the Gateway API Inference Extension (llm-d) reads them from the model server's
+    HTTP port. Kept out of the main registry: names with ':' are reserved for recording rules, and
+    `promtool check metrics` flags them. Adapter names in vllm:lora_requests_info are those a caller puts
+    in `model` (name@N, without the tenant), top MAX_LORA_NAMES, and only with expose_adapter_names."""
+
+    def __init__(self, metrics: Metrics):
+        self.m = metrics
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        state = self.m.state
+        running = GaugeMetricFamily("vllm:num_requests_running", "requests in the running batch")
+        waiting = GaugeMetricFamily("vllm:num_requests_waiting", "requests waiting for admission")
+        kv = GaugeMetricFamily("vllm:kv_cache_usage_perc", "fraction of KV cache blocks in use (0..1)")
+        info = GaugeMetricFamily(
+            "vllm:lora_requests_info",
+            "running and waiting LoRA adapters (comma-separated) and adapter slots; value = scrape unix time",
+            labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+        )
+        engine = getattr(state, "engine", None)
+        if engine is not None:
+            run_reqs, wait_reqs = engine.running_requests(), engine.waiting_requests()
+            running.add_metric([], len(run_reqs))
+            waiting.add_metric([], len(wait_reqs))
+            kv.add_metric([], engine.kv_cache_usage)
+            names = ["", ""]
+            if self.m.expose_adapter_names:
+                names = [
+                    ",".join(_top([r for r in map(_adapter_ref, reqs) if r]))
+                    for reqs in (run_reqs, wait_reqs)
+                ]
+            info.add_metric([*names, str(getattr(state.config, "adapter_slots", 0))], time.time())
+        yield running
+        yield waiting
+        yield kv
+        yield info
 
 
 def _engine_adapters(engine) -> tuple[list[str], list[str]]:
