@@ -37,7 +37,7 @@ def choose_tokens(
     guided = [i for i, r in enumerate(reqs) if r.matcher is not None]
     controlled = [i for i, p in enumerate(params) if _has_controls(p, len(reqs[i].output_ids))]
     if controlled or guided:
-        logits = logits.clone() if logprobs is None else logits  # log_softmax already made a copy
+        logits = logits.clone()  # the caller's tensor stays as the model produced it
         for i in controlled:
             _apply_controls(logits[i], reqs[i], eos_ids)
         mask_rows(logits, guided, [reqs[i].matcher for i in guided])
