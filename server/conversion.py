@@ -25,6 +25,7 @@ def generate_input(req: inference_pb2.GenerateRequest) -> GenerateInput:
         stop=list(p.stop),
         request_id=req.request_id,
         logprobs=p.logprobs if p.HasField("logprobs") else None,
+        prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None,
         presence_penalty=p.presence_penalty,
         frequency_penalty=p.frequency_penalty,
         repetition_penalty=p.repetition_penalty,
@@ -53,6 +54,7 @@ def token_logprobs(entries, tokenizer) -> list[common_pb2.TokenLogprob]:
                 token_id=e.token_id,
                 token=tokenizer.decode([e.token_id]),
                 logprob=e.logprob,
+                rank=e.rank,
                 top=[
                     common_pb2.TopLogprob(token_id=t, token=tokenizer.decode([t]), logprob=lp)
                     for t, lp in e.top

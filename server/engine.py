@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import torch
 from hotlora.adapters.errors import HotloraError, ResourceExhausted, Unavailable
 from hotlora.server.detokenizer import IncrementalDetokenizer
-from hotlora.server.logits_controls import choose_tokens
+from hotlora.server.logits_controls import choose_tokens, record_prompt_logprobs
 from hotlora.server.requests import GenerationRequest, PoolingRequest, TokenEvent
 from hotlora.server.runner.attention import AttentionMetadata, PrefillSpan, decode_mask
 from hotlora.server.runner.kv_cache import NULL_BLOCK, BlockManager, SequenceKV
@@ -397,7 +397,8 @@ class Engine:
         req.admitted_at = time.monotonic()
         key = self._cache_key(req)
         if isinstance(req, GenerationRequest):
-            kv = self.blocks.open(key, req.prompt_ids)
+            # prompt logprobs need every prompt position's logits: no prefix-cache reuse for them
+            kv = self.blocks.open(key, req.prompt_ids, lookup=req.params.prompt_logprobs is None)
             seq = _Seq(req, list(req.prompt_ids), req.slot, kv, num_computed=kv.num_cached)
             seq.detok = IncrementalDetokenizer(self.tokenizer, req.params.stop)
             seq.gen = make_generator(req.params.seed)
@@ -551,6 +552,9 @@ class Engine:
             seq.num_computed += n
             if seq.is_generation:
                 self.blocks.commit(seq.kv, seq.tokens, seq.num_computed)
+                if seq.req.params.prompt_logprobs is not None:
+                    chunk = self.runner.logits(hidden[span.start : span.start + n])
+                    record_prompt_logprobs(seq.req, chunk, seq.num_computed - n)
                 if seq.pending == 0:
                     sample_rows.append(span.start + n - 1)
                     sample_seqs.append(seq)

@@ -41,6 +41,7 @@ class GenerateInput:
     stop: list[str] = field(default_factory=list)
     request_id: str = ""
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 0.0  # 0 = off (as 1.0)
@@ -111,6 +112,7 @@ class InferenceFrontend:
             tuple(s for s in g.stop if s),
             g.ignore_eos,
             logprobs=g.logprobs,
+            prompt_logprobs=g.prompt_logprobs,
             presence_penalty=g.presence_penalty,
             frequency_penalty=g.frequency_penalty,
             repetition_penalty=g.repetition_penalty or 1.0,
@@ -121,8 +123,10 @@ class InferenceFrontend:
         )
 
     def _check_controls(self, g: GenerateInput, max_new_tokens: int) -> None:
-        if g.logprobs is not None and not 0 <= g.logprobs <= MAX_LOGPROBS:
-            raise InvalidArgument(f"logprobs must be in [0, {MAX_LOGPROBS}] (got {g.logprobs})")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(g, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise InvalidArgument(f"{name} must be in [0, {MAX_LOGPROBS}] (got {k})")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(g, name)
             if not math.isfinite(v) or not -2.0 <= v <= 2.0:

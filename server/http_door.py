@@ -207,6 +207,9 @@ class HttpDoor:
             self._generate_input(body, prompt=p, max_tokens=body.max_tokens, logprobs=body.logprobs)
             for p in prompts
         ]
+        if body.echo and body.logprobs is not None:  # the legacy API scores the echoed prompt too
+            for g in inputs:
+                g.prompt_logprobs = max(g.prompt_logprobs or 0, body.logprobs)
         return self._generate(request, body, inputs, "text_completion", echo=prompts if body.echo else None)
 
     def chat_completions(self, body: hs.ChatCompletionRequest, request: Request):
@@ -240,6 +243,7 @@ class HttpDoor:
             ignore_eos=body.ignore_eos,
             stop=stop,
             logprobs=logprobs,
+            prompt_logprobs=body.prompt_logprobs,
             presence_penalty=body.presence_penalty,
             frequency_penalty=body.frequency_penalty,
             repetition_penalty=body.repetition_penalty or 0.0,

@@ -34,24 +34,26 @@ class Renderer:
                 reason = FINISH_REASON.get(req.finish_reason, req.finish_reason)
                 entries = req.output_logprobs if req.params.logprobs is not None else None
                 if self.chat:
-                    choices.append(
-                        {
-                            "index": index,
-                            "message": {"role": "assistant", "content": req.text},
-                            "logprobs": self._chat_logprobs(entries),
-                            "finish_reason": reason,
-                        }
-                    )
+                    choice = {
+                        "index": index,
+                        "message": {"role": "assistant", "content": req.text},
+                        "logprobs": self._chat_logprobs(entries),
+                        "finish_reason": reason,
+                    }
                 else:
                     prefix = echo[gi] if echo else ""
-                    choices.append(
-                        {
-                            "index": index,
-                            "text": prefix + req.text,
-                            "logprobs": self._completion_logprobs(index, entries, len(prefix)),
-                            "finish_reason": reason,
-                        }
-                    )
+                    logprobs = self._completion_logprobs(index, entries, len(prefix))
+                    if prefix and logprobs is not None:
+                        logprobs = self._with_prompt(req, logprobs)
+                    choice = {
+                        "index": index,
+                        "text": prefix + req.text,
+                        "logprobs": logprobs,
+                        "finish_reason": reason,
+                    }
+                if req.params.prompt_logprobs is not None:
+                    choice["prompt_logprobs"] = self._vllm_prompt_logprobs(req)
+                choices.append(choice)
         return {**self._head(self.kind), "choices": choices, "usage": self.usage(groups)}
 
     @staticmethod
@@ -108,6 +110,41 @@ class Renderer:
                 {**item(e.token_id, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
                 for e in entries
             ]
+        }
+
+    def _vllm_prompt_logprobs(self, req) -> list:
+        """vLLM's shape: None for the first prompt token, then {token id: {logprob, rank, decoded_token}}
+        with the prompt's own token and the top k."""
+        out: list = [None]
+        for e in req.prompt_logprobs:
+            item = {
+                str(t): {"logprob": lp, "rank": r + 1, "decoded_token": self._token(t)}
+                for r, (t, lp) in enumerate(e.top)
+            }
+            item[str(e.token_id)] = {
+                "logprob": e.logprob,
+                "rank": e.rank,
+                "decoded_token": self._token(e.token_id),
+            }
+            out.append(item)
+        return out
+
+    def _with_prompt(self, req, logprobs: dict) -> dict:
+        """The legacy echo + logprobs: the prompt's tokens first (the first one unscored)."""
+        ids = req.prompt_ids
+        tokens = [self._token(t) for t in ids]
+        offsets, pos = [], 0
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        scored = req.prompt_logprobs
+        return {
+            "tokens": tokens + logprobs["tokens"],
+            "token_logprobs": [None] + [e.logprob for e in scored] + logprobs["token_logprobs"],
+            "top_logprobs": [None]
+            + [{self._token(t): lp for t, lp in e.top} for e in scored]
+            + logprobs["top_logprobs"],
+            "text_offset": offsets + logprobs["text_offset"],
         }
 
     def _completion_logprobs(self, choice: int, entries, offset: int):

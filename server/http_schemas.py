@@ -47,6 +47,7 @@ class _Sampling(_Body):
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
     logit_bias: dict[str, float] | None = None
     min_tokens: int = Field(default=0, ge=0)
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM's
     ignore_eos: bool = False
     response_format: ResponseFormat | None = None
     # vLLM's guided decoding extensions

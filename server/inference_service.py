@@ -50,6 +50,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             adapter=resolved,
             request_id=request.request_id,
             logprobs=conversion.token_logprobs(req.output_logprobs, fe.tokenizer),
+            prompt_logprobs=conversion.token_logprobs(req.prompt_logprobs, fe.tokenizer),
         )
 
     def GenerateStream(self, request, context):

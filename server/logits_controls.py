@@ -18,11 +18,12 @@ MAX_LOGPROBS = 20  # as the OpenAI API: top_logprobs at most 20
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """The chosen token's log-probability and the `k` most likely tokens with theirs."""
+    """The chosen token's log-probability, its rank (1 = most likely) and the `k` most likely tokens."""
 
     token_id: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int = 1
 
 
 def choose_tokens(
@@ -80,9 +81,21 @@ def _apply_controls(row: torch.Tensor, req, eos_ids: set[int]) -> None:
                 row[token_id] = float("-inf")
 
 
+def record_prompt_logprobs(req, logits: torch.Tensor, start: int) -> None:
+    """logits: [n, V], the model's output at prompt positions start .. start+n-1; position p scores prompt
+    token p+1. Positions already recorded (a preempted request computes them again) are skipped."""
+    lp = torch.log_softmax(logits.float().cpu(), dim=-1)
+    prompt, k = req.prompt_ids, req.params.prompt_logprobs
+    for i in range(lp.shape[0]):
+        p = start + i
+        if p == len(req.prompt_logprobs) and p + 1 < len(prompt):
+            req.prompt_logprobs.append(_entry(lp[i], prompt[p + 1], k))
+
+
 def _entry(logprobs: torch.Tensor, token_id: int, k: int) -> TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
     if k:
         values, ids = torch.topk(logprobs, min(k, logprobs.shape[0]))
         top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
-    return TokenLogprob(token_id, float(logprobs[token_id]), top)
+    chosen = logprobs[token_id]
+    return TokenLogprob(token_id, float(chosen), top, int((logprobs > chosen).sum()) + 1)

@@ -42,6 +42,7 @@ class GenerationRequest:
     # filled in by the engine
     output_ids: list[int] = field(default_factory=list)
     output_logprobs: list = field(default_factory=list)  # TokenLogprob per output token, if asked
+    prompt_logprobs: list = field(default_factory=list)  # TokenLogprob per prompt token from the 2nd on
     text: str = ""
     finish_reason: str | None = None
     error: Exception | None = None  # set with finish_reason "error"

@@ -20,6 +20,7 @@ class SamplingParams:
     ignore_eos: bool = False  # generate past EOS until max_new_tokens (benchmarks)
     # the controls of vLLM and the OpenAI API (hotlora.server.logits_controls applies them)
     logprobs: int | None = None  # None = off; k = the chosen token's log-probability and the top k
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first
     presence_penalty: float = 0.0  # subtracted once from every token already generated
     frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
     repetition_penalty: float = 1.0  # prompt and generated tokens: logit / p if > 0, else logit * p

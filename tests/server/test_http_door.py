@@ -470,3 +470,43 @@ def test_http_requests_and_vllm_gauges_are_exported_and_promtool_clean(run, base
     )
     complaints = [line for line in (res.stdout + res.stderr).splitlines() if line.strip()]
     assert complaints and all("should not contain ':'" in line for line in complaints), complaints
+
+
+# ---- prompt log-probabilities and shared prefill ----------------------------------------------------------
+def test_prompt_logprobs_score_each_prompt_token_as_generation_would(run, base):
+    text = "the cat sat"
+    ids = tiny_tokenizer()(text)["input_ids"]
+    resp = grpc_generate(run, prompt=text, params={"max_new_tokens": 1, "prompt_logprobs": 2})
+    assert [e.token_id for e in resp.prompt_logprobs] == ids[1:]
+    for j in (0, 4, len(ids) - 2):  # the logprob of token j+1 after the prompt's first j+1 tokens
+        forced = grpc_generate(
+            run,
+            prompt=tiny_tokenizer().decode(ids[: j + 1]),
+            params={"max_new_tokens": 1, "logprobs": 0, "logit_bias": {ids[j + 1]: 100.0}},
+        )
+        assert forced.token_ids[0] == ids[j + 1]
+        assert forced.logprobs[0].logprob == pytest.approx(resp.prompt_logprobs[j].logprob, abs=0.05)
+    assert all(e.rank >= 1 and len(e.top) == 2 for e in resp.prompt_logprobs)
+    http = client(run).completions.create(
+        model=base, prompt=text, max_tokens=1, temperature=0, echo=True, logprobs=1
+    )
+    lp = http.choices[0].logprobs
+    assert http.choices[0].text.startswith(text)
+    assert lp.token_logprobs[0] is None and len(lp.tokens) == len(ids) + 1
+    assert lp.token_logprobs[1:-1] == pytest.approx([e.logprob for e in resp.prompt_logprobs], abs=1e-4)
+
+
+def test_samples_of_one_prompt_share_its_prefill(run, base):
+    prompt = "shared prefill " * 8  # 120 byte tokens: 7 full KV blocks
+    length = len(tiny_tokenizer()(prompt)["input_ids"])
+
+    def prefill_tokens():
+        return value(samples(scrape(run)), "hotlora_forward_tokens_sum", kind="prefill")
+
+    before = prefill_tokens()
+    resp = client(run).completions.create(
+        model=base, prompt=prompt, max_tokens=2, n=4, temperature=1.0, seed=3
+    )
+    assert len(resp.choices) == 4
+    spent = prefill_tokens() - before
+    assert spent < 1.5 * length, (spent, length)  # four separate prefills would be 4 x length
