@@ -35,7 +35,7 @@ from hotlora.server.frontend import GenerateInput
 from hotlora.server.guided import GuidedKind, GuidedSpec
 from hotlora.server.http_errors import body_for, error_body
 from hotlora.server.http_render import FINISH_REASON, Renderer
-from hotlora.server.samples import MAX_SAMPLES, SampleGroup
+from hotlora.server.samples import MAX_SAMPLES, SampleSet
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("hotlora.http")
@@ -255,55 +255,47 @@ class HttpDoor:
 
     def _generate(self, request: Request, body, inputs: list[GenerateInput], kind: str, echo=None):
         tenant, lease = self._admit(request)
-        groups: list[SampleGroup] = []
         try:
             fe = self._frontend()
             adapter = self._adapter_of(tenant, body.model)
             for g in inputs:
                 g.adapter = adapter
-                groups.append(SampleGroup(fe, tenant, g, body.n))
+            samples = SampleSet(fe, tenant, inputs, body.n)
         except BaseException:
-            for group in groups:
-                group.cancel()
             lease.release()
             raise
         render = Renderer(fe.tokenizer, kind, body.model, body.n)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = self._sse(render, groups, lease, include_usage, echo)
+            events = self._sse(render, samples, lease, include_usage, echo)
             return StreamingResponse(events, media_type="text/event-stream")
         try:
-            for group in groups:
-                for _ in group.stream():
-                    pass
-            for group in groups:
-                for req in group.requests:
-                    _raise_for(fe, req)
-            return render.response(groups, echo)
+            for _ in samples.stream():
+                pass
+            for req in samples.requests:
+                _raise_for(fe, req)
+            return render.response(samples, echo)
         finally:
             lease.release()
 
-    def _sse(self, render: Renderer, groups: list[SampleGroup], lease, include_usage: bool, echo):
+    def _sse(self, render: Renderer, samples: SampleSet, lease, include_usage: bool, echo):
         fe = self.state.frontend
         try:
-            for gi, group in enumerate(groups):
-                for index, event in group.stream():
-                    choice = gi * group.n + index
-                    if event.finish_reason is not None and event.finish_reason not in FINISH_REASON:
-                        _raise_for(fe, group.requests[index])
-                    prefix = echo[gi] if echo and not render.started(choice) else ""
-                    for chunk in render.chunks(choice, event, prefix):
-                        yield f"data: {json.dumps(chunk)}\n\n"
+            for choice, event in samples.stream():
+                if event.finish_reason is not None and event.finish_reason not in FINISH_REASON:
+                    _raise_for(fe, samples.requests[choice])
+                prefix = echo[choice // samples.n] if echo and not render.started(choice) else ""
+                for chunk in render.chunks(choice, event, prefix):
+                    yield f"data: {json.dumps(chunk)}\n\n"
             if include_usage:
-                yield f"data: {json.dumps(render.usage_chunk(groups))}\n\n"
+                yield f"data: {json.dumps(render.usage_chunk(samples))}\n\n"
         except HotloraError as exc:  # the status line is gone: the error travels as an event
             yield f"data: {json.dumps(body_for(exc)[1])}\n\n"
         except Exception as exc:
             log.error("unexpected error while streaming", exc_info=exc)
             yield f"data: {json.dumps(body_for(exc)[1])}\n\n"
         finally:
-            for group in groups:
-                group.cancel()  # a no-op for finished samples; frees the rows when the client left
+            samples.cancel()  # a no-op for finished samples; frees the rows when the client left
             lease.release()
         yield "data: [DONE]\n\n"
 

@@ -26,40 +26,38 @@ class Renderer:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
     # ---- whole responses --------------------------------------------------------------------------------
-    def response(self, groups, echo=None) -> dict:
+    def response(self, samples, echo=None) -> dict:
         choices = []
-        for gi, group in enumerate(groups):
-            for i, req in enumerate(group.requests):
-                index = gi * group.n + i
-                reason = FINISH_REASON.get(req.finish_reason, req.finish_reason)
-                entries = req.output_logprobs if req.params.logprobs is not None else None
-                if self.chat:
-                    choice = {
-                        "index": index,
-                        "message": {"role": "assistant", "content": req.text},
-                        "logprobs": self._chat_logprobs(entries),
-                        "finish_reason": reason,
-                    }
-                else:
-                    prefix = echo[gi] if echo else ""
-                    logprobs = self._completion_logprobs(index, entries, len(prefix))
-                    if prefix and logprobs is not None:
-                        logprobs = self._with_prompt(req, logprobs)
-                    choice = {
-                        "index": index,
-                        "text": prefix + req.text,
-                        "logprobs": logprobs,
-                        "finish_reason": reason,
-                    }
-                if req.params.prompt_logprobs is not None:
-                    choice["prompt_logprobs"] = self._vllm_prompt_logprobs(req)
-                choices.append(choice)
-        return {**self._head(self.kind), "choices": choices, "usage": self.usage(groups)}
+        for index, req in enumerate(samples.requests):
+            reason = FINISH_REASON.get(req.finish_reason, req.finish_reason)
+            entries = req.output_logprobs if req.params.logprobs is not None else None
+            if self.chat:
+                choice = {
+                    "index": index,
+                    "message": {"role": "assistant", "content": req.text},
+                    "logprobs": self._chat_logprobs(entries),
+                    "finish_reason": reason,
+                }
+            else:
+                prefix = echo[index // samples.n] if echo else ""
+                logprobs = self._completion_logprobs(index, entries, len(prefix))
+                if prefix and logprobs is not None:
+                    logprobs = self._with_prompt(req, logprobs)
+                choice = {
+                    "index": index,
+                    "text": prefix + req.text,
+                    "logprobs": logprobs,
+                    "finish_reason": reason,
+                }
+            if req.params.prompt_logprobs is not None:
+                choice["prompt_logprobs"] = self._vllm_prompt_logprobs(req)
+            choices.append(choice)
+        return {**self._head(self.kind), "choices": choices, "usage": self.usage(samples)}
 
     @staticmethod
-    def usage(groups) -> dict:
-        prompt = sum(len(g.requests[0].prompt_ids) for g in groups if g.requests)
-        completion = sum(len(r.output_ids) for g in groups for r in g.requests)
+    def usage(samples) -> dict:
+        prompt = sum(len(r.prompt_ids) for r in samples.prompt_requests())  # each prompt once, whatever n
+        completion = sum(len(r.output_ids) for r in samples.requests if r is not None)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
     # ---- streaming --------------------------------------------------------------------------------------
@@ -89,9 +87,9 @@ class Renderer:
         body["finish_reason"] = reason
         yield {**self._head(obj), "choices": [body]}
 
-    def usage_chunk(self, groups) -> dict:
+    def usage_chunk(self, samples) -> dict:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
-        return {**self._head(obj), "choices": [], "usage": self.usage(groups)}
+        return {**self._head(obj), "choices": [], "usage": self.usage(samples)}
 
     # ---- log-probabilities ------------------------------------------------------------------------------
     def _token(self, token_id: int) -> str:

@@ -1,9 +1,10 @@
-"""Several samples of one prompt (the OpenAI API's `n`), sharing the prompt's prefill.
+"""Several samples of each of several prompts (the OpenAI API's `n`, and a list of prompts), sharing each
+prompt's prefill.
 
-Sample 0 is submitted first; the others follow once it has its first token, by then every full KV block
-of the prompt is in the engine's prefix cache (keyed by tenant and adapter), so they compute only the
-prompt's last partial block. Sample i draws with seed + i, so a seeded request stays reproducible and its
-samples still differ."""
+Sample 0 of a prompt is submitted first; the others follow once it has its first token: by then every full
+KV block of the prompt is in the engine's prefix cache (keyed by tenant and adapter), so they compute only
+the prompt's last partial block. Sample i draws with seed + i, so a seeded request stays reproducible and
+its samples still differ. Every sample's events arrive on one queue, tagged with its choice index."""
 
 from __future__ import annotations
 
@@ -18,63 +19,72 @@ MAX_SAMPLES = 16
 
 
 class _Tagged:
-    """The engine's `events.put` for one sample: tags the event with the sample's index."""
+    """The engine's `events.put` for one sample: tags the event with the sample's choice index."""
 
-    def __init__(self, shared: queue.SimpleQueue, index: int):
+    def __init__(self, shared: queue.SimpleQueue, choice: int):
         self.shared = shared
-        self.index = index
+        self.choice = choice
 
     def put(self, event: TokenEvent) -> None:
-        self.shared.put((self.index, event))
+        self.shared.put((self.choice, event))
 
 
-class SampleGroup:
-    def __init__(self, fe: InferenceFrontend, tenant: str, g: GenerateInput, n: int, deadline=None):
+class SampleSet:
+    """`n` samples of each prompt; choice index = prompt index * n + sample index."""
+
+    def __init__(
+        self, fe: InferenceFrontend, tenant: str, inputs: list[GenerateInput], n: int, deadline=None
+    ):
         self.fe = fe
         self.tenant = tenant
-        self.g = g
         self.n = n
         self.deadline = deadline
         self.events: queue.SimpleQueue = queue.SimpleQueue()
-        ids, params = fe.prepare_generation(g)
-        self._prepared = [
-            (ids, params if params.seed is None else dataclasses.replace(params, seed=params.seed + i))
-            for i in range(n)
-        ]
-        first, self.adapter = fe.start_generation(
-            tenant, g, deadline, self._prepared[0], _Tagged(self.events, 0)
-        )
-        self.requests: list[GenerationRequest] = [first]
-
-    def _start_rest(self) -> None:
+        self.inputs = inputs
+        self.prepared = [fe.prepare_generation(g) for g in inputs]  # every prompt valid before any is queued
+        self.requests: list[GenerationRequest | None] = [None] * (len(inputs) * n)
+        self.adapter = ""
         try:
-            for i in range(1, self.n):
-                req, _ = self.fe.start_generation(
-                    self.tenant, self.g, self.deadline, self._prepared[i], _Tagged(self.events, i)
-                )
-                self.requests.append(req)
-        except Exception:
+            for p in range(len(inputs)):
+                self._start(p * n)
+        except BaseException:
             self.cancel()
             raise
 
+    def _start(self, choice: int) -> None:
+        p, i = divmod(choice, self.n)
+        ids, params = self.prepared[p]
+        if params.seed is not None:
+            params = dataclasses.replace(params, seed=params.seed + i)
+        req, self.adapter = self.fe.start_generation(
+            self.tenant, self.inputs[p], self.deadline, (ids, params), _Tagged(self.events, choice)
+        )
+        self.requests[choice] = req
+
+    def prompt_requests(self) -> list[GenerationRequest]:
+        """Each prompt's first sample (for prompt token counts)."""
+        return [r for r in self.requests[:: self.n] if r is not None]
+
     def cancel(self) -> None:
         for req in self.requests:
-            req.cancel()
+            if req is not None:
+                req.cancel()
 
     def stream(self, poll: float = 0.25) -> Iterator[tuple[int, TokenEvent]]:
-        """(sample index, event) until every sample has finished."""
-        open_samples = self.n
+        """(choice index, event) until every sample has finished."""
+        open_samples = len(self.requests)
         try:
             while open_samples:
                 try:
-                    index, event = self.events.get(timeout=poll)
+                    choice, event = self.events.get(timeout=poll)
                 except queue.Empty:
                     continue
-                if index == 0 and len(self.requests) < self.n:
-                    self._start_rest()
+                if choice % self.n == 0 and self.requests[choice + 1 : choice + self.n][:1] == [None]:
+                    for other in range(choice + 1, choice + self.n):  # the prompt's prefill is cached now
+                        self._start(other)
                 if event.finish_reason is not None:
                     open_samples -= 1
-                yield index, event
+                yield choice, event
         finally:
-            if open_samples:  # the consumer went away: free the batch rows
+            if open_samples:  # the consumer went away or failed: free the batch rows
                 self.cancel()

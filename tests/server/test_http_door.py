@@ -510,3 +510,17 @@ def test_samples_of_one_prompt_share_its_prefill(run, base):
     assert len(resp.choices) == 4
     spent = prefill_tokens() - before
     assert spent < 1.5 * length, (spent, length)  # four separate prefills would be 4 x length
+
+
+def test_a_list_of_prompts_with_n_numbers_choices_prompt_major(run, base):
+    prompts = ["first prompt", "second one"]
+    resp = client(run).completions.create(model=base, prompt=prompts, max_tokens=6, temperature=0, n=2)
+    refs = [grpc_generate(run, prompt=p, params={"max_new_tokens": 6}).text for p in prompts]
+    assert [(ch.index, ch.text) for ch in resp.choices] == [
+        (0, refs[0]),
+        (1, refs[0]),
+        (2, refs[1]),
+        (3, refs[1]),
+    ]
+    ids = tiny_tokenizer()
+    assert resp.usage.prompt_tokens == sum(len(ids(p)["input_ids"]) for p in prompts)
