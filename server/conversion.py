@@ -75,6 +75,14 @@ def usage(req) -> inference_pb2.Usage:
     return inference_pb2.Usage(prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids))
 
 
+def usage_of_samples(samples) -> inference_pb2.Usage:
+    """The prompt once, every sample's tokens."""
+    return inference_pb2.Usage(
+        prompt_tokens=sum(len(r.prompt_ids) for r in samples.prompt_requests()),
+        completion_tokens=sum(len(r.output_ids) for r in samples.requests if r is not None),
+    )
+
+
 def label_scores(scores) -> list[common_pb2.LabelScore]:
     return [common_pb2.LabelScore(label=label, score=score) for label, score in scores]
 

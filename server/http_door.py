@@ -35,7 +35,7 @@ from hotlora.server.frontend import GenerateInput
 from hotlora.server.guided import GuidedKind, GuidedSpec
 from hotlora.server.http_errors import body_for, error_body
 from hotlora.server.http_render import FINISH_REASON, Renderer
-from hotlora.server.samples import MAX_SAMPLES, SampleSet
+from hotlora.server.samples import SampleSet
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("hotlora.http")
@@ -225,8 +225,6 @@ class HttpDoor:
         return self._generate(request, body, [g], "chat.completion")
 
     def _generate_input(self, body, *, prompt="", messages=(), max_tokens, logprobs) -> GenerateInput:
-        if body.n > MAX_SAMPLES:
-            raise InvalidArgument(f"n must be at most {MAX_SAMPLES} (got {body.n})")
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
         try:
             bias = {int(k): float(v) for k, v in (body.logit_bias or {}).items()}

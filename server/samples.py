@@ -12,6 +12,7 @@ import dataclasses
 import queue
 from collections.abc import Iterator
 
+from hotlora.adapters.errors import InvalidArgument
 from hotlora.server.frontend import GenerateInput, InferenceFrontend
 from hotlora.server.requests import GenerationRequest, TokenEvent
 
@@ -35,6 +36,8 @@ class SampleSet:
     def __init__(
         self, fe: InferenceFrontend, tenant: str, inputs: list[GenerateInput], n: int, deadline=None
     ):
+        if not 1 <= n <= MAX_SAMPLES:
+            raise InvalidArgument(f"n must be in [1, {MAX_SAMPLES}] (got {n})")
         self.fe = fe
         self.tenant = tenant
         self.n = n
@@ -70,14 +73,16 @@ class SampleSet:
             if req is not None:
                 req.cancel()
 
-    def stream(self, poll: float = 0.25) -> Iterator[tuple[int, TokenEvent]]:
-        """(choice index, event) until every sample has finished."""
+    def stream(self, poll: float = 0.25, alive=None) -> Iterator[tuple[int, TokenEvent]]:
+        """(choice index, event) until every sample has finished; `alive()` False = the caller left."""
         open_samples = len(self.requests)
         try:
             while open_samples:
                 try:
                     choice, event = self.events.get(timeout=poll)
                 except queue.Empty:
+                    if alive is not None and not alive():
+                        self.cancel()
                     continue
                 if choice % self.n == 0 and self.requests[choice + 1 : choice + self.n][:1] == [None]:
                     for other in range(choice + 1, choice + self.n):  # the prompt's prefill is cached now

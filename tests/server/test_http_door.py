@@ -524,3 +524,33 @@ def test_a_list_of_prompts_with_n_numbers_choices_prompt_major(run, base):
     ]
     ids = tiny_tokenizer()
     assert resp.usage.prompt_tokens == sum(len(ids(p)["input_ids"]) for p in prompts)
+
+
+def test_grpc_n_returns_the_same_samples_as_the_http_door(run, base):
+    params = {"max_new_tokens": 8, "temperature": 1.0, "seed": 11, "n": 3}
+    whole = grpc_generate(run, prompt="pick one", params=params)
+    assert [s.index for s in whole.samples] == [0, 1, 2] and whole.text == whole.samples[0].text
+    assert whole.usage.completion_tokens == sum(len(s.token_ids) for s in whole.samples)
+    http = client(run).completions.create(
+        model=base, prompt="pick one", max_tokens=8, temperature=1.0, seed=11, n=3
+    )
+    assert [ch.text for ch in http.choices] == [s.text for s in whole.samples]
+    streamed = ["", "", ""]
+    stream = run.inference.GenerateStream(
+        inference_pb2.GenerateRequest(prompt="pick one", params=common_pb2.SamplingParams(**params)),
+        metadata=[("authorization", f"Bearer {TOKENS['alpha']}")],
+        timeout=60,
+    )
+    chunks = list(stream)
+    for chunk in chunks:
+        streamed[chunk.index] += chunk.text
+    assert streamed == [s.text for s in whole.samples]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_grpc_n_over_the_limit_is_invalid_argument(run):
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as exc:
+        grpc_generate(run, prompt="x", params={"max_new_tokens": 2, "n": 17})
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
