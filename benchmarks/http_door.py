@@ -109,69 +109,112 @@ def rate(result: tuple[float, int]) -> float:
     return tokens / seconds
 
 
-def grammar_costs(tokenizer, vocab: int) -> list[str]:
-    """Per-token mask cost of each engine on a fixed JSON answer (warm, best of three)."""
-    import numpy as np
-    import torch
+# (schema, an answer that matches it): structure-heavy (enums, an array) and content-heavy (a long string)
+GRAMMAR_CASES = {
+    "structured": (
+        {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "maxLength": 20},
+                "age": {"type": "integer"},
+                "tags": {"type": "array", "items": {"type": "string", "enum": ["a", "b", "c"]}},
+            },
+            "required": ["name", "age", "tags"],
+            "additionalProperties": False,
+        },
+        {"name": "Alice Smith", "age": 42, "tags": ["a", "c", "b", "a"]},
+    ),
+    "long string": (
+        {
+            "type": "object",
+            "properties": {"title": {"type": "string"}, "year": {"type": "integer"}},
+            "required": ["title", "year"],
+            "additionalProperties": False,
+        },
+        {"title": "The Lighthouse of the North " * 3, "year": 1871},
+    ),
+}
 
-    schema = {
-        "type": "object",
-        "properties": {"title": {"type": "string"}, "year": {"type": "integer"}},
-        "required": ["title", "year"],
-        "additionalProperties": False,
-    }
-    answer = json.dumps({"title": "The Lighthouse of the North " * 3, "year": 1871}, separators=(",", ":"))
-    ids = tokenizer(answer)["input_ids"]
-    logits = torch.randn(1, vocab)
-    lines = []
 
-    import llguidance
-    import llguidance.hf
-    import llguidance.torch as llt
-
-    tok = llguidance.hf.from_tokenizer(tokenizer, n_vocab=vocab)
-    grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
+def _per_token(step, ids: list[int], make) -> tuple[float, float]:
+    """Best of three walks through `ids`: (mask seconds, apply seconds) per token."""
     best = (1e9, 1e9)
     for _ in range(3):
-        m = llguidance.LLMatcher(tok, grammar)
+        state = make()
         mask_s = apply_s = 0.0
-        bitmask = torch.zeros((1, (vocab + 31) // 32), dtype=torch.int32)
         for t in ids:
-            t0 = time.perf_counter()
-            llt.fill_next_token_bitmask(m, bitmask, 0)
-            t1 = time.perf_counter()
-            bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab]
-            logits.clone().masked_fill_(torch.from_numpy(bits == 0), float("-inf"))
-            t2 = time.perf_counter()
-            assert m.consume_token(t), m.get_error()
-            mask_s, apply_s = mask_s + t1 - t0, apply_s + t2 - t1
+            dm, da = step(state, t)
+            mask_s, apply_s = mask_s + dm, apply_s + da
         best = min(best, (mask_s / len(ids), apply_s / len(ids)))
-    lines.append(f"llguidance {version('llguidance')}: "
-                 f"mask {best[0] * 1e6:.0f} us + apply {best[1] * 1e6:.0f} us per token")  # fmt: skip
+    return best
+
+
+def grammar_costs(tokenizer, vocab: int) -> list[str]:
+    """Per-token cost of each engine, one row, warm: computing the token mask, and applying it to the
+    logits (llguidance: as hotlora applies it, hotlora.server.guided.mask_rows)."""
+    import torch
+    from hotlora.server.guided import GrammarEngine, GuidedKind, GuidedSpec, mask_rows
+
+    logits = torch.randn(1, vocab)
+    engine = GrammarEngine(tokenizer, vocab)
+    lines = []
     try:
         import xgrammar as xgr
+
+        compiler = xgr.GrammarCompiler(xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab))
     except ImportError:
-        lines.append("xgrammar: not installed (pip install xgrammar to compare)")
-        return lines
-    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab)
-    compiled = xgr.GrammarCompiler(info).compile_json_schema(json.dumps(schema), any_whitespace=False)
-    ids = tokenizer(json.dumps(json.loads(answer)))["input_ids"]  # xgrammar's separators are ", " and ": "
-    best = (1e9, 1e9)
-    bitmask = xgr.allocate_token_bitmask(1, vocab)
-    for _ in range(3):
-        m = xgr.GrammarMatcher(compiled)
-        mask_s = apply_s = 0.0
-        for t in ids:
+        xgr = None
+    for case, (schema, answer) in GRAMMAR_CASES.items():
+        spec = GuidedSpec(GuidedKind.JSON_SCHEMA, json.dumps(schema))
+
+        def llg_step(m, t):
+            t0 = time.perf_counter()
+            row = logits.clone()
+            mask_rows(row, [0], [m])  # fill + apply together; the fill alone is timed below
+            t1 = time.perf_counter()
+            assert m.accept(t)
+            return 0.0, t1 - t0
+
+        ids = tokenizer(json.dumps(answer, separators=(",", ":")))["input_ids"]
+        total = sum(_per_token(llg_step, ids, lambda spec=spec: engine.matcher(spec)))
+
+        def llg_fill(m, t):
+            import llguidance.torch as llt
+
+            bitmask = torch.zeros((1, (vocab + 31) // 32), dtype=torch.int32)
+            t0 = time.perf_counter()
+            llt.fill_next_token_bitmask(m.ll, bitmask, 0)
+            t1 = time.perf_counter()
+            assert m.accept(t)
+            return t1 - t0, 0.0
+
+        fill = _per_token(llg_fill, ids, lambda spec=spec: engine.matcher(spec))[0]
+        lines.append(
+            f"{case}: llguidance {version('llguidance')} mask {fill * 1e6:.0f} us + apply "
+            f"{(total - fill) * 1e6:.0f} us per token"
+        )
+        if xgr is None:
+            continue
+        compiled = compiler.compile_json_schema(json.dumps(schema), any_whitespace=False)
+        bitmask = xgr.allocate_token_bitmask(1, vocab)
+
+        def xgr_step(m, t, bitmask=bitmask):
             t0 = time.perf_counter()
             m.fill_next_token_bitmask(bitmask)
             t1 = time.perf_counter()
             xgr.apply_token_bitmask_inplace(logits.clone(), bitmask)
             t2 = time.perf_counter()
             assert m.accept_token(t)
-            mask_s, apply_s = mask_s + t1 - t0, apply_s + t2 - t1
-        best = min(best, (mask_s / len(ids), apply_s / len(ids)))
-    mask_us, apply_us = best[0] * 1e6, best[1] * 1e6
-    lines.append(f"xgrammar {version('xgrammar')}: mask {mask_us:.0f} us + apply {apply_us:.0f} us per token")
+            return t1 - t0, t2 - t1
+
+        ids = tokenizer(json.dumps(answer))["input_ids"]  # xgrammar's separators are ", " and ": "
+        mask_s, apply_s = _per_token(xgr_step, ids, lambda compiled=compiled: xgr.GrammarMatcher(compiled))
+        lines.append(
+            f"{case}: xgrammar {version('xgrammar')} mask {mask_s * 1e6:.0f} us + apply "
+            f"{apply_s * 1e6:.0f} us per token"
+        )
+    if xgr is None:
+        lines.append("xgrammar: not installed (pip install xgrammar to compare)")
     return lines
 
 

@@ -84,7 +84,6 @@ class GrammarEngine:
         self.vocab_size = vocab_size
         self._tok = None
         self._lock = threading.Lock()
-        self._executor = None
 
     def _tokenizer(self):
         with self._lock:
@@ -93,7 +92,6 @@ class GrammarEngine:
                 import llguidance.hf
 
                 self._tok = llguidance.hf.from_tokenizer(self._hf, n_vocab=self.vocab_size)
-                self._executor = llguidance.LLExecutor()
             return self._tok
 
     def matcher(self, spec: GuidedSpec) -> Matcher:
@@ -130,15 +128,16 @@ def mask_rows(logits: torch.Tensor, rows: list[int], matchers: list[Matcher]) ->
         return
     import llguidance.torch as llt
 
-    engine = matchers[0].engine
-    words = (engine.vocab_size + 31) // 32
+    words = (matchers[0].engine.vocab_size + 31) // 32
     bitmask = torch.zeros((len(rows), words), dtype=torch.int32)
-    llt.fill_next_token_bitmask_par(engine._executor, [(m.ll, i) for i, m in enumerate(matchers)], bitmask)
+    # one row after another: llguidance's parallel fill hands rows to its own thread pool, which on a
+    # 2-core host competes with the engine's threads and measured slower (benchmarks/http_door.py)
+    for i, m in enumerate(matchers):
+        llt.fill_next_token_bitmask(m.ll, bitmask, i)
     # little-endian bit i of word w allows token 32*w + i
     bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")
     allowed = torch.from_numpy(bits[:, : logits.shape[1]].astype(bool))
     if logits.shape[1] > allowed.shape[1]:  # padded vocabulary rows beyond the tokenizer's
         allowed = torch.nn.functional.pad(allowed, (0, logits.shape[1] - allowed.shape[1]))
-    sub = logits[rows]
-    sub.masked_fill_(~allowed, float("-inf"))
-    logits[rows] = sub
+    for i, row in enumerate(rows):  # in place on each row's view: no gather and scatter of [B, V]
+        logits[row].masked_fill_(~allowed[i], float("-inf"))
