@@ -35,6 +35,7 @@ from hotlora.server.frontend import GenerateInput
 from hotlora.server.guided import GuidedKind, GuidedSpec
 from hotlora.server.http_errors import body_for, error_body
 from hotlora.server.http_render import FINISH_REASON, Renderer
+from hotlora.server.logs import log_rpc
 from hotlora.server.samples import SampleSet
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -81,8 +82,13 @@ class HttpDoor:
                 )
             else:
                 response = await call_next(request)
-            route = request.scope.get("route")
-            door._observe(getattr(route, "path", "unmatched"), response.status_code, time.monotonic() - t0)
+            route = getattr(request.scope.get("route"), "path", "unmatched")
+            seconds = time.monotonic() - t0
+            door._observe(route, response.status_code, seconds)
+            if route not in ("/health", "/metrics"):
+                name = "http " + route.strip("/").replace("/", ".")  # the access log's `rpc` field
+                tenant = getattr(request.state, "tenant", "")
+                log_rpc(name, response.status_code, seconds, tenant, request.headers.get("x-request-id", ""))
             return response
 
         @app.exception_handler(HotloraError)
@@ -108,7 +114,7 @@ class HttpDoor:
         @app.exception_handler(Exception)
         async def unexpected(request, exc):
             log.error("unexpected error in %s", request.url.path, exc_info=exc)
-            return JSONResponse(*reversed(body_for(exc)))
+            return _error_response(exc)
 
         app.add_api_route("/v1/models", self.models, methods=["GET"])
         app.add_api_route("/v1/completions", self.completions, methods=["POST"])
@@ -130,7 +136,9 @@ class HttpDoor:
     # ---- who is calling ---------------------------------------------------------------------------------
     def _tenant(self, request: Request) -> str:
         header = request.headers.get("authorization")
-        return self.auth.tenant_for([("authorization", header)] if header else [])
+        tenant = self.auth.tenant_for([("authorization", header)] if header else [])
+        request.state.tenant = tenant  # for the access log
+        return tenant
 
     def _admit(self, request: Request):
         tenant = self._tenant(request)

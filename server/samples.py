@@ -45,6 +45,8 @@ class SampleSet:
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.inputs = inputs
         self.prepared = [fe.prepare_generation(g) for g in inputs]  # every prompt valid before any is queued
+        if len(inputs) > 1:  # a list of prompts is one request: --max-request-tokens bounds them together
+            fe.check_request_tokens(sum(len(ids) for ids, _ in self.prepared), "prompts")
         self.requests: list[GenerationRequest | None] = [None] * (len(inputs) * n)
         self.adapter = ""
         try:

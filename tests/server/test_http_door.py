@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures as cf
+import contextlib
 import json
 import shutil
 import subprocess
+import threading
+import time
 import urllib.request
 
 import numpy as np
@@ -337,6 +340,29 @@ def test_guided_regex_and_choice_on_grpc(run):
     assert choice.text in ("red", "green")
 
 
+@contextlib.contextmanager
+def engine_held(run, waiting: int):
+    """The engine busy with a background task until `waiting` requests are queued: they are then
+    admitted together, in one batch."""
+    release = threading.Event()
+
+    class Hold:
+        def step(self) -> bool:
+            release.wait(30)
+            return False
+
+    engine = run.state.engine
+    engine.submit_task(Hold())
+    try:
+        yield
+        deadline = time.monotonic() + 30
+        while engine.num_waiting < waiting and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.num_waiting == waiting
+    finally:
+        release.set()
+
+
 def test_constrained_and_free_requests_share_a_batch_and_are_both_right(run, base):
     c = client(run)
     free_alone = (
@@ -344,11 +370,14 @@ def test_constrained_and_free_requests_share_a_batch_and_are_both_right(run, bas
     )
     before = samples(scrape(run))
     with cf.ThreadPoolExecutor(2) as pool:
-        constrained = pool.submit(
-            c.completions.create, model=base, prompt="json please", max_tokens=40, temperature=0,
-            extra_body={"response_format": SCHEMA_FORMAT},
-        )  # fmt: skip
-        free = pool.submit(c.completions.create, model=base, prompt="free text", max_tokens=40, temperature=0)
+        with engine_held(run, waiting=2):
+            constrained = pool.submit(
+                c.completions.create, model=base, prompt="json please", max_tokens=40, temperature=0,
+                extra_body={"response_format": SCHEMA_FORMAT},
+            )  # fmt: skip
+            free = pool.submit(
+                c.completions.create, model=base, prompt="free text", max_tokens=40, temperature=0
+            )
         _check(json.loads(constrained.result().choices[0].text))
         assert free.result().choices[0].text == free_alone
     after = samples(scrape(run))
@@ -357,7 +386,7 @@ def test_constrained_and_free_requests_share_a_batch_and_are_both_right(run, bas
         total = value(ss, "hotlora_batch_size_count", kind="decode")
         return total - value(ss, "hotlora_batch_size_bucket", kind="decode", le="1.0")
 
-    assert multi_row_decodes(after) > multi_row_decodes(before)  # some decode steps ran both rows
+    assert multi_row_decodes(after) > multi_row_decodes(before)  # decode steps ran both rows together
 
 
 def test_json_object_mode_gives_an_object(run, base):

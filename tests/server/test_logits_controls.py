@@ -150,3 +150,11 @@ def test_nothing_allowed_ends_the_row_instead_of_sampling_nan():
     logits = torch.full((1, 10), -math.inf)
     r = req(logit_bias=((1, 1.0),), temperature=1.0)  # a controlled row whose every logit is -inf
     assert pick(logits, r)[0] == [EOS]
+
+
+def test_requests_with_the_same_schema_get_independent_matchers(grammar):
+    spec = GuidedSpec(GuidedKind.CHOICE, ("yes", "no"))
+    first, second = grammar.matcher(spec), grammar.matcher(spec)  # the second is a copy of the cached one
+    assert first.accept(_ids("y")[0])
+    assert second.accept(_ids("n")[0])  # not steered by the first request's "y"
+    assert not first.accept(_ids("o")[0])  # "yo" is no choice
