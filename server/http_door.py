@@ -337,11 +337,15 @@ class HttpDoor:
             svc = self.state.adapters
             if svc is None:
                 raise Unavailable("adapters are available once the model is loaded; retry shortly")
-            files = self._read_adapter_dir(body.lora_path)
-            ref = self._stored_copy(svc, tenant, body.lora_name, files)
-            if ref is None:
-                ref = svc.upload(tenant, body.lora_name, files, description=f"loaded from {body.lora_path}")
-                ref = ref.record.ref
+            paths, total = self._adapter_files(body.lora_path)
+            # the bytes count against --upload-buffer-bytes while they are read and validated, as an upload's
+            held = svc.uploads.budget.held(total) if svc.uploads is not None else contextlib.nullcontext()
+            with held:
+                files = {p.name: p.read_bytes() for p in paths}
+                ref = self._stored_copy(svc, tenant, body.lora_name, files)
+                if ref is None:
+                    description = f"loaded from {body.lora_path}"
+                    ref = svc.upload(tenant, body.lora_name, files, description=description).record.ref
             svc.load(tenant, ref)
         finally:
             lease.release()
@@ -361,8 +365,8 @@ class HttpDoor:
         )
 
     # ---- load_lora_adapter helpers ----------------------------------------------------------------------
-    def _read_adapter_dir(self, lora_path: str) -> dict[str, bytes]:
-        """The PEFT files of a server-side directory under --allowed-local-adapter-dirs."""
+    def _adapter_files(self, lora_path: str) -> tuple[list[Path], int]:
+        """The files of a server-side PEFT directory under --allowed-local-adapter-dirs, and their bytes."""
         if not self.allowed_dirs:
             raise PermissionDenied(
                 "loading adapters from server paths is off; the operator enables it with "
@@ -388,7 +392,7 @@ class HttpDoor:
                 f"the adapter's files are {total} bytes; at most {self.config.max_upload_bytes} "
                 "(--max-upload-bytes)"
             )
-        return {p.name: p.read_bytes() for p in entries}
+        return entries, total
 
     @staticmethod
     def _stored_copy(svc, tenant: str, name: str, files: dict[str, bytes]) -> str | None:
