@@ -79,7 +79,7 @@ ENV PATH=/opt/venv/bin:$PATH \
 USER 10001:10001
 WORKDIR /home/hotlora
 VOLUME ["/data"]
-EXPOSE 50051 9400
+EXPOSE 50051 9400 8000
 # exit 0 only when grpc.health.v1 says SERVING (NOT_SERVING while loading and draining)
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["hotlora", "health", "--address", "127.0.0.1:50051"]

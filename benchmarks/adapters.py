@@ -340,6 +340,7 @@ def main() -> None:
             model="",
             port=0,
             metrics_port=-1,
+            http_port=-1,
             data_dir=str(tmp / "data"),
             adapter_slots=32,
             max_rank=RANK,

@@ -60,7 +60,7 @@ class ServerProcess:
         self.log = open(log_path, "a")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [str(hotlora), "serve", "--model", str(model_dir), "--port", "0", "--metrics-port", "0",
-             "--data-dir", str(data_dir), "--device", "cpu", "--workers", "8"],
+             "--http-port", "-1", "--data-dir", str(data_dir), "--device", "cpu", "--workers", "8"],
             stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
         )  # fmt: skip
         self.port = None

@@ -102,7 +102,9 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as data_dir:
-        server = HotloraServer(ServerConfig(port=0, metrics_port=-1, data_dir=data_dir, grace_seconds=1.0))
+        server = HotloraServer(
+            ServerConfig(port=0, metrics_port=-1, http_port=-1, data_dir=data_dir, grace_seconds=1.0)
+        )
         server.start()
         server.load()
         channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")

@@ -85,7 +85,9 @@ def cpu_name() -> str:
 
 
 def time_to_ready(cache_dir: str, data_dir: str) -> tuple[float, HotloraServer]:
-    cfg = ServerConfig(port=0, metrics_port=-1, data_dir=data_dir, cache_dir=cache_dir, grace_seconds=1.0)
+    cfg = ServerConfig(
+        port=0, metrics_port=-1, http_port=-1, data_dir=data_dir, cache_dir=cache_dir, grace_seconds=1.0
+    )
     server = HotloraServer(cfg)
     server.start()
     t0 = time.perf_counter()

@@ -57,7 +57,10 @@ class HotloraServer:
         if config.metrics_port >= 0:
             from hotlora.server.metrics import Metrics
 
-            self.metrics = Metrics(expose_adapter_names=config.expose_adapter_names)
+            self.metrics = Metrics(
+                expose_adapter_names=config.expose_adapter_names,
+                vllm_compatible=config.vllm_compatible_metrics,
+            )
             self.state.metrics = self.metrics
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self.admission = RpcAdmission(RpcLimits(config.rpc_limit, config.tenant_rpc_limit))
@@ -77,6 +80,8 @@ class HotloraServer:
         self._register_services()
         self.port = None
         self.metrics_port = None
+        self.http = None  # HttpServer of the OpenAI-compatible door, once bound
+        self.http_port = None
         self.registry_health: RegistryHealth | None = None
         self._stopped = threading.Event()
 
@@ -141,12 +146,24 @@ class HotloraServer:
             raise RuntimeError(f"could not bind the gRPC port {address}")
         if self.metrics is not None:
             self.metrics_port = self.metrics.start_http(cfg.metrics_host or cfg.host, cfg.metrics_port)
+        if cfg.http_port >= 0:
+            from hotlora.server.http_door import HttpDoor
+            from hotlora.server.http_server import HttpServer
+
+            door = HttpDoor(self.state, self.auth, self.admission, self.metrics)
+            self.http = HttpServer(door.app, cfg.http_host or cfg.host, cfg.http_port)
+            self.http_port = self.http.port
         return self.port
 
     def start(self) -> None:
         if self.port is None:
             self.bind()
         self.grpc.start()
+        if self.http is not None:
+            self.http.start()
+            log.info(
+                "OpenAI-compatible HTTP on %s:%d", self.config.http_host or self.config.host, self.http_port
+            )
         log.info(
             "listening on %s:%d (health NOT_SERVING until the model is ready)", self.config.host, self.port
         )
@@ -236,6 +253,8 @@ class HotloraServer:
         while engine is not None and not engine.idle and time.monotonic() < deadline:
             time.sleep(0.05)
         self.grpc.stop(max(0.0, deadline - time.monotonic())).wait()
+        if self.http is not None:
+            self.http.stop(max(0.5, deadline - time.monotonic()))
         if engine is not None:
             engine.stop()
         if self.state.adapters is not None:
@@ -259,7 +278,8 @@ class HotloraServer:
         self.start()
         print(
             f"hotlora: gRPC on {self.config.host}:{self.port}"
-            + (f", metrics on :{self.metrics_port}" if self.metrics_port else ""),
+            + (f", metrics on :{self.metrics_port}" if self.metrics_port else "")
+            + (f", HTTP on :{self.http_port}" if self.http_port else ""),
             flush=True,
         )
         loader = threading.Thread(target=self._load_or_die, args=(stop,), daemon=True)

@@ -32,6 +32,19 @@ class ServerConfig:
     port: int = _opt(50051, "gRPC port (0 = pick a free one and log it)")
     metrics_port: int = _opt(9400, "Prometheus /metrics HTTP port (0 = pick a free one, -1 = off)")
     metrics_host: str = _opt("", "address the metrics port binds to (empty = same as --host)")
+    http_port: int = _opt(
+        8000, "OpenAI-compatible HTTP port (docs/http.md; 0 = pick a free one and log it, -1 = off)"
+    )
+    http_host: str = _opt("", "address the HTTP port binds to (empty = same as --host)")
+    served_model_name: str = _opt("", "the base model's name in the HTTP door's `model` (empty = its own)")
+    allowed_local_adapter_dirs: str = _opt(
+        "",
+        "comma-separated server directories POST /v1/load_lora_adapter may read adapters from "
+        "(empty = that route refuses every path)",
+    )
+    vllm_compatible_metrics: bool = _opt(
+        True, "also export vLLM's gauge names (vllm:num_requests_running, ...) for LoRA-aware routers"
+    )
     data_dir: str = _opt(default_data_dir(), "registry database, adapter blobs and job records")
     cache_dir: str = _opt(
         default_cache_dir(), "per-user cache of the dequantized default model, shared by data dirs"
@@ -168,6 +181,11 @@ class ServerConfig:
             problems.append(f"--port must be 0..65535 (got {self.port})")
         if not -1 <= self.metrics_port <= 65535:
             problems.append(f"--metrics-port must be -1..65535 (got {self.metrics_port})")
+        if not -1 <= self.http_port <= 65535:
+            problems.append(f"--http-port must be -1..65535 (got {self.http_port})")
+        for d in self.allowed_local_adapter_dir_list:
+            if not Path(d).is_absolute() or not Path(d).is_dir():
+                problems.append(f"--allowed-local-adapter-dirs: {d!r} is not an absolute path to a directory")
         if self.default_max_new_tokens > self.max_new_tokens:
             problems.append("--default-max-new-tokens cannot exceed --max-new-tokens")
         if not 0.0 < self.train_share <= 1.0:
@@ -217,7 +235,11 @@ class ServerConfig:
         if self.upload_buffer_bytes < self.max_upload_bytes:
             problems.append("--upload-buffer-bytes cannot be below --max-upload-bytes (one upload must fit)")
         if not self.tokens_file:
-            for flag, host in (("--host", self.host), ("--metrics-host", self.metrics_host or self.host)):
+            for flag, host in (
+                ("--host", self.host),
+                ("--metrics-host", self.metrics_host or self.host),
+                ("--http-host", self.http_host or self.host),
+            ):
                 if host not in LOOPBACK:
                     problems.append(
                         "without --tokens-file the server runs in single-tenant dev mode and listens on "
@@ -244,6 +266,10 @@ class ServerConfig:
         if self.max_pins_per_tenant:
             return self.max_pins_per_tenant
         return max(1, self.adapter_slots // 4) if self.tokens_file else self.adapter_slots
+
+    @property
+    def allowed_local_adapter_dir_list(self) -> tuple[str, ...]:
+        return tuple(d.strip() for d in self.allowed_local_adapter_dirs.split(",") if d.strip())
 
     @property
     def target_module_list(self) -> tuple[str, ...]:

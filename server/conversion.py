@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 from hotlora.server.frontend import GenerateInput
+from hotlora.server.guided import GuidedKind, GuidedSpec
 from hotlora.v1 import common_pb2, inference_pb2
 
 
@@ -23,7 +24,44 @@ def generate_input(req: inference_pb2.GenerateRequest) -> GenerateInput:
         ignore_eos=p.ignore_eos,
         stop=list(p.stop),
         request_id=req.request_id,
+        logprobs=p.logprobs if p.HasField("logprobs") else None,
+        prompt_logprobs=p.prompt_logprobs if p.HasField("prompt_logprobs") else None,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        repetition_penalty=p.repetition_penalty,
+        min_tokens=p.min_tokens,
+        stop_token_ids=list(p.stop_token_ids),
+        logit_bias=dict(p.logit_bias),
+        guided=guided_spec(p.guided) if p.HasField("guided") else None,
     )
+
+
+def guided_spec(g: common_pb2.Guided) -> GuidedSpec | None:
+    kind = g.WhichOneof("kind")
+    if kind is None or (kind == "json_object" and not g.json_object):
+        return None
+    if kind == "choice":
+        return GuidedSpec(GuidedKind.CHOICE, tuple(g.choice.choices))
+    return GuidedSpec(GuidedKind(kind), "" if kind == "json_object" else getattr(g, kind))
+
+
+def token_logprobs(entries, tokenizer) -> list[common_pb2.TokenLogprob]:
+    """TokenLogprob entries -> wire, each token with its text."""
+    out = []
+    for e in entries or ():
+        out.append(
+            common_pb2.TokenLogprob(
+                token_id=e.token_id,
+                token=tokenizer.decode([e.token_id]),
+                logprob=e.logprob,
+                rank=e.rank,
+                top=[
+                    common_pb2.TopLogprob(token_id=t, token=tokenizer.decode([t]), logprob=lp)
+                    for t, lp in e.top
+                ],
+            )
+        )
+    return out
 
 
 def deadline_of(context) -> float | None:
@@ -35,6 +73,14 @@ def deadline_of(context) -> float | None:
 
 def usage(req) -> inference_pb2.Usage:
     return inference_pb2.Usage(prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids))
+
+
+def usage_of_samples(samples) -> inference_pb2.Usage:
+    """The prompt once, every sample's tokens."""
+    return inference_pb2.Usage(
+        prompt_tokens=sum(len(r.prompt_ids) for r in samples.prompt_requests()),
+        completion_tokens=sum(len(r.output_ids) for r in samples.requests if r is not None),
+    )
 
 
 def label_scores(scores) -> list[common_pb2.LabelScore]:

@@ -27,11 +27,12 @@ from typing import Any, Protocol
 import torch
 from hotlora.adapters.errors import HotloraError, ResourceExhausted, Unavailable
 from hotlora.server.detokenizer import IncrementalDetokenizer
+from hotlora.server.logits_controls import choose_tokens, record_prompt_logprobs
 from hotlora.server.requests import GenerationRequest, PoolingRequest, TokenEvent
 from hotlora.server.runner.attention import AttentionMetadata, PrefillSpan, decode_mask
 from hotlora.server.runner.kv_cache import NULL_BLOCK, BlockManager, SequenceKV
 from hotlora.server.runner.model import StepInput
-from hotlora.server.sampling import make_generator, select_tokens
+from hotlora.server.sampling import make_generator
 
 log = logging.getLogger("hotlora.engine")
 
@@ -399,7 +400,8 @@ class Engine:
         req.admitted_at = time.monotonic()
         key = self._cache_key(req)
         if isinstance(req, GenerationRequest):
-            kv = self.blocks.open(key, req.prompt_ids)
+            # prompt logprobs need every prompt position's logits: no prefix-cache reuse for them
+            kv = self.blocks.open(key, req.prompt_ids, lookup=req.params.prompt_logprobs is None)
             seq = _Seq(req, list(req.prompt_ids), req.slot, kv, num_computed=kv.num_cached)
             seq.detok = IncrementalDetokenizer(self.tokenizer, req.params.stop)
             seq.gen = make_generator(req.params.seed)
@@ -526,6 +528,9 @@ class Engine:
             seq.num_computed += n
             if seq.is_generation:
                 self.blocks.commit(seq.kv, seq.tokens, seq.num_computed)
+                if seq.req.params.prompt_logprobs is not None:
+                    chunk = self.runner.logits(hidden[span.start : span.start + n])
+                    record_prompt_logprobs(seq.req, chunk, seq.num_computed - n)
                 if seq.pending == 0:
                     sample_rows.append(span.start + n - 1)
                     sample_seqs.append(seq)
@@ -606,17 +611,22 @@ class Engine:
 
     def _emit(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
         """Pick each sequence's next token, stream it, and mark finished requests."""
-        tokens = select_tokens(logits, [s.req.params for s in seqs], [s.gen for s in seqs])
+        tokens, logprobs = choose_tokens(logits, [s.req for s in seqs], [s.gen for s in seqs], self.eos_ids)
         now = time.monotonic()
-        for seq, tok in zip(seqs, tokens, strict=True):
+        for seq, tok, lp in zip(seqs, tokens, logprobs, strict=True):
             req = seq.req
             req.output_ids.append(tok)
+            if lp is not None:
+                req.output_logprobs.append(lp)
             seq.tokens.append(tok)
             if req.first_token_at is None:
                 req.first_token_at = now
             reason = None
             if tok in self.eos_ids and not req.params.ignore_eos:
                 reason = "eos"
+                text = seq.detok.flush()
+            elif tok in req.params.stop_token_ids:
+                reason = "stop"  # like EOS: the stop token's own text is not emitted
                 text = seq.detok.flush()
             else:
                 text = seq.detok.add(tok)
@@ -632,7 +642,7 @@ class Engine:
             req.text += text
             if reason is not None:  # metrics first, so they are counted before the client sees the end
                 self._finish(req, reason)
-            req.events.put(TokenEvent([tok], text, reason))
+            req.events.put(TokenEvent([tok], text, reason, None if lp is None else [lp]))
 
     # ---- endings ----------------------------------------------------------------------
     def _expire(self) -> None:

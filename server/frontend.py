@@ -17,10 +17,14 @@ from hotlora.adapters.errors import (
     InvalidArgument,
     ResourceExhausted,
 )
+from hotlora.server.guided import GrammarEngine, GuidedSpec
+from hotlora.server.logits_controls import MAX_LOGPROBS
 from hotlora.server.requests import GenerationRequest, PoolingRequest
 from hotlora.server.sampling import SamplingParams
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+MAX_STOP_TOKEN_IDS = 64
+MAX_LOGIT_BIAS = 300  # as the OpenAI API
 
 
 @dataclass
@@ -36,6 +40,15 @@ class GenerateInput:
     ignore_eos: bool = False
     stop: list[str] = field(default_factory=list)
     request_id: str = ""
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 0.0  # 0 = off (as 1.0)
+    min_tokens: int = 0
+    stop_token_ids: list[int] = field(default_factory=list)
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    guided: GuidedSpec | None = None
 
 
 @dataclass
@@ -68,6 +81,8 @@ class InferenceFrontend:
         self.tokenizer = tokenizer
         self.config = config
         self.adapters = adapters or BaseModelAdapters()
+        self.vocab_size = int(engine.runner.config.vocab_size)
+        self.grammar = GrammarEngine(tokenizer, self.vocab_size)
 
     # ---- validation ------------------------------------------------------------
     def _sampling(self, g: GenerateInput) -> SamplingParams:
@@ -87,9 +102,52 @@ class InferenceFrontend:
         if g.seed is not None and not 0 <= g.seed < 2**63:
             raise InvalidArgument("seed must be in [0, 2^63)")
         top_p = g.top_p if 0 < g.top_p < 1 else 1.0
+        self._check_controls(g, n)
         return SamplingParams(
-            n, g.temperature, top_p, g.top_k, g.seed, tuple(s for s in g.stop if s), g.ignore_eos
+            n,
+            g.temperature,
+            top_p,
+            g.top_k,
+            g.seed,
+            tuple(s for s in g.stop if s),
+            g.ignore_eos,
+            logprobs=g.logprobs,
+            prompt_logprobs=g.prompt_logprobs,
+            presence_penalty=g.presence_penalty,
+            frequency_penalty=g.frequency_penalty,
+            repetition_penalty=g.repetition_penalty or 1.0,
+            min_tokens=g.min_tokens,
+            stop_token_ids=tuple(g.stop_token_ids),
+            logit_bias=tuple(sorted(g.logit_bias.items())),
+            guided=g.guided,
         )
+
+    def _check_controls(self, g: GenerateInput, max_new_tokens: int) -> None:
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(g, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise InvalidArgument(f"{name} must be in [0, {MAX_LOGPROBS}] (got {k})")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(g, name)
+            if not math.isfinite(v) or not -2.0 <= v <= 2.0:
+                raise InvalidArgument(f"{name} must be in [-2, 2] (got {v})")
+        r = g.repetition_penalty
+        if not math.isfinite(r) or not 0.0 <= r <= 10.0:
+            raise InvalidArgument(f"repetition_penalty must be in (0, 10], or 0 for off (got {r})")
+        if not 0 <= g.min_tokens <= max_new_tokens:
+            raise InvalidArgument(
+                f"min_tokens must be in [0, max_new_tokens = {max_new_tokens}] (got {g.min_tokens})"
+            )
+        if len(g.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+            raise InvalidArgument(f"at most {MAX_STOP_TOKEN_IDS} stop_token_ids")
+        if len(g.logit_bias) > MAX_LOGIT_BIAS:
+            raise InvalidArgument(f"at most {MAX_LOGIT_BIAS} logit_bias entries")
+        for token_id in [*g.stop_token_ids, *g.logit_bias]:
+            if not 0 <= token_id < self.vocab_size:
+                raise InvalidArgument(f"token id {token_id} is outside the vocabulary [0, {self.vocab_size})")
+        for token_id, bias in g.logit_bias.items():
+            if not math.isfinite(bias) or not -100.0 <= bias <= 100.0:
+                raise InvalidArgument(f"logit_bias for token {token_id} must be in [-100, 100] (got {bias})")
 
     def _tokenize_prompt(self, g: GenerateInput) -> list[int]:
         if g.prompt and g.messages:
@@ -182,16 +240,28 @@ class InferenceFrontend:
         g: GenerateInput,
         deadline: float | None,
         prepared: tuple[list[int], SamplingParams] | None = None,
+        events=None,
     ) -> tuple[GenerationRequest, str]:
+        """events: where the engine puts this request's TokenEvents (anything with `put`); default its
+        own queue."""
         if prepared is None:
             params = self._sampling(g)
             ids = self._tokenize_prompt(g)
         else:
             ids, params = prepared
+        matcher = self.grammar.matcher(params.guided) if params.guided is not None else None
         handle, resolved = self.adapters.resolve(tenant, g.adapter)
         req = GenerationRequest(
-            ids, params, tenant=tenant, adapter=handle, deadline=deadline, request_id=g.request_id
+            ids,
+            params,
+            tenant=tenant,
+            adapter=handle,
+            deadline=deadline,
+            request_id=g.request_id,
+            matcher=matcher,
         )
+        if events is not None:
+            req.events = events
         try:
             self.engine.submit(req)
         except Exception:

@@ -7,6 +7,7 @@ import queue
 from hotlora.adapters.errors import Unavailable
 from hotlora.server import conversion
 from hotlora.server.interceptors import current_tenant
+from hotlora.server.samples import SampleSet
 from hotlora.v1 import inference_pb2, inference_pb2_grpc
 
 
@@ -34,8 +35,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             if ev.finish_reason is not None:
                 return
 
+    def _samples(self, request, context) -> SampleSet:
+        """params.n > 1: every sample of the prompt, cancelled if the caller goes away."""
+        fe = self._frontend()
+        g = conversion.generate_input(request)
+        samples = SampleSet(fe, current_tenant(), [g], request.params.n, conversion.deadline_of(context))
+        context.add_callback(samples.cancel)
+        return samples
+
     def Generate(self, request, context):
         fe = self._frontend()
+        if request.params.n > 1:
+            return self._generate_samples(fe, request, context)
         req, resolved = fe.start_generation(
             current_tenant(), conversion.generate_input(request), conversion.deadline_of(context)
         )
@@ -49,10 +60,67 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             usage=conversion.usage(req),
             adapter=resolved,
             request_id=request.request_id,
+            logprobs=conversion.token_logprobs(req.output_logprobs, fe.tokenizer),
+            prompt_logprobs=conversion.token_logprobs(req.prompt_logprobs, fe.tokenizer),
         )
+
+    def _generate_samples(self, fe, request, context):
+        samples = self._samples(request, context)
+        for _ in samples.stream(alive=context.is_active):
+            pass
+        for req in samples.requests:
+            if req.finish_reason not in ("eos", "stop", "length"):
+                fe.raise_for_finish(req.finish_reason, req.error)
+        first = samples.requests[0]
+        return inference_pb2.GenerateResponse(
+            text=first.text,
+            token_ids=first.output_ids,
+            finish_reason=first.finish_reason,
+            usage=conversion.usage_of_samples(samples),
+            adapter=samples.adapter,
+            request_id=request.request_id,
+            logprobs=conversion.token_logprobs(first.output_logprobs, fe.tokenizer),
+            prompt_logprobs=conversion.token_logprobs(first.prompt_logprobs, fe.tokenizer),
+            samples=[
+                inference_pb2.Sample(
+                    index=i,
+                    text=r.text,
+                    token_ids=r.output_ids,
+                    finish_reason=r.finish_reason,
+                    logprobs=conversion.token_logprobs(r.output_logprobs, fe.tokenizer),
+                )
+                for i, r in enumerate(samples.requests)
+            ],
+        )
+
+    def _stream_samples(self, fe, request, context):
+        samples = self._samples(request, context)
+        events = samples.stream(alive=context.is_active)
+        open_samples = request.params.n
+        for index, ev in events:
+            last = ev.finish_reason is not None
+            if last and ev.finish_reason not in ("eos", "stop", "length", "cancelled"):
+                fe.raise_for_finish(ev.finish_reason, samples.requests[index].error)
+            chunk = inference_pb2.GenerateChunk(
+                text=ev.text,
+                token_ids=ev.token_ids,
+                adapter=samples.adapter,
+                request_id=request.request_id,
+                logprobs=conversion.token_logprobs(ev.logprobs, fe.tokenizer),
+                index=index,
+            )
+            if last:
+                chunk.finish_reason = ev.finish_reason
+                open_samples -= 1
+                if open_samples == 0:
+                    chunk.usage.CopyFrom(conversion.usage_of_samples(samples))
+            yield chunk
 
     def GenerateStream(self, request, context):
         fe = self._frontend()
+        if request.params.n > 1:
+            yield from self._stream_samples(fe, request, context)
+            return
         req, resolved = fe.start_generation(
             current_tenant(), conversion.generate_input(request), conversion.deadline_of(context)
         )
@@ -61,7 +129,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             if last and ev.finish_reason not in ("eos", "stop", "length", "cancelled"):
                 fe.raise_for_finish(ev.finish_reason, req.error)
             chunk = inference_pb2.GenerateChunk(
-                text=ev.text, token_ids=ev.token_ids, adapter=resolved, request_id=request.request_id
+                text=ev.text,
+                token_ids=ev.token_ids,
+                adapter=resolved,
+                request_id=request.request_id,
+                logprobs=conversion.token_logprobs(ev.logprobs, fe.tokenizer),
             )
             if last:
                 chunk.finish_reason = ev.finish_reason

@@ -23,6 +23,7 @@ from prometheus_client import (
     Histogram,
     ProcessCollector,
     disable_created_metrics,
+    generate_latest,
     start_http_server,
 )
 from prometheus_client.core import GaugeMetricFamily
@@ -170,16 +171,26 @@ UPLOAD_OUTCOMES = (
     "does_not_fit",
     "cancelled",
 )
+HTTP_ROUTES = (
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/embeddings",
+    "/v1/models",
+    "/v1/load_lora_adapter",
+    "/v1/unload_lora_adapter",
+)
 MAX_OUTCOMES = 32  # more distinct upload outcomes than this are counted as "other"
 MAX_LORA_NAMES = 16  # adapter names in hotlora_lora_requests_info, most requested first
 _LABEL_RE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
 
 class Metrics:
-    def __init__(self, expose_adapter_names: bool = False):
+    def __init__(self, expose_adapter_names: bool = False, vllm_compatible: bool = False):
         """expose_adapter_names: list running/waiting adapter names (tenant/name@N, top 16) in
-        hotlora_lora_requests_info; off by default because they are tenants' names."""
+        hotlora_lora_requests_info; off by default because they are tenants' names.
+        vllm_compatible: also export vLLM's names of the gauges LoRA-aware routers read."""
         self.expose_adapter_names = expose_adapter_names
+        self.vllm_compatible = vllm_compatible
         # `*_created` series double the exposition and no dashboard uses them (process-wide switch)
         disable_created_metrics()
         self.registry = CollectorRegistry()
@@ -195,6 +206,20 @@ class Metrics:
             "hotlora_rpc_duration_seconds",
             "gRPC call duration by rpc",
             ["rpc"],
+            buckets=RPC_BUCKETS,
+            registry=r,
+        )
+        # ---- the HTTP door ------------------------------------------------------------
+        self.http_requests = Counter(
+            "hotlora_http_requests",
+            "HTTP door requests by route and HTTP status",
+            ["route", "status"],
+            registry=r,
+        )
+        self.http_seconds = Histogram(
+            "hotlora_http_request_duration_seconds",
+            "HTTP door request duration by route (streams: until the response starts)",
+            ["route"],
             buckets=RPC_BUCKETS,
             registry=r,
         )
@@ -339,6 +364,9 @@ class Metrics:
         PlatformCollector(registry=r)
         GCCollector(registry=r)
         r.register(_StateCollector(self))
+        self.vllm_registry = CollectorRegistry()
+        if vllm_compatible:
+            self.vllm_registry.register(_VllmCollector(self))
         self._server = None
         self._thread = None
 
@@ -358,6 +386,11 @@ class Metrics:
         rpc = method.rsplit("/", 1)[-1]
         self.requests.labels(rpc, code).inc()
         self.rpc_seconds.labels(rpc).observe(seconds)
+
+    def http_finished(self, route: str, status: int, seconds: float) -> None:
+        route = route if route in HTTP_ROUTES else "other"
+        self.http_requests.labels(route, str(status)).inc()
+        self.http_seconds.labels(route).observe(seconds)
 
     def request_finished(self, req) -> None:
         """A GenerationRequest left the engine (any finish reason)."""
@@ -433,6 +466,12 @@ class Metrics:
         self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
         return self._server.server_port
 
+    def exposition(self, vllm: bool = False) -> bytes:
+        """The text exposition of every metric; with `vllm`, vLLM's gauge names too (the HTTP door's
+        /metrics, where llm-d looks for them)."""
+        text = generate_latest(self.registry)
+        return text + generate_latest(self.vllm_registry) if vllm else text
+
     def stop_http(self) -> None:
         if self._server is not None:
             self._server.shutdown()
@@ -476,6 +515,11 @@ def _adapter_name(req) -> str | None:
         return None
     tenant = getattr(req, "tenant", "") or ""
     return f"{tenant}/{ref}" if tenant else ref
+
+
+def _adapter_ref(req) -> str | None:
+    ref = getattr(getattr(req, "adapter", None), "ref", None)
+    return ref if isinstance(ref, str) and ref else None
 
 
 def _top(names: list[str], n: int = MAX_LORA_NAMES) -> list[str]:
@@ -605,6 +649,47 @@ class _StateCollector:
         yield allocated
         yield reserved
         yield peak
+
+
+class _VllmCollector:
+    """vLLM's gauge names, as the Gateway API Inference Extension (llm-d) reads them from the model server's
+    HTTP port. Kept out of the main registry: names with ':' are reserved for recording rules, and
+    `promtool check metrics` flags them. Adapter names in vllm:lora_requests_info are those a caller puts
+    in `model` (name@N, without the tenant), top MAX_LORA_NAMES, and only with expose_adapter_names."""
+
+    def __init__(self, metrics: Metrics):
+        self.m = metrics
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        state = self.m.state
+        running = GaugeMetricFamily("vllm:num_requests_running", "requests in the running batch")
+        waiting = GaugeMetricFamily("vllm:num_requests_waiting", "requests waiting for admission")
+        kv = GaugeMetricFamily("vllm:kv_cache_usage_perc", "fraction of KV cache blocks in use (0..1)")
+        info = GaugeMetricFamily(
+            "vllm:lora_requests_info",
+            "running and waiting LoRA adapters (comma-separated) and adapter slots; value = scrape unix time",
+            labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+        )
+        engine = getattr(state, "engine", None)
+        if engine is not None:
+            run_reqs, wait_reqs = engine.running_requests(), engine.waiting_requests()
+            running.add_metric([], len(run_reqs))
+            waiting.add_metric([], len(wait_reqs))
+            kv.add_metric([], engine.kv_cache_usage)
+            names = ["", ""]
+            if self.m.expose_adapter_names:
+                names = [
+                    ",".join(_top([r for r in map(_adapter_ref, reqs) if r]))
+                    for reqs in (run_reqs, wait_reqs)
+                ]
+            info.add_metric([*names, str(getattr(state.config, "adapter_slots", 0))], time.time())
+        yield running
+        yield waiting
+        yield kv
+        yield info
 
 
 def _engine_adapters(engine) -> tuple[list[str], list[str]]:

@@ -23,6 +23,7 @@ class TokenEvent:
     token_ids: list[int]
     text: str
     finish_reason: str | None = None
+    logprobs: list | None = None  # one TokenLogprob per token, when the request asked for them
 
 
 @dataclass(eq=False)
@@ -34,11 +35,14 @@ class GenerationRequest:
     deadline: float | None = None  # time.monotonic() seconds
     request_id: str = ""
     slot: int = -1  # device adapter slot, set on admission
+    matcher: Any = None  # a hotlora.server.guided.Matcher when the output must match a grammar
     seq: int = field(default_factory=lambda: next(_ids))
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     # filled in by the engine
     output_ids: list[int] = field(default_factory=list)
+    output_logprobs: list = field(default_factory=list)  # TokenLogprob per output token, if asked
+    prompt_logprobs: list = field(default_factory=list)  # TokenLogprob per prompt token from the 2nd on
     text: str = ""
     finish_reason: str | None = None
     error: Exception | None = None  # set with finish_reason "error"

@@ -4,6 +4,7 @@ their own seeded generator so a seed reproduces the same text whatever the batch
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -17,10 +18,24 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # generate past EOS until max_new_tokens (benchmarks)
+    # the controls of vLLM and the OpenAI API (hotlora.server.logits_controls applies them)
+    logprobs: int | None = None  # None = off; k = the chosen token's log-probability and the top k
+    prompt_logprobs: int | None = None  # the same for each prompt token after the first
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the generated tokens
+    repetition_penalty: float = 1.0  # prompt and generated tokens: logit / p if > 0, else logit * p
+    min_tokens: int = 0  # EOS and stop_token_ids are masked until this many tokens are generated
+    stop_token_ids: tuple[int, ...] = ()  # finish ("stop") on any of these; its text is not emitted
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    guided: Any = None  # a hotlora.server.guided.GuidedSpec: the output must match it
 
     @property
     def greedy(self) -> bool:
         return self.temperature <= 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
 def make_generator(seed: int | None) -> torch.Generator:

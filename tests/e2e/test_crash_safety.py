@@ -33,7 +33,7 @@ class Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("HOTLORA_")}
         self.proc = subprocess.Popen(
             [HOTLORA, "serve", "--model", str(model_dir), "--port", "0", "--metrics-port", "0",
-             "--data-dir", str(data_dir), "--adapter-slots", "4", "--max-rank", "16"],
+             "--http-port", "-1", "--data-dir", str(data_dir), "--adapter-slots", "4", "--max-rank", "16"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
         )  # fmt: skip
         self.lines: list[str] = []

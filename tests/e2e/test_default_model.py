@@ -26,7 +26,8 @@ def server(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("data")
     env = {k: v for k, v in os.environ.items() if not k.startswith("HOTLORA_")}
     proc = subprocess.Popen(
-        [HOTLORA, "serve", "--port", "0", "--metrics-port", "0", "--data-dir", str(data_dir)],
+        [HOTLORA, "serve", "--port", "0", "--metrics-port", "0", "--http-port", "-1",
+         "--data-dir", str(data_dir)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
     )  # fmt: skip
     lines: list[str] = []

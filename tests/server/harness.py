@@ -26,6 +26,7 @@ class Running:
 
 @contextlib.contextmanager
 def running_server(model_dir, data_dir, load: bool = True, **overrides):
+    overrides.setdefault("http_port", -1)  # the HTTP door only where a test asks for it (http_port=0)
     cfg = ServerConfig(
         model=str(model_dir), port=0, metrics_port=0, data_dir=str(data_dir), grace_seconds=2.0, **overrides
     )

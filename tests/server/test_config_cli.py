@@ -132,6 +132,9 @@ def test_serve_help_lists_the_flags():
         "--grace-seconds",
         "--tls-cert",
         "--log-format",
+        "--http-port",
+        "--allowed-local-adapter-dirs",
+        "--vllm-compatible-metrics",
     ):
         assert flag in out.stdout, flag
     assert "HOTLORA_PORT" in out.stdout
@@ -146,7 +149,7 @@ def _free_port() -> int:
 @pytest.mark.timeout(90)
 def test_serve_honours_hotlora_port_and_stops_on_sigterm(tiny_model_dir, tmp_path):
     port = _free_port()
-    env = {**os.environ, "HOTLORA_PORT": str(port), "HOTLORA_METRICS_PORT": "0"}
+    env = {**os.environ, "HOTLORA_PORT": str(port), "HOTLORA_METRICS_PORT": "0", "HOTLORA_HTTP_PORT": "0"}
     proc = subprocess.Popen(
         [HOTLORA, "serve", "--model", str(tiny_model_dir), "--data-dir", str(tmp_path)],
         stdout=subprocess.PIPE,
