@@ -95,6 +95,9 @@ class ServerConfig:
     max_train_unit_ms: float = _opt(
         200.0, "engine time one training unit aims at; units shrink to fit (one example at least)"
     )
+    finetune_max_seconds: float = _opt(
+        600.0, "time budget of a fine-tune's method search (AUTO) when the request gives none"
+    )
     reflection: bool = _opt(True, "serve gRPC server reflection")
     grace_seconds: float = _opt(20.0, "on SIGTERM, how long in-flight requests may finish")
     workers: int = _opt(64, "gRPC handler threads")
@@ -202,6 +205,7 @@ class ServerConfig:
             "connection_age_grace_seconds",
             "health_check_seconds",
             "max_train_unit_ms",
+            "finetune_max_seconds",
         ):
             if not getattr(self, name) > 0:
                 problems.append(f"--{name.replace('_', '-')} must be more than 0 (got {getattr(self, name)})")
