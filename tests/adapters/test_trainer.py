@@ -4,7 +4,6 @@ progressive unfreezing, and the refit that runs the epochs k-fold found best."""
 from __future__ import annotations
 
 import random
-from collections import Counter
 
 import pytest
 import torch
