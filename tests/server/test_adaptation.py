@@ -163,3 +163,35 @@ def test_evaluate_completions_matches_transformers_and_the_base_model_can_be_sco
     with pytest.raises(grpc.RpcError) as err:
         _evaluate(server, adapter="nope", examples=ex)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_the_cli_evaluates_and_shows_candidates_and_validation(server, capsys, monkeypatch, tmp_path):
+    import json
+
+    from hotlora.clients.cli import main
+
+    for var in ("HOTLORA_ADDRESS", "HOTLORA_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    rows = [{"text": e.text, "label": e.label} for e in marker_examples(24, seed=41)]
+    data = tmp_path / "ex.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+
+    def hl(*args):
+        capsys.readouterr()
+        code = main([*args, "--address", server.address])
+        return code, capsys.readouterr().out
+
+    create = ["finetune", "create", "--adapter", "cli-auto", "--task", "seq_cls", "--examples", str(data)]
+    code, out = hl(*create, "--method", "lora_progressive", "--max-seconds", "120", "--no-watch")
+    assert code == 0
+    _, job = watch(server.training, out.strip(), timeout=300)
+    assert job.method == training_pb2.METHOD_LORA_PROGRESSIVE
+    code, out = hl("finetune", "show", job.id)
+    assert code == 0 and "candidate LORA_PROGRESSIVE" in out and "why" in out
+    if job.promoted:
+        code, out = hl("adapters", "show", "cli-auto")
+        assert code == 0 and "kfold" in out
+    code, out = hl("adapters", "evaluate", "--job", job.id, "--examples", str(data), "--json")
+    assert code == 0
+    got = json.loads(out)
+    assert got["examples"] == 24 and got["labels"] == ["no", "yes"] and len(got["confusion"]) == 2
