@@ -188,6 +188,7 @@ class HotloraServer:
             runtime=runtime,
             observer=self.metrics,
             task_share=cfg.train_share,
+            task_idle_grace_s=cfg.train_idle_grace_ms / 1000.0,
         )
         engine.start()
         self.state.engine = engine

@@ -88,6 +88,11 @@ class ServerConfig:
         "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "linear layers that can carry LoRA"
     )
     train_share: float = _opt(0.2, "largest share of engine time given to fine-tuning while serving")
+    train_idle_grace_ms: float = _opt(
+        50.0,
+        "fine-tuning uses an idle engine only this long after the last serving step (a client's next "
+        "request then does not wait behind a training unit); 0 = at once",
+    )
     max_jobs: int = _opt(2, "fine-tune jobs queued or running, all tenants")
     max_jobs_per_tenant: int = _opt(1, "fine-tune jobs queued or running per tenant")
     max_finetune_examples: int = _opt(10_000, "training plus validation examples in one fine-tune job")
@@ -168,6 +173,8 @@ class ServerConfig:
             problems.append(f"--metrics-port must be -1..65535 (got {self.metrics_port})")
         if self.default_max_new_tokens > self.max_new_tokens:
             problems.append("--default-max-new-tokens cannot exceed --max-new-tokens")
+        if not 0.0 <= self.train_idle_grace_ms <= 10_000:
+            problems.append(f"--train-idle-grace-ms must be 0..10000 (got {self.train_idle_grace_ms})")
         if not 0.0 < self.train_share <= 1.0:
             problems.append(f"--train-share must be in (0, 1] (got {self.train_share})")
         if self.kv_block_size & (self.kv_block_size - 1):
