@@ -166,7 +166,7 @@ class Adaptation:
         while worker.step():
             p.phase = f"{label}: {q.phase}"
             p.step = self._done_steps + q.step
-            p.total_steps = max(p.total_steps, p.step)
+            p.total_steps = max(p.step, self._done_steps + q.total_steps)  # this worker's part, as known
             p.epoch, p.train_loss = q.epoch, q.train_loss
             yield
         self._done_steps += worker.progress.step

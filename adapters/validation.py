@@ -14,7 +14,7 @@ import random
 from collections import defaultdict
 from dataclasses import dataclass
 
-KFOLD_MAX_EXAMPLES = 200
+KFOLD_MAX_EXAMPLES = 100
 """Training examples (no validation set given) below which k-fold cross-validation is used."""
 FOLDS = 5
 
