@@ -222,6 +222,5 @@ def with_defaults(
         batch_size=batch,
         target_modules=tuple(hp.target_modules) or tuple(targets),
         layers_to_transform=tuple(sorted(set(hp.layers_to_transform)))
-        # progressive unfreezing starts at the top and may reach every layer; plain LoRA: the upper half
-        or tuple(range(0 if method == "LORA_PROGRESSIVE" else num_layers // 2, num_layers)),
+        or tuple(range(num_layers // 2, num_layers)),  # the upper half (progressive: unfrozen from the top)
     )

@@ -47,14 +47,14 @@ def run_job(training, req) -> tuple[training_pb2.FineTuneJob, float]:
     return job, time.perf_counter() - t0
 
 
-def compare_methods(training, sizes: list[int]) -> list[str]:
+def compare_methods(training, sizes: list[int], methods: tuple[str, ...]) -> list[str]:
     pool, held_out = reviews()
     lines = [
         "| examples | method | state | chosen | validated (scheme) | held-out accuracy | seconds |",
         "|---|---|---|---|---|---|---|",
     ]
     for n in sizes:
-        for method in METHODS:
+        for method in methods:
             req = training_pb2.FineTuneRequest(
                 adapter=f"reviews-{n}-{method.lower().replace('_', '-')}",
                 task=common_pb2.TASK_SEQ_CLS,
@@ -150,6 +150,7 @@ def co_serving(training, inference, requests: int) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="24,80,240", help="training set sizes (comma-separated)")
+    ap.add_argument("--methods", default=",".join(METHODS), help="methods to compare (comma-separated)")
     ap.add_argument("--requests", type=int, default=60, help="Generate calls per latency measurement")
     ap.add_argument("--max-train-unit-ms", type=float, default=ServerConfig().max_train_unit_ms)
     ap.add_argument("--skip-methods", action="store_true", help="only the co-serving figures")
@@ -172,7 +173,8 @@ def main() -> None:
         training = training_pb2_grpc.TrainingStub(channel)
         inference = inference_pb2_grpc.InferenceStub(channel)
         try:
-            methods = [] if args.skip_methods else compare_methods(training, sizes)
+            chosen = tuple(m.strip().upper() for m in args.methods.split(",") if m.strip())
+            methods = [] if args.skip_methods else compare_methods(training, sizes, chosen)
             serving = co_serving(training, inference, args.requests)
         finally:
             channel.close()
