@@ -169,7 +169,8 @@ class Adaptation:
             p.total_steps = max(p.step, self._done_steps + q.total_steps)  # this worker's part, as known
             p.epoch, p.train_loss = q.epoch, q.train_loss
             yield
-        self._done_steps += worker.progress.step
+        self._done_steps += q.step
+        p.step = max(p.step, self._done_steps)
 
     def _run(self) -> Iterator[None]:
         deadline = self.progress.started + self.max_seconds

@@ -124,6 +124,8 @@ class Trainer:
         self.train_units = UnitSizer(unit_seconds, MICRO_BATCH)
         self.eval_units = UnitSizer(unit_seconds, EVAL_BATCH)
         self._unit_examples = {True: 0, False: 0}  # examples through `hidden` in this unit, by grad mode
+        self.unit_seconds = unit_seconds
+        self._unit_started = 0.0
         self.ctx = ctx
         self.data = data
         if any(p.requires_grad for p in model.parameters()):
@@ -148,7 +150,7 @@ class Trainer:
         saved_batch = self.ctx.batch
         self.ctx.batch = None  # a serving batch must never apply to a training forward
         self._unit_examples = {True: 0, False: 0}
-        t0 = time.perf_counter()
+        t0 = self._unit_started = time.perf_counter()
         try:
             with torch.inference_mode(False), torch.enable_grad():
                 self.ctx.training = self.lora.for_forward(self.dtype)
@@ -164,6 +166,10 @@ class Trainer:
                 self.train_units.observe(n[True], seconds)
             elif n[False]:
                 self.eval_units.observe(n[False], seconds)
+
+    def unit_spent(self) -> bool:
+        """Whether this unit used its time: cheap work (a head's epochs) yields only then."""
+        return time.perf_counter() - self._unit_started >= self.unit_seconds
 
     def refresh_lora(self) -> None:
         """Re-cast the masters after an optimizer update, for the next forward of the same unit."""

@@ -140,9 +140,10 @@ class ClassifierTrainer(Trainer):
             if head_only:
                 p.step, p.epoch, p.train_loss = epoch, epoch, float(loss.detach())
                 p.validation_metric = stopper.best if validated else 0.0
-            yield
             if stopper.stop:
                 break
+            if self.unit_spent():
+                yield
         head = stopper.best_state
         self.best_epochs = (stopper.best_at, 0)
         if head_only:
