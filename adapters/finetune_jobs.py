@@ -15,31 +15,39 @@ shutdown and a promotion racing each other leave exactly one outcome."""
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
-from hotlora.adapters.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from hotlora.adapters.adaptation import Adaptation, AdaptationOutcome, candidates_for
+from hotlora.adapters.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from hotlora.adapters.evaluation import Evaluation, Evaluator
 from hotlora.adapters.finetune_spec import (
+    Example,
     FineTuneLimits,
     FineTuneSpec,
+    candidate_methods,
+    check_example,
     check_spec,
     label_order,
-    per_class_min,
-    resolve_method,
-    split_validation,
-    with_defaults,
 )
 from hotlora.adapters.job_queue import FairTaskQueue
+from hotlora.adapters.job_workers import WorkerFactory
 from hotlora.adapters.metadata_store import JobRecord
 from hotlora.adapters.names import parse_ref, validate_name
-from hotlora.adapters.peft_format import write_peft_adapter
+from hotlora.adapters.peft_format import parse_peft_adapter, write_peft_adapter
 from hotlora.adapters.trainer import UNIT_SECONDS, TrainData
-from hotlora.adapters.trainer_cls import ClassifierTrainer
-from hotlora.adapters.trainer_lm import CompletionTrainer
+from hotlora.adapters.training_record import TrainingRecord, ValidationSummary
+from hotlora.adapters.validation import gate_margin
+from hotlora.adapters.work import JobWork, plan_work
 
 log = logging.getLogger("hotlora.finetune")
 
@@ -70,6 +78,7 @@ class FineTuneManager:
         max_jobs_per_tenant: int,
         max_example_tokens: int = 512,
         unit_seconds: float = UNIT_SECONDS,
+        max_seconds: float = 600.0,
         base_model_name: str = "",
         metrics=None,
     ):
@@ -79,6 +88,8 @@ class FineTuneManager:
         self.max_jobs, self.max_jobs_per_tenant = max_jobs, max_jobs_per_tenant
         self.max_example_tokens = max_example_tokens
         self.unit_seconds = unit_seconds
+        self.max_seconds = max_seconds
+        """Default time budget of a job's method search (a request's max_seconds overrides it)."""
         self.base_model_name = base_model_name
         self.metrics = metrics
         self._lock = threading.RLock()
@@ -97,16 +108,14 @@ class FineTuneManager:
             raise InvalidArgument("adapter (the name of the adapter to create or continue) is required")
         validate_name(name)
         check_spec(spec, self.limits, self.base.num_layers, self.targets)
-        previous = self._previous(tenant, name, version, spec.task)
-        train, val = split_validation(spec)
+        previous, history = self._previous(tenant, name, version, spec.task)
         labels = (
             label_order(spec, tuple(previous.labels) if previous is not None else ())
             if spec.task == "SEQ_CLS"
             else ()
         )
-        method = resolve_method(spec, len(train), per_class_min(train))
-        hyper = with_defaults(spec.hyper, method, len(train), self.base.num_layers, self.targets)
-        data = self._tokenize(spec, train, val, labels)
+        work = plan_work(spec, labels, history, self.limits.max_examples, self._tokenize)
+        method = candidate_methods(spec)[0] if spec.method != "AUTO" else "AUTO"
         with self._lock:
             if self._closed:
                 raise FailedPrecondition(
@@ -134,9 +143,9 @@ class FineTuneManager:
                 metrics={"metric_name": _metric_name(spec.task)},
                 created_at=time.time(),
             )
-            task = JobTask(self, job, spec, data, method, hyper, labels, previous)
+            task = JobTask(self, job, spec, work, labels, previous)
             self._tasks[job.id] = task
-            self._save(job, f"queued: {method} on {len(train)} training and {len(val)} validation examples")
+            self._save(job, f"queued: {method}, {work.describe()}")
             self._state_changed()
         self._queue.add(tenant, task)
         return job
@@ -153,7 +162,7 @@ class FineTuneManager:
     def _live(self, job: JobRecord) -> JobRecord:
         """A running job's current progress (the store has it as of the last event)."""
         task = self._tasks.get(job.id)
-        if task is None or task.trainer is None or task.job.state in TERMINAL:
+        if task is None or task.adaptation is None or task.job.state in TERMINAL:
             return job
         return replace(task.job, metrics=task.metrics())
 
@@ -197,6 +206,66 @@ class FineTuneManager:
         files = self.artifact_files(tenant, job_id)
         return {name: self.adapters.registry.blobs.get(sha) for name, sha in files.items()}
 
+    def evaluate(
+        self,
+        tenant: str,
+        ref: str,
+        job_id: str,
+        task: str,
+        examples: tuple[Example, ...],
+        use_chat_template: bool = False,
+        timeout: float | None = None,
+    ) -> tuple[str, Evaluation]:
+        """Score `ref` (`name`, `name@N`), job `job_id`'s trained adapter, or the base model (neither
+        given) on labelled examples; the engine runs it in bounded units between serving steps."""
+        if ref and job_id:
+            raise InvalidArgument("give adapter or job_id, not both")
+        if ref:
+            rec = self.adapters.registry.resolve(tenant, ref)
+            weights = self.adapters.registry.load_weights(rec, self.adapters.base, self.adapters.limits)
+            shown = rec.ref
+        elif job_id:
+            job = self.get(tenant, job_id)
+            if job.result_adapter:  # promoted: the artifact is that version
+                rec = self.adapters.registry.resolve(tenant, job.result_adapter)
+                weights = self.adapters.registry.load_weights(rec, self.adapters.base, self.adapters.limits)
+            else:
+                labels = tuple(job.metrics.get("labels", ()))
+                files = self.artifact(tenant, job_id)
+                weights = parse_peft_adapter(files, self.adapters.base, self.adapters.limits, labels)
+            shown = f"job:{job_id}"
+        else:
+            weights, shown = None, ""
+        task = _evaluation_task(weights, task)
+        if not examples:
+            raise InvalidArgument("no examples to evaluate; give at least 1")
+        if len(examples) > self.limits.max_examples:
+            raise ResourceExhausted(f"{len(examples)} examples; at most {self.limits.max_examples}")
+        for i, e in enumerate(examples):
+            check_example(task, e, f"examples[{i}]", self.limits)
+        labels = tuple(weights.labels) if task == "SEQ_CLS" else ()
+        unknown = sorted({e.label for e in examples} - set(labels)) if task == "SEQ_CLS" else []
+        if unknown:
+            raise InvalidArgument(
+                f"examples use label(s) {unknown[:5]} the adapter lacks; its labels: {list(labels)[:10]}"
+            )
+        spec = FineTuneSpec(adapter=shown, task=task, use_chat_template=use_chat_template)
+        inputs, targets = self._tokenize(spec, list(examples), labels, "examples")
+        with self._lock:
+            if self._closed:
+                raise FailedPrecondition("the server is shutting down; evaluate again after it restarts")
+        data = TrainData([], [], inputs, targets)
+        run = EvaluationTask(
+            Evaluator(self.model, self.ctx, data, task=task, weights=weights, unit_seconds=self.unit_seconds)
+        )
+        self._queue.add(tenant, run)
+        if not run.done.wait(timeout):
+            run.cancelled = True
+            raise DeadlineExceeded(f"the evaluation of {len(examples)} examples did not finish in time")
+        if run.error is not None:
+            raise run.error
+        return shown, run.evaluator.result
+
     def count_by_state(self) -> dict[str, int]:
         return self.store.count_jobs_by_state()
 
@@ -209,20 +278,26 @@ class FineTuneManager:
                     self._finish(task, "FAILED", STOPPED)
 
     # ---- internals -------------------------------------------------------------------------------
-    def _previous(self, tenant, name, version, task):
+    def _previous(self, tenant, name, version, task) -> tuple[object, TrainingRecord | None]:
+        """The continued version's weights and training record (None for a new adapter or an upload)."""
+        registry = self.adapters.registry
         try:
-            rec = self.adapters.registry.resolve(tenant, f"{name}@{version}" if version else name)
+            rec = registry.resolve(tenant, f"{name}@{version}" if version else name)
         except NotFound:
             if version is not None:
                 raise
-            return None  # a new adapter
+            return None, None  # a new adapter
         if rec.task != task:
             raise InvalidArgument(
                 f"adapter {rec.ref} is a {rec.task} adapter; continuing it needs task {rec.task}"
             )
-        return self.adapters.registry.load_weights(rec, self.adapters.base, self.adapters.limits)
+        data = registry.read_record(rec)
+        history = None if data is None else TrainingRecord.from_bytes(data)
+        return registry.load_weights(rec, self.adapters.base, self.adapters.limits), history
 
-    def _tokenize(self, spec: FineTuneSpec, train, val, labels) -> TrainData:
+    def _tokenize(self, spec: FineTuneSpec, items, labels, where: str) -> tuple[list, list]:
+        """(inputs, targets) of examples: text ids and label indices, or prompt ids and completion ids
+        (eos included)."""
         tok = self.tokenizer
         index = {label: i for i, label in enumerate(labels)}
 
@@ -266,9 +341,7 @@ class FineTuneManager:
                 targets.append(y)
             return inputs, targets
 
-        ti, tt = encode(train, "examples")
-        vi, vt = encode(val, "validation")
-        return TrainData(ti, tt, vi, vt)
+        return encode(items, where)
 
     def _state(self, task: JobTask) -> str:
         return task.job.state
@@ -314,20 +387,33 @@ class FineTuneManager:
             self.metrics.finetune_job_state_changed()
 
     def _promote_or_keep(self, task: JobTask) -> None:
-        """The promotion gate, then either a new served version or a job artifact."""
-        out = task.trainer.outcome
+        """The promotion gate, then either a new served version or a job artifact.
+
+        Promoted when the validated score beats the baseline by more than the margin and, for a
+        continued adapter, the previous version's task is not forgotten beyond its standard error."""
+        out: AdaptationOutcome = task.adaptation.outcome
         job = task.job
         files = write_peft_adapter(out.weights, self.base_model_name, base=self.base)
-        margin = gate_margin(job.task, out.baseline, len(task.data.val_inputs))
-        better = out.score > out.baseline + margin
-        scores = f"validation {out.metric_name} {out.score:.4f} vs baseline {out.baseline:.4f}" + (
-            f" (+{margin:.4f} needed)" if margin else ""
+        margin = gate_margin(job.task, out.baseline, out.validated_on, out.score, out.compared)
+        better = out.score.value > out.baseline + margin
+        prev = out.previous_task
+        forgot = prev is not None and prev.forgot
+        scores = (
+            f"validation {out.metric_name} {out.score.value:.4f} ± {out.score.stderr:.4f} "
+            f"({out.scheme}) vs baseline {out.baseline:.4f}" + (f" (+{margin:.4f} needed)" if margin else "")
         )
-        metrics = {**task.metrics(), "validation_metric": out.score, "baseline_metric": out.baseline}
+        if prev is not None:
+            scores += (
+                f"; previous version's task: {prev.score:.4f} vs {prev.reference:.4f} "
+                f"(at most {prev.stderr:.4f} lower allowed, {prev.examples} examples)"
+            )
+        metrics = {**task.metrics(), **outcome_metrics(out, margin)}
+        summary = summarize(out)
+        record = TrainingRecord(task.work.record.train, task.work.record.validation, summary)
         with self._lock:
             if job.state in TERMINAL or task.job.state in TERMINAL:
                 return  # cancelled or shut down meanwhile: nothing is written
-            if better or task.spec.promote == "ALWAYS":
+            if (better and not forgot) or task.spec.promote == "ALWAYS":
                 view = self.adapters.upload(
                     job.tenant,
                     job.adapter,
@@ -336,52 +422,52 @@ class FineTuneManager:
                     labels=out.weights.labels,
                     source="FINETUNE",
                     weights=out.weights,
+                    record=record.to_bytes(),
                 )
                 ref = view.record.ref
-                why = "better than the baseline" if better else "promote=ALWAYS"
+                why = "better than the baseline" if better and not forgot else "promote=ALWAYS"
                 self._finish(
                     task,
                     "SUCCEEDED",
-                    f"promoted as {ref}: {scores} ({why})",
+                    f"promoted as {ref}: {scores} ({why}); {out.reason}",
                     result_adapter=ref,
                     promoted=True,
+                    method=out.method,
                     metrics=metrics,
                 )
             else:
                 self.store.set_job_files(
                     job.id, {n: self.adapters.registry.blobs.put(d) for n, d in files.items()}
                 )
+                what = (
+                    "it forgets the previous version's task beyond its standard error"
+                    if forgot
+                    else "it is not better"
+                )
                 self._finish(
                     task,
                     "REJECTED",
-                    f"not promoted: {scores} is not better; the trained adapter is kept as a job "
-                    "artifact, not served (promote=ALWAYS promotes anyway)",
+                    f"not promoted: {scores}: {what}; the trained adapter is kept as a job "
+                    f"artifact, not served (promote=ALWAYS promotes anyway); {out.reason}",
+                    method=out.method,
                     metrics=metrics,
                 )
 
 
 class JobTask:
-    """One job as the engine runs it: `step()` is bounded (one mini-batch or evaluation batch)."""
+    """One job as the engine runs it: `step()` is bounded (one unit of the trainer at work)."""
 
     def __init__(
-        self,
-        manager: FineTuneManager,
-        job: JobRecord,
-        spec: FineTuneSpec,
-        data: TrainData,
-        method: str,
-        hyper,
-        labels,
-        previous,
+        self, manager: FineTuneManager, job: JobRecord, spec: FineTuneSpec, work: JobWork, labels, previous
     ):
-        self.manager, self.job, self.spec, self.data = manager, job, spec, data
-        self.method, self.hyper, self.labels, self.previous = method, hyper, labels, previous
-        self.trainer = None
+        self.manager, self.job, self.spec, self.work = manager, job, spec, work
+        self.labels, self.previous = labels, previous
+        self.adaptation: Adaptation | None = None
         self._last_event = 0.0
         self._last_epoch = 0
 
     def metrics(self) -> dict:
-        p = self.trainer.progress
+        p = self.adaptation.progress
         return {
             "step": p.step,
             "total_steps": p.total_steps,
@@ -392,6 +478,9 @@ class JobTask:
             "metric_name": p.metric_name,
             "elapsed_seconds": p.elapsed,
             "remaining_seconds": p.remaining,
+            "phase": p.phase,
+            "validation_scheme": self.work.plan.scheme,
+            "labels": list(self.labels),  # the head's rows: evaluating a rejected job's artifact
         }
 
     def step(self) -> bool:
@@ -400,10 +489,10 @@ class JobTask:
             return False
         t0 = time.perf_counter()
         try:
-            if self.trainer is None:
-                self.trainer = self._make_trainer()
-                m._update(self, f"running: {self.method}", state="RUNNING", metrics=self.metrics())
-            more = self.trainer.step()
+            if self.adaptation is None:
+                self.adaptation = self._make_adaptation()
+                m._update(self, f"running: {self.work.describe()}", state="RUNNING", metrics=self.metrics())
+            more = self.adaptation.step()
             if more:
                 self._report()
             else:
@@ -417,53 +506,107 @@ class JobTask:
             if m.metrics is not None and hasattr(m.metrics, "finetune_step"):
                 m.metrics.finetune_step(time.perf_counter() - t0)
 
-    def _make_trainer(self):
-        m = self.manager
-        shapes = m.base.linear_shapes
-        if self.spec.task == "SEQ_CLS":
-            return ClassifierTrainer(
-                m.model,
-                m.ctx,
-                self.data,
-                labels=self.labels,
-                method=self.method,
-                hyper=self.hyper,
-                shapes=shapes,
-                num_layers=m.base.num_layers,
-                previous=self.previous,
-                unit_seconds=m.unit_seconds,
-            )
-        return CompletionTrainer(
-            m.model,
-            m.ctx,
-            self.data,
-            hyper=self.hyper,
-            shapes=shapes,
+    def _make_adaptation(self) -> Adaptation:
+        m, spec = self.manager, self.spec
+        methods = candidate_methods(spec)
+        factory = WorkerFactory(m, spec, self.labels, self.previous)
+        return Adaptation(
+            task=spec.task,
+            candidates=candidates_for(methods, compare_features=spec.method == "AUTO"),
+            examples=self.work.examples,
+            plan=self.work.plan,
+            make_trainer=factory.trainer,
+            make_evaluator=factory.evaluator,
+            max_seconds=spec.max_seconds or m.max_seconds,
+            replay=self.work.replay,
+            check=self.work.check,
             previous=self.previous,
-            unit_seconds=m.unit_seconds,
+            majority=self.work.majority if spec.task == "SEQ_CLS" else None,
         )
 
     def _report(self) -> None:
-        p = self.trainer.progress
+        p = self.adaptation.progress
         now = time.monotonic()
-        new_epoch = p.epoch != self._last_epoch and p.phase != "head"  # head epochs take microseconds
+        new_epoch = p.epoch != self._last_epoch and not p.phase.endswith("head")  # head epochs: microseconds
         if new_epoch or now - self._last_event >= EVENT_INTERVAL_S:
             msg = f"{p.phase}: step {p.step}/{p.total_steps}, epoch {p.epoch}"
             self.manager._update(self, msg, metrics=self.metrics())
             self._last_event, self._last_epoch = now, p.epoch
 
 
-def gate_margin(task: str, baseline: float, n_val: int) -> float:
-    """How much better than the baseline a new adapter must score to be promoted.
+def outcome_metrics(out: AdaptationOutcome, margin: float) -> dict:
+    """What a finished job reports beyond progress: the gate's figures and every candidate."""
+    prev = out.previous_task
+    return {
+        "validation_metric": out.score.value,
+        "validation_stderr": out.score.stderr,
+        "baseline_metric": out.baseline,
+        "gate_margin": margin,
+        "validation_scheme": out.scheme,
+        "validated_examples": out.validated_on,
+        "candidates": [c.as_dict() for c in out.candidates],
+        "winner_reason": out.reason,
+        "replayed_examples": out.replayed,
+        **(
+            {
+                "previous_task_score": prev.score,
+                "previous_task_reference": prev.reference,
+                "previous_task_stderr": prev.stderr,
+                "previous_task_examples": prev.examples,
+            }
+            if prev is not None
+            else {}
+        ),
+    }
 
-    Accuracy on a small validation set is noisy, and early stopping picks its best epoch on that same
-    set, so "better" means more than one standard error of the baseline accuracy (sqrt(p(1-p)/n)); a
-    model that only fits noise rarely clears it. The completion loss averages over many tokens: any
-    decrease counts."""
-    if task != "SEQ_CLS":
-        return 0.0
-    p = min(max(baseline, 1.0 / n_val), 1.0 - 1.0 / n_val) if n_val > 1 else 0.5
-    return math.sqrt(p * (1 - p) / max(n_val, 1))
+
+def summarize(out: AdaptationOutcome) -> ValidationSummary:
+    prev = out.previous_task
+    return ValidationSummary(
+        scheme=out.scheme,
+        metric_name=out.metric_name,
+        score=out.score.value,
+        stderr=out.score.stderr,
+        baseline=out.baseline,
+        examples=out.validated_on,
+        method=out.method,
+        previous_task_reference=prev.reference if prev else 0.0,
+        previous_task_score=prev.score if prev else 0.0,
+        previous_task_stderr=prev.stderr if prev else 0.0,
+        previous_task_examples=prev.examples if prev else 0,
+    )
+
+
+class EvaluationTask:
+    """An evaluation as the engine runs it: one evaluation unit per step; the rpc waits on `done`."""
+
+    def __init__(self, evaluator: Evaluator):
+        self.evaluator = evaluator
+        self.done = threading.Event()
+        self.error: Exception | None = None
+        self.cancelled = False
+
+    def step(self) -> bool:
+        if self.cancelled:
+            return False
+        try:
+            more = self.evaluator.step()
+        except Exception as exc:  # answered to the caller; the engine goes on
+            log.exception("evaluation failed")
+            self.error, more = exc, False
+        if not more:
+            self.done.set()
+        return more
+
+
+def _evaluation_task(weights, task: str) -> str:
+    if weights is not None:
+        if task and task != weights.task:
+            raise InvalidArgument(f"the adapter is a {weights.task} adapter; task {task} does not match")
+        return weights.task
+    if task == "SEQ_CLS":
+        raise FailedPrecondition("the base model has no classification head; name a SEQ_CLS adapter")
+    return "CAUSAL_LM"
 
 
 def _metric_name(task: str) -> str:

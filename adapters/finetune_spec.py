@@ -6,18 +6,16 @@ so a queued job fails only for reasons the caller could not have seen coming."""
 from __future__ import annotations
 
 import math
-import random
-from collections import Counter, defaultdict
 from dataclasses import dataclass, field, replace
 
 from hotlora.adapters.errors import InvalidArgument, ResourceExhausted
 
-METHODS = ("AUTO", "HEAD_ONLY", "LORA")
+METHODS = ("AUTO", "HEAD_ONLY", "LORA", "LORA_PROGRESSIVE")
 PROMOTE = ("GATED", "ALWAYS")
-# AUTO: feature extraction below these sizes, LoRA on the upper layers above (SEQ_CLS only).
-AUTO_MIN_EXAMPLES = 200
-AUTO_MIN_PER_CLASS = 20
+# AUTO tries these in order of cost and keeps the best validated one (adapters/adaptation.py)
+AUTO_ORDER = {"SEQ_CLS": ("HEAD_ONLY", "LORA", "LORA_PROGRESSIVE"), "CAUSAL_LM": ("LORA", "LORA_PROGRESSIVE")}
 VALIDATION_FRACTION = 0.2
+MAX_SECONDS = 24 * 3600.0
 MAX_EPOCHS = 100
 MAX_BATCH_SIZE = 256
 
@@ -67,6 +65,8 @@ class FineTuneSpec:
     """SEQ_CLS label order (default: sorted labels, or the continued adapter's)."""
     use_chat_template: bool = False
     description: str = ""
+    max_seconds: float = 0.0
+    """Time budget of the method search (AUTO); 0 = the server's --finetune-max-seconds."""
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,10 @@ def check_spec(
             "method HEAD_ONLY trains a classification head: it needs task SEQ_CLS; "
             "use LORA (or AUTO) for CAUSAL_LM"
         )
+    if not (math.isfinite(spec.max_seconds) and 0 <= spec.max_seconds <= MAX_SECONDS):
+        raise InvalidArgument(
+            f"max_seconds must be 0 (the server's default) to {MAX_SECONDS:.0f}; got {spec.max_seconds}"
+        )
     if spec.promote not in PROMOTE:
         raise InvalidArgument(f"promote must be GATED or ALWAYS (got {spec.promote!r})")
     if not spec.examples:
@@ -104,7 +108,7 @@ def check_spec(
         )
     for where, items in (("examples", spec.examples), ("validation", spec.validation)):
         for i, e in enumerate(items):
-            _check_example(spec.task, e, f"{where}[{i}]", limits)
+            check_example(spec.task, e, f"{where}[{i}]", limits)
     if spec.task == "SEQ_CLS":
         _check_labels(spec, limits)
     elif spec.labels:
@@ -112,7 +116,7 @@ def check_spec(
     _check_hyper(spec.hyper, limits, num_layers, target_modules)
 
 
-def _check_example(task: str, e: Example, where: str, limits: FineTuneLimits) -> None:
+def check_example(task: str, e: Example, where: str, limits: FineTuneLimits) -> None:
     if task == "SEQ_CLS":
         if e.prompt or e.completion:
             raise InvalidArgument(f"{where}: a SEQ_CLS example is {{text, label}}; it has prompt/completion")
@@ -192,41 +196,9 @@ def label_order(spec: FineTuneSpec, previous: tuple[str, ...] = ()) -> tuple[str
     return tuple(spec.labels) or tuple(sorted(used))
 
 
-def resolve_method(spec: FineTuneSpec, n_train: int, per_class_min: int) -> str:
-    """AUTO: feature extraction for very small data, LoRA on the upper layers for more."""
-    if spec.task == "CAUSAL_LM":
-        return "LORA"
-    if spec.method != "AUTO":
-        return spec.method
-    few = n_train < AUTO_MIN_EXAMPLES or per_class_min < AUTO_MIN_PER_CLASS
-    return "HEAD_ONLY" if few else "LORA"
-
-
-def split_validation(spec: FineTuneSpec) -> tuple[list[Example], list[Example]]:
-    """(train, validation): the given validation set, or a seeded split stratified by label."""
-    if spec.validation:
-        return list(spec.examples), list(spec.validation)
-    rng = random.Random(spec.hyper.seed)
-    groups: dict[str, list[Example]] = defaultdict(list)
-    for e in spec.examples:
-        groups[e.label if spec.task == "SEQ_CLS" else ""].append(e)
-    train, val = [], []
-    for key in sorted(groups):
-        items = groups[key][:]
-        rng.shuffle(items)
-        k = round(len(items) * VALIDATION_FRACTION)
-        k = max(1 if len(items) >= 2 else 0, min(k, len(items) - 1))
-        val += items[:k]
-        train += items[k:]
-    if not val:  # every class had one example: take one anyway
-        val, train = train[:1], train[1:]
-    rng.shuffle(train)
-    return train, val
-
-
-def per_class_min(examples: list[Example]) -> int:
-    counts = Counter(e.label for e in examples)
-    return min(counts.values()) if counts else 0
+def candidate_methods(spec: FineTuneSpec) -> tuple[str, ...]:
+    """The methods a job tries, cheapest first: AUTO's list for the task, or the one asked for."""
+    return AUTO_ORDER[spec.task] if spec.method == "AUTO" else (spec.method,)
 
 
 def with_defaults(
@@ -250,5 +222,5 @@ def with_defaults(
         batch_size=batch,
         target_modules=tuple(hp.target_modules) or tuple(targets),
         layers_to_transform=tuple(sorted(set(hp.layers_to_transform)))
-        or tuple(range(num_layers // 2, num_layers)),
+        or tuple(range(num_layers // 2, num_layers)),  # the upper half (progressive: unfrozen from the top)
     )

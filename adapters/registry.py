@@ -23,7 +23,7 @@ from hotlora.adapters.metadata_store import (
     TenantQuota,
 )
 from hotlora.adapters.names import format_ref, parse_ref, validate_name
-from hotlora.adapters.peft_format import WEIGHTS_FILE, AdapterLimits, parse_peft_adapter
+from hotlora.adapters.peft_format import RECORD_FILE, WEIGHTS_FILE, AdapterLimits, parse_peft_adapter
 from hotlora.adapters.weights import LoraWeights
 
 MAX_DESCRIPTION_CHARS = 1024
@@ -143,8 +143,13 @@ class AdapterRegistry:
         return removed
 
     def read_files(self, record: AdapterRecord) -> dict[str, bytes]:
-        """The files exactly as committed (each verified against its sha256)."""
-        return {fname: self.blobs.get(sha) for fname, sha in sorted(record.files.items())}
+        """The PEFT files exactly as committed (each verified against its sha256)."""
+        return {fname: self.blobs.get(sha) for fname, sha in sorted(peft_files(record.files).items())}
+
+    def read_record(self, record: AdapterRecord) -> bytes | None:
+        """The version's training record (examples and validation) if it was fine-tuned here."""
+        sha = record.files.get(RECORD_FILE)
+        return None if sha is None else self.blobs.get(sha)
 
     def stream_files(self, manifest: dict[str, str], chunk_bytes: int) -> Iterator[tuple[str, bytes]]:
         """(file name, chunk) of each file of a manifest, by name, read from the blob store a chunk at a
@@ -168,6 +173,11 @@ class AdapterRegistry:
         for sha in orphans:
             self.blobs.delete(sha)
         return len(orphans)
+
+
+def peft_files(manifest: dict[str, str]) -> dict[str, str]:
+    """A version's manifest without its training record: what export and parsing see."""
+    return {f: sha for f, sha in manifest.items() if f != RECORD_FILE}
 
 
 def _check_tenant(tenant: str) -> None:

@@ -11,8 +11,8 @@ from hotlora.adapters.cache import AdapterCache
 from hotlora.adapters.errors import FailedPrecondition, NotFound
 from hotlora.adapters.metadata_store import AdapterRecord, TenantQuota
 from hotlora.adapters.names import validate_name
-from hotlora.adapters.peft_format import IGNORED_FILES, AdapterLimits, parse_peft_adapter
-from hotlora.adapters.registry import AdapterRegistry
+from hotlora.adapters.peft_format import IGNORED_FILES, RECORD_FILE, AdapterLimits, parse_peft_adapter
+from hotlora.adapters.registry import AdapterRegistry, peft_files
 from hotlora.adapters.upload_spool import UploadSpooler
 
 
@@ -32,6 +32,10 @@ class AdapterView:
     state: str  # STORED | HOST | DEVICE
     pinned: bool
     waiting: int
+
+
+def peft_only(files: dict[str, bytes]) -> dict[str, bytes]:
+    return {f: d for f, d in files.items() if f != RECORD_FILE}
 
 
 def _key(rec: AdapterRecord) -> tuple[str, str, int]:
@@ -94,14 +98,18 @@ class AdapterService:
         labels=(),
         source: str = "UPLOAD",
         weights=None,
+        record: bytes | None = None,
     ) -> AdapterView:
+        """`record`: a fine-tuned version's training record, stored with it (never taken from `files`)."""
         validate_name(name)
         kept = {f: data for f, data in files.items() if f not in IGNORED_FILES}  # e.g. a model card
+        if record is not None:
+            kept[RECORD_FILE] = record
         # refused before parsing costs anything; the check that counts runs again in the commit
         versions, used = self.registry.metadata.usage(tenant)
         self.quota.check(tenant, versions, used, sum(len(d) for d in kept.values()))
         if weights is None:
-            weights = parse_peft_adapter(files, self.base, self.limits, labels)
+            weights = parse_peft_adapter(peft_only(kept), self.base, self.limits, labels)
         rec = self.registry.commit(
             tenant, name, kept, weights, description=description, source=source, quota=self.quota
         )
@@ -137,7 +145,15 @@ class AdapterService:
     def export_chunks(self, tenant: str, ref: str, chunk_bytes: int) -> Iterator[tuple[str, bytes]]:
         """(file name, chunk) of a stored version, read from disk a chunk at a time."""
         rec = self.registry.resolve(tenant, ref)  # NotFound before the first chunk
-        return self.registry.stream_files(rec.files, chunk_bytes)
+        return self.registry.stream_files(peft_files(rec.files), chunk_bytes)
+
+    def training_record(self, tenant: str, ref: str):
+        """(record, TrainingRecord or None): what a fine-tuned version learned from and how it scored."""
+        from hotlora.adapters.training_record import TrainingRecord
+
+        rec = self.registry.resolve(tenant, ref)
+        data = self.registry.read_record(rec)
+        return rec, None if data is None else TrainingRecord.from_bytes(data)
 
     # ---- inference ------------------------------------------------------------------
     def resolve(self, tenant: str, ref: str) -> tuple[AdapterHandle | None, str]:

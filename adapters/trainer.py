@@ -124,6 +124,8 @@ class Trainer:
         self.train_units = UnitSizer(unit_seconds, MICRO_BATCH)
         self.eval_units = UnitSizer(unit_seconds, EVAL_BATCH)
         self._unit_examples = {True: 0, False: 0}  # examples through `hidden` in this unit, by grad mode
+        self.unit_seconds = unit_seconds
+        self._unit_started = 0.0
         self.ctx = ctx
         self.data = data
         if any(p.requires_grad for p in model.parameters()):
@@ -148,7 +150,7 @@ class Trainer:
         saved_batch = self.ctx.batch
         self.ctx.batch = None  # a serving batch must never apply to a training forward
         self._unit_examples = {True: 0, False: 0}
-        t0 = time.perf_counter()
+        t0 = self._unit_started = time.perf_counter()
         try:
             with torch.inference_mode(False), torch.enable_grad():
                 self.ctx.training = self.lora.for_forward(self.dtype)
@@ -164,6 +166,10 @@ class Trainer:
                 self.train_units.observe(n[True], seconds)
             elif n[False]:
                 self.eval_units.observe(n[False], seconds)
+
+    def unit_spent(self) -> bool:
+        """Whether this unit used its time: cheap work (a head's epochs) yields only then."""
+        return time.perf_counter() - self._unit_started >= self.unit_seconds
 
     def refresh_lora(self) -> None:
         """Re-cast the masters after an optimizer update, for the next forward of the same unit."""
@@ -185,9 +191,12 @@ class Trainer:
         )
         return out.last_hidden_state, lengths.to(self.device)
 
-    def pooled(self, seqs: list[list[int]]) -> torch.Tensor:
-        """Last real token's hidden state [B, H] (what Classify pools)."""
+    def pooled(self, seqs: list[list[int]], mode: str = "last") -> torch.Tensor:
+        """[B, H]: the last real token's hidden state (what Classify pools), or the mean over real tokens."""
         h, lengths = self.hidden(seqs)
+        if mode == "mean":
+            mask = (torch.arange(h.shape[1], device=h.device)[None, :] < lengths[:, None]).to(h.dtype)
+            return (h * mask[..., None]).sum(1) / lengths[:, None].to(h.dtype)
         return h[torch.arange(len(seqs), device=h.device), lengths - 1]
 
     def micro(self, idx: list[int]) -> Iterator[list[int]]:
@@ -210,12 +219,14 @@ class EarlyStopping:
         self.patience = patience
         self.best_key: tuple[float, float] | None = None
         self.best_state = None
+        self.best_at = 0
+        """The epoch of the best evaluation (what a refit on every example trains for)."""
         self.since_best = 0
 
-    def update(self, key: tuple[float, float], state_fn) -> bool:
-        """Record one evaluation; True if it is the best so far."""
+    def update(self, key: tuple[float, float], state_fn, at: int = 0) -> bool:
+        """Record one evaluation (after epoch `at`); True if it is the best so far."""
         if self.best_key is None or key > self.best_key:
-            self.best_key, self.best_state, self.since_best = key, state_fn(), 0
+            self.best_key, self.best_state, self.since_best, self.best_at = key, state_fn(), 0, at
             return True
         self.since_best += 1
         return False
@@ -227,6 +238,25 @@ class EarlyStopping:
     @property
     def best(self) -> float:
         return -math.inf if self.best_key is None else self.best_key[0]
+
+
+UNFREEZE_STAGES = 4  # progressive unfreezing: a quarter more of the layers each epoch, top first
+
+
+def frozen_layers(layers: list[int], epoch: int) -> set[int]:
+    """Progressive unfreezing (ULMFiT): at epoch 1 only the top quarter of `layers` trains, at epoch 2
+    the top half, ..., all from epoch UNFREEZE_STAGES on; the lower ones keep their values meanwhile."""
+    ordered = sorted(set(layers), reverse=True)
+    n = math.ceil(len(ordered) * min(max(epoch, 1), UNFREEZE_STAGES) / UNFREEZE_STAGES)
+    return set(ordered[n:])
+
+
+def drop_frozen_grads(lora: LoraSet, frozen: set[int]) -> None:
+    """Adam skips a parameter without a gradient: frozen layers neither move nor build moments."""
+    for (layer, _), (a, b, _) in lora.params.items():
+        if layer in frozen:
+            a.grad = None
+            b.grad = None
 
 
 def placeholder_module(

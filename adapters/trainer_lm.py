@@ -2,7 +2,8 @@
 
 The validation metric is the negative mean cross-entropy per completion token (higher is better); the
 baseline is the same metric before the first update, i.e. the base model's zero-shot score (or the
-continued adapter's)."""
+continued adapter's). Without validation examples (the refit after k-fold cross-validation) it trains
+for the epochs `schedule` gives and keeps the last state. LORA_PROGRESSIVE unfreezes from the top."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from hotlora.adapters.trainer import (
     TrainData,
     Trainer,
     TrainOutcome,
+    drop_frozen_grads,
+    frozen_layers,
     nonzero_modules,
 )
 from hotlora.adapters.weights import LoraWeights
@@ -37,9 +40,14 @@ class CompletionTrainer(Trainer):
         shapes: dict[str, tuple[int, int]],
         previous: LoraWeights | None = None,
         unit_seconds: float = UNIT_SECONDS,
+        method: str = "LORA",
+        schedule: tuple[int, int] = (0, 0),
     ):
         super().__init__(model, ctx, data, hyper.seed, unit_seconds)
-        self.hyper, self.previous = hyper, previous
+        self.hyper, self.previous, self.method = hyper, previous, method
+        self.schedule = schedule
+        """(0, LoRA epochs) when there are no validation examples to stop early on."""
+        self.best_epochs = (0, 0)
         self.lm_head = model.get_output_embeddings()
         self.progress.metric_name = METRIC
         carried = nonzero_modules(previous)
@@ -78,16 +86,20 @@ class CompletionTrainer(Trainer):
 
     def _run(self) -> Iterator[None]:
         p, d, hp = self.progress, self.data, self.hyper
+        validated = bool(d.val_inputs)
         p.phase = "baseline"
-        p.baseline_metric = yield from self._evaluate()
+        p.baseline_metric = (yield from self._evaluate()) if validated else 0.0
         stopper = EarlyStopping(PATIENCE)
         stopper.update((p.baseline_metric, 0.0), self.lora.snapshot)
         p.validation_metric = p.baseline_metric
         p.phase = "lora"
         opt = torch.optim.Adam(self.lora.parameters(), lr=hp.learning_rate)
-        p.total_steps = hp.epochs * -(-len(d.train_inputs) // hp.batch_size)
-        for epoch in range(1, hp.epochs + 1):
+        epochs = hp.epochs if validated else self.schedule[1]
+        p.total_steps = epochs * -(-len(d.train_inputs) // hp.batch_size)
+        layers = sorted({layer for layer, _ in self.lora.params})
+        for epoch in range(1, epochs + 1):
             p.epoch = epoch
+            frozen = frozen_layers(layers, epoch) if self.method == "LORA_PROGRESSIVE" else set()
             for idx in self.batches(len(d.train_inputs), hp.batch_size):
                 opt.zero_grad()
                 count = sum(len(d.train_targets[i]) for i in idx)
@@ -98,16 +110,18 @@ class CompletionTrainer(Trainer):
                     total, _ = self._loss(part, d.train_inputs, d.train_targets)
                     (total / count).backward()
                     loss_sum += total.item()
+                drop_frozen_grads(self.lora, frozen)
                 opt.step()
                 p.step += 1
                 p.train_loss = loss_sum / count
                 yield
-            metric = yield from self._evaluate()
-            stopper.update((metric, 0.0), self.lora.snapshot)
-            p.validation_metric = stopper.best
+            metric = (yield from self._evaluate()) if validated else float(epoch)
+            stopper.update((metric, 0.0), self.lora.snapshot, at=epoch)
+            p.validation_metric = stopper.best if validated else 0.0
             if stopper.stop:
                 break
         modules = stopper.best_state
+        self.best_epochs = (0, stopper.best_at)
         weights = LoraWeights(
             task="CAUSAL_LM",
             rank=max(m.rank for m in modules.values()),
@@ -115,4 +129,5 @@ class CompletionTrainer(Trainer):
             target_modules=tuple(sorted({s for _, s in modules})),
             modules=modules,
         )
-        self.outcome = TrainOutcome(weights, stopper.best, p.baseline_metric, METRIC)
+        score = stopper.best if validated else 0.0
+        self.outcome = TrainOutcome(weights, score, p.baseline_metric, METRIC)

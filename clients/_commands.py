@@ -200,6 +200,19 @@ def cmd_adapters_show(args: argparse.Namespace) -> int:
         return _show_adapter(args, client.get_adapter(args.ref))
 
 
+def cmd_adapters_evaluate(args: argparse.Namespace) -> int:
+    examples = _read_examples(args.examples)
+    with _client(args) as client:
+        resp = client.evaluate_adapter(
+            args.ref, examples, job_id=args.job, task=args.task, use_chat_template=args.chat_template
+        )
+    if args.json:
+        r.print_json(resp)
+    else:
+        r.print_pairs(r.evaluation_details(resp))
+    return 0
+
+
 def cmd_adapters_delete(args: argparse.Namespace) -> int:
     with _client(args) as client:
         ack = client.delete_adapter(args.ref)
@@ -287,6 +300,7 @@ def cmd_finetune_create(args: argparse.Namespace) -> int:
             args.adapter, args.task, examples, validation=validation, method=args.method,
             labels=args.labels or (), hyperparameters=hp, promote=args.promote,
             use_chat_template=args.chat_template, description=args.description,
+            max_seconds=args.max_seconds,
         )  # fmt: skip
         if args.no_watch:
             if args.json:

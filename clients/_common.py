@@ -349,8 +349,10 @@ def finetune_request(
     promote: str | int,
     use_chat_template: bool,
     description: str,
+    max_seconds: float = 0.0,
 ) -> training_pb2.FineTuneRequest:
     req = training_pb2.FineTuneRequest(
+        max_seconds=max_seconds,
         adapter=adapter,
         task=to_enum(*TASK, task, "task"),
         method=to_enum(*METHOD, method, "method"),
@@ -364,4 +366,16 @@ def finetune_request(
     req.validation.extend(example(e, f"validation example {i}") for i, e in enumerate(validation))
     if not req.examples:
         raise ClientError("no training examples given")
+    return req
+
+
+def evaluate_request(
+    adapter: str, examples: Iterable[Any], *, job_id: str, task: str | int | None, use_chat_template: bool
+) -> training_pb2.EvaluateRequest:
+    req = training_pb2.EvaluateRequest(
+        adapter=adapter, job_id=job_id, task=to_enum(*TASK, task, "task"), use_chat_template=use_chat_template
+    )
+    req.examples.extend(example(e, f"example {i}") for i, e in enumerate(examples))
+    if not req.examples:
+        raise ClientError("no examples to evaluate")
     return req

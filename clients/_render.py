@@ -102,7 +102,36 @@ def adapter_details(a: adapters_pb2.Adapter) -> list[tuple[str, str]]:
         ("sha256", a.sha256 or "-"),
         ("source", c.enum_name(*c.ADAPTER_SOURCE, a.source)),
         ("created", when(a.created_at)),
+        *validation_details(a.validation),
     ]
+
+
+def validation_details(v: adapters_pb2.AdapterValidation) -> list[tuple[str, str]]:
+    if not v.scheme:
+        return []
+    pairs = [
+        ("validation", f"{v.metric_name} {v.score:.4f} ± {v.stderr:.4f} ({v.scheme}, {v.examples} examples, "
+         f"baseline {v.baseline:.4f}, {v.method})"),
+    ]  # fmt: skip
+    if v.previous_task_examples:
+        pairs.append(("previous task", f"{v.previous_task_score:.4f} vs {v.previous_task_reference:.4f} "
+                      f"± {v.previous_task_stderr:.4f} ({v.previous_task_examples} examples)"))  # fmt: skip
+    return pairs
+
+
+def evaluation_details(e: training_pb2.EvaluateResponse) -> list[tuple[str, str]]:
+    pairs = [("adapter", e.adapter or "(base model)"), ("task", c.enum_name(*c.TASK, e.task)),
+             ("examples", str(e.examples))]  # fmt: skip
+    if e.labels:
+        width = max(len(x) for x in e.labels)
+        rows = [f"{label:>{width}} " + " ".join(f"{n:5d}" for n in row.counts)
+                for label, row in zip(e.labels, e.confusion, strict=True)]  # fmt: skip
+        pairs += [("accuracy", f"{e.accuracy:.4f}"), ("macro_f1", f"{e.macro_f1:.4f}")]
+        pairs += [(f"confusion[{i}]", row) for i, row in enumerate(rows)]
+    else:
+        pairs += [("loss", f"{e.loss:.4f}"), ("perplexity", f"{e.perplexity:.3f}"),
+                  ("exact_match", f"{e.exact_match:.4f}"), ("tokens", str(e.tokens))]  # fmt: skip
+    return pairs
 
 
 def print_pairs(pairs: list[tuple[str, str]]) -> None:
@@ -172,12 +201,28 @@ def job_details(j: training_pb2.FineTuneJob) -> list[tuple[str, str]]:
         ("method", c.enum_name(*c.METHOD, j.method)),
         ("state", job_state(j)),
         ("progress", metrics_text(j.metrics) or "-"),
+        *candidate_lines(j.metrics),
         ("result", (j.result_adapter or "-") + (" (promoted)" if j.promoted else "")),
         ("created", when(j.created_at)),
         ("finished", when(j.finished_at)),
     ]
     if j.error:
         pairs.append(("error", j.error))
+    return pairs
+
+
+def candidate_lines(m: training_pb2.FineTuneMetrics) -> list[tuple[str, str]]:
+    pairs = []
+    for x in m.candidates:
+        text = x.status + (
+            f" {x.score:.4f} ± {x.stderr:.4f} in {x.seconds:.1f} s" if x.status == "scored" else ""
+        )
+        pairs.append((f"candidate {x.name}", text + (f" ({x.note})" if x.note else "")))
+    if m.winner_reason:
+        pairs.append(("why", m.winner_reason))
+    if m.previous_task_examples:
+        pairs.append(("previous task", f"{m.previous_task_score:.4f} vs {m.previous_task_reference:.4f} "
+                      f"± {m.previous_task_stderr:.4f}"))  # fmt: skip
     return pairs
 
 

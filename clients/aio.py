@@ -251,13 +251,14 @@ class AsyncClient:
         promote: str | int = "GATED",
         use_chat_template: bool = False,
         description: str = "",
+        max_seconds: float = 0.0,
         timeout: float | None = None,
     ) -> training_pb2.FineTuneJob:
         """See `Client.create_finetune`."""
         req = c.finetune_request(
             adapter, task, examples, validation=validation, method=method, labels=labels,
             hyperparameters_=hyperparameters, promote=promote, use_chat_template=use_chat_template,
-            description=description,
+            description=description, max_seconds=max_seconds,
         )  # fmt: skip
         return await self.training.CreateFineTune(req, **self._kw(timeout))
 
@@ -276,3 +277,19 @@ class AsyncClient:
 
     async def cancel_finetune(self, job_id: str, *, timeout: float | None = None) -> training_pb2.FineTuneJob:
         return await self.training.CancelFineTune(common_pb2.JobRef(id=job_id), **self._kw(timeout))
+
+    async def evaluate_adapter(
+        self,
+        adapter: str,
+        examples: Iterable[Mapping[str, Any] | training_pb2.Example],
+        *,
+        job_id: str = "",
+        task: str | int | None = None,
+        use_chat_template: bool = False,
+        timeout: float | None = None,
+    ) -> training_pb2.EvaluateResponse:
+        """See `Client.evaluate_adapter`."""
+        req = c.evaluate_request(
+            adapter, examples, job_id=job_id, task=task, use_chat_template=use_chat_template
+        )
+        return await self.training.EvaluateAdapter(req, **self._kw(timeout))

@@ -117,6 +117,18 @@ def _add_adapters(sub: argparse._SubParsersAction, conn: argparse.ArgumentParser
     p.add_argument("ref")
     _json_flag(p)
 
+    p = _add(asub, "evaluate", "Score an adapter (or a job's, or the base model) on labelled examples.",
+             cmd.cmd_adapters_evaluate, [conn])  # fmt: skip
+    p.add_argument("ref", nargs="?", default="", help="`name` or `name@N` (omit for the base model or --job)")
+    p.add_argument("--examples", required=True, metavar="FILE.jsonl",
+                   help='one JSON object a line: {"text", "label"} or {"prompt", "completion"}')  # fmt: skip
+    p.add_argument("--job", default="", help="evaluate the adapter this fine-tune job trained")
+    p.add_argument("--task", type=str.upper, choices=["SEQ_CLS", "CAUSAL_LM"], help="for the base model")
+    p.add_argument(
+        "--chat-template", action="store_true", help="CAUSAL_LM: wrap prompts in the chat template"
+    )
+    _json_flag(p)
+
 
 def _add_finetune(sub: argparse._SubParsersAction, conn: argparse.ArgumentParser) -> None:
     top = sub.add_parser(
@@ -138,7 +150,15 @@ def _add_finetune(sub: argparse._SubParsersAction, conn: argparse.ArgumentParser
         help='one JSON object a line: {"text", "label"} (SEQ_CLS) or {"prompt", "completion"} (CAUSAL_LM)',
     )
     p.add_argument("--validation", metavar="FILE.jsonl", help="validation examples (default: a split)")
-    p.add_argument("--method", type=str.upper, default="AUTO", choices=["AUTO", "HEAD_ONLY", "LORA"])
+    p.add_argument(
+        "--method",
+        type=str.upper,
+        default="AUTO",
+        choices=["AUTO", "HEAD_ONLY", "LORA", "LORA_PROGRESSIVE"],
+        help="AUTO tries the others in order of cost and keeps the best validated one",
+    )
+    p.add_argument("--max-seconds", type=float, default=0.0,
+                   help="time budget of AUTO's search (0 = the server's --finetune-max-seconds)")  # fmt: skip
     p.add_argument("--labels", type=cmd.csv_list, help="comma-separated label order (default: sorted labels)")
     p.add_argument("--rank", type=int, help="LoRA rank")
     p.add_argument("--alpha", type=float, help="LoRA alpha")

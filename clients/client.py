@@ -280,6 +280,7 @@ class Client:
         promote: str | int = "GATED",
         use_chat_template: bool = False,
         description: str = "",
+        max_seconds: float = 0.0,
         timeout: float | None = None,
     ) -> training_pb2.FineTuneJob:
         """Start a fine-tune creating adapter `adapter` (or its next version). examples: dicts
@@ -289,7 +290,7 @@ class Client:
         req = c.finetune_request(
             adapter, task, examples, validation=validation, method=method, labels=labels,
             hyperparameters_=hyperparameters, promote=promote, use_chat_template=use_chat_template,
-            description=description,
+            description=description, max_seconds=max_seconds,
         )  # fmt: skip
         return self.training.CreateFineTune(req, **self._kw(timeout))
 
@@ -308,3 +309,21 @@ class Client:
 
     def cancel_finetune(self, job_id: str, *, timeout: float | None = None) -> training_pb2.FineTuneJob:
         return self.training.CancelFineTune(common_pb2.JobRef(id=job_id), **self._kw(timeout))
+
+    def evaluate_adapter(
+        self,
+        adapter: str,
+        examples: Iterable[Mapping[str, Any] | training_pb2.Example],
+        *,
+        job_id: str = "",
+        task: str | int | None = None,
+        use_chat_template: bool = False,
+        timeout: float | None = None,
+    ) -> training_pb2.EvaluateResponse:
+        """Score `adapter` (`name`, `name@N`), a job's trained adapter (`job_id`) or the base model
+        (neither; give `task`) on labelled examples: accuracy, macro-F1 and the confusion matrix for
+        SEQ_CLS; loss, perplexity and exact match for CAUSAL_LM. Returns EvaluateResponse."""
+        req = c.evaluate_request(
+            adapter, examples, job_id=job_id, task=task, use_chat_template=use_chat_template
+        )
+        return self.training.EvaluateAdapter(req, **self._kw(timeout))

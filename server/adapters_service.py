@@ -59,7 +59,10 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         return adapters_pb2.ListAdaptersResponse(adapters=[adapter_pb(v) for v in views])
 
     def GetAdapter(self, request, context):
-        return adapter_pb(self._service().get(current_tenant(), request.name))
+        svc = self._service()
+        view = svc.get(current_tenant(), request.name)
+        _, record = svc.training_record(current_tenant(), view.record.ref)
+        return adapter_pb(view, None if record is None else record.summary)
 
     def DeleteAdapter(self, request, context):
         removed = self._service().delete(current_tenant(), request.name)

@@ -206,6 +206,7 @@ class HotloraServer:
             observer=self.metrics,
             task_share=cfg.train_share,
             static_decode=_decode_graphs(cfg, loaded, runtime),
+            task_idle_grace_s=cfg.train_idle_grace_ms / 1000.0,
         )
         engine.start()
         self.state.engine = engine

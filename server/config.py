@@ -106,12 +106,20 @@ class ServerConfig:
         "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", "linear layers that can carry LoRA"
     )
     train_share: float = _opt(0.2, "largest share of engine time given to fine-tuning while serving")
+    train_idle_grace_ms: float = _opt(
+        50.0,
+        "fine-tuning uses an idle engine only this long after the last serving step (a client's next "
+        "request then does not wait behind a training unit); 0 = at once",
+    )
     max_jobs: int = _opt(2, "fine-tune jobs queued or running, all tenants")
     max_jobs_per_tenant: int = _opt(1, "fine-tune jobs queued or running per tenant")
     max_finetune_examples: int = _opt(10_000, "training plus validation examples in one fine-tune job")
     max_finetune_example_tokens: int = _opt(512, "tokens of one fine-tune example (prompt + completion)")
     max_train_unit_ms: float = _opt(
         200.0, "engine time one training unit aims at; units shrink to fit (one example at least)"
+    )
+    finetune_max_seconds: float = _opt(
+        600.0, "time budget of a fine-tune's method search (AUTO) when the request gives none"
     )
     reflection: bool = _opt(True, "serve gRPC server reflection")
     grace_seconds: float = _opt(20.0, "on SIGTERM, how long in-flight requests may finish")
@@ -188,6 +196,8 @@ class ServerConfig:
                 problems.append(f"--allowed-local-adapter-dirs: {d!r} is not an absolute path to a directory")
         if self.default_max_new_tokens > self.max_new_tokens:
             problems.append("--default-max-new-tokens cannot exceed --max-new-tokens")
+        if not 0.0 <= self.train_idle_grace_ms <= 10_000:
+            problems.append(f"--train-idle-grace-ms must be 0..10000 (got {self.train_idle_grace_ms})")
         if not 0.0 < self.train_share <= 1.0:
             problems.append(f"--train-share must be in (0, 1] (got {self.train_share})")
         if self.kv_block_size & (self.kv_block_size - 1):
@@ -225,6 +235,7 @@ class ServerConfig:
             "connection_age_grace_seconds",
             "health_check_seconds",
             "max_train_unit_ms",
+            "finetune_max_seconds",
         ):
             if not getattr(self, name) > 0:
                 problems.append(f"--{name.replace('_', '-')} must be more than 0 (got {getattr(self, name)})")

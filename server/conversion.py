@@ -4,6 +4,7 @@ knows the *_pb2 types."""
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 
 from hotlora.server.frontend import GenerateInput
 from hotlora.server.guided import GuidedKind, GuidedSpec
@@ -87,7 +88,8 @@ def label_scores(scores) -> list[common_pb2.LabelScore]:
     return [common_pb2.LabelScore(label=label, score=score) for label, score in scores]
 
 
-def adapter_pb(view):
+def adapter_pb(view, summary=None):
+    """`summary`: a fine-tuned version's ValidationSummary (GetAdapter)."""
     from hotlora.v1 import adapters_pb2
 
     rec = view.record
@@ -109,6 +111,7 @@ def adapter_pb(view):
         source=adapters_pb2.AdapterSource.Value("ADAPTER_SOURCE_" + rec.source),
         description=rec.description,
         waiting_requests=view.waiting,
+        validation=None if summary is None else adapters_pb2.AdapterValidation(**asdict(summary)),
     )
 
 
@@ -147,6 +150,7 @@ def finetune_spec(req):
         labels=tuple(req.labels),
         use_chat_template=req.use_chat_template,
         description=req.description,
+        max_seconds=req.max_seconds,
     )
 
 
@@ -154,7 +158,7 @@ def finetune_job_pb(job):
     from hotlora.v1 import training_pb2
 
     m = job.metrics
-    method = job.method if job.method in ("HEAD_ONLY", "LORA", "AUTO") else "AUTO"
+    method = job.method if job.method in METHODS else "AUTO"
     return training_pb2.FineTuneJob(
         id=job.id,
         tenant=job.tenant,
@@ -172,10 +176,69 @@ def finetune_job_pb(job):
             metric_name=str(m.get("metric_name", "")),
             elapsed_seconds=float(m.get("elapsed_seconds", 0.0)),
             remaining_seconds=float(m.get("remaining_seconds", 0.0)),
+            validation_stderr=float(m.get("validation_stderr", 0.0)),
+            validation_scheme=str(m.get("validation_scheme", "")),
+            validated_examples=int(m.get("validated_examples", 0)),
+            candidates=[_candidate_pb(c) for c in m.get("candidates", ())],
+            winner_reason=str(m.get("winner_reason", "")),
+            gate_margin=float(m.get("gate_margin", 0.0)),
+            previous_task_score=float(m.get("previous_task_score", 0.0)),
+            previous_task_reference=float(m.get("previous_task_reference", 0.0)),
+            previous_task_stderr=float(m.get("previous_task_stderr", 0.0)),
+            previous_task_examples=int(m.get("previous_task_examples", 0)),
+            replayed_examples=int(m.get("replayed_examples", 0)),
+            phase=str(m.get("phase", "")),
         ),
         result_adapter=job.result_adapter,
         error=job.error,
         created_at=job.created_at,
         finished_at=job.finished_at,
         promoted=job.promoted,
+    )
+
+
+METHODS = ("HEAD_ONLY", "LORA", "AUTO", "LORA_PROGRESSIVE")
+
+
+def _candidate_pb(c: dict):
+    from hotlora.v1 import training_pb2
+
+    method = c.get("method", "AUTO")
+    return training_pb2.FineTuneCandidate(
+        name=str(c.get("name", "")),
+        method=training_pb2.FineTuneMethod.Value("METHOD_" + (method if method in METHODS else "AUTO")),
+        features=str(c.get("features", "")),
+        status=str(c.get("status", "")),
+        score=float(c.get("score", 0.0)),
+        stderr=float(c.get("stderr", 0.0)),
+        seconds=float(c.get("seconds", 0.0)),
+        servable=bool(c.get("servable", True)),
+        note=str(c.get("note", "")),
+    )
+
+
+def evaluate_input(req):
+    """EvaluateRequest -> (adapter ref, job id, task or "", examples, use_chat_template)."""
+    from hotlora.adapters.finetune_spec import Example
+
+    task = common_pb2.Task.Name(req.task).removeprefix("TASK_")
+    examples = tuple(Example(e.text, e.label, e.prompt, e.completion) for e in req.examples)
+    return req.adapter, req.job_id, "" if task == "UNSPECIFIED" else task, examples, req.use_chat_template
+
+
+def evaluation_pb(ref: str, ev):
+    from hotlora.v1 import training_pb2
+
+    return training_pb2.EvaluateResponse(
+        adapter=ref,
+        task=common_pb2.Task.Value("TASK_" + ev.task),
+        examples=ev.examples,
+        accuracy=ev.accuracy,
+        macro_f1=ev.macro_f1,
+        labels=list(ev.labels),
+        confusion=[training_pb2.ConfusionRow(counts=list(row)) for row in ev.confusion],
+        loss=ev.loss,
+        perplexity=ev.perplexity,
+        exact_match=ev.exact_match,
+        tokens=ev.tokens,
     )

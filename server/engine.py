@@ -136,6 +136,7 @@ class Engine:
         observer: Any = None,
         task_share: float = 0.3,
         static_decode: Any = None,
+        task_idle_grace_s: float = 0.0,
     ):
         self.runner = runner
         self.tokenizer = tokenizer
@@ -145,6 +146,10 @@ class Engine:
         self.task_share = task_share  # max fraction of engine time given to background tasks
         # runner.decode_graphs.StaticDecode: decode-only steps through per-bucket buffers (CUDA graphs)
         self.static_decode = static_decode
+        # idle engine time goes to background tasks only this long after the last serving step: a client's
+        # next request, sent as the previous one ends, then finds the engine free instead of mid-unit
+        self.task_idle_grace_s = task_idle_grace_s
+        self._last_served = 0.0
         self.device = runner.device
         self.max_positions = runner.spec.max_positions
         self.eos_ids = _eos_ids(runner, tokenizer)
@@ -288,6 +293,14 @@ class Engine:
             return
         if self._n_waiting and served:
             return  # admit the waiting requests first: they would wait a whole training unit
+        now = time.perf_counter()
+        if served:
+            self._last_served = now
+        elif now - self._last_served < self.task_idle_grace_s:
+            with self._cond:  # a request submitted meanwhile wakes us
+                if not self._n_waiting:
+                    self._cond.wait(self.task_idle_grace_s - (now - self._last_served))
+            return
         # while serving is busy, training gets at most `task_share` of engine time; idle time is free
         total = self._task_time + self._serve_time
         if served and total > 0 and self._task_time / total > self.task_share:

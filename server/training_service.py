@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from hotlora.adapters.errors import Unavailable
-from hotlora.server.conversion import finetune_job_pb, finetune_spec
+from hotlora.server.conversion import evaluate_input, evaluation_pb, finetune_job_pb, finetune_spec
 from hotlora.server.interceptors import current_tenant
 from hotlora.v1 import training_pb2, training_pb2_grpc
 
@@ -34,3 +34,10 @@ class TrainingServicer(training_pb2_grpc.TrainingServicer):
     def WatchFineTune(self, request, context):
         for message, job in self._manager().watch(current_tenant(), request.id, context.is_active):
             yield training_pb2.FineTuneEvent(job=finetune_job_pb(job), message=message)
+
+    def EvaluateAdapter(self, request, context):
+        ref, job_id, task, examples, chat = evaluate_input(request)
+        remaining = context.time_remaining()
+        timeout = None if remaining is None or remaining > 1e8 else remaining
+        shown, result = self._manager().evaluate(current_tenant(), ref, job_id, task, examples, chat, timeout)
+        return evaluation_pb(shown, result)

@@ -28,6 +28,7 @@ def setup_training(state) -> FineTuneManager | None:
         max_jobs_per_tenant=cfg.max_jobs_per_tenant,
         max_example_tokens=cfg.max_finetune_example_tokens,
         unit_seconds=cfg.max_train_unit_ms / 1000.0,
+        max_seconds=cfg.finetune_max_seconds,
         base_model_name=getattr(adapters, "base_model_name", ""),
         metrics=state.metrics,
     )

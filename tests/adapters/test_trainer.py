@@ -1,21 +1,17 @@
 """The trainer without a server: bounded steps that leave the shared model and context as they found them,
-stratified splits, AUTO's choice and the gate's margin."""
+progressive unfreezing, and the refit that runs the epochs k-fold found best."""
 
 from __future__ import annotations
 
 import random
-from collections import Counter
 
 import pytest
 import torch
 from hotlora.adapters.base_model_info import BaseModelInfo
-from hotlora.adapters.finetune_jobs import gate_margin
 from hotlora.adapters.finetune_spec import (
     Example,
     FineTuneSpec,
     HyperParams,
-    resolve_method,
-    split_validation,
     with_defaults,
 )
 from hotlora.adapters.lora_layers import inject_multi_lora
@@ -31,29 +27,6 @@ TARGETS = ("q_proj", "v_proj", "down_proj")
 def _spec(counts: dict[str, int], **kw) -> FineTuneSpec:
     ex = tuple(Example(text=f"{label} {i}", label=label) for label, n in counts.items() for i in range(n))
     return FineTuneSpec(adapter="x", task="SEQ_CLS", examples=ex, **kw)
-
-
-def test_split_is_stratified_seeded_and_disjoint():
-    spec = _spec({"a": 50, "b": 10, "c": 2})
-    train, val = split_validation(spec)
-    assert Counter(e.label for e in val) == {"a": 10, "b": 2, "c": 1}
-    assert not set(train) & set(val) and len(train) + len(val) == 62
-    assert split_validation(spec) == (train, val)
-    assert split_validation(_spec({"a": 50, "b": 10, "c": 2}, hyper=HyperParams(seed=1)))[1] != val
-
-
-def test_auto_uses_feature_extraction_for_few_examples_and_lora_for_more():
-    assert resolve_method(_spec({"a": 60, "b": 60}), 96, 48) == "HEAD_ONLY"  # < 200 examples
-    assert resolve_method(_spec({"a": 300, "b": 10}), 248, 8) == "HEAD_ONLY"  # < 20 of one class
-    assert resolve_method(_spec({"a": 200, "b": 200}), 320, 160) == "LORA"
-    lm = FineTuneSpec(adapter="x", task="CAUSAL_LM", method="AUTO")
-    assert resolve_method(lm, 5, 0) == "LORA"
-
-
-def test_gate_margin_is_one_standard_error_for_accuracy_only():
-    assert gate_margin("SEQ_CLS", 0.75, 100) == pytest.approx((0.75 * 0.25 / 100) ** 0.5)
-    assert gate_margin("SEQ_CLS", 1.0, 20) > 0
-    assert gate_margin("CAUSAL_LM", -2.0, 20) == 0.0
 
 
 @pytest.fixture

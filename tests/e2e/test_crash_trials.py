@@ -63,8 +63,10 @@ def test_sigkill_during_fine_tune_promotion_leaves_no_running_job_and_no_partial
         try:
             i = 0
             while time.monotonic() < deadline:
+                # validation given: one fit per job (24 examples alone would be cross-validated: 6 fits)
                 job = training.CreateFineTune(
                     seq_cls(f"ft-{trial}-{i}", marker_examples(24, i), method=training_pb2.METHOD_HEAD_ONLY,
+                            validation=marker_examples(6, 1000 + i),
                             promote=training_pb2.PROMOTE_ALWAYS), timeout=10)  # fmt: skip
                 i += 1
                 while time.monotonic() < deadline:

@@ -424,3 +424,49 @@ def test_failing_prefill_fails_the_newcomers_not_the_engine(make_engine, tiny_to
     ok = gen_req(tiny_tok, "b", 10)
     eng.submit(ok)
     assert finish(ok).output_ids == expected
+
+
+# ---- background tasks (fine-tuning) ---------------------------------------------------------
+
+
+class SlowUnits:
+    """A background task whose every unit takes `seconds` (a training unit that cannot be cut)."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.units = seconds, 0
+
+    def step(self) -> bool:
+        time.sleep(self.seconds)
+        self.units += 1
+        return True
+
+
+def _back_to_back_waits(eng, tok, n: int = 4) -> list[float]:
+    """Seconds from submitting each of `n` sequential requests, each sent as the previous one ends, to
+    its first token."""
+    waits = []
+    for _ in range(n):
+        req = gen_req(tok, "a", 2)
+        t0 = time.perf_counter()
+        eng.submit(req)
+        wait(lambda r=req: len(r.output_ids) >= 1, what="first token")
+        waits.append(time.perf_counter() - t0)
+        finish(req)
+    return waits
+
+
+def test_a_clients_next_request_does_not_wait_behind_a_training_unit(make_engine, tiny_tok):
+    unit = 0.3
+    eng = make_engine(task_share=0.01, task_idle_grace_s=0.2)
+    task = SlowUnits(unit)
+    eng.submit_task(task)
+    wait(lambda: task.units >= 1, what="training to use the idle engine")  # it does, after the grace
+    time.sleep(unit)
+    first = _back_to_back_waits(eng, tiny_tok)
+    assert sorted(first)[len(first) // 2] < unit / 2  # the median request found the engine free
+
+    eager = make_engine(task_share=0.01, task_idle_grace_s=0.0)  # the harness can fail: no grace
+    eager.submit_task(SlowUnits(unit))
+    time.sleep(unit)
+    waits = _back_to_back_waits(eager, tiny_tok)
+    assert sorted(waits)[len(waits) // 2] > unit / 2

@@ -1,0 +1,197 @@
+"""Adaptation that measures (issue 16) on a tiny random Llama: small data is cross-validated and every
+candidate reported, noise is rejected, a continued version that forgets its predecessor's task is
+rejected, versions keep their examples, and EvaluateAdapter agrees with PEFT on the exported adapter."""
+
+from __future__ import annotations
+
+import random
+
+import grpc
+import pytest
+import torch
+from hotlora.v1 import common_pb2, training_pb2
+
+from tests.server.harness import running_server
+from tests.server.test_training import _export, _peft_probs
+from tests.server.training_utils import MARKER, marker_examples, marker_text, seq_cls, watch
+from tests.tiny import build_tiny_llama, tiny_tokenizer
+
+KFOLD = "kfold"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir, tmp_path_factory):
+    with running_server(tiny_model_dir, tmp_path_factory.mktemp("data")) as run:
+        yield run
+
+
+def _job(run, req):
+    _, job = watch(run.training, run.training.CreateFineTune(req, timeout=30).id, timeout=300)
+    return job
+
+
+def test_small_data_is_cross_validated_and_every_candidate_is_reported(server):
+    job = _job(server, seq_cls("small", marker_examples(24, seed=11)))
+    assert job.state == training_pb2.JOB_STATE_SUCCEEDED, job.error
+    m = job.metrics
+    assert m.validation_scheme == KFOLD and m.validated_examples == 24  # each example validated once
+    assert 0 < m.validation_stderr < 0.5 and m.validation_metric > m.baseline_metric + m.gate_margin
+    names = [c.name for c in m.candidates]
+    assert names == ["HEAD_ONLY", "HEAD_ONLY(mean pooling)", "LORA", "LORA_PROGRESSIVE"]  # cheapest first
+    scored = [c for c in m.candidates if c.status == "scored"]
+    assert scored and all(c.seconds > 0 for c in scored)
+    assert all(c.status in ("scored", "skipped") and (c.status == "scored" or c.note) for c in m.candidates)
+    winner = max((c for c in scored if c.servable), key=lambda c: c.score)
+    assert job.method == winner.method and winner.name in m.winner_reason
+    assert not next(c for c in m.candidates if c.features == "mean").servable
+
+    got = server.adapters.GetAdapter(common_pb2.AdapterRef(name="small"))
+    v = got.validation
+    assert v.scheme == KFOLD and v.score == pytest.approx(m.validation_metric) and v.examples == 24
+    assert v.stderr == pytest.approx(m.validation_stderr) and v.previous_task_examples == 0
+    files = {c.filename for c in server.adapters.ExportAdapter(common_pb2.AdapterRef(name="small"))}
+    assert files == {"adapter_config.json", "adapter_model.safetensors"}  # examples stay on the server
+
+
+def test_shuffled_labels_are_rejected_although_auto_picks_the_best_of_several(server):
+    rng = random.Random(3)
+    ex = [training_pb2.Example(text=marker_text(rng, i % 2 == 0), label=rng.choice("ab")) for i in range(40)]
+    job = _job(server, seq_cls("shuffled", ex))
+    assert job.state == training_pb2.JOB_STATE_REJECTED, job.error
+    m = job.metrics
+    assert m.validation_scheme == KFOLD and sum(c.status == "scored" for c in m.candidates) >= 2
+    assert "not better" in job.error and m.gate_margin > m.validation_stderr  # best of several asks more
+
+
+def test_a_time_budget_keeps_the_cheapest_method_and_says_why_the_rest_were_not_tried(server):
+    req = seq_cls("hurry", marker_examples(24, seed=12), max_seconds=0.001)
+    job = _job(server, req)
+    c = job.metrics.candidates
+    assert c[0].status == "scored" and job.method == training_pb2.METHOD_HEAD_ONLY
+    assert all(x.status in ("skipped", "stopped") and "time budget" in x.note for x in c[1:])
+
+
+def _flipped(examples):
+    return [training_pb2.Example(text=e.text, label="no" if e.label == "yes" else "yes") for e in examples]
+
+
+def test_a_continued_version_that_forgets_the_previous_task_is_rejected(server):
+    first = _job(server, seq_cls("keep", marker_examples(40, seed=21), method=training_pb2.METHOD_HEAD_ONLY))
+    assert first.state == training_pb2.JOB_STATE_SUCCEEDED, first.error
+    again = _job(
+        server, seq_cls("keep", _flipped(marker_examples(40, seed=22)), method=training_pb2.METHOD_HEAD_ONLY)
+    )
+    assert again.state == training_pb2.JOB_STATE_REJECTED, again.error
+    m = again.metrics
+    assert m.replayed_examples == 20 and m.previous_task_examples == 20  # half replayed, half checked
+    assert m.previous_task_score < m.previous_task_reference - m.previous_task_stderr
+    assert "forgets the previous version's task" in again.error
+    assert server.adapters.GetAdapter(common_pb2.AdapterRef(name="keep")).version == 1
+
+    # more of the same task: no better than @1 already is (so ALWAYS), and nothing forgotten
+    req = seq_cls(
+        "keep",
+        marker_examples(30, seed=23),
+        method=training_pb2.METHOD_HEAD_ONLY,
+        promote=training_pb2.PROMOTE_ALWAYS,
+    )
+    same = _job(server, req)
+    assert same.state == training_pb2.JOB_STATE_SUCCEEDED, same.error
+    v = server.adapters.GetAdapter(common_pb2.AdapterRef(name="keep@2")).validation
+    assert (
+        v.previous_task_examples > 0
+        and v.previous_task_score >= v.previous_task_reference - v.previous_task_stderr
+    )
+    assert v.score == pytest.approx(same.metrics.validation_metric)
+
+
+def _evaluate(run, **kw):
+    return run.training.EvaluateAdapter(training_pb2.EvaluateRequest(**kw), timeout=120)
+
+
+def test_evaluate_adapter_matches_peft_on_the_exported_adapter(server, tmp_path):
+    job = _job(server, seq_cls("judge", marker_examples(60, seed=31), method=training_pb2.METHOD_LORA))
+    assert job.state == training_pb2.JOB_STATE_SUCCEEDED, job.error
+    rng = random.Random(32)
+    texts = [marker_text(rng, rng.random() < 0.5) for _ in range(16)]
+    truth = ["yes" if t.endswith(MARKER) != (i % 5 == 0) else "no" for i, t in enumerate(texts)]  # some wrong
+    ex = [training_pb2.Example(text=t, label=y) for t, y in zip(texts, truth, strict=True)]
+    got = _evaluate(server, adapter="judge", examples=ex)
+    assert got.adapter == "judge@1" and got.examples == 16 and list(got.labels) == ["no", "yes"]
+
+    probs = _peft_probs(_export(server, "judge", tmp_path / "judge"), ["no", "yes"], texts)
+    pred = [max(p, key=p.get) for p in probs]
+    confusion = [
+        [sum(1 for t, q in zip(truth, pred, strict=True) if t == a and q == b) for b in ("no", "yes")]
+        for a in ("no", "yes")
+    ]
+    assert [list(r.counts) for r in got.confusion] == confusion
+    assert got.accuracy == pytest.approx(sum(t == q for t, q in zip(truth, pred, strict=True)) / 16)
+    f1 = []
+    for label in {*truth, *pred}:  # scikit-learn's macro average: labels in the truth or the predictions
+        tp = sum(t == q == label for t, q in zip(truth, pred, strict=True))
+        f1.append(2 * tp / (truth.count(label) + pred.count(label)))
+    assert got.macro_f1 == pytest.approx(sum(f1) / len(f1))
+    by_job = _evaluate(server, job_id=job.id, examples=ex)
+    assert by_job.adapter == f"job:{job.id}" and by_job.accuracy == got.accuracy
+
+
+def test_evaluate_completions_matches_transformers_and_the_base_model_can_be_scored(server):
+    prompts = [f"q{i}?" for i in range(6)]
+    ex = [training_pb2.Example(prompt=p, completion=" ok") for p in prompts]
+    got = _evaluate(server, task=common_pb2.TASK_CAUSAL_LM, examples=ex)
+    assert got.adapter == "" and got.examples == 6  # the base model
+
+    tok, model = tiny_tokenizer(), build_tiny_llama().eval()
+    total, n, exact = 0.0, 0, 0
+    with torch.no_grad():
+        for p in prompts:
+            x = tok(p)["input_ids"]
+            y = tok(" ok", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+            logits = model(input_ids=torch.tensor([x + y])).logits[0, len(x) - 1 : len(x) - 1 + len(y)]
+            total += float(torch.nn.functional.cross_entropy(logits, torch.tensor(y), reduction="sum"))
+            n += len(y)
+            exact += bool((logits.argmax(-1) == torch.tensor(y)).all())
+    assert got.tokens == n  # the completion's tokens and eos
+    assert got.loss == pytest.approx(total / n, rel=1e-4)
+    assert got.perplexity == pytest.approx(torch.exp(torch.tensor(total / n)).item(), rel=1e-4)
+    assert got.exact_match == pytest.approx(exact / 6)
+
+    with pytest.raises(grpc.RpcError) as err:
+        _evaluate(server, task=common_pb2.TASK_SEQ_CLS, examples=[training_pb2.Example(text="a", label="b")])
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(grpc.RpcError) as err:
+        _evaluate(server, adapter="nope", examples=ex)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_the_cli_evaluates_and_shows_candidates_and_validation(server, capsys, monkeypatch, tmp_path):
+    import json
+
+    from hotlora.clients.cli import main
+
+    for var in ("HOTLORA_ADDRESS", "HOTLORA_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    rows = [{"text": e.text, "label": e.label} for e in marker_examples(24, seed=41)]
+    data = tmp_path / "ex.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+
+    def hl(*args):
+        capsys.readouterr()
+        code = main([*args, "--address", server.address])
+        return code, capsys.readouterr().out
+
+    create = ["finetune", "create", "--adapter", "cli-auto", "--task", "seq_cls", "--examples", str(data)]
+    code, out = hl(*create, "--method", "lora_progressive", "--max-seconds", "120", "--no-watch")
+    assert code == 0
+    _, job = watch(server.training, out.strip(), timeout=300)
+    assert job.method == training_pb2.METHOD_LORA_PROGRESSIVE
+    code, out = hl("finetune", "show", job.id)
+    assert code == 0 and "candidate LORA_PROGRESSIVE" in out and "why" in out
+    if job.promoted:
+        code, out = hl("adapters", "show", "cli-auto")
+        assert code == 0 and "kfold" in out
+    code, out = hl("adapters", "evaluate", "--job", job.id, "--examples", str(data), "--json")
+    assert code == 0
+    got = json.loads(out)
+    assert got["examples"] == 24 and got["labels"] == ["no", "yes"] and len(got["confusion"]) == 2
