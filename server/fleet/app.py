@@ -79,7 +79,7 @@ def start_serve(fleet: FleetConfig) -> None:
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
     serve.start(grpc_options=gRPCOptions(port=fleet.grpc_port, grpc_servicer_functions=[GRPC_SERVICER]))
-    serve.run(build_app(fleet), name=APP_NAME, route_prefix=None)
+    serve.run(build_app(fleet), name=APP_NAME)
 
 
 def app_from_env(args: dict | None = None):

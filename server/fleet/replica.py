@@ -91,8 +91,11 @@ class HotloraReplica:
         finally:
             stream.cancel()
 
-    def load_counts(self) -> dict[str, int]:
-        return dict(self.loads)
+    def load_counts(self) -> tuple[str, dict[str, int]]:
+        """(this replica's id, loads per multiplexed id): how well affinity held."""
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id, dict(self.loads)
 
     async def _ensure_adapter(self) -> None:
         from ray import serve
