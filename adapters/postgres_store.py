@@ -264,13 +264,14 @@ class PostgresMetadataStore(MetadataStore):
 
     def renew_job_leases(self) -> set[str]:
         """Extend this replica's leases; returns the claimed jobs it no longer holds (ended elsewhere)."""
+        # Only jobs claimed before the UPDATE starts: their rows committed before it, so it sees them.
+        claimed = set(self._claimed)
         rows = self._all(
             f"UPDATE finetune_jobs SET lease_until = {_NOW} + %s "
             "WHERE owner = %s AND state IN ('QUEUED', 'RUNNING') RETURNING id",
             (self.job_lease_s, self.replica_id),
         )
-        held = {r[0] for r in rows}
-        lost = self._claimed - held
+        lost = claimed - {r[0] for r in rows}
         self._claimed -= lost
         return lost
 
