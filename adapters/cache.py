@@ -204,6 +204,11 @@ class AdapterCache:
                 st = "STORED"
             return st, key in self._pinned, self._waiting.get(key, 0)
 
+    def keys(self) -> set[Key]:
+        """Every version held in memory (device or host) or on its way there."""
+        with self._lock:
+            return set(self._slot_of) | set(self._host) | set(self._loading) | set(self._wanted)
+
     def slot_of(self, key: Key) -> int | None:
         with self._lock:
             return self._slot_of.get(key)

@@ -100,6 +100,7 @@ class FineTuneManager:
         n = store.fail_unfinished_jobs(RESTARTED)
         if n:
             log.warning("marked %d fine-tune job(s) of a previous run FAILED (%s)", n, RESTARTED)
+        store.watch_job_leases(self._lost)
 
     # ---- rpcs ----------------------------------------------------------------------------------
     def create(self, tenant: str, spec: FineTuneSpec) -> JobRecord:
@@ -173,7 +174,25 @@ class FineTuneManager:
             if task is not None and task.job.state not in TERMINAL:
                 self._finish(task, "CANCELLED", "cancelled by the caller")
                 return task.job
+        # run by another replica (a shared registry): end it there through the store
+        ended = self.store.end_job(tenant, job_id, "CANCELLED", "cancelled by the caller")
+        if ended is not None:
+            self._state_changed()
         return self.get(tenant, job_id)
+
+    def _lost(self, job_ids: set[str]) -> None:
+        """Jobs we run were ended elsewhere (cancelled on another replica, or our lease expired while
+        we were cut off from the registry): stop them here and keep the stored outcome."""
+        with self._lock:
+            for job_id in job_ids:
+                task = self._tasks.pop(job_id, None)
+                if task is None:
+                    continue
+                stored = self.store.get_job(task.job.tenant, job_id)
+                task.job = stored if stored is not None else replace(task.job, state="FAILED")
+                log.warning("fine-tune job %s was ended elsewhere: %s", job_id, task.job.state)
+                self._state_changed()
+            self._changed.notify_all()
 
     def watch(
         self, tenant: str, job_id: str, active: Callable[[], bool] = lambda: True, poll_s: float = 0.5

@@ -6,16 +6,20 @@ bytes: a deleted version number is never handed out again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
+import threading
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 
 from hotlora.adapters.errors import FailedPrecondition, ResourceExhausted
 from hotlora.adapters.names import format_ref
+from hotlora.adapters.registry_changes import RegistryChange
 from hotlora.adapters.sqlite_pool import ConnectionPool
 
 SOURCES = ("UPLOAD", "FINETUNE")
@@ -118,6 +122,47 @@ class MetadataStore(ABC):
     @abstractmethod
     def close(self) -> None: ...
 
+    # ---- what several processes sharing one store need (one process: the defaults) ----------------
+    @abstractmethod
+    def blob_guard(self, exclusive: bool) -> contextlib.AbstractContextManager:
+        """Held shared from "every blob of a draft exists" until its record commits, and exclusive while
+        blobs no record references are removed, by every process sharing the blob store: a collector
+        never removes a blob between a commit's check and its insert."""
+
+    @abstractmethod
+    def subscribe(self, on_change: Callable[[RegistryChange], None], on_resync: Callable[[], None]) -> None:
+        """Call `on_change` for every change another process makes (`on_resync` when some may have been
+        missed). One process alone changes nothing behind its own back: nothing to do."""
+
+    @abstractmethod
+    def publish(self, change: RegistryChange) -> None:
+        """Tell the other processes (no-op for one process)."""
+
+    def end_job(self, tenant: str, job_id: str, state: str, error: str) -> JobRecord | None:
+        """Move a QUEUED/RUNNING job that this process does not run to a final `state` (a cancel taken
+        by another replica than the one running it); None if it was already final or is unknown."""
+        job = self.get_job(tenant, job_id)
+        if job is None or job.state not in ("QUEUED", "RUNNING"):
+            return None
+        ended = replace(job, state=state, error=error, finished_at=time.time())
+        self.save_job(ended)
+        self.add_job_event(job_id, error, ended)
+        return ended
+
+    @abstractmethod
+    def watch_job_leases(self, on_lost: Callable[[set[str]], None]) -> None:
+        """Call `on_lost(job ids)` when jobs this process runs were ended elsewhere (a cancel on another
+        replica, an expired lease). One process owns every job: nothing to do."""
+
+    @abstractmethod
+    def get_job(self, tenant: str, job_id: str) -> JobRecord | None: ...
+
+    @abstractmethod
+    def save_job(self, job: JobRecord) -> None: ...
+
+    @abstractmethod
+    def add_job_event(self, job_id: str, message: str, job: JobRecord) -> int: ...
+
 
 SCHEMA_VERSION = 2
 _SCHEMA = """
@@ -167,8 +212,22 @@ class SqliteMetadataStore(MetadataStore):
     def __init__(self, path: Path, connections: int = 8):
         self.path = Path(path)
         self._pool = ConnectionPool(self.path, connections, _setup_connection)
+        self._blob_lock = threading.Lock()  # one process owns the blob directory
         with self._pool.connection() as conn:
             self._migrate(conn)
+
+    def blob_guard(self, exclusive: bool) -> contextlib.AbstractContextManager:
+        return self._blob_lock
+
+    # One process: nobody else changes the registry or runs its jobs.
+    def subscribe(self, on_change, on_resync) -> None:
+        pass
+
+    def publish(self, change: RegistryChange) -> None:
+        pass
+
+    def watch_job_leases(self, on_lost) -> None:
+        pass
 
     def open_connections(self) -> int:
         return self._pool.open_connections()

@@ -3,11 +3,14 @@
 Crash safety comes from ordering: file blobs are written first (content-addressed, idempotent), then ONE
 metadata transaction makes the version visible. A crash before that transaction leaves only unreferenced
 blobs, which `gc()` (run by `open`) removes; a crash after it leaves a complete version.
+
+Several processes may share the stores (a fleet): the metadata store's `blob_guard` is held shared from a
+commit's "its blobs exist" check to its insert and exclusive while unreferenced blobs are removed, so a
+collector on one replica never deletes a blob a commit on another is about to reference.
 """
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -40,8 +43,6 @@ class AdapterRegistry:
     def __init__(self, metadata: MetadataStore, blobs: BlobStore):
         self.metadata = metadata
         self.blobs = blobs
-        # Serialises "blob present -> record inserted" against "record deleted -> blob removed".
-        self._lock = threading.Lock()
 
     @classmethod
     def open(cls, data_dir: Path, connections: int = 8) -> AdapterRegistry:
@@ -103,16 +104,18 @@ class AdapterRegistry:
             description=description,
             files=manifest,
         )
-        with self._lock:
+        with self.metadata.blob_guard(exclusive=False):
             # A concurrent delete or gc may have removed an identical blob meanwhile: put it back.
             for fname, sha in manifest.items():
                 if not self.blobs.exists(sha):
                     self.blobs.put(files[fname])
             try:
                 return self.metadata.insert_next_version(draft, quota)
-            except HotloraError:  # refused (over the quota): its blobs go now, not at the next start
-                self._remove_unreferenced(set(manifest.values()))
-                raise
+            except HotloraError as exc:  # refused (over the quota): its blobs go now, not at a later gc
+                refused = exc
+        with self.metadata.blob_guard(exclusive=True):
+            self._remove_unreferenced(set(manifest.values()))
+        raise refused
 
     def resolve(self, tenant: str, ref: str) -> AdapterRecord:
         """`name` -> latest version, `name@N` -> that version; NotFound says what exists."""
@@ -135,7 +138,7 @@ class AdapterRegistry:
     def delete(self, tenant: str, ref: str) -> list[AdapterRecord]:
         """Delete every version of `name`, or just `name@N`; returns what was deleted."""
         name, version = parse_ref(ref)
-        with self._lock:
+        with self.metadata.blob_guard(exclusive=True):
             removed = self.metadata.delete(tenant, name, version)
             self._remove_unreferenced({sha for r in removed for sha in r.files.values()})
         if not removed:
@@ -164,7 +167,7 @@ class AdapterRegistry:
 
     def gc(self) -> int:
         """Remove blobs no record references (left by a crash mid-commit); returns how many."""
-        with self._lock:
+        with self.metadata.blob_guard(exclusive=True):
             return self._remove_unreferenced(set(self.blobs.list()))
 
     def _remove_unreferenced(self, candidates: set[str]) -> int:

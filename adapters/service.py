@@ -13,6 +13,7 @@ from hotlora.adapters.metadata_store import AdapterRecord, TenantQuota
 from hotlora.adapters.names import validate_name
 from hotlora.adapters.peft_format import IGNORED_FILES, RECORD_FILE, AdapterLimits, parse_peft_adapter
 from hotlora.adapters.registry import AdapterRegistry, peft_files
+from hotlora.adapters.registry_changes import RegistryChange
 from hotlora.adapters.upload_spool import UploadSpooler
 
 
@@ -57,8 +58,10 @@ class AdapterService:
         max_tenant_bytes: int = 1 << 62,
         uploads: UploadSpooler | None = None,
         max_pins_per_tenant: int | None = None,
+        replica_id: str = "",
     ):
         self.registry = registry
+        self.replica_id = replica_id
         self.base = base
         self.limits = limits
         self.max_per_tenant = max_per_tenant
@@ -77,6 +80,25 @@ class AdapterService:
             owner_of=lambda key: key[0],  # (tenant, name, version): pins count per tenant
         )
         runtime.cache = self.cache
+        # other replicas sharing the registry: free what they deleted, evict what they unloaded
+        registry.metadata.subscribe(self._apply_change, self._resync)
+
+    def _apply_change(self, change: RegistryChange) -> None:
+        versions = change.versions or tuple(
+            v for (t, n, v) in self.cache.keys() if (t, n) == (change.tenant, change.name)
+        )
+        for version in versions:
+            key = (change.tenant, change.name, version)
+            if change.op == "delete":
+                self.cache.drop(key)
+            else:
+                self.cache.unload(key, timeout=0.0)
+
+    def _resync(self) -> None:
+        """Changes may have been missed: drop every cached version that is no longer stored."""
+        for tenant, name, version in self.cache.keys():
+            if self.registry.metadata.get(tenant, name, version) is None:
+                self.cache.drop((tenant, name, version))
 
     def _load_weights(self, key):
         tenant, name, version = key
@@ -136,6 +158,9 @@ class AdapterService:
     def unload(self, tenant: str, ref: str) -> AdapterView:
         rec = self.registry.resolve(tenant, ref)
         self.cache.unload(_key(rec))
+        self.registry.metadata.publish(
+            RegistryChange("unload", tenant, rec.name, (rec.version,), origin=self.replica_id)
+        )
         return self._view(rec)
 
     def export(self, tenant: str, ref: str) -> tuple[AdapterRecord, dict[str, bytes]]:

@@ -6,9 +6,10 @@ from pathlib import Path
 
 from hotlora.adapters.lora_layers import inject_multi_lora, make_lora_sites
 from hotlora.adapters.peft_format import AdapterLimits
-from hotlora.adapters.registry import AdapterRegistry
 from hotlora.adapters.runtime import MultiLoraRuntime
+from hotlora.adapters.s3_blob_store import S3Options
 from hotlora.adapters.service import AdapterService
+from hotlora.adapters.shared_stores import StoreConfig, default_replica_id, open_registry
 from hotlora.adapters.upload_spool import UploadBudget, UploadSpooler
 from hotlora.server.runner import FUSED
 
@@ -41,7 +42,16 @@ def setup_adapters(state, loaded):
     limits = AdapterLimits(
         max_rank=cfg.max_rank, max_file_bytes=cfg.max_upload_bytes, max_upload_bytes=cfg.max_upload_bytes
     )
-    registry = AdapterRegistry.open(Path(cfg.data_dir), cfg.registry_connections)
+    stores = StoreConfig(
+        data_dir=Path(cfg.data_dir),
+        registry=cfg.registry,
+        blob_store=cfg.blob_store,
+        connections=cfg.registry_connections,
+        job_lease_s=cfg.job_lease_seconds,
+        replica_id=cfg.replica_id or default_replica_id(),
+        s3=S3Options(cfg.s3_endpoint_url, cfg.s3_region, cfg.s3_multipart_bytes),
+    )
+    registry = open_registry(stores)
     service = AdapterService(
         registry,
         base,
@@ -53,6 +63,7 @@ def setup_adapters(state, loaded):
         observer=state.metrics,
         max_tenant_bytes=cfg.max_tenant_bytes,
         max_pins_per_tenant=cfg.tenant_pin_limit,
+        replica_id=stores.replica_id,
         uploads=UploadSpooler(
             Path(cfg.data_dir) / UPLOADS_DIR, UploadBudget(cfg.upload_buffer_bytes), cfg.max_upload_bytes
         ),

@@ -3,7 +3,10 @@ Registered by hotlora.clients.cli; torch is imported only when a command runs.""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
 
 from hotlora.server.config import add_config_arguments, config_from_args
 
@@ -17,6 +20,25 @@ def register_commands(subparsers) -> None:
     )
     add_config_arguments(serve)
     serve.set_defaults(func=_serve)
+    fleet = subparsers.add_parser(
+        "serve-fleet",
+        help="serve replicas on Ray Serve behind its gRPC proxy, on a shared registry (docs/fleet.md)",
+        description="Ray Serve replicas of `hotlora serve` on one PostgreSQL + S3 registry, adapters routed "
+        "to replicas that hold them (multiplexing). Takes every `serve` flag for the replicas.",
+    )
+    add_config_arguments(fleet)
+    fleet.add_argument("--replicas", type=int, default=int(os.environ.get("HOTLORA_REPLICAS", "2")))
+    fleet.add_argument(
+        "--replica-cpus", type=float, default=float(os.environ.get("HOTLORA_REPLICA_CPUS", "1"))
+    )
+    fleet.add_argument(
+        "--max-adapters-per-replica",
+        type=int,
+        default=int(os.environ.get("HOTLORA_MAX_ADAPTERS_PER_REPLICA", "32")),
+        help="adapter versions one replica is routed as holding (Ray Serve multiplexing)",
+    )
+    fleet.add_argument("--grpc-port", type=int, default=int(os.environ.get("HOTLORA_GRPC_PORT", "9000")))
+    fleet.set_defaults(func=_serve_fleet)
     prep = subparsers.add_parser(
         "prepare-model",
         help="dequantize the embedded default model once into the per-user cache",
@@ -50,6 +72,33 @@ def _serve(args) -> int:
         return 2
     server.serve_forever()
     return getattr(server, "exit_code", 0)
+
+
+def _serve_fleet(args) -> int:
+    cfg = _config(args)
+    if cfg is None:
+        return 2
+    from hotlora.server.fleet.app import FleetConfig, start_serve
+    from hotlora.server.logs import setup_logging
+
+    setup_logging(cfg.log_level, cfg.log_format)
+    try:
+        fleet = FleetConfig(
+            cfg, args.replicas, args.replica_cpus, args.max_adapters_per_replica, args.grpc_port
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    start_serve(fleet)
+    print(f"hotlora: fleet of {fleet.replicas} replica(s) ready, gRPC on :{fleet.grpc_port}", flush=True)
+    stop.wait()
+    from ray import serve
+
+    serve.shutdown()
+    return 0
 
 
 def _prepare(args) -> int:

@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hotlora.adapters.shared_stores import check_store_urls
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
@@ -145,7 +147,24 @@ class ServerConfig:
     connection_age_grace_seconds: float = _opt(
         60.0, "rpcs still running on a too-old connection are cut off after this grace"
     )
-    registry_connections: int = _opt(8, "SQLite connections of the registry pool, shared by all threads")
+    registry_connections: int = _opt(
+        8, "connections of the registry pool (SQLite or PostgreSQL), shared by all threads"
+    )
+    registry: str = _opt(
+        "", "adapter metadata: empty = SQLite under --data-dir; postgresql://... = shared by a fleet"
+    )
+    blob_store: str = _opt(
+        "", "adapter files: empty = a directory under --data-dir; s3://bucket/prefix = shared by a fleet"
+    )
+    s3_endpoint_url: str = _opt("", "S3-compatible endpoint (MinIO, Ceph); empty = AWS_ENDPOINT_URL or AWS")
+    s3_region: str = _opt("", "S3 region; empty = AWS_REGION / AWS_DEFAULT_REGION")
+    s3_multipart_bytes: int = _opt(
+        64 << 20, "blobs this large or larger are uploaded to S3 in parts of this size"
+    )
+    job_lease_seconds: float = _opt(
+        30.0, "shared registry: a replica that stops renewing a job's lease this long has the job failed"
+    )
+    replica_id: str = _opt("", "this replica's name in the shared registry; empty = host-pid-random")
     health_check_seconds: float = _opt(
         5.0, "how often the registry is probed; health NOT_SERVING when it fails"
     )
@@ -256,6 +275,14 @@ class ServerConfig:
                         "without --tokens-file the server runs in single-tenant dev mode and listens on "
                         f"127.0.0.1 only; give a tokens file to bind {host!r} ({flag})"
                     )
+        problems += check_store_urls(self.registry, self.blob_store)
+        if self.job_lease_seconds < 1.0:
+            problems.append(f"--job-lease-seconds must be at least 1 (got {self.job_lease_seconds})")
+        if self.s3_multipart_bytes < 5 << 20:
+            problems.append(
+                "--s3-multipart-bytes must be at least 5 MiB, S3's smallest part "
+                f"(got {self.s3_multipart_bytes})"
+            )
         if problems:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
 

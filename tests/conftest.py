@@ -37,3 +37,34 @@ def tiny_tok():
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     return save_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+# ---- a fleet's shared stores: one PostgreSQL and one S3 server per session (started on first use) ----
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory):
+    from tests.fleet_stores import postgres_server
+
+    with postgres_server(tmp_path_factory.mktemp("postgres")) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3(tmp_path_factory):
+    from tests.fleet_stores import S3_ENV, s3_server
+
+    saved = {k: os.environ.get(k) for k in S3_ENV}
+    os.environ.update(S3_ENV)  # boto3 in this process and in replica subprocesses reads these
+    with s3_server(tmp_path_factory.mktemp("s3")) as server:
+        yield server
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture
+def shared_stores(postgres, s3):
+    from tests.fleet_stores import SharedStores
+
+    return SharedStores(postgres.new_database(), f"s3://{s3.new_bucket()}/adapters", s3.endpoint)

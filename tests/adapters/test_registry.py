@@ -9,16 +9,52 @@ import pytest
 from hotlora.adapters.errors import InvalidArgument, NotFound
 from hotlora.adapters.names import parse_ref, validate_name
 from hotlora.adapters.peft_format import AdapterLimits, parse_peft_adapter
-from hotlora.adapters.registry import AdapterRegistry
+from hotlora.adapters.s3_blob_store import S3BlobStore, S3Options
+from hotlora.adapters.shared_stores import StoreConfig, open_registry
 
 LIMITS = AdapterLimits()
 
 
+@pytest.fixture(params=["sqlite+local", "postgresql+s3"])
+def stores(request, tmp_path) -> StoreConfig:
+    """The one-process default, or the stores a fleet shares (real PostgreSQL and S3 servers)."""
+    if request.param == "sqlite+local":
+        return StoreConfig(tmp_path / "data")
+    shared = request.getfixturevalue("shared_stores")
+    return StoreConfig(
+        tmp_path / "data",
+        registry=shared.registry,
+        blob_store=shared.blob_store,
+        s3=S3Options(endpoint_url=shared.endpoint),
+        replica_id="test",
+    )
+
+
 @pytest.fixture
-def registry(tmp_path):
-    reg = AdapterRegistry.open(tmp_path / "data")
+def registry(stores):
+    reg = open_registry(stores)
     yield reg
     reg.close()
+
+
+def _damage(registry, sha: str, data: bytes) -> None:
+    if isinstance(registry.blobs, S3BlobStore):
+        registry.blobs.client.put_object(
+            Bucket=registry.blobs.location.bucket, Key=registry.blobs._key(sha), Body=data
+        )
+    else:
+        (registry.blobs.root / sha[:2] / sha[2:]).write_bytes(data)
+
+
+def _leave_partial_write(registry) -> None:
+    """What a crash inside put() leaves: a temp file, or an S3 multipart upload never completed."""
+    if isinstance(registry.blobs, S3BlobStore):
+        registry.blobs.client.create_multipart_upload(
+            Bucket=registry.blobs.location.bucket, Key=registry.blobs._key("ab" * 32)
+        )
+    else:
+        (registry.blobs.root / "ab").mkdir(exist_ok=True)
+        (registry.blobs.root / "ab" / ".tmp-partial").write_bytes(b"half")
 
 
 @pytest.fixture
@@ -141,15 +177,14 @@ def test_seq_cls_labels_are_kept(registry, base_info, peft_adapter):
 def test_damaged_blob_is_detected_on_read(registry, upload):
     files, weights = upload
     record = registry.commit("t1", "bot", files, weights)
-    path = registry.blobs.root / record.sha256[:2] / record.sha256[2:]
-    path.write_bytes(b"garbage")
+    _damage(registry, record.sha256, b"garbage")
     with pytest.raises(RuntimeError, match="damaged"):
         registry.read_files(record)
 
 
-def test_crash_between_blobs_and_metadata_leaves_nothing_visible(tmp_path, upload, monkeypatch):
+def test_crash_between_blobs_and_metadata_leaves_nothing_visible(stores, upload, monkeypatch):
     files, weights = upload
-    registry = AdapterRegistry.open(tmp_path / "data")
+    registry = open_registry(stores)
     registry.commit("t1", "kept", files, weights)
 
     def crash(draft, quota=None):
@@ -159,32 +194,31 @@ def test_crash_between_blobs_and_metadata_leaves_nothing_visible(tmp_path, uploa
     other = {**_variant(files, 9), "adapter_config.json": files["adapter_config.json"] + b" "}
     with pytest.raises(SystemExit):
         registry.commit("t1", "lost", other, weights)
-    # A partial write of yet another blob, as a crash inside put() leaves it.
-    (registry.blobs.root / "ab").mkdir(exist_ok=True)
-    (registry.blobs.root / "ab" / ".tmp-partial").write_bytes(b"half")
+    _leave_partial_write(registry)  # of yet another blob
     orphans = set(registry.blobs.list()) - set(registry.resolve("t1", "kept").files.values())
     assert orphans  # the blobs of the failed commit are on disk
     registry.close()
 
-    reopened = AdapterRegistry.open(tmp_path / "data")
+    reopened = open_registry(stores)
     with pytest.raises(NotFound):
         reopened.resolve("t1", "lost")
     assert [r.ref for r in reopened.list("t1")] == ["kept@1"]
     assert set(reopened.blobs.list()) == set(reopened.resolve("t1", "kept").files.values())
-    assert not (reopened.blobs.root / "ab" / ".tmp-partial").exists()
+    if not isinstance(reopened.blobs, S3BlobStore):
+        assert not (reopened.blobs.root / "ab" / ".tmp-partial").exists()
     assert reopened.commit("t1", "lost", other, weights).version == 1
     reopened.close()
 
 
-def test_reopen_serves_every_committed_version(tmp_path, upload):
+def test_reopen_serves_every_committed_version(stores, upload):
     files, weights = upload
-    registry = AdapterRegistry.open(tmp_path / "data")
+    registry = open_registry(stores)
     made = [
         registry.commit(t, n, _variant(files, i), weights)
         for i, (t, n) in enumerate([("a", "x"), ("a", "x"), ("b", "y")])
     ]
     registry.close()
-    reopened = AdapterRegistry.open(tmp_path / "data")
+    reopened = open_registry(stores)
     for record in made:
         assert reopened.resolve(record.tenant, record.ref) == record
         assert reopened.read_files(record) == _variant(files, made.index(record))
