@@ -1,5 +1,5 @@
 """Where the multi-LoRA update meets the base model: `y = base(x) + Σ scale[s]·(x·A[s]ᵀ)·B[s]ᵀ` for each
-token's slot s, read from the forward pass's LoraBatch in a LoraContext shared by every site.
+token's slot s, read from the forward pass's LoraPlan in a LoraContext shared by every site.
 
 Two kinds of site, one contract:
 * :class:`LoraSite` -- the runner's fused projections (qkv, o, gate_up, down). Its PackedSlotBank stacks the
@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from hotlora.kernels import LoraBackend, LoraBatch, get_backend, make_lora_batch
+from hotlora.kernels import LoraBackend, LoraPlan, get_backend
 from torch import nn
 
 
@@ -34,7 +34,7 @@ class LoraContext:
     """Shared by every MultiLoraLinear: what the current forward pass needs."""
 
     backend: LoraBackend
-    batch: LoraBatch | None = None
+    batch: LoraPlan | None = None  # the backend's plan of the current forward pass (None: no adapters)
     # module key (layer, short name) -> trainable LoRA while a training step runs
     training: dict[tuple[int, str], TrainableLora] = field(default_factory=dict)
 
@@ -257,8 +257,16 @@ def inject_multi_lora(model, target_modules, num_slots: int, max_rank: int) -> t
 
 
 def set_batch(ctx: LoraContext, token_slots: list[int], slot_ranks: torch.Tensor, device) -> None:
-    """Give every token of the forward pass its slot (-1 = base model only)."""
+    """Give every token of the forward pass its slot (-1 = base model only): the backend plans it once."""
     if all(s < 0 for s in token_slots):
         ctx.batch = None
         return
-    ctx.batch = make_lora_batch(torch.tensor(token_slots, dtype=torch.long, device=device), slot_ranks)
+    ctx.batch = ctx.backend.plan(torch.tensor(token_slots, dtype=torch.long, device=device), slot_ranks)
+
+
+def set_graph_batch(
+    ctx: LoraContext, token_slots: torch.Tensor, slot_ranks: torch.Tensor, max_rank: int
+) -> None:
+    """The plan of a static decode step from its slot buffer (token_slots: [T] int64, on slot_ranks' device),
+    through the backend's graph plan: the Triton one reads nothing back, so a captured graph stays valid."""
+    ctx.batch = ctx.backend.graph_plan(token_slots, slot_ranks, max_rank)

@@ -1,4 +1,4 @@
-"""The engine's view of adapters: slots for rows, the LoraBatch for each forward,
+"""The engine's view of adapters: slots for rows, the LoRA plan for each forward,
 and classification heads. Implements hotlora.server.engine.AdapterRuntime.
 
 `sites` are the places an adapter is installed into: the runner's LoraSites (fused projections) or, on the
@@ -9,8 +9,7 @@ from __future__ import annotations
 import torch
 from hotlora.adapters.cache import AdapterCache
 from hotlora.adapters.errors import FailedPrecondition
-from hotlora.adapters.lora_layers import LoraContext, set_batch
-from hotlora.kernels.batch import make_rows_batch
+from hotlora.adapters.lora_layers import LoraContext, set_batch, set_graph_batch
 
 
 class MultiLoraRuntime:
@@ -61,7 +60,7 @@ class MultiLoraRuntime:
     def graph_plan(self, token_slots: torch.Tensor) -> None:
         """The LoRA plan of a static decode step (runner.decode_graphs): built from the slot buffer without
         reading it, so a captured graph stays valid whatever the buffer and the slots hold later."""
-        self.ctx.batch = make_rows_batch(token_slots, self.slot_ranks_device, self.max_rank)
+        set_graph_batch(self.ctx, token_slots, self.slot_ranks_device, self.max_rank)
 
     def end_forward(self) -> None:
         self.ctx.batch = None

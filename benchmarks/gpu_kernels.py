@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from hotlora.kernels import CpuBackend, TritonBackend, make_lora_batch, make_rows_batch
+from hotlora.kernels import CpuBackend, TritonBackend
 
 
 @dataclass(frozen=True)
@@ -136,8 +136,8 @@ def run_case(shape: Shape, case: Case, dtype: torch.dtype) -> dict:
     slots = case.token_slots.to(dev)
     ranks_dev = case.slot_ranks.to(dev)
     triton_be, torch_be = TritonBackend(), CpuBackend()
-    plan = make_lora_batch(slots, case.slot_ranks)
-    rows_plan = make_rows_batch(slots, ranks_dev, R)
+    plan = triton_be.plan(slots, case.slot_ranks)
+    rows_plan = triton_be.graph_plan(slots, ranks_dev, R)
 
     def base():
         for x, w in weights:
@@ -160,12 +160,13 @@ def run_case(shape: Shape, case: Case, dtype: torch.dtype) -> dict:
     out["base"] = bench(base)
     out["base_graph"] = bench(graph_of(base).replay)
     out["lora"] = bench(lora)
-    out["torch_ops"] = bench(lambda: lora(torch_be))
+    torch_plan = torch_be.plan(slots, case.slot_ranks)
+    out["torch_ops"] = bench(lambda: lora(torch_be, torch_plan))
     graph_plan = rows_plan if case.decode else plan
     out["lora_graph"] = bench(graph_of(lambda: lora(triton_be, graph_plan)).replay)
     t0 = time.perf_counter()
     for _ in range(20):
-        make_lora_batch(slots, case.slot_ranks)
+        triton_be.plan(slots, case.slot_ranks)
     torch.cuda.synchronize()
     out["plan"] = (time.perf_counter() - t0) / 20 * 1e6
     return out

@@ -1,8 +1,10 @@
 """The interface the multi-LoRA layers call, with a reference, a CPU and a Triton implementation.
 
-Layers call ``backend.add_lora(y2d, x2d, bank.a, bank.b, bank.scales, batch)`` once per wrapped linear
-per forward pass; they never call a kernel directly. :func:`get_backend` picks the implementation for a
-device: Triton on CUDA when triton imports, the CPU path otherwise.
+Once per forward pass the caller asks the backend for its plan, ``plan = backend.plan(token_slots,
+slot_ranks)`` (or ``backend.graph_plan(...)`` for a decode step captured as a CUDA graph); then every wrapped
+linear calls ``backend.add_lora(y2d, x2d, bank.a, bank.b, bank.scales, plan)``. Each backend plans only what
+it reads (as vLLM's ``LoRAKernelMeta``), and the layers never call a kernel directly. :func:`get_backend`
+picks the implementation for a device: Triton on CUDA when triton imports, the CPU path otherwise.
 """
 
 from __future__ import annotations
@@ -11,14 +13,31 @@ import abc
 
 import torch
 
-from .batch import LoraBatch, make_lora_batch
 from .cpu import add_lora_cpu, add_lora_packed_cpu
+from .cpu_plan import SegmentPlan, plan_segments
+from .plan import LoraPlan, check_graph_plan_args, graph_slots_plan, plan_slots
 from .reference import add_lora_reference
+from .triton_plan import RowsPlan, SgmvPlan, plan_rows, plan_sgmv
 from .validation import check_add_lora_args, check_same_device
 
 
 class LoraBackend(abc.ABC):
     """Adds the batched multi-adapter LoRA update to a layer's output."""
+
+    #: the plan types add_lora accepts (what plan and graph_plan return)
+    plan_types: tuple[type[LoraPlan], ...] = (LoraPlan,)
+
+    @abc.abstractmethod
+    def plan(self, token_slots: torch.Tensor, slot_ranks: torch.Tensor) -> LoraPlan:
+        """The plan of one forward pass, shared by every layer. token_slots: [T] int64 (slot per token,
+        -1 = base only) on the compute device; slot_ranks: [S] int64, real rank per slot (0 = empty).
+        May read both back to the host once."""
+
+    @abc.abstractmethod
+    def graph_plan(self, token_slots: torch.Tensor, slot_ranks: torch.Tensor, max_rank: int) -> LoraPlan:
+        """The plan of a decode step with static shapes (server.runner.decode_graphs), called with the
+        step's slot buffer before its forward runs. token_slots: [T] int64 and slot_ranks: [S] int64, on one
+        device; max_rank: the bank's R_max."""
 
     @abc.abstractmethod
     def add_lora(
@@ -28,7 +47,7 @@ class LoraBackend(abc.ABC):
         lora_a: torch.Tensor,
         lora_b: torch.Tensor,
         scales: torch.Tensor,
-        batch: LoraBatch,
+        batch: LoraPlan,
         out_offset: int = 0,
     ) -> None:
         """y[t, off:off+H_out] += scales[s] * (x[t] @ lora_a[s, :r_s]ᵀ) @ lora_b[s, :, :r_s]ᵀ for s = slot of token t (skip s = -1).
@@ -42,7 +61,7 @@ class LoraBackend(abc.ABC):
         lora_a: torch.Tensor,
         lora_bs: tuple[torch.Tensor, ...],
         scales: torch.Tensor,
-        batch: LoraBatch,
+        batch: LoraPlan,
         out_offsets: tuple[int, ...],
     ) -> None:
         """A fused projection (qkv, gate_up): slice i of the packed bank updates y's columns
@@ -68,11 +87,21 @@ class LoraBackend(abc.ABC):
             )
         return lora_a.shape[1] // n
 
-    def check(self, y, x, lora_a, lora_b, scales, batch: LoraBatch, out_offset: int) -> None:
-        """Shapes, dtypes and devices of one call, against the batch (ValueError on a mismatch)."""
+    def check_plan(self, batch: LoraPlan) -> None:
+        """A plan from another backend lacks what this one reads: refuse it by type (TypeError)."""
+        if not isinstance(batch, self.plan_types):
+            wanted = " or ".join(t.__name__ for t in self.plan_types)
+            raise TypeError(
+                f"{type(self).__name__} needs a {wanted} (from its own plan/graph_plan), "
+                f"got {type(batch).__name__}"
+            )
+
+    def check(self, y, x, lora_a, lora_b, scales, batch: LoraPlan, out_offset: int) -> None:
+        """Shapes, dtypes and devices of one call, against the plan (ValueError on a mismatch)."""
+        self.check_plan(batch)
         check_add_lora_args(y, x, lora_a, lora_b, scales, batch.num_tokens, out_offset)
         check_same_device(x.device, y=y, lora_a=lora_a, lora_b=lora_b, scales=scales)
-        if batch.rows_only and batch.slot_ranks.device != x.device:
+        if isinstance(batch, RowsPlan) and batch.slot_ranks.device != x.device:
             raise ValueError("a rows plan's slot_ranks must live on the compute device")
         if batch.slot_ranks.shape[0] != lora_a.shape[0]:
             raise ValueError(
@@ -86,7 +115,14 @@ class LoraBackend(abc.ABC):
 
 
 class TorchReferenceBackend(LoraBackend):
-    """The fp32 oracle (kernels.reference): slow, obviously right; for tests and debugging."""
+    """The fp32 oracle (kernels.reference): slow, obviously right; for tests and debugging.
+    It reads only the slots, so it accepts any backend's plan."""
+
+    def plan(self, token_slots, slot_ranks) -> LoraPlan:
+        return plan_slots(token_slots, slot_ranks)
+
+    def graph_plan(self, token_slots, slot_ranks, max_rank) -> LoraPlan:
+        return graph_slots_plan(token_slots, slot_ranks, max_rank)
 
     def add_lora(self, y, x, lora_a, lora_b, scales, batch, out_offset=0) -> None:
         self.check(y, x, lora_a, lora_b, scales, batch, out_offset)
@@ -97,26 +133,32 @@ class TorchReferenceBackend(LoraBackend):
 class CpuBackend(LoraBackend):
     """torch ops chosen by batch shape (kernels.cpu); runs on any device, tuned for CPU."""
 
+    plan_types = (SegmentPlan,)
+
     def __init__(self, strategy: str | None = None) -> None:
         self.strategy = strategy  # None: pick per batch; 'single' / 'segments' / 'bmm' to force one
 
+    def plan(self, token_slots, slot_ranks) -> SegmentPlan:
+        return plan_segments(token_slots, slot_ranks)
+
+    def graph_plan(self, token_slots, slot_ranks, max_rank) -> SegmentPlan:
+        # no graphs on this path (the static step runs eagerly): the host read is free on CPU, so plan fully
+        check_graph_plan_args(token_slots, slot_ranks, max_rank)
+        return plan_segments(token_slots, slot_ranks)
+
     def add_lora(self, y, x, lora_a, lora_b, scales, batch, out_offset=0) -> None:
+        self.check_plan(batch)
         if not batch.has_lora:
             return
         self.check(y, x, lora_a, lora_b, scales, batch, out_offset)
-        if batch.rows_only:  # host sync is free on CPU: plan it properly
-            batch = make_lora_batch(batch.token_slots, batch.slot_ranks)
-            if not batch.has_lora:
-                return
         add_lora_cpu(y, x, lora_a, lora_b, scales, batch, out_offset, self.strategy)
 
     def add_lora_packed(self, y, x, lora_a, lora_bs, scales, batch, out_offsets) -> None:
+        self.check_plan(batch)
         if not batch.has_lora:
             return
         r_max = self.check_packed(lora_a, lora_bs, scales, out_offsets)
-        if batch.rows_only:
-            batch = make_lora_batch(batch.token_slots, batch.slot_ranks)
-        if batch.has_lora and not add_lora_packed_cpu(y, x, lora_a, lora_bs, scales, batch, out_offsets):
+        if not add_lora_packed_cpu(y, x, lora_a, lora_bs, scales, batch, out_offsets):
             for i, (b, off) in enumerate(zip(lora_bs, out_offsets, strict=True)):
                 a = lora_a[:, i * r_max : (i + 1) * r_max]
                 self.check(y, x, a, b, scales[i], batch, off)
@@ -131,6 +173,7 @@ class TritonBackend(LoraBackend):
     """
 
     BGMV_MAX_MEAN_SEGMENT = 2
+    plan_types = (SgmvPlan, RowsPlan)
 
     def __init__(self, kernel: str | None = None) -> None:
         from . import triton_bgmv, triton_sgmv  # triton is optional: import only when this backend is used
@@ -141,8 +184,14 @@ class TritonBackend(LoraBackend):
         self._sgmv = triton_sgmv
         self._bgmv = triton_bgmv
 
-    def choose_kernel(self, batch: LoraBatch) -> str:
-        if batch.rows_only:
+    def plan(self, token_slots, slot_ranks) -> SgmvPlan:
+        return plan_sgmv(token_slots, slot_ranks)
+
+    def graph_plan(self, token_slots, slot_ranks, max_rank) -> RowsPlan:
+        return plan_rows(token_slots, slot_ranks, max_rank)
+
+    def choose_kernel(self, batch: SgmvPlan | RowsPlan) -> str:
+        if isinstance(batch, RowsPlan):
             return "bgmv"  # a graph-safe plan has no segments
         if self.kernel is not None:
             return self.kernel
@@ -150,22 +199,17 @@ class TritonBackend(LoraBackend):
         return "bgmv" if short else "sgmv"
 
     def add_lora(self, y, x, lora_a, lora_b, scales, batch, out_offset=0) -> None:
+        self.check_plan(batch)
         if not batch.has_lora:
             return
         self.check(y, x, lora_a, lora_b, scales, batch, out_offset)
         v = torch.empty(batch.num_lora_tokens, lora_a.shape[1], dtype=torch.float32, device=x.device)
-        b = batch
-        if self.choose_kernel(batch) == "bgmv":
-            self._bgmv.bgmv_shrink(v, x, lora_a, b.token_order, b.sorted_slots, b.slot_ranks, b.max_rank)
-            self._bgmv.bgmv_expand(
-                y, v, lora_b, scales, b.token_order, b.sorted_slots, b.slot_ranks, out_offset
-            )
-        else:
-            segs = (b.token_order, b.seg_slots, b.seg_starts, b.seg_lens, b.slot_ranks, b.max_segment_len)
-            self._sgmv.sgmv_shrink(v, x, lora_a, *segs, b.max_rank)
-            self._sgmv.sgmv_expand(y, v, lora_b, scales, *segs, out_offset)
+        kernel = self.choose_kernel(batch)
+        self._shrink(kernel, v, x, lora_a, batch, num_slices=1)
+        self._expand(kernel, y, v, lora_b, scales, batch, out_offset)
 
     def add_lora_packed(self, y, x, lora_a, lora_bs, scales, batch, out_offsets) -> None:
+        self.check_plan(batch)
         if not batch.has_lora:
             return
         r_max = self.check_packed(lora_a, lora_bs, scales, out_offsets)
@@ -174,17 +218,32 @@ class TritonBackend(LoraBackend):
             self.check(y, x, lora_a[:, i * r_max : (i + 1) * r_max], lb, scales[i], batch, off)
         # one shrink over the packed bank (x read once for q, k and v), then one expand per slice
         v = torch.empty(batch.num_lora_tokens, n * r_max, dtype=torch.float32, device=x.device)
-        b = batch
-        if self.choose_kernel(batch) == "bgmv":
-            rows = (b.token_order, b.sorted_slots, b.slot_ranks)
-            self._bgmv.bgmv_shrink(v, x, lora_a, *rows, b.max_rank, num_slices=n)
-            for i, (lb, off) in enumerate(zip(lora_bs, out_offsets, strict=True)):
-                self._bgmv.bgmv_expand(y, v[:, i * r_max : (i + 1) * r_max], lb, scales[i], *rows, off)
+        kernel = self.choose_kernel(batch)
+        self._shrink(kernel, v, x, lora_a, batch, num_slices=n)
+        for i, (lb, off) in enumerate(zip(lora_bs, out_offsets, strict=True)):
+            self._expand(kernel, y, v[:, i * r_max : (i + 1) * r_max], lb, scales[i], batch, off)
+
+    def _shrink(self, kernel: str, v, x, lora_a, p: SgmvPlan | RowsPlan, num_slices: int) -> None:
+        if kernel == "bgmv":
+            self._bgmv.bgmv_shrink(
+                v, x, lora_a, p.token_order, p.sorted_slots, p.slot_ranks, p.max_rank, num_slices=num_slices
+            )
         else:
-            segs = (b.token_order, b.seg_slots, b.seg_starts, b.seg_lens, b.slot_ranks, b.max_segment_len)
-            self._sgmv.sgmv_shrink(v, x, lora_a, *segs, b.max_rank, num_slices=n)
-            for i, (lb, off) in enumerate(zip(lora_bs, out_offsets, strict=True)):
-                self._sgmv.sgmv_expand(y, v[:, i * r_max : (i + 1) * r_max], lb, scales[i], *segs, off)
+            self._sgmv.sgmv_shrink(
+                v, x, lora_a, p.token_order, p.seg_slots, p.seg_starts, p.seg_lens, p.slot_ranks,
+                p.max_segment_len, p.max_rank, num_slices=num_slices,
+            )  # fmt: skip
+
+    def _expand(self, kernel: str, y, v, lora_b, scales, p: SgmvPlan | RowsPlan, out_offset: int) -> None:
+        if kernel == "bgmv":
+            self._bgmv.bgmv_expand(
+                y, v, lora_b, scales, p.token_order, p.sorted_slots, p.slot_ranks, out_offset
+            )
+        else:
+            self._sgmv.sgmv_expand(
+                y, v, lora_b, scales, p.token_order, p.seg_slots, p.seg_starts, p.seg_lens, p.slot_ranks,
+                p.max_segment_len, out_offset,
+            )  # fmt: skip
 
 
 def triton_available() -> bool:

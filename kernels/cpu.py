@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .batch import LoraBatch
+from .cpu_plan import DenseLayout, SegmentPlan
 
 # Mean tokens per segment at or above which one GEMM pair per segment beats gather + bmm.
 SEGMENT_MIN_MEAN_LEN = 4
@@ -36,14 +36,14 @@ SEGMENT_MIN_MEAN_LEN = 4
 SEGMENT_MAX_SHORT = 2
 
 
-def choose_cpu_strategy(batch: LoraBatch) -> str:
+def choose_cpu_strategy(batch: SegmentPlan) -> str:
     """'single', 'segments', 'dense' or 'bmm' for this batch (see the module docstring)."""
     if batch.single_slot >= 0:
         return "single"
     groups = batch.num_segments
     if groups <= SEGMENT_MAX_SHORT or batch.num_lora_tokens >= SEGMENT_MIN_MEAN_LEN * groups:
         return "segments"
-    if batch.dense_index is not None:
+    if batch.dense is not None:
         return "dense"
     return "bmm"
 
@@ -54,7 +54,7 @@ def add_lora_cpu(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scales: torch.Tensor,
-    batch: LoraBatch,
+    batch: SegmentPlan,
     out_offset: int = 0,
     strategy: str | None = None,
 ) -> None:
@@ -73,7 +73,7 @@ def add_lora_cpu(
         _segment_update(ys, x, lora_a, lora_b, float(scales[seg.slot]), seg.slot, seg.rank)
     elif strategy in ("segments", "single"):
         _add_by_segments(ys, x, lora_a, lora_b, scales, batch)
-    elif strategy == "bmm" or (strategy == "dense" and batch.dense_index is None):
+    elif strategy == "bmm" or (strategy == "dense" and batch.dense is None):
         _add_by_bmm(ys, x, lora_a, lora_b, scales, batch)
     elif strategy == "dense":
         _add_dense(ys, x, lora_a, lora_b, scales, batch)
@@ -101,7 +101,7 @@ def _add_by_segments(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scales: torch.Tensor,
-    batch: LoraBatch,
+    batch: SegmentPlan,
 ) -> None:
     scale_of = scales.tolist()
     if batch.segments_are_slices:
@@ -123,7 +123,7 @@ def _add_by_bmm(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scales: torch.Tensor,
-    batch: LoraBatch,
+    batch: SegmentPlan,
 ) -> None:
     for group in batch.rank_groups:
         r = group.rank
@@ -142,32 +142,37 @@ def _add_dense(
     lora_a: torch.Tensor,
     lora_b: torch.Tensor,
     scales: torch.Tensor,
-    batch: LoraBatch,
+    batch: SegmentPlan,
 ) -> None:
     # Bank slices are views: each used adapter's weights are read once, never copied (decode is bound
     # by those reads). x is scattered into a [span, rows, H_in] layout, zero where no token sits.
-    lo, span, rows, r = batch.dense_lo, batch.dense_span, batch.dense_rows, batch.max_rank
+    layout, r = batch.dense, batch.max_rank
+    lo, span, rows = layout.lo, layout.span, layout.rows
     a, b = lora_a[lo : lo + span, :r].transpose(1, 2), lora_b[lo : lo + span, :, :r].transpose(1, 2)
-    if batch.dense_tokens is not None:  # decode: one token per slot, few ops (dispatch cost matters here)
-        xs = x if batch.dense_in_order else x.index_select(0, batch.dense_tokens)
+    if layout.tokens is not None:  # decode: one token per slot, few ops (dispatch cost matters here)
+        xs = x if layout.in_order else x.index_select(0, layout.tokens)
         v = torch.bmm(xs.unsqueeze(1), a)  # [span, 1, r]
         v.mul_(scales[lo : lo + span].to(v.dtype).view(-1, 1, 1))
-        d = torch.bmm(v, b).squeeze(1)  # [span, H_out]
-        if batch.dense_in_order:
-            ys.add_(d)
-        elif batch.dense_slot_of is not None:
-            ys.add_(d.index_select(0, batch.dense_slot_of))
-        else:
-            scatter_add_rows(ys, batch.dense_tokens, d)
+        _add_dense_rows(ys, torch.bmm(v, b).squeeze(1), layout)  # [span, H_out]
         return
     xf = x.new_zeros(span * rows, x.shape[1])
-    xf.index_copy_(0, batch.dense_index, x.index_select(0, batch.token_order))
+    xf.index_copy_(0, layout.index, x.index_select(0, batch.token_order))
     v = torch.bmm(xf.view(span, rows, -1), a)  # [span, rows, r]
     v.mul_(scales[lo : lo + span].to(v.dtype).view(-1, 1, 1))
     d = torch.bmm(v, b)  # [span, rows, H_out]
     scatter_add_rows(
-        ys, batch.token_order, d.view(span * rows, -1).index_select(0, batch.dense_index), batch.token_rank
+        ys, batch.token_order, d.view(span * rows, -1).index_select(0, layout.index), batch.token_rank
     )
+
+
+def _add_dense_rows(ys: torch.Tensor, d: torch.Tensor, layout: DenseLayout) -> None:
+    # d: [span, H_out], row j the update of the one token of slot lo + j (layout.tokens[j])
+    if layout.in_order:
+        ys.add_(d)
+    elif layout.slot_of is not None:
+        ys.add_(d.index_select(0, layout.slot_of))
+    else:
+        scatter_add_rows(ys, layout.tokens, d)
 
 
 def scatter_add_rows(
@@ -190,7 +195,7 @@ def add_lora_packed_cpu(
     lora_a: torch.Tensor,
     lora_bs: tuple[torch.Tensor, ...],
     scales: torch.Tensor,
-    batch: LoraBatch,
+    batch: SegmentPlan,
     out_offsets: tuple[int, ...],
 ) -> bool:
     """A fused projection's update with one shrink over the packed bank, where that is possible without
@@ -209,19 +214,14 @@ def add_lora_packed_cpu(
             ys = y[:, off : off + b.shape[1]]
             ys.addmm_(v[:, i * r_max : (i + 1) * r_max], b[s].T, alpha=float(scales[i, s]))
         return True
-    if strategy != "dense" or batch.dense_tokens is None:
+    layout = batch.dense
+    if strategy != "dense" or layout.tokens is None:
         return False
-    lo, span = batch.dense_lo, batch.dense_span
-    xs = x if batch.dense_in_order else x.index_select(0, batch.dense_tokens)
+    lo, span = layout.lo, layout.span
+    xs = x if layout.in_order else x.index_select(0, layout.tokens)
     v = torch.bmm(xs.unsqueeze(1), lora_a[lo : lo + span].transpose(1, 2))  # [span, 1, n·R]
     for i, (b, off) in enumerate(zip(lora_bs, out_offsets, strict=True)):
         vi = v[:, :, i * r_max : (i + 1) * r_max] * scales[i, lo : lo + span].to(v.dtype).view(-1, 1, 1)
         d = torch.bmm(vi, b[lo : lo + span].transpose(1, 2)).squeeze(1)  # [span, H_i]
-        ys = y[:, off : off + b.shape[1]]
-        if batch.dense_in_order:
-            ys.add_(d)
-        elif batch.dense_slot_of is not None:
-            ys.add_(d.index_select(0, batch.dense_slot_of))
-        else:
-            scatter_add_rows(ys, batch.dense_tokens, d)
+        _add_dense_rows(y[:, off : off + b.shape[1]], d, layout)
     return True

@@ -7,7 +7,7 @@ a decode batch of 32 rows on 32 distinct adapters wastes no ``tl.dot`` rows (whi
 Mixed ranks: the rank is read per slot; shrink programs past ``r`` exit and expand loops over the rank only
 up to ``r``, so each row moves its own adapter's rank worth of bytes (per-slot rank, as in S-LoRA).
 Rows are written in the same slot order as the SGMV kernels, so the two families share the v buffer.
-A row whose slot is -1 (or an empty slot) exits at once: a graph-safe plan (``make_rows_batch``) passes every
+A row whose slot is -1 (or an empty slot) exits at once: a graph-safe plan (``RowsPlan``) passes every
 row of a fixed-size decode batch in its own order, so the grid and the arguments never depend on host data.
 """
 

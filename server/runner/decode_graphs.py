@@ -9,8 +9,9 @@ null block, one visible key (finite, because every block is zeroed before use), 
 null block's first slot, slot -1 (no adapter); their outputs are dropped.
 
 Nothing in the captured step reads a device value back to the host: attention masks are built from the
-length buffer on the device, and the LoRA update uses the graph-safe rows plan (``make_rows_batch``: slot
-ids and ranks read by the kernels at run time, so installing an adapter into a slot needs no new capture).
+length buffer on the device, and the LoRA update uses the graph-safe rows plan (``TritonBackend.graph_plan``,
+a ``RowsPlan``: slot ids and ranks read by the kernels at run time, so installing an adapter into a slot needs
+no new capture).
 The only synchronisation left in a decode step is the engine reading the sampled tokens.
 
 On CPU the same path runs eagerly (``capture=False``): it is how the tests check that padding and

@@ -95,11 +95,9 @@ class HFRunner(nn.Module):
         ctx = self.lora_ctx
         saved = ctx.batch if ctx is not None else None
         if saved is not None:  # the step's slots, moved to the padded token order
-            from hotlora.kernels import make_lora_batch
-
             padded = torch.full((num_rows * width,), -1, dtype=torch.int64, device=dev)
             padded[flat] = saved.token_slots
-            ctx.batch = make_lora_batch(padded, saved.slot_ranks)
+            ctx.batch = ctx.backend.plan(padded, saved.slot_ranks)
         try:
             out = self._decoder(
                 input_ids=ids,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from hotlora.kernels import make_lora_batch
+from hotlora.kernels import LoraBackend
 
 POPULARITY = ("distinct", "uniform", "zipf", "identical", "skewed")
 MIXED_RANKS = (4, 8, 16, 64, 0, 16)  # slot 4 is empty: its tokens must get nothing
@@ -28,8 +28,8 @@ class LoraCase:
     token_slots: torch.Tensor  # [T]
     slot_ranks: torch.Tensor  # [S]
 
-    def batch(self):
-        return make_lora_batch(self.token_slots, self.slot_ranks)
+    def plan(self, backend: LoraBackend):
+        return backend.plan(self.token_slots, self.slot_ranks)
 
 
 def popularity_slots(pattern: str, num_tokens: int, num_slots: int, gen: torch.Generator) -> torch.Tensor:

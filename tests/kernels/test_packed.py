@@ -10,8 +10,6 @@ from hotlora.kernels import (
     TorchReferenceBackend,
     TritonBackend,
     add_lora_packed_reference,
-    make_lora_batch,
-    make_rows_batch,
 )
 
 from .lora_cases import assert_matches_reference
@@ -75,7 +73,7 @@ def make_packed(slots, ranks, dtype=torch.float32, h_in=32, seed=0, pad=(0, 0)) 
 
 def run(backend, case: PackedCase, batch=None) -> torch.Tensor:
     y = case.y.clone()
-    batch = batch or make_lora_batch(case.slots, case.ranks)
+    batch = batch or backend.plan(case.slots, case.ranks)
     backend.add_lora_packed(y, case.x, case.a, case.bs, case.scales, batch, case.offsets)
     return y.cpu()
 
@@ -110,19 +108,21 @@ def test_packed_matches_per_slice_reference(backend, name):
 def test_packed_rows_plan_on_triton(dtype):
     pytest.importorskip("triton")
     case = make_packed([3, -1, 0, 5, 3, 1, 4, 2], [4, 8, 16, 2, 0, 12], dtype=dtype)
-    batch = make_rows_batch(case.slots, case.ranks.to(DEVICE), R)
-    assert_matches_reference(run(TritonBackend(), case, batch), case.expected())
+    backend = TritonBackend()
+    batch = backend.graph_plan(case.slots, case.ranks.to(DEVICE), R)
+    assert_matches_reference(run(backend, case, batch), case.expected())
 
 
 def test_packed_rows_plan_on_cpu_backend():
     case = make_packed([3, -1, 0, 5, 3, 1, 4, 2], [4, 8, 16, 2, 0, 12])
-    batch = make_rows_batch(case.slots, case.ranks.to(DEVICE), R)
-    assert_matches_reference(run(CpuBackend(), case, batch), case.expected())
+    backend = CpuBackend()
+    batch = backend.graph_plan(case.slots, case.ranks.to(DEVICE), R)
+    assert_matches_reference(run(backend, case, batch), case.expected())
 
 
 def test_packed_shapes_are_checked():
     case = make_packed([0, 1], [R, R])
-    batch = make_lora_batch(case.slots, case.ranks)
+    batch = CpuBackend().plan(case.slots, case.ranks)
     with pytest.raises(ValueError, match="one output offset per B slice"):
         CpuBackend().add_lora_packed(case.y, case.x, case.a, case.bs, case.scales, batch, case.offsets[:2])
     with pytest.raises(ValueError, match=r"scales must be \[n=3"):
@@ -135,8 +135,9 @@ def test_wrong_packed_layout_is_caught():
     wrong = case.a.clone()
     wrong[:, R : R + 8] = case.a[:, 8:16]  # k's rows moved where q's padding was
     y = case.y.clone()
-    CpuBackend().add_lora_packed(
-        y, case.x, wrong, case.bs, case.scales, make_lora_batch(case.slots, case.ranks), case.offsets
+    backend = CpuBackend()
+    backend.add_lora_packed(
+        y, case.x, wrong, case.bs, case.scales, backend.plan(case.slots, case.ranks), case.offsets
     )
     with pytest.raises(AssertionError):
         assert_matches_reference(y.cpu(), case.expected())

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hotlora.kernels import CpuBackend, TorchReferenceBackend, get_backend, make_lora_batch
+from hotlora.kernels import CpuBackend, TorchReferenceBackend, get_backend
 from hotlora.kernels.cpu import choose_cpu_strategy
 
 from .lora_cases import POPULARITY, assert_matches_reference, make_case, popularity_slots
@@ -13,15 +13,14 @@ STRATEGIES = (None, "segments", "bmm", "dense")
 
 def expected_of(case, out_offset=0):
     y = case.y.clone()
-    TorchReferenceBackend().add_lora(
-        y, case.x, case.lora_a, case.lora_b, case.scales, case.batch(), out_offset
-    )
+    ref = TorchReferenceBackend()
+    ref.add_lora(y, case.x, case.lora_a, case.lora_b, case.scales, case.plan(ref), out_offset)
     return y
 
 
 def result_of(backend, case, out_offset=0):
     y = case.y.clone()
-    backend.add_lora(y, case.x, case.lora_a, case.lora_b, case.scales, case.batch(), out_offset)
+    backend.add_lora(y, case.x, case.lora_a, case.lora_b, case.scales, case.plan(backend), out_offset)
     return y
 
 
@@ -79,10 +78,10 @@ def test_cpu_updates_non_contiguous_y_views_in_place(strategy):
     wide = torch.zeros(8, 100)
     wide[:, 10:82] = case.y
     backend = CpuBackend(strategy)
-    backend.add_lora(wide[:, 10:82], case.x, case.lora_a, case.lora_b, case.scales, case.batch())
+    backend.add_lora(wide[:, 10:82], case.x, case.lora_a, case.lora_b, case.scales, case.plan(backend))
     assert_matches_reference(wide[:, 10:82], want)
     column_major = case.y.T.contiguous().T  # stride (1, T)
-    backend.add_lora(column_major, case.x, case.lora_a, case.lora_b, case.scales, case.batch())
+    backend.add_lora(column_major, case.x, case.lora_a, case.lora_b, case.scales, case.plan(backend))
     assert_matches_reference(column_major, want)
 
 
@@ -96,29 +95,29 @@ def test_cpu_at_model_hidden_sizes(h_in, h_out):
 
 def test_all_base_only_leaves_y_untouched():
     case = make_case(torch.full((6,), -1))
-    batch = case.batch()
-    assert not batch.has_lora
     for backend in (CpuBackend(), TorchReferenceBackend()):
+        assert not case.plan(backend).has_lora
         assert torch.equal(result_of(backend, case), case.y)
 
 
 def test_one_adapter_for_every_token_takes_the_single_slot_path():
     case = make_case(torch.full((9,), 3))
-    assert choose_cpu_strategy(case.batch()) == "single"
+    assert choose_cpu_strategy(case.plan(CpuBackend())) == "single"
     assert_matches_reference(result_of(CpuBackend(), case), expected_of(case))
 
 
 def test_strategy_follows_batch_shape():
     ranks = torch.full((32,), 16)
+    plan = CpuBackend().plan
     # decode, 32 adapters in a full slot range: bank views, no gather
-    assert choose_cpu_strategy(make_lora_batch(torch.arange(32), ranks)) == "dense"
+    assert choose_cpu_strategy(plan(torch.arange(32), ranks)) == "dense"
     # decode, scattered slots or mixed ranks: gather + bmm
-    assert choose_cpu_strategy(make_lora_batch(torch.arange(0, 32, 4), ranks)) == "bmm"
+    assert choose_cpu_strategy(plan(torch.arange(0, 32, 4), ranks)) == "bmm"
     mixed = ranks.clone()
     mixed[1] = 4
-    assert choose_cpu_strategy(make_lora_batch(torch.arange(32), mixed)) == "bmm"
+    assert choose_cpu_strategy(plan(torch.arange(32), mixed)) == "bmm"
     prefill = torch.arange(8).repeat_interleave(128)
-    assert choose_cpu_strategy(make_lora_batch(prefill, ranks)) == "segments"
+    assert choose_cpu_strategy(plan(prefill, ranks)) == "segments"
 
 
 @pytest.mark.parametrize("context", [torch.inference_mode, torch.no_grad])
@@ -150,6 +149,6 @@ def test_comparison_catches_a_wrong_update():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dense_strategy_is_taken_and_matches_reference(slots, dtype):
     case = make_case(torch.tensor(slots), dtype=dtype, ranks=(8,) * 8)
-    batch = make_lora_batch(case.token_slots, case.slot_ranks)
-    assert batch.dense_index is not None and choose_cpu_strategy(batch) == "dense"
+    plan = case.plan(CpuBackend())
+    assert plan.dense is not None and choose_cpu_strategy(plan) == "dense"
     assert_matches_reference(result_of(CpuBackend("dense"), case), expected_of(case))

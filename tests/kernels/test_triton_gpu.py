@@ -7,7 +7,7 @@ replayed with new slots and newly installed adapters.
 
 import pytest
 import torch
-from hotlora.kernels import TritonBackend, make_lora_batch, make_rows_batch
+from hotlora.kernels import TritonBackend
 
 from .lora_cases import MIXED_RANKS, make_case, popularity_slots
 
@@ -48,12 +48,13 @@ def test_model_scale_against_fp64(kernel, h_in, h_out, dtype):
     want = delta_reference(x, a, b, case.scales, slots, case.slot_ranks)
     y = torch.zeros_like(case.y)  # the delta alone, so its rounding is all that is compared
     ranks = case.slot_ranks.cuda()
+    backend = TritonBackend(None if kernel == "rows" else kernel)
     batch = (
-        make_rows_batch(case.token_slots, ranks, a.shape[1])
+        backend.graph_plan(case.token_slots, ranks, a.shape[1])
         if kernel == "rows"
-        else make_lora_batch(case.token_slots, case.slot_ranks)
+        else backend.plan(case.token_slots, case.slot_ranks)
     )
-    TritonBackend(None if kernel == "rows" else kernel).add_lora(y, x, a, b, case.scales, batch)
+    backend.add_lora(y, x, a, b, case.scales, batch)
     assert not torch.isnan(y).any(), "NaN: padding beyond a slot's rank was read"
     assert rel_err(y, want) < REL_TOL[dtype]
     # accumulates into y (not overwrites), base-only rows untouched
@@ -80,7 +81,7 @@ def test_rows_plan_captured_as_a_cuda_graph_follows_new_slots_and_installs():
     x = torch.randn(rows, h_in, device="cuda", dtype=dt)
     y = torch.zeros(rows, h_out, device="cuda", dtype=dt)
     backend = TritonBackend()
-    batch = make_rows_batch(slots_buf, ranks, r_max)
+    batch = backend.graph_plan(slots_buf, ranks, r_max)
 
     def step():
         y.zero_()

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from hotlora.kernels import TorchReferenceBackend, TritonBackend, make_lora_batch, make_rows_batch
+from hotlora.kernels import TorchReferenceBackend, TritonBackend
 
 from .lora_cases import POPULARITY, assert_matches_reference, make_case, popularity_slots
 
@@ -16,15 +16,15 @@ KERNELS = ("sgmv", "bgmv")
 def expected_of(case, out_offset=0):
     y = case.y.cpu().clone()
     cpu = [t.cpu() for t in (case.x, case.lora_a, case.lora_b, case.scales)]
-    TorchReferenceBackend().add_lora(
-        y, *cpu, make_lora_batch(case.token_slots.cpu(), case.slot_ranks), out_offset
-    )
+    ref = TorchReferenceBackend()
+    ref.add_lora(y, *cpu, ref.plan(case.token_slots.cpu(), case.slot_ranks), out_offset)
     return y
 
 
 def result_of(kernel, case, out_offset=0):
     y = case.y.clone()
-    TritonBackend(kernel).add_lora(y, case.x, case.lora_a, case.lora_b, case.scales, case.batch(), out_offset)
+    backend = TritonBackend(kernel)
+    backend.add_lora(y, case.x, case.lora_a, case.lora_b, case.scales, case.plan(backend), out_offset)
     return y.cpu()
 
 
@@ -60,9 +60,8 @@ def test_writes_only_its_output_column_slice_of_a_strided_view(kernel):
     want = expected_of(case)
     wide = torch.full((16, 100), 7.0, device=DEVICE)
     wide[:, 10:82] = case.y
-    TritonBackend(kernel).add_lora(
-        wide[:, 3:90], case.x, case.lora_a, case.lora_b, case.scales, case.batch(), 7
-    )
+    backend = TritonBackend(kernel)
+    backend.add_lora(wide[:, 3:90], case.x, case.lora_a, case.lora_b, case.scales, case.plan(backend), 7)
     assert_matches_reference(wide[:, 10:82].cpu(), want)
     assert (wide[:, :10] == 7).all() and (wide[:, 82:] == 7).all()
 
@@ -97,8 +96,8 @@ def test_sgmv_skips_empty_segments():
 def test_default_kernel_follows_segment_length():
     ranks = torch.full((32,), 16)
     backend = TritonBackend()
-    assert backend.choose_kernel(make_lora_batch(torch.arange(32), ranks)) == "bgmv"
-    assert backend.choose_kernel(make_lora_batch(torch.arange(8).repeat_interleave(128), ranks)) == "sgmv"
+    assert backend.choose_kernel(backend.plan(torch.arange(32), ranks)) == "bgmv"
+    assert backend.choose_kernel(backend.plan(torch.arange(8).repeat_interleave(128), ranks)) == "sgmv"
 
 
 @pytest.mark.parametrize("context", [torch.inference_mode, torch.no_grad])
@@ -114,20 +113,22 @@ def test_comparison_catches_a_wrong_kernel():
     """A kernel that ignored the per-slot rank (used r = 4 for every slot) must be caught."""
     case = make_case(torch.tensor([0, 1, 2, 3, 3, 5]), device=DEVICE)
     want = expected_of(case)
-    truncated = make_lora_batch(case.token_slots, torch.tensor([4, 4, 4, 4, 0, 4]))
+    backend = TritonBackend("sgmv")
+    truncated = backend.plan(case.token_slots, torch.tensor([4, 4, 4, 4, 0, 4]))
     y = case.y.clone()
-    TritonBackend("sgmv").add_lora(y, case.x, case.lora_a, case.lora_b, case.scales, truncated)
+    backend.add_lora(y, case.x, case.lora_a, case.lora_b, case.scales, truncated)
     with pytest.raises(AssertionError, match="exceeds tolerance"):
         assert_matches_reference(y.cpu(), want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_graph_safe_rows_plan_matches_reference(dtype):
-    """make_rows_batch: unsorted rows, base-only rows (-1), an empty slot and mixed ranks, planned with no
-    host sync and a grid sized by the bank's R_max; padding beyond each rank is NaN and must not be read."""
+    """The graph plan (RowsPlan): unsorted rows, base-only rows (-1), an empty slot and mixed ranks, planned
+    with no host sync and a grid sized by the bank's R_max; padding beyond each rank is NaN and must not be
+    read."""
     slots = torch.tensor([3, -1, 0, 5, 3, -1, 1, 0, 2, 4, 3, 5])
     case = make_case(slots, dtype=dtype, device=DEVICE)
-    batch = make_rows_batch(case.token_slots, case.slot_ranks.to(DEVICE), case.lora_a.shape[1])
+    batch = TritonBackend().graph_plan(case.token_slots, case.slot_ranks.to(DEVICE), case.lora_a.shape[1])
     assert TritonBackend().choose_kernel(batch) == "bgmv"
     y = case.y.clone()
     TritonBackend().add_lora(y, case.x, case.lora_a, case.lora_b, case.scales, batch)
@@ -142,4 +143,4 @@ def test_rows_plan_refuses_host_ranks_for_the_kernels():
     if DEVICE == "cpu":
         pytest.skip("on CPU both live on the host")
     with pytest.raises(ValueError, match="share a device"):
-        make_rows_batch(case.token_slots, case.slot_ranks.cpu(), 64)
+        TritonBackend().graph_plan(case.token_slots, case.slot_ranks.cpu(), 64)

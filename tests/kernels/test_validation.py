@@ -1,8 +1,8 @@
-"""Launchers, backends and make_lora_batch reject bad arguments with a message saying what was wrong."""
+"""Launchers, backends and their plans reject bad arguments with a message saying what was wrong."""
 
 import pytest
 import torch
-from hotlora.kernels import CpuBackend, TritonBackend, make_lora_batch
+from hotlora.kernels import CpuBackend, TorchReferenceBackend, TritonBackend
 
 from .lora_cases import make_case
 
@@ -17,7 +17,8 @@ def case():
 
 
 def call(backend, case, **override):
-    batch = override.pop("batch", None) or case.batch()
+    slots, ranks = override.pop("slots", (case.token_slots, case.slot_ranks))
+    batch = backend.plan(slots, ranks)
     args = dict(y=case.y, x=case.x, lora_a=case.lora_a, lora_b=case.lora_b, scales=case.scales)
     args.update(override)
     backend.add_lora(args["y"], args["x"], args["lora_a"], args["lora_b"], args["scales"], batch, 0)
@@ -35,7 +36,7 @@ def call(backend, case, **override):
         (lambda c: {"scales": c.scales.half()}, r"scales must be \[S=6\] float32"),
         (lambda c: {"x": c.x.half()}, "must share one dtype"),
         (lambda c: {"x": c.x.int(), "y": c.y.int()}, "x dtype must be one of"),
-        (lambda c: {"batch": make_lora_batch(torch.tensor([0, 1, 2, 3, 5]), torch.full((4,), 4))}, "4 slots"),
+        (lambda c: {"slots": (torch.tensor([0, 1, 2, 3, 5]), torch.full((4,), 4))}, "4 slots"),
         (lambda c: {"y": c.y[:, :10]}, r"output slice \[0, 72\) does not fit"),
     ],
 )
@@ -69,7 +70,7 @@ def test_launchers_check_index_tensors_and_the_v_buffer(case):
     from hotlora.kernels.triton_bgmv import bgmv_shrink
     from hotlora.kernels.triton_sgmv import sgmv_shrink
 
-    b = case.batch()
+    b = case.plan(TritonBackend())
     v = torch.empty(b.num_lora_tokens, 64, device=DEVICE)
     with pytest.raises(ValueError, match="v must be"):
         bgmv_shrink(v.half(), case.x, case.lora_a, b.token_order, b.sorted_slots, b.slot_ranks, 16)
@@ -113,6 +114,7 @@ def test_launchers_check_index_tensors_and_the_v_buffer(case):
         (torch.tensor([0, 1]), torch.tensor([8, -1, 8, 8]), "slot_ranks must be >= 0"),
     ],
 )
-def test_make_lora_batch_rejects_bad_slots(slots, ranks, match):
+@pytest.mark.parametrize("backend", [CpuBackend(), TritonBackend(), TorchReferenceBackend()], ids=str)
+def test_plan_rejects_bad_slots(backend, slots, ranks, match):
     with pytest.raises(ValueError, match=match):
-        make_lora_batch(slots, ranks)
+        backend.plan(slots, ranks)
