@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import re
 import tempfile
 import threading
 import time
@@ -25,8 +24,8 @@ from finetune import machine, pct  # benchmarks/finetune.py, beside this script
 from hotlora.server.app import HotloraServer
 from hotlora.server.config import ServerConfig
 from hotlora.v1 import common_pb2, inference_pb2, inference_pb2_grpc, training_pb2, training_pb2_grpc
+from results_file import write_lines  # benchmarks/results_file.py
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 DATA = Path(__file__).parents[1] / "tests" / "e2e" / "data" / "reviews.jsonl"
 POOL, HELD_OUT = 240, 90
 METHODS = ("AUTO", "HEAD_ONLY", "LORA", "LORA_PROGRESSIVE")
@@ -203,15 +202,7 @@ def main() -> None:
 
 
 def write_results(lines: list[str]) -> None:
-    section = "## Adaptation\n\n" + "\n".join(lines) + "\n"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(r"## Adaptation\n.*?(?=^## |\Z)", re.S | re.M)
-    text = (
-        pattern.sub(lambda _: section + "\n", text)
-        if pattern.search(text)
-        else text.rstrip() + "\n\n" + section
-    )
-    RESULTS.write_text(text.rstrip() + "\n")
+    write_lines("Adaptation", lines)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import statistics
 import tempfile
 import threading
@@ -43,6 +42,7 @@ from hotlora.v1 import (
     inference_pb2,
     inference_pb2_grpc,
 )
+from results_file import RESULTS, write_section  # benchmarks/results_file.py
 from safetensors.torch import save as st_save
 
 NEW_TOKENS = 32
@@ -56,7 +56,6 @@ MODULES = {
     "up_proj": "mlp",
     "down_proj": "mlp",
 }
-RESULTS = Path(__file__).with_name("RESULTS.md")
 TOPICS = [
     "a lighthouse",
     "a robot",
@@ -304,13 +303,7 @@ def machine() -> str:
 
 
 def write_results(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(r"^## Adapters\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text.rstrip("\n") + "\n")
+    write_section("Adapters", section)
 
 
 def main() -> None:

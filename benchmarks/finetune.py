@@ -21,8 +21,8 @@ import grpc
 from hotlora.server.app import HotloraServer
 from hotlora.server.config import ServerConfig
 from hotlora.v1 import common_pb2, inference_pb2, inference_pb2_grpc, training_pb2, training_pb2_grpc
+from results_file import write_lines  # benchmarks/results_file.py
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 DATA = Path(__file__).parents[1] / "tests" / "e2e" / "data" / "topics.jsonl"
 PROMPTS = ["Tell me a fact about the sea.", "What is a good breakfast?", "Name a planet.", "Say hello."]
 TERMINAL = {
@@ -164,15 +164,7 @@ def main() -> None:
 
 
 def write_results(lines: list[str]) -> None:
-    section = "## Fine-tuning\n\n" + "\n".join(lines) + "\n"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(r"## Fine-tuning\n.*?(?=^## |\Z)", re.S | re.M)
-    text = (
-        pattern.sub(lambda _: section + "\n", text)
-        if pattern.search(text)
-        else text.rstrip() + "\n\n" + section
-    )
-    RESULTS.write_text(text.rstrip() + "\n")
+    write_lines("Fine-tuning", lines)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import argparse
 import datetime
 import os
 import platform
-import re
 import tempfile
 import threading
 import time
@@ -30,10 +29,10 @@ import torch
 from hotlora.server.app import HotloraServer
 from hotlora.server.config import ServerConfig, default_cache_dir
 from hotlora.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from results_file import RESULTS, write_section  # benchmarks/results_file.py
 
 NEW_TOKENS = 32
 STREAMS = (1, 8, 32)
-RESULTS = Path(__file__).with_name("RESULTS.md")
 TOPICS = [
     "a lighthouse keeper",
     "a lost robot",
@@ -153,17 +152,6 @@ def hf_static_batch(model, tokenizer, prompts: list[str]) -> tuple[float, int]:
 
 
 # ---- report -----------------------------------------------------------------------------
-
-
-def write_section(title: str, section: str) -> None:
-    """Replace the `## {title}` section of RESULTS.md with `section` (or append it)."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text.rstrip("\n") + "\n")
 
 
 def write_results(section: str) -> None:
