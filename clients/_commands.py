@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -187,12 +188,17 @@ def cmd_adapters_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def _show_adapter(args: argparse.Namespace, adapter: Any) -> int:
+def _show(args: argparse.Namespace, message: Any, details: Callable[[Any], Any]) -> int:
+    """One message as JSON (--json) or as the `details(message)` pairs."""
     if getattr(args, "json", False):
-        r.print_json(adapter)
+        r.print_json(message)
     else:
-        r.print_pairs(r.adapter_details(adapter))
+        r.print_pairs(details(message))
     return 0
+
+
+def _show_adapter(args: argparse.Namespace, adapter: Any) -> int:
+    return _show(args, adapter, r.adapter_details)
 
 
 def cmd_adapters_show(args: argparse.Namespace) -> int:
@@ -206,11 +212,7 @@ def cmd_adapters_evaluate(args: argparse.Namespace) -> int:
         resp = client.evaluate_adapter(
             args.ref, examples, job_id=args.job, task=args.task, use_chat_template=args.chat_template
         )
-    if args.json:
-        r.print_json(resp)
-    else:
-        r.print_pairs(r.evaluation_details(resp))
-    return 0
+    return _show(args, resp, r.evaluation_details)
 
 
 def cmd_adapters_delete(args: argparse.Namespace) -> int:
@@ -334,11 +336,7 @@ def cmd_finetune_list(args: argparse.Namespace) -> int:
 def cmd_finetune_show(args: argparse.Namespace) -> int:
     with _client(args) as client:
         job = client.get_finetune(args.id)
-    if args.json:
-        r.print_json(job)
-    else:
-        r.print_pairs(r.job_details(job))
-    return 0
+    return _show(args, job, r.job_details)
 
 
 def cmd_finetune_cancel(args: argparse.Namespace) -> int:
