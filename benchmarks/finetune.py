@@ -77,13 +77,14 @@ def time_to_servable(training, inference, name: str, method) -> tuple[float, str
     return seconds, f"{job.metrics.metric_name} {job.metrics.validation_metric:.2f}"
 
 
-def latencies(inference, n: int) -> list[float]:
+def latencies(inference, n: int, new_tokens: int = 8) -> list[float]:
+    """Seconds of each of `n` sequential Generate calls of `new_tokens` tokens."""
     out = []
     for i in range(n):
         t0 = time.perf_counter()
         inference.Generate(
             inference_pb2.GenerateRequest(
-                prompt=PROMPTS[i % len(PROMPTS)], params=common_pb2.SamplingParams(max_new_tokens=8)
+                prompt=PROMPTS[i % len(PROMPTS)], params=common_pb2.SamplingParams(max_new_tokens=new_tokens)
             ),
             timeout=120,
         )
