@@ -179,12 +179,17 @@ def cmd_adapters_upload(args: argparse.Namespace) -> int:
 def cmd_adapters_list(args: argparse.Namespace) -> int:
     with _client(args) as client:
         resp = client.list_adapters(args.prefix, args.all_versions)
+    return _list(args, list(resp.adapters), r.adapters_table, "no adapters")
+
+
+def _list(args: argparse.Namespace, items: list[Any], table: Callable[[list[Any]], Any], none: str) -> int:
+    """Messages as a JSON list (--json), `none` when there are none, else as `table(items)`."""
     if args.json:
-        r.print_json([r.to_dict(a) for a in resp.adapters])
-    elif not resp.adapters:
-        sys.stdout.write("no adapters\n")
+        r.print_json([r.to_dict(item) for item in items])
+    elif not items:
+        sys.stdout.write(none + "\n")
     else:
-        r.stdout_console().print(r.adapters_table(list(resp.adapters)))
+        r.stdout_console().print(table(items))
     return 0
 
 
@@ -324,13 +329,7 @@ def cmd_finetune_watch(args: argparse.Namespace) -> int:
 def cmd_finetune_list(args: argparse.Namespace) -> int:
     with _client(args) as client:
         resp = client.list_finetunes()
-    if args.json:
-        r.print_json([r.to_dict(j) for j in resp.jobs])
-    elif not resp.jobs:
-        sys.stdout.write("no fine-tune jobs\n")
-    else:
-        r.stdout_console().print(r.jobs_table(list(resp.jobs)))
-    return 0
+    return _list(args, list(resp.jobs), r.jobs_table, "no fine-tune jobs")
 
 
 def cmd_finetune_show(args: argparse.Namespace) -> int:
