@@ -183,11 +183,7 @@ def main() -> None:
     ]
     print("\n".join(lines))
     if not args.no_write:
-        write_results(lines)
-
-
-def write_results(lines: list[str]) -> None:
-    write_lines("Adaptation", lines)
+        write_lines("Adaptation", lines)
 
 
 if __name__ == "__main__":

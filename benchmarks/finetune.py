@@ -161,11 +161,7 @@ def main() -> None:
     ]
     print("\n".join(lines))
     if not args.no_write:
-        write_results(lines)
-
-
-def write_results(lines: list[str]) -> None:
-    write_lines("Fine-tuning", lines)
+        write_lines("Fine-tuning", lines)
 
 
 if __name__ == "__main__":

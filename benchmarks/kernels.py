@@ -160,10 +160,6 @@ def run_device(device: torch.device, dtype: torch.dtype) -> list[str]:
     return lines
 
 
-def write_results(lines: list[str]) -> None:
-    write_lines("Kernels", lines)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -194,7 +190,7 @@ def main() -> None:
         if torch.cuda.is_available():
             for dtype in (torch.float16, torch.bfloat16):
                 lines += [""] + run_device(torch.device("cuda"), dtype)
-    write_results(lines)
+    write_lines("Kernels", lines)
     print(f"\nwritten to {RESULTS}")
 
 
