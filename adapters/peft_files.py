@@ -12,10 +12,10 @@ from hotlora.adapters.errors import InvalidArgument, ResourceExhausted
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-# `save_pretrained` writes a model card; accepted and kept, never interpreted.
 RECORD_FILE = "hotlora_training.json"
 """A fine-tuned version's examples and validation (adapters/training_record.py): stored with the version,
 never part of its PEFT directory; an upload that carries one has it dropped."""
+# `save_pretrained` writes a model card (README.md); accepted and kept, never interpreted.
 IGNORED_FILES = frozenset({"README.md", RECORD_FILE})
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 KEY_PREFIX = "base_model.model."
