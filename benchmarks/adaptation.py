@@ -14,23 +14,21 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import re
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import grpc
-from finetune import machine, pct  # benchmarks/finetune.py, beside this script
+from finetune import latencies, machine, pct  # benchmarks/finetune.py, beside this script
 from hotlora.server.app import HotloraServer
 from hotlora.server.config import ServerConfig
-from hotlora.v1 import common_pb2, inference_pb2, inference_pb2_grpc, training_pb2, training_pb2_grpc
+from hotlora.v1 import common_pb2, inference_pb2_grpc, training_pb2, training_pb2_grpc
+from results_file import write_lines  # benchmarks/results_file.py
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 DATA = Path(__file__).parents[1] / "tests" / "e2e" / "data" / "reviews.jsonl"
 POOL, HELD_OUT = 240, 90
 METHODS = ("AUTO", "HEAD_ONLY", "LORA", "LORA_PROGRESSIVE")
-PROMPTS = ["Tell me a fact about the sea.", "What is a good breakfast?", "Name a planet.", "Say hello."]
 
 
 def reviews() -> tuple[list[training_pb2.Example], list[training_pb2.Example]]:
@@ -84,20 +82,6 @@ def compare_methods(training, sizes: list[int], methods: tuple[str, ...]) -> lis
     return lines
 
 
-def latencies(inference, n: int) -> list[float]:
-    out = []
-    for i in range(n):
-        t0 = time.perf_counter()
-        inference.Generate(
-            inference_pb2.GenerateRequest(
-                prompt=PROMPTS[i % len(PROMPTS)], params=common_pb2.SamplingParams(max_new_tokens=16)
-            ),
-            timeout=120,
-        )
-        out.append(time.perf_counter() - t0)
-    return out
-
-
 def steps_per_second(training, job_id: str, seconds: float) -> float:
     ref = common_pb2.JobRef(id=job_id)
     first = training.GetFineTune(ref).metrics.step
@@ -107,8 +91,8 @@ def steps_per_second(training, job_id: str, seconds: float) -> float:
 
 def co_serving(training, inference, requests: int) -> list[str]:
     pool, held_out = reviews()
-    latencies(inference, 4)  # warm-up
-    idle = latencies(inference, requests)
+    latencies(inference, 4, new_tokens=16)  # warm-up
+    idle = latencies(inference, requests, new_tokens=16)
     req = training_pb2.FineTuneRequest(
         adapter="busy",
         task=common_pb2.TASK_SEQ_CLS,
@@ -125,7 +109,7 @@ def co_serving(training, inference, requests: int) -> list[str]:
     rate: list[float] = []
     meter = threading.Thread(target=lambda: rate.append(steps_per_second(training, job.id, 15.0)))
     meter.start()
-    busy = latencies(inference, requests)
+    busy = latencies(inference, requests, new_tokens=16)
     meter.join()
     state = training.GetFineTune(ref).state
     training.CancelFineTune(ref)
@@ -199,19 +183,7 @@ def main() -> None:
     ]
     print("\n".join(lines))
     if not args.no_write:
-        write_results(lines)
-
-
-def write_results(lines: list[str]) -> None:
-    section = "## Adaptation\n\n" + "\n".join(lines) + "\n"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(r"## Adaptation\n.*?(?=^## |\Z)", re.S | re.M)
-    text = (
-        pattern.sub(lambda _: section + "\n", text)
-        if pattern.search(text)
-        else text.rstrip() + "\n\n" + section
-    )
-    RESULTS.write_text(text.rstrip() + "\n")
+        write_lines("Adaptation", lines)
 
 
 if __name__ == "__main__":

@@ -25,15 +25,14 @@ import datetime
 import json
 import os
 import platform
-import re
 import statistics
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import grpc
 import torch
+from concurrent_calls import concurrently, streamed_tokens  # benchmarks/concurrent_calls.py
 from hotlora.server.app import HotloraServer
 from hotlora.server.config import ServerConfig, default_cache_dir
 from hotlora.v1 import (
@@ -43,6 +42,7 @@ from hotlora.v1 import (
     inference_pb2,
     inference_pb2_grpc,
 )
+from results_file import RESULTS, write_section  # benchmarks/results_file.py
 from safetensors.torch import save as st_save
 
 NEW_TOKENS = 32
@@ -56,7 +56,6 @@ MODULES = {
     "up_proj": "mlp",
     "down_proj": "mlp",
 }
-RESULTS = Path(__file__).with_name("RESULTS.md")
 TOPICS = [
     "a lighthouse",
     "a robot",
@@ -187,34 +186,16 @@ def prompt(i: int) -> str:
 
 def stream_all(stub, adapters: list[str], prompts: list[str], new_tokens: int) -> tuple[float, int]:
     """One GenerateStream per adapter ("" = base), all at once; (wall seconds, tokens received)."""
-    counts = [0] * len(adapters)
-    errors: list[BaseException] = []
-    start = threading.Barrier(len(adapters) + 1)
 
-    def one(i: int) -> None:
+    def one(i: int) -> int:
         req = inference_pb2.GenerateRequest(
             prompt=prompts[i],
             adapter=adapters[i],
             params=common_pb2.SamplingParams(max_new_tokens=new_tokens, ignore_eos=True),
         )
-        start.wait()
-        try:
-            for c in stub.GenerateStream(req, timeout=600):
-                counts[i] += len(c.token_ids)
-        except grpc.RpcError as exc:
-            errors.append(exc)
+        return streamed_tokens(stub.GenerateStream(req, timeout=600))
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(adapters))]
-    for t in threads:
-        t.start()
-    start.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - t0
-    if errors:
-        raise errors[0]
-    return wall, sum(counts)
+    return concurrently(one, len(adapters))
 
 
 def run_streams(stub, adapters: list[str]) -> float:
@@ -258,6 +239,14 @@ def peft_sequential(model_dir: Path, adapter_dirs: list[Path], requests: int) ->
     return tokens / wall, requests
 
 
+def first_token_seconds(stub, req) -> float:
+    """Seconds from sending `req` as a GenerateStream to its first chunk."""
+    t0 = time.perf_counter()
+    for _ in stub.GenerateStream(req, timeout=120):
+        break
+    return time.perf_counter() - t0
+
+
 def cold_start(adapters_stub, stub, cfg: dict, trials: int) -> list[float]:
     """Seconds from UploadAdapter returning to the first GenerateStream chunk, per trial."""
     out = []
@@ -265,27 +254,18 @@ def cold_start(adapters_stub, stub, cfg: dict, trials: int) -> list[float]:
         files = peft_files(cfg, seed=9000 + k)
         name = f"cold-{k}"
         adapters_stub.UploadAdapter(chunks(name, files), timeout=120)
-        t0 = time.perf_counter()
-        req = inference_pb2.GenerateRequest(
-            prompt=prompt(k), adapter=name, params=common_pb2.SamplingParams(max_new_tokens=1)
-        )
-        for _ in stub.GenerateStream(req, timeout=120):
-            out.append(time.perf_counter() - t0)
-            break
+        out.append(first_token_seconds(stub, first_token_request(k, name)))
     return out
 
 
 def warm_first_token(stub, adapter: str, trials: int) -> list[float]:
-    out = []
-    for k in range(trials):
-        t0 = time.perf_counter()
-        req = inference_pb2.GenerateRequest(
-            prompt=prompt(k), adapter=adapter, params=common_pb2.SamplingParams(max_new_tokens=1)
-        )
-        for _ in stub.GenerateStream(req, timeout=120):
-            out.append(time.perf_counter() - t0)
-            break
-    return out
+    return [first_token_seconds(stub, first_token_request(k, adapter)) for k in range(trials)]
+
+
+def first_token_request(k: int, adapter: str) -> inference_pb2.GenerateRequest:
+    return inference_pb2.GenerateRequest(
+        prompt=prompt(k), adapter=adapter, params=common_pb2.SamplingParams(max_new_tokens=1)
+    )
 
 
 # ---- report ------------------------------------------------------------------------------------------
@@ -304,13 +284,7 @@ def machine() -> str:
 
 
 def write_results(section: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(r"^## Adapters\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text.rstrip("\n") + "\n")
+    write_section("Adapters", section)
 
 
 def main() -> None:

@@ -36,11 +36,11 @@ import torch
 from hotlora.server.app import HotloraServer
 from hotlora.server.config import ServerConfig
 from hotlora.v1 import adapters_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc
-from serving import cpu_name, write_section  # benchmarks/serving.py
+from results_file import RESULTS, write_section  # benchmarks/results_file.py
+from serving import cpu_name  # benchmarks/serving.py
 
 from adapters import chunks, peft_files, stream_all  # benchmarks/adapters.py
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 NEW_TOKENS = 32
 ADAPTERS = 32
 TTFT_PROMPT = 512

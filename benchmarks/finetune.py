@@ -21,8 +21,8 @@ import grpc
 from hotlora.server.app import HotloraServer
 from hotlora.server.config import ServerConfig
 from hotlora.v1 import common_pb2, inference_pb2, inference_pb2_grpc, training_pb2, training_pb2_grpc
+from results_file import write_lines  # benchmarks/results_file.py
 
-RESULTS = Path(__file__).with_name("RESULTS.md")
 DATA = Path(__file__).parents[1] / "tests" / "e2e" / "data" / "topics.jsonl"
 PROMPTS = ["Tell me a fact about the sea.", "What is a good breakfast?", "Name a planet.", "Say hello."]
 TERMINAL = {
@@ -77,13 +77,14 @@ def time_to_servable(training, inference, name: str, method) -> tuple[float, str
     return seconds, f"{job.metrics.metric_name} {job.metrics.validation_metric:.2f}"
 
 
-def latencies(inference, n: int) -> list[float]:
+def latencies(inference, n: int, new_tokens: int = 8) -> list[float]:
+    """Seconds of each of `n` sequential Generate calls of `new_tokens` tokens."""
     out = []
     for i in range(n):
         t0 = time.perf_counter()
         inference.Generate(
             inference_pb2.GenerateRequest(
-                prompt=PROMPTS[i % len(PROMPTS)], params=common_pb2.SamplingParams(max_new_tokens=8)
+                prompt=PROMPTS[i % len(PROMPTS)], params=common_pb2.SamplingParams(max_new_tokens=new_tokens)
             ),
             timeout=120,
         )
@@ -160,19 +161,7 @@ def main() -> None:
     ]
     print("\n".join(lines))
     if not args.no_write:
-        write_results(lines)
-
-
-def write_results(lines: list[str]) -> None:
-    section = "## Fine-tuning\n\n" + "\n".join(lines) + "\n"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(r"## Fine-tuning\n.*?(?=^## |\Z)", re.S | re.M)
-    text = (
-        pattern.sub(lambda _: section + "\n", text)
-        if pattern.search(text)
-        else text.rstrip() + "\n\n" + section
-    )
-    RESULTS.write_text(text.rstrip() + "\n")
+        write_lines("Fine-tuning", lines)
 
 
 if __name__ == "__main__":

@@ -21,12 +21,12 @@ import argparse
 import json
 import statistics
 import tempfile
-import threading
 import time
 from importlib.metadata import version
 
 import grpc
 import openai
+from concurrent_calls import concurrently  # benchmarks/concurrent_calls.py
 from hotlora.server.app import HotloraServer
 from hotlora.server.config import ServerConfig
 from hotlora.v1 import common_pb2, inference_pb2, inference_pb2_grpc
@@ -42,31 +42,6 @@ TOPICS = ["a lighthouse", "a lost robot", "the river town", "a clockmaker", "the
           "an old sailor", "the mountain pass", "a painter", "the caravan", "a garden", "the market",
           "an astronomer", "the mill", "a circus", "the forest"]  # fmt: skip
 PROMPTS = [f"Describe {t} and the year it was founded, as JSON." for t in TOPICS]
-
-
-def concurrently(fn, n: int) -> tuple[float, int]:
-    """fn(i) -> tokens, for i in range(n) at once; (seconds, tokens)."""
-    counts = [0] * n
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(n + 1)
-
-    def one(i: int) -> None:
-        barrier.wait()
-        try:
-            counts[i] = fn(i)
-        except BaseException as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(n)]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
-    return time.perf_counter() - t0, sum(counts)
 
 
 def chat(c: openai.OpenAI, model: str, i: int, constrained: bool) -> int:

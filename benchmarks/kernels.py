@@ -19,11 +19,11 @@ import re
 import subprocess
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from hotlora.kernels import CpuBackend, TorchReferenceBackend, get_backend
+from results_file import RESULTS, write_lines  # benchmarks/results_file.py
 
 HIDDEN, INTERMEDIATE, KV_DIM = 576, 1536, 192
 MODULES = {  # name: (H_in, H_out)
@@ -36,7 +36,6 @@ MODULES = {  # name: (H_in, H_out)
     "down": (INTERMEDIATE, HIDDEN),
 }
 NUM_SLOTS, R_MAX = 32, 64  # a device bank sized for rank up to 64: rank-16 adapters sit zero-padded in it
-RESULTS = Path(__file__).with_name("RESULTS.md")
 
 
 @dataclass
@@ -161,18 +160,6 @@ def run_device(device: torch.device, dtype: torch.dtype) -> list[str]:
     return lines
 
 
-def write_results(lines: list[str]) -> None:
-    section = "## Kernels\n\n" + "\n".join(lines) + "\n"
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(r"## Kernels\n.*?(?=^## |\Z)", re.S | re.M)
-    text = (
-        pattern.sub(lambda _: section + "\n", text)
-        if pattern.search(text)
-        else text.rstrip() + "\n\n" + section
-    )
-    RESULTS.write_text(text.rstrip() + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -203,7 +190,7 @@ def main() -> None:
         if torch.cuda.is_available():
             for dtype in (torch.float16, torch.bfloat16):
                 lines += [""] + run_device(torch.device("cuda"), dtype)
-    write_results(lines)
+    write_lines("Kernels", lines)
     print(f"\nwritten to {RESULTS}")
 
 

@@ -19,21 +19,20 @@ import argparse
 import datetime
 import os
 import platform
-import re
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import grpc
 import torch
+from concurrent_calls import concurrently, streamed_tokens  # benchmarks/concurrent_calls.py
 from hotlora.server.app import HotloraServer
 from hotlora.server.config import ServerConfig, default_cache_dir
 from hotlora.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from results_file import RESULTS, write_section  # benchmarks/results_file.py
 
 NEW_TOKENS = 32
 STREAMS = (1, 8, 32)
-RESULTS = Path(__file__).with_name("RESULTS.md")
 TOPICS = [
     "a lighthouse keeper",
     "a lost robot",
@@ -100,33 +99,15 @@ def time_to_ready(cache_dir: str, data_dir: str) -> tuple[float, HotloraServer]:
 
 def run_streams(stub, prompts: list[str]) -> tuple[float, int]:
     """All prompts as concurrent GenerateStream calls; (seconds, tokens received)."""
-    counts = [0] * len(prompts)
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(len(prompts) + 1)
 
-    def one(i: int) -> None:
+    def one(i: int) -> int:
         req = inference_pb2.GenerateRequest(
             prompt=prompts[i],
             params=common_pb2.SamplingParams(max_new_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True),
         )
-        barrier.wait()
-        try:
-            for chunk in stub.GenerateStream(req, timeout=600):
-                counts[i] += len(chunk.token_ids)
-        except BaseException as exc:  # reported after the run
-            errors.append(exc)
+        return streamed_tokens(stub.GenerateStream(req, timeout=600))
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    barrier.wait()
-    t0 = time.perf_counter()
-    for t in threads:
-        t.join()
-    seconds = time.perf_counter() - t0
-    if errors:
-        raise errors[0]
-    return seconds, sum(counts)
+    return concurrently(one, len(prompts))
 
 
 # ---- (c) transformers static batch -------------------------------------------------------
@@ -153,17 +134,6 @@ def hf_static_batch(model, tokenizer, prompts: list[str]) -> tuple[float, int]:
 
 
 # ---- report -----------------------------------------------------------------------------
-
-
-def write_section(title: str, section: str) -> None:
-    """Replace the `## {title}` section of RESULTS.md with `section` (or append it)."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: section, text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    RESULTS.write_text(text.rstrip("\n") + "\n")
 
 
 def write_results(section: str) -> None:

@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -178,21 +179,31 @@ def cmd_adapters_upload(args: argparse.Namespace) -> int:
 def cmd_adapters_list(args: argparse.Namespace) -> int:
     with _client(args) as client:
         resp = client.list_adapters(args.prefix, args.all_versions)
+    return _list(args, list(resp.adapters), r.adapters_table, "no adapters")
+
+
+def _list(args: argparse.Namespace, items: list[Any], table: Callable[[list[Any]], Any], none: str) -> int:
+    """Messages as a JSON list (--json), `none` when there are none, else as `table(items)`."""
     if args.json:
-        r.print_json([r.to_dict(a) for a in resp.adapters])
-    elif not resp.adapters:
-        sys.stdout.write("no adapters\n")
+        r.print_json([r.to_dict(item) for item in items])
+    elif not items:
+        sys.stdout.write(none + "\n")
     else:
-        r.stdout_console().print(r.adapters_table(list(resp.adapters)))
+        r.stdout_console().print(table(items))
+    return 0
+
+
+def _show(args: argparse.Namespace, message: Any, details: Callable[[Any], Any]) -> int:
+    """One message as JSON (--json) or as the `details(message)` pairs."""
+    if getattr(args, "json", False):
+        r.print_json(message)
+    else:
+        r.print_pairs(details(message))
     return 0
 
 
 def _show_adapter(args: argparse.Namespace, adapter: Any) -> int:
-    if getattr(args, "json", False):
-        r.print_json(adapter)
-    else:
-        r.print_pairs(r.adapter_details(adapter))
-    return 0
+    return _show(args, adapter, r.adapter_details)
 
 
 def cmd_adapters_show(args: argparse.Namespace) -> int:
@@ -206,11 +217,7 @@ def cmd_adapters_evaluate(args: argparse.Namespace) -> int:
         resp = client.evaluate_adapter(
             args.ref, examples, job_id=args.job, task=args.task, use_chat_template=args.chat_template
         )
-    if args.json:
-        r.print_json(resp)
-    else:
-        r.print_pairs(r.evaluation_details(resp))
-    return 0
+    return _show(args, resp, r.evaluation_details)
 
 
 def cmd_adapters_delete(args: argparse.Namespace) -> int:
@@ -322,23 +329,13 @@ def cmd_finetune_watch(args: argparse.Namespace) -> int:
 def cmd_finetune_list(args: argparse.Namespace) -> int:
     with _client(args) as client:
         resp = client.list_finetunes()
-    if args.json:
-        r.print_json([r.to_dict(j) for j in resp.jobs])
-    elif not resp.jobs:
-        sys.stdout.write("no fine-tune jobs\n")
-    else:
-        r.stdout_console().print(r.jobs_table(list(resp.jobs)))
-    return 0
+    return _list(args, list(resp.jobs), r.jobs_table, "no fine-tune jobs")
 
 
 def cmd_finetune_show(args: argparse.Namespace) -> int:
     with _client(args) as client:
         job = client.get_finetune(args.id)
-    if args.json:
-        r.print_json(job)
-    else:
-        r.print_pairs(r.job_details(job))
-    return 0
+    return _show(args, job, r.job_details)
 
 
 def cmd_finetune_cancel(args: argparse.Namespace) -> int:

@@ -21,19 +21,15 @@ from typing import Any, Generic, TypeVar
 import grpc
 import grpc.aio
 from hotlora.clients import _common as c
-from hotlora.clients import _health
+from hotlora.clients._connection import Connection
 from hotlora.v1 import (
     adapters_pb2,
-    adapters_pb2_grpc,
     common_pb2,
     inference_pb2,
-    inference_pb2_grpc,
     training_pb2,
-    training_pb2_grpc,
 )
 
 T = TypeVar("T")
-PathOrPem = bytes | str | os.PathLike[str] | None
 
 
 class AsyncStream(Generic[T]):
@@ -62,41 +58,10 @@ class AsyncStream(Generic[T]):
         self.call.cancel()
 
 
-class AsyncClient:
+class AsyncClient(Connection):
     """asyncio twin of `hotlora.clients.Client`; same arguments, same methods (coroutines)."""
 
-    def __init__(
-        self,
-        address: str = c.DEFAULT_ADDRESS,
-        token: str | None = None,
-        *,
-        timeout: float | None = None,
-        root_certificates: PathOrPem = None,
-        private_key: PathOrPem = None,
-        certificate_chain: PathOrPem = None,
-        tls: bool | None = None,
-        options: Iterable[tuple[str, Any]] | None = None,
-    ):
-        self.address = address
-        self.timeout = timeout
-        self._metadata = c.call_metadata(token)
-        use_tls, root, key, chain = c.tls_material(root_certificates, private_key, certificate_chain, tls)
-        opts = c.channel_options(options)
-        if use_tls:
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=root, private_key=key, certificate_chain=chain
-            )
-            self.channel = grpc.aio.secure_channel(address, creds, options=opts)
-        else:
-            self.channel = grpc.aio.insecure_channel(address, options=opts)
-        self.inference = inference_pb2_grpc.InferenceStub(self.channel)
-        self.adapters = adapters_pb2_grpc.AdaptersStub(self.channel)
-        self.training = training_pb2_grpc.TrainingStub(self.channel)
-        make, ser, de, self._health_name = _health.codec()
-        self._health_request = make
-        self._health_check = self.channel.unary_unary(
-            _health.CHECK_METHOD, request_serializer=ser, response_deserializer=de
-        )
+    _grpc = grpc.aio
 
     async def close(self) -> None:
         await self.channel.close()
@@ -106,11 +71,6 @@ class AsyncClient:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
-
-    def _kw(self, timeout: float | None, *, default: bool = True) -> dict[str, Any]:
-        if timeout is None and default:
-            timeout = self.timeout
-        return {"timeout": timeout, "metadata": self._metadata}
 
     async def wait_ready(self, timeout: float | None = None) -> None:
         """Wait until the channel is connected (asyncio.TimeoutError after `timeout`)."""

@@ -71,14 +71,22 @@ def _add_inference(sub: argparse._SubParsersAction, conn: argparse.ArgumentParse
     p.add_argument("--service", default="", help="service name, e.g. hotlora.v1.Inference ('' = the server)")
 
 
-def _add_adapters(sub: argparse._SubParsersAction, conn: argparse.ArgumentParser) -> None:
-    top = sub.add_parser(
-        "adapters",
-        help="Upload, list, inspect, load, export and delete adapters.",
-        description="Manage the tenant's adapters. REF is `name` (latest version) or `name@N`.",
-    )
+def _add_group(
+    sub: argparse._SubParsersAction, name: str, help: str, description: str
+) -> argparse._SubParsersAction:
+    """A command with subcommands (`hotlora NAME COMMAND`); NAME alone prints its help and exits 2."""
+    top = sub.add_parser(name, help=help, description=description)
     top.set_defaults(func=lambda _args: (top.print_help(sys.stderr), 2)[1])
-    asub = top.add_subparsers(title="commands", metavar="COMMAND")
+    return top.add_subparsers(title="commands", metavar="COMMAND")
+
+
+def _add_adapters(sub: argparse._SubParsersAction, conn: argparse.ArgumentParser) -> None:
+    asub = _add_group(
+        sub,
+        "adapters",
+        "Upload, list, inspect, load, export and delete adapters.",
+        "Manage the tenant's adapters. REF is `name` (latest version) or `name@N`.",
+    )
 
     p = _add(asub, "upload", "Upload a PEFT adapter directory (a new version if the name exists).",
              cmd.cmd_adapters_upload, [conn])  # fmt: skip
@@ -131,13 +139,12 @@ def _add_adapters(sub: argparse._SubParsersAction, conn: argparse.ArgumentParser
 
 
 def _add_finetune(sub: argparse._SubParsersAction, conn: argparse.ArgumentParser) -> None:
-    top = sub.add_parser(
+    fsub = _add_group(
+        sub,
         "finetune",
-        help="Fine-tune adapters on-line on the resident model and follow the jobs.",
-        description="On-line fine-tuning jobs. Watching exits 0 only when the job SUCCEEDED.",
+        "Fine-tune adapters on-line on the resident model and follow the jobs.",
+        "On-line fine-tuning jobs. Watching exits 0 only when the job SUCCEEDED.",
     )
-    top.set_defaults(func=lambda _args: (top.print_help(sys.stderr), 2)[1])
-    fsub = top.add_subparsers(title="commands", metavar="COMMAND")
 
     p = _add(fsub, "create", "Start a fine-tune, then watch it with a progress bar (unless --no-watch).",
              cmd.cmd_finetune_create, [conn])  # fmt: skip

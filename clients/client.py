@@ -22,19 +22,15 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 from hotlora.clients import _common as c
-from hotlora.clients import _health
+from hotlora.clients._connection import Connection
 from hotlora.v1 import (
     adapters_pb2,
-    adapters_pb2_grpc,
     common_pb2,
     inference_pb2,
-    inference_pb2_grpc,
     training_pb2,
-    training_pb2_grpc,
 )
 
 T = TypeVar("T")
-PathOrPem = bytes | str | os.PathLike[str] | None
 
 
 class Stream(Generic[T]):
@@ -69,7 +65,7 @@ class Stream(Generic[T]):
             pass
 
 
-class Client:
+class Client(Connection):
     """A connection to a hotlora server (Inference, Adapters, Training and Health services).
 
     address: "host:port". token: sent as `authorization: Bearer <token>` on every call.
@@ -79,38 +75,7 @@ class Client:
     merged over the defaults (64 MiB max send/receive message length).
     """
 
-    def __init__(
-        self,
-        address: str = c.DEFAULT_ADDRESS,
-        token: str | None = None,
-        *,
-        timeout: float | None = None,
-        root_certificates: PathOrPem = None,
-        private_key: PathOrPem = None,
-        certificate_chain: PathOrPem = None,
-        tls: bool | None = None,
-        options: Iterable[tuple[str, Any]] | None = None,
-    ):
-        self.address = address
-        self.timeout = timeout
-        self._metadata = c.call_metadata(token)
-        use_tls, root, key, chain = c.tls_material(root_certificates, private_key, certificate_chain, tls)
-        opts = c.channel_options(options)
-        if use_tls:
-            creds = grpc.ssl_channel_credentials(
-                root_certificates=root, private_key=key, certificate_chain=chain
-            )
-            self.channel = grpc.secure_channel(address, creds, options=opts)
-        else:
-            self.channel = grpc.insecure_channel(address, options=opts)
-        self.inference = inference_pb2_grpc.InferenceStub(self.channel)
-        self.adapters = adapters_pb2_grpc.AdaptersStub(self.channel)
-        self.training = training_pb2_grpc.TrainingStub(self.channel)
-        make, ser, de, self._health_name = _health.codec()
-        self._health_request = make
-        self._health_check = self.channel.unary_unary(
-            _health.CHECK_METHOD, request_serializer=ser, response_deserializer=de
-        )
+    _grpc = grpc
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -122,11 +87,6 @@ class Client:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-    def _kw(self, timeout: float | None, *, default: bool = True) -> dict[str, Any]:
-        if timeout is None and default:
-            timeout = self.timeout
-        return {"timeout": timeout, "metadata": self._metadata}
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until the channel is connected (raises grpc.FutureTimeoutError after `timeout`)."""
