@@ -105,7 +105,7 @@ def main() -> None:
                         device="cpu", max_rpcs_per_tenant=64, adapter_slots=8, **stores.server_flags(),
                     )  # fmt: skip
                     port = free_port()
-                    start_serve(FleetConfig(cfg, replicas, 2.0 / replicas, ADAPTERS, port))
+                    start_serve(FleetConfig(cfg, replicas, 2.0 / replicas, ADAPTERS, port, free_port()))
                     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
                     stub = inference_pb2_grpc.InferenceStub(channel)
                     md = (("authorization", f"Bearer {TOKEN}"),)

@@ -38,6 +38,12 @@ def register_commands(subparsers) -> None:
         help="adapter versions one replica is routed as holding (Ray Serve multiplexing)",
     )
     fleet.add_argument("--grpc-port", type=int, default=int(os.environ.get("HOTLORA_GRPC_PORT", "9000")))
+    fleet.add_argument(
+        "--ray-http-port",
+        type=int,
+        default=int(os.environ.get("HOTLORA_RAY_HTTP_PORT", "8000")),
+        help="port of Ray Serve's own HTTP proxy (loopback; the fleet serves gRPC only)",
+    )
     fleet.set_defaults(func=_serve_fleet)
     prep = subparsers.add_parser(
         "prepare-model",
@@ -84,7 +90,12 @@ def _serve_fleet(args) -> int:
     setup_logging(cfg.log_level, cfg.log_format)
     try:
         fleet = FleetConfig(
-            cfg, args.replicas, args.replica_cpus, args.max_adapters_per_replica, args.grpc_port
+            cfg,
+            args.replicas,
+            args.replica_cpus,
+            args.max_adapters_per_replica,
+            args.grpc_port,
+            args.ray_http_port,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -31,6 +31,9 @@ class FleetConfig:
     """Adapter versions one replica is routed as holding (Ray Serve's multiplexing LRU)."""
     grpc_port: int = 9000
     """Port of Ray Serve's gRPC proxy (it binds every interface)."""
+    ray_http_port: int = 8000
+    """Port of the HTTP proxy Ray Serve starts beside the gRPC one, on loopback: the fleet's routes are gRPC
+    only (the OpenAI HTTP door is per `hotlora serve`, docs/fleet.md), but Ray cannot run without it."""
 
     def __post_init__(self):
         problems = []
@@ -47,8 +50,11 @@ class FleetConfig:
             problems.append("--replicas and --max-adapters-per-replica must be at least 1")
         if self.replica_cpus <= 0:
             problems.append(f"--replica-cpus must be more than 0 (got {self.replica_cpus})")
-        if not 1 <= self.grpc_port <= 65535:
-            problems.append(f"--grpc-port must be 1..65535 (got {self.grpc_port})")
+        for flag, port in (("--grpc-port", self.grpc_port), ("--ray-http-port", self.ray_http_port)):
+            if not 1 <= port <= 65535:
+                problems.append(f"{flag} must be 1..65535 (got {port})")
+        if self.grpc_port == self.ray_http_port:
+            problems.append(f"--grpc-port and --ray-http-port must differ (both {self.grpc_port})")
         if problems:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
 
@@ -74,11 +80,14 @@ def start_serve(fleet: FleetConfig) -> None:
     """Start (or join) Ray, start Serve with the gRPC proxy, deploy the application."""
     import ray
     from ray import serve
-    from ray.serve.config import gRPCOptions
+    from ray.serve.config import HTTPOptions, gRPCOptions
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
-    serve.start(grpc_options=gRPCOptions(port=fleet.grpc_port, grpc_servicer_functions=[GRPC_SERVICER]))
+    serve.start(
+        http_options=HTTPOptions(host="127.0.0.1", port=fleet.ray_http_port),
+        grpc_options=gRPCOptions(port=fleet.grpc_port, grpc_servicer_functions=[GRPC_SERVICER]),
+    )
     serve.run(build_app(fleet), name=APP_NAME)
 
 

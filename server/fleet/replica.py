@@ -36,12 +36,14 @@ class ReplicaRpcError(Exception):
 
 def replica_config(fleet: ServerConfig) -> ServerConfig:
     """The fleet's settings for one replica's inner server: loopback only, a port of its own, its own
-    spool directory (nothing in it is shared), no metrics port (Ray runs many on one node)."""
+    spool directory (nothing in it is shared), no metrics port and no HTTP door (Ray runs many on one
+    node)."""
     return dataclasses.replace(
         fleet,
         host="127.0.0.1",
         port=0,
         metrics_port=-1,
+        http_port=-1,
         metrics_host="",
         data_dir=str(Path(fleet.data_dir) / f"replica-{uuid.uuid4().hex[:8]}"),
         replica_id="",

@@ -25,7 +25,8 @@ class Replica:
         flags = stores.server_flags()
         self.proc = subprocess.Popen(
             [str(hotlora), "serve", "--model", str(model_dir), "--port", "0", "--metrics-port", "-1",
-             "--data-dir", str(data_dir), "--device", "cpu", "--workers", "8", "--max-rank", "16",
+             "--http-port", "-1", "--data-dir", str(data_dir), "--device", "cpu", "--workers", "8",
+             "--max-rank", "16",
              "--registry", flags["registry"], "--blob-store", flags["blob_store"],
              "--s3-endpoint-url", flags["s3_endpoint_url"], "--job-lease-seconds", str(job_lease_s),
              "--replica-id", name, "--grace-seconds", "1"],

@@ -90,7 +90,12 @@ def test_two_replicas_answer_every_request_through_a_kill_with_adapter_affinity(
     )  # fmt: skip
     port = free_port()
     fleet = FleetConfig(
-        server, replicas=2, replica_cpus=0.5, max_adapters_per_replica=ADAPTERS, grpc_port=port
+        server,
+        replicas=2,
+        replica_cpus=0.5,
+        max_adapters_per_replica=ADAPTERS,
+        grpc_port=port,
+        ray_http_port=free_port(),  # Ray's default 8000 is the HTTP door's default too
     )
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
