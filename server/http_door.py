@@ -34,7 +34,7 @@ from hotlora.server import http_schemas as hs
 from hotlora.server.frontend import GenerateInput
 from hotlora.server.guided import GuidedKind, GuidedSpec
 from hotlora.server.http_errors import body_for, error_body
-from hotlora.server.http_render import FINISH_REASON, Renderer
+from hotlora.server.http_render import Renderer
 from hotlora.server.logs import log_rpc
 from hotlora.server.samples import SampleSet
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -288,7 +288,7 @@ class HttpDoor:
         fe = self.state.frontend
         try:
             for choice, event in samples.stream():
-                if event.finish_reason is not None and event.finish_reason not in FINISH_REASON:
+                if event.finish_reason is not None and not event.finish_reason.completed:
                     _raise_for(fe, samples.requests[choice])
                 prefix = echo[choice // samples.n] if echo and not render.started(choice) else ""
                 for chunk in render.chunks(choice, event, prefix):
@@ -438,9 +438,8 @@ def _guided(body) -> GuidedSpec | None:
 
 
 def _raise_for(fe, req) -> None:
-    reason = req.finish_reason
-    if reason not in FINISH_REASON:
-        fe.raise_for_finish(reason, req.error)
+    if not req.finish_reason.completed:
+        fe.raise_for_finish(req.finish_reason, req.error)
 
 
 def _error_response(exc: BaseException) -> JSONResponse:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import time
 import uuid
 
-# engine finish reasons -> OpenAI's; any other ending is an error raised before rendering
-FINISH_REASON = {"eos": "stop", "stop": "stop", "length": "length"}
+from hotlora.server.requests import FinishReason
+
+# the completed finish reasons -> OpenAI's; any other ending is an error raised before rendering
+FINISH_REASON = {FinishReason.EOS: "stop", FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
 
 
 class Renderer:

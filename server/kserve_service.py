@@ -20,6 +20,7 @@ from hotlora.server import kserve_conversion as kc
 from hotlora.server.conversion import deadline_of
 from hotlora.server.interceptors import current_tenant
 from hotlora.server.kserve_conversion import BASE_MODEL, SERVICE, ModelSpec, pb
+from hotlora.server.request_events import request_events
 
 log = logging.getLogger("hotlora.kserve")
 
@@ -35,7 +36,6 @@ _UNIMPLEMENTED = (
     "TraceSetting",
     "LogSettings",
 )
-_FINISHED_OK = ("eos", "stop", "length")
 
 
 @dataclass
@@ -111,19 +111,6 @@ class KServeServicer:
                 s.fail_count += 1
                 s.fail_ns += ns
             s.last_inference_ms = int(time.time() * 1000)
-
-    def _events(self, req, context):
-        """Engine events until the request finishes; cancel it if the caller goes away."""
-        while True:
-            try:
-                ev = req.events.get(timeout=0.25)
-            except queue.Empty:
-                if not context.is_active():
-                    req.cancel()
-                continue
-            yield ev
-            if ev.finish_reason is not None:
-                return
 
     # ---- health and metadata ----------------------------------------------------------------
     def ServerLive(self, request, context):
@@ -211,8 +198,8 @@ class KServeServicer:
                 req, resolved = fe.start_generation(tenant, g, deadline, prepared=p)
                 started.append(req)
             for req in started:
-                for ev in self._events(req, context):
-                    if ev.finish_reason is not None and ev.finish_reason not in _FINISHED_OK:
+                for ev in request_events(req, alive=context.is_active):
+                    if ev.finish_reason is not None and not ev.finish_reason.completed:
                         fe.raise_for_finish(ev.finish_reason, req.error)
         finally:
             for req in started:
@@ -307,15 +294,9 @@ class KServeServicer:
         req, resolved = fe.start_generation(tenant, g, deadline_of(context))
         ok = False
         try:
-            while True:
-                try:
-                    ev = req.events.get(timeout=0.25)
-                except queue.Empty:
-                    if cancel.is_set() or not context.is_active():
-                        req.cancel()
-                    continue
+            for ev in request_events(req, alive=lambda: not cancel.is_set() and context.is_active()):
                 last = ev.finish_reason is not None
-                if last and ev.finish_reason not in _FINISHED_OK:
+                if last and not ev.finish_reason.completed:
                     fe.raise_for_finish(ev.finish_reason, req.error)
                 response = self._response(model, request)
                 response.parameters["adapter"].string_param = resolved
@@ -326,9 +307,7 @@ class KServeServicer:
                     response.parameters["completion_tokens"].int64_param = len(req.output_ids)
                 response.parameters["triton_final_response"].bool_param = last and not empty_final
                 yield response
-                if last:
-                    ok = True
-                    break
+            ok = True
         finally:
             if not req.done:
                 req.cancel()
