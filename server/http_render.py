@@ -164,3 +164,15 @@ class Renderer:
             "top_logprobs": [{self._token(t): lp for t, lp in e.top} for e in entries],
             "text_offset": offsets,
         }
+
+
+def model_card(model_id: str, created: int, parent: str | None) -> dict:
+    """One entry of GET /v1/models; adapters name the base model as their parent."""
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": created,
+        "owned_by": "hotlora",
+        "root": model_id if parent is None else parent,
+        "parent": parent,
+    }
