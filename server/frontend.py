@@ -19,7 +19,7 @@ from hotlora.adapters.errors import (
 )
 from hotlora.server.guided import GrammarEngine, GuidedSpec
 from hotlora.server.logits_controls import MAX_LOGPROBS
-from hotlora.server.requests import GenerationRequest, PoolingRequest
+from hotlora.server.requests import FinishReason, GenerationRequest, PoolingRequest
 from hotlora.server.sampling import SamplingParams
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -307,13 +307,11 @@ class InferenceFrontend:
         return results, resolved
 
     @staticmethod
-    def raise_for_finish(reason: str | None, error: Exception | None = None) -> None:
-        """Map an abnormal finish to the status the caller should see."""
+    def raise_for_finish(reason: FinishReason | None, error: Exception | None = None) -> None:
+        """Map an abnormal finish to the status the caller should see (the request's error, for ERROR)."""
         if error is not None:
             raise error
-        if reason == "deadline":
+        if reason == FinishReason.DEADLINE:
             raise DeadlineExceeded("deadline exceeded while generating")
-        if reason == "cancelled":
+        if reason == FinishReason.CANCELLED:
             raise Cancelled("the request was cancelled")
-        if reason and reason.startswith("error:"):
-            raise RuntimeError(reason[len("error:") :])

@@ -32,9 +32,9 @@ from hotlora.adapters.errors import (
 from hotlora.adapters.peft_format import IGNORED_FILES
 from hotlora.server import http_schemas as hs
 from hotlora.server.frontend import GenerateInput
-from hotlora.server.guided import GuidedKind, GuidedSpec
 from hotlora.server.http_errors import body_for, error_body
-from hotlora.server.http_render import FINISH_REASON, Renderer
+from hotlora.server.http_inputs import generate_input
+from hotlora.server.http_render import Renderer, model_card
 from hotlora.server.logs import log_rpc
 from hotlora.server.samples import SampleSet
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -189,7 +189,7 @@ class HttpDoor:
         try:
             base = self.served_name
             created = int(time.time())
-            data = [_model_card(base, created, None)]
+            data = [model_card(base, created, None)]
             svc = self.state.adapters
             if svc is not None:
                 views = svc.list(tenant, "", True)
@@ -197,8 +197,8 @@ class HttpDoor:
                 for v in views:
                     rec = v.record
                     latest[rec.name] = max(latest.get(rec.name, 0), rec.version)
-                    data.append(_model_card(rec.ref, int(rec.created_at.timestamp()), base))
-                data += [_model_card(name, created, base) for name in sorted(latest)]
+                    data.append(model_card(rec.ref, int(rec.created_at.timestamp()), base))
+                data += [model_card(name, created, base) for name in sorted(latest)]
             return {"object": "list", "data": data}
         finally:
             lease.release()
@@ -212,7 +212,7 @@ class HttpDoor:
         if body.suffix:
             raise InvalidArgument("suffix is not supported")
         inputs = [
-            self._generate_input(body, prompt=p, max_tokens=body.max_tokens, logprobs=body.logprobs)
+            generate_input(body, prompt=p, max_tokens=body.max_tokens, logprobs=body.logprobs)
             for p in prompts
         ]
         if body.echo and body.logprobs is not None:  # the legacy API scores the echoed prompt too
@@ -229,35 +229,8 @@ class HttpDoor:
         if body.top_logprobs and not body.logprobs:
             raise InvalidArgument("top_logprobs needs logprobs: true")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        g = self._generate_input(body, messages=messages, max_tokens=max_tokens, logprobs=logprobs)
+        g = generate_input(body, messages=messages, max_tokens=max_tokens, logprobs=logprobs)
         return self._generate(request, body, [g], "chat.completion")
-
-    def _generate_input(self, body, *, prompt="", messages=(), max_tokens, logprobs) -> GenerateInput:
-        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-        try:
-            bias = {int(k): float(v) for k, v in (body.logit_bias or {}).items()}
-        except ValueError:
-            raise InvalidArgument("logit_bias keys must be token ids (integers as strings)") from None
-        return GenerateInput(
-            prompt=prompt,
-            messages=list(messages),
-            max_new_tokens=max_tokens or 0,
-            temperature=1.0 if body.temperature is None else body.temperature,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            top_k=max(0, body.top_k or 0),
-            seed=body.seed,
-            ignore_eos=body.ignore_eos,
-            stop=stop,
-            logprobs=logprobs,
-            prompt_logprobs=body.prompt_logprobs,
-            presence_penalty=body.presence_penalty,
-            frequency_penalty=body.frequency_penalty,
-            repetition_penalty=body.repetition_penalty or 0.0,
-            min_tokens=body.min_tokens,
-            stop_token_ids=list(body.stop_token_ids or []),
-            logit_bias=bias,
-            guided=_guided(body),
-        )
 
     def _generate(self, request: Request, body, inputs: list[GenerateInput], kind: str, echo=None):
         tenant, lease = self._admit(request)
@@ -288,7 +261,7 @@ class HttpDoor:
         fe = self.state.frontend
         try:
             for choice, event in samples.stream():
-                if event.finish_reason is not None and event.finish_reason not in FINISH_REASON:
+                if event.finish_reason is not None and not event.finish_reason.completed:
                     _raise_for(fe, samples.requests[choice])
                 prefix = echo[choice // samples.n] if echo and not render.started(choice) else ""
                 for chunk in render.chunks(choice, event, prefix):
@@ -405,42 +378,9 @@ class HttpDoor:
         return rec.ref if sums == dict(rec.files) else None
 
 
-def _model_card(model_id: str, created: int, parent: str | None) -> dict:
-    return {
-        "id": model_id,
-        "object": "model",
-        "created": created,
-        "owned_by": "hotlora",
-        "root": model_id if parent is None else parent,
-        "parent": parent,
-    }
-
-
-def _guided(body) -> GuidedSpec | None:
-    specs = []
-    rf = body.response_format
-    if rf is not None and rf.type == "json_object":
-        specs.append(GuidedSpec(GuidedKind.JSON_OBJECT))
-    elif rf is not None and rf.type == "json_schema":
-        if rf.json_schema is None or rf.json_schema.schema_ is None:
-            raise InvalidArgument("response_format json_schema needs json_schema.schema")
-        specs.append(GuidedSpec(GuidedKind.JSON_SCHEMA, json.dumps(rf.json_schema.schema_)))
-    if body.guided_json is not None:
-        schema = body.guided_json if isinstance(body.guided_json, str) else json.dumps(body.guided_json)
-        specs.append(GuidedSpec(GuidedKind.JSON_SCHEMA, schema))
-    if body.guided_regex is not None:
-        specs.append(GuidedSpec(GuidedKind.REGEX, body.guided_regex))
-    if body.guided_choice is not None:
-        specs.append(GuidedSpec(GuidedKind.CHOICE, tuple(body.guided_choice)))
-    if len(specs) > 1:
-        raise InvalidArgument("give one of response_format, guided_json, guided_regex, guided_choice")
-    return specs[0] if specs else None
-
-
 def _raise_for(fe, req) -> None:
-    reason = req.finish_reason
-    if reason not in FINISH_REASON:
-        fe.raise_for_finish(reason, req.error)
+    if not req.finish_reason.completed:
+        fe.raise_for_finish(req.finish_reason, req.error)
 
 
 def _error_response(exc: BaseException) -> JSONResponse:

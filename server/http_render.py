@@ -6,8 +6,10 @@ from __future__ import annotations
 import time
 import uuid
 
-# engine finish reasons -> OpenAI's; any other ending is an error raised before rendering
-FINISH_REASON = {"eos": "stop", "stop": "stop", "length": "length"}
+from hotlora.server.requests import FinishReason
+
+# the completed finish reasons -> OpenAI's; any other ending is an error raised before rendering
+FINISH_REASON = {FinishReason.EOS: "stop", FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
 
 
 class Renderer:
@@ -162,3 +164,15 @@ class Renderer:
             "top_logprobs": [{self._token(t): lp for t, lp in e.top} for e in entries],
             "text_offset": offsets,
         }
+
+
+def model_card(model_id: str, created: int, parent: str | None) -> dict:
+    """One entry of GET /v1/models; adapters name the base model as their parent."""
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": created,
+        "owned_by": "hotlora",
+        "root": model_id if parent is None else parent,
+        "parent": parent,
+    }

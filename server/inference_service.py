@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import queue
-
 from hotlora.adapters.errors import Unavailable
 from hotlora.server import conversion
 from hotlora.server.interceptors import current_tenant
+from hotlora.server.request_events import request_events
+from hotlora.server.requests import FinishReason
 from hotlora.server.samples import SampleSet
 from hotlora.v1 import inference_pb2, inference_pb2_grpc
 
@@ -21,19 +21,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             raise Unavailable("the server is starting: the model is still loading")
         return fe
 
-    def _events(self, req, context):
-        """Yield engine events until the request finishes; cancel it if the caller goes away."""
+    @staticmethod
+    def _events(req, context):
+        """The request's engine events; cancelled as soon as the caller goes away."""
         context.add_callback(req.cancel)
-        while True:
-            try:
-                ev = req.events.get(timeout=0.25)
-            except queue.Empty:
-                if not context.is_active():
-                    req.cancel()
-                continue
-            yield ev
-            if ev.finish_reason is not None:
-                return
+        return request_events(req, alive=context.is_active)
 
     def _samples(self, request, context) -> SampleSet:
         """params.n > 1: every sample of the prompt, cancelled if the caller goes away."""
@@ -51,8 +43,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             current_tenant(), conversion.generate_input(request), conversion.deadline_of(context)
         )
         for ev in self._events(req, context):
-            if ev.finish_reason is not None:
-                fe.raise_for_finish(ev.finish_reason if ev.finish_reason != "cancelled" else None, req.error)
+            if ev.finish_reason is not None and ev.finish_reason != FinishReason.CANCELLED:
+                fe.raise_for_finish(ev.finish_reason, req.error)
         return inference_pb2.GenerateResponse(
             text=req.text,
             token_ids=req.output_ids,
@@ -69,7 +61,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         for _ in samples.stream(alive=context.is_active):
             pass
         for req in samples.requests:
-            if req.finish_reason not in ("eos", "stop", "length"):
+            if not req.finish_reason.completed:
                 fe.raise_for_finish(req.finish_reason, req.error)
         first = samples.requests[0]
         return inference_pb2.GenerateResponse(
@@ -99,7 +91,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         open_samples = request.params.n
         for index, ev in events:
             last = ev.finish_reason is not None
-            if last and ev.finish_reason not in ("eos", "stop", "length", "cancelled"):
+            if last and not _completed_or_cancelled(ev.finish_reason):
                 fe.raise_for_finish(ev.finish_reason, samples.requests[index].error)
             chunk = inference_pb2.GenerateChunk(
                 text=ev.text,
@@ -126,7 +118,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         )
         for ev in self._events(req, context):
             last = ev.finish_reason is not None
-            if last and ev.finish_reason not in ("eos", "stop", "length", "cancelled"):
+            if last and not _completed_or_cancelled(ev.finish_reason):
                 fe.raise_for_finish(ev.finish_reason, req.error)
             chunk = inference_pb2.GenerateChunk(
                 text=ev.text,
@@ -161,3 +153,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             ],
             adapter=resolved,
         )
+
+
+def _completed_or_cancelled(reason: FinishReason) -> bool:
+    """A stream ends normally on these; it reports a cancel in its last chunk instead of failing."""
+    return reason.completed or reason == FinishReason.CANCELLED

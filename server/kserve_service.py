@@ -12,7 +12,6 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
 
 import grpc
 from hotlora.adapters.errors import FailedPrecondition, HotloraError, InvalidArgument, NotFound, Unavailable
@@ -20,6 +19,8 @@ from hotlora.server import kserve_conversion as kc
 from hotlora.server.conversion import deadline_of
 from hotlora.server.interceptors import current_tenant
 from hotlora.server.kserve_conversion import BASE_MODEL, SERVICE, ModelSpec, pb
+from hotlora.server.kserve_stats import ModelStats
+from hotlora.server.request_events import request_events
 
 log = logging.getLogger("hotlora.kserve")
 
@@ -35,27 +36,12 @@ _UNIMPLEMENTED = (
     "TraceSetting",
     "LogSettings",
 )
-_FINISHED_OK = ("eos", "stop", "length")
-
-
-@dataclass
-class _Stats:
-    """Per-model counters in Triton's terms (durations in ns)."""
-
-    inference_count: int = 0  # prompts/texts served
-    execution_count: int = 0  # requests
-    success_count: int = 0
-    success_ns: int = 0
-    fail_count: int = 0
-    fail_ns: int = 0
-    last_inference_ms: int = 0
 
 
 class KServeServicer:
     def __init__(self, state):
         self.state = state
-        self._stats: dict[tuple[str, str, str], _Stats] = {}  # (tenant, model, version)
-        self._stats_lock = threading.Lock()
+        self._stats = ModelStats()
 
     # ---- helpers ------------------------------------------------------------------------
     def _frontend(self):
@@ -99,31 +85,7 @@ class KServeServicer:
         )
 
     def _record(self, tenant: str, model: ModelSpec, items: int, ok: bool, t0: float) -> None:
-        ns = int((time.monotonic() - t0) * 1e9)
-        with self._stats_lock:
-            s = self._stats.setdefault((tenant, model.name, model.version), _Stats())
-            s.execution_count += 1
-            if ok:
-                s.inference_count += items
-                s.success_count += 1
-                s.success_ns += ns
-            else:
-                s.fail_count += 1
-                s.fail_ns += ns
-            s.last_inference_ms = int(time.time() * 1000)
-
-    def _events(self, req, context):
-        """Engine events until the request finishes; cancel it if the caller goes away."""
-        while True:
-            try:
-                ev = req.events.get(timeout=0.25)
-            except queue.Empty:
-                if not context.is_active():
-                    req.cancel()
-                continue
-            yield ev
-            if ev.finish_reason is not None:
-                return
+        self._stats.record(tenant, model.name, model.version, items, ok, time.monotonic() - t0)
 
     # ---- health and metadata ----------------------------------------------------------------
     def ServerLive(self, request, context):
@@ -211,8 +173,8 @@ class KServeServicer:
                 req, resolved = fe.start_generation(tenant, g, deadline, prepared=p)
                 started.append(req)
             for req in started:
-                for ev in self._events(req, context):
-                    if ev.finish_reason is not None and ev.finish_reason not in _FINISHED_OK:
+                for ev in request_events(req, alive=context.is_active):
+                    if ev.finish_reason is not None and not ev.finish_reason.completed:
                         fe.raise_for_finish(ev.finish_reason, req.error)
         finally:
             for req in started:
@@ -307,15 +269,9 @@ class KServeServicer:
         req, resolved = fe.start_generation(tenant, g, deadline_of(context))
         ok = False
         try:
-            while True:
-                try:
-                    ev = req.events.get(timeout=0.25)
-                except queue.Empty:
-                    if cancel.is_set() or not context.is_active():
-                        req.cancel()
-                    continue
+            for ev in request_events(req, alive=lambda: not cancel.is_set() and context.is_active()):
                 last = ev.finish_reason is not None
-                if last and ev.finish_reason not in _FINISHED_OK:
+                if last and not ev.finish_reason.completed:
                     fe.raise_for_finish(ev.finish_reason, req.error)
                 response = self._response(model, request)
                 response.parameters["adapter"].string_param = resolved
@@ -326,9 +282,7 @@ class KServeServicer:
                     response.parameters["completion_tokens"].int64_param = len(req.output_ids)
                 response.parameters["triton_final_response"].bool_param = last and not empty_final
                 yield response
-                if last:
-                    ok = True
-                    break
+            ok = True
         finally:
             if not req.done:
                 req.cancel()
@@ -400,20 +354,7 @@ class KServeServicer:
                     (v.record.name, str(v.record.version))
                     for v in self._adapters().list(tenant, all_versions=True)
                 ]
-        response = pb.ModelStatisticsResponse()
-        with self._stats_lock:
-            for name, ver in keys:
-                s = self._stats.get((tenant, name, ver), _Stats())
-                m = response.model_stats.add(
-                    name=name,
-                    version=ver,
-                    last_inference=s.last_inference_ms,
-                    inference_count=s.inference_count,
-                    execution_count=s.execution_count,
-                )
-                m.inference_stats.success.count, m.inference_stats.success.ns = s.success_count, s.success_ns
-                m.inference_stats.fail.count, m.inference_stats.fail.ns = s.fail_count, s.fail_ns
-        return response
+        return self._stats.response(tenant, keys)
 
 
 def _unimplemented(name: str):

@@ -500,12 +500,11 @@ class Metrics:
             return None
 
 
-def _finish_reason(reason: str | None) -> str:
-    if not reason:
+def _finish_reason(reason) -> str:
+    """A FinishReason's label value (its wire string); a request that never got one counts as an error."""
+    if reason is None:
         return "error"
-    if reason.startswith("error"):
-        return "error"
-    return reason if reason in FINISH_REASONS else "other"
+    return str(reason) if reason in FINISH_REASONS else "other"
 
 
 def _adapter_name(req) -> str | None:

@@ -9,11 +9,29 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from hotlora.server.sampling import SamplingParams
 
 _ids = itertools.count(1)
+
+
+class FinishReason(StrEnum):
+    """Why a generation ended. The values are the wire's (proto strings, metric labels); an error's
+    message lives on the request (`GenerationRequest.error`), never in the reason."""
+
+    EOS = "eos"
+    STOP = "stop"  # a stop string or stop token
+    LENGTH = "length"  # max_new_tokens, or the model's context
+    CANCELLED = "cancelled"
+    DEADLINE = "deadline"
+    ERROR = "error"
+
+    @property
+    def completed(self) -> bool:
+        """The model finished the text (as opposed to the request being cut short or failing)."""
+        return self in (FinishReason.EOS, FinishReason.STOP, FinishReason.LENGTH)
 
 
 @dataclass
@@ -22,7 +40,7 @@ class TokenEvent:
 
     token_ids: list[int]
     text: str
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     logprobs: list | None = None  # one TokenLogprob per token, when the request asked for them
 
 
@@ -34,7 +52,6 @@ class GenerationRequest:
     adapter: Any = None  # an adapter handle from the adapter runtime, None = base model
     deadline: float | None = None  # time.monotonic() seconds
     request_id: str = ""
-    slot: int = -1  # device adapter slot, set on admission
     matcher: Any = None  # a hotlora.server.guided.Matcher when the output must match a grammar
     seq: int = field(default_factory=lambda: next(_ids))
     events: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)
@@ -44,8 +61,8 @@ class GenerationRequest:
     output_logprobs: list = field(default_factory=list)  # TokenLogprob per output token, if asked
     prompt_logprobs: list = field(default_factory=list)  # TokenLogprob per prompt token from the 2nd on
     text: str = ""
-    finish_reason: str | None = None
-    error: Exception | None = None  # set with finish_reason "error"
+    finish_reason: FinishReason | None = None
+    error: Exception | None = None  # set with FinishReason.ERROR
     created_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None
     first_token_at: float | None = None
@@ -68,7 +85,6 @@ class PoolingRequest:
     tenant: str = "default"
     adapter: Any = None
     deadline: float | None = None
-    slot: int = -1
     seq: int = field(default_factory=lambda: next(_ids))
     future: Future = field(default_factory=Future)
     cancelled: threading.Event = field(default_factory=threading.Event)

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 from hotlora.adapters.errors import InvalidArgument
 from hotlora.server.frontend import GenerateInput, InferenceFrontend
+from hotlora.server.request_events import POLL_SECONDS, pump
 from hotlora.server.requests import GenerationRequest, TokenEvent
 
 MAX_SAMPLES = 16
@@ -75,23 +76,21 @@ class SampleSet:
             if req is not None:
                 req.cancel()
 
-    def stream(self, poll: float = 0.25, alive=None) -> Iterator[tuple[int, TokenEvent]]:
+    def stream(self, poll: float = POLL_SECONDS, alive=None) -> Iterator[tuple[int, TokenEvent]]:
         """(choice index, event) until every sample has finished; `alive()` False = the caller left."""
         open_samples = len(self.requests)
+        if not open_samples:
+            return
         try:
-            while open_samples:
-                try:
-                    choice, event = self.events.get(timeout=poll)
-                except queue.Empty:
-                    if alive is not None and not alive():
-                        self.cancel()
-                    continue
+            for choice, event in pump(self.events, self.cancel, alive, poll):
                 if choice % self.n == 0 and self.requests[choice + 1 : choice + self.n][:1] == [None]:
                     for other in range(choice + 1, choice + self.n):  # the prompt's prefill is cached now
                         self._start(other)
                 if event.finish_reason is not None:
                     open_samples -= 1
                 yield choice, event
+                if not open_samples:
+                    return
         finally:
             if open_samples:  # the consumer went away or failed: free the batch rows
                 self.cancel()
