@@ -736,6 +736,17 @@ class Engine:
         self._running = []
         self._resume.clear()
 
+    def adapter_refs_in_flight(self) -> tuple[list[str], list[str]]:
+        """`tenant/name@N` of each running generation request and each queued one that carries an adapter
+        (one entry per request; for metrics), read under the engine's lock."""
+        with self._cond:
+            running, waiting = [s.req for s in self._running], [r for q in self._waiting.values() for r in q]
+        return _tenant_refs(running), _tenant_refs(waiting)
+
+
+def _tenant_refs(reqs) -> list[str]:
+    return [f"{r.tenant}/{r.adapter.ref}" for r in reqs if r.adapter is not None]
+
 
 def _eos_ids(runner, tokenizer) -> set[int]:
     ids: set[int] = set()
