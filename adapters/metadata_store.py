@@ -90,7 +90,10 @@ class JobRecord:
     result_adapter: str = ""
     error: str = ""
     created_at: float = 0.0
+    """Unix seconds, unlike AdapterRecord's datetime: FineTuneJob's wire fields are these doubles and every
+    stored event snapshot (SQLite and PostgreSQL) holds them as numbers."""
     finished_at: float = 0.0
+    """Unix seconds; 0 while the job is QUEUED or RUNNING."""
     promoted: bool = False
 
 
