@@ -1,4 +1,5 @@
-"""Fine-tune jobs: validation, queueing on the engine, progress events, the promotion gate, persistence.
+"""Fine-tune jobs: validation, queueing on the engine, state transitions, persistence (what a job runs and its
+promotion gate: finetune_tasks.py).
 
 A job is QUEUED when created, RUNNING from its first engine step, and ends SUCCEEDED (promoted: served
 as the next version of its adapter at once), REJECTED (the gate found it no better than the baseline),
@@ -21,7 +22,6 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
-from hotlora.adapters.adaptation import Adaptation, AdaptationOutcome, candidates_for
 from hotlora.adapters.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -38,24 +38,23 @@ from hotlora.adapters.finetune_spec import (
     check_example,
     check_spec,
     label_order,
+    tokenize_examples,
 )
+from hotlora.adapters.finetune_tasks import TERMINAL, EvaluationTask, JobTask
 from hotlora.adapters.job_queue import FairTaskQueue
-from hotlora.adapters.job_workers import WorkerFactory
 from hotlora.adapters.metadata_store import JobRecord
 from hotlora.adapters.names import parse_ref, validate_name
-from hotlora.adapters.peft_format import parse_peft_adapter, write_peft_adapter
+from hotlora.adapters.observer import NO_OBSERVER, AdapterObserver
+from hotlora.adapters.peft_format import parse_peft_adapter
 from hotlora.adapters.trainer import UNIT_SECONDS, TrainData
-from hotlora.adapters.training_record import TrainingRecord, ValidationSummary
-from hotlora.adapters.validation import gate_margin
-from hotlora.adapters.work import JobWork, plan_work
+from hotlora.adapters.training_record import TrainingRecord
+from hotlora.adapters.work import plan_work
 
 log = logging.getLogger("hotlora.finetune")
 
-TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELLED", "REJECTED"})
 ACTIVE = ("QUEUED", "RUNNING")
 RESTARTED = "server restarted during the job"
 STOPPED = "server stopped during the job; submit it again"
-EVENT_INTERVAL_S = 1.0
 
 
 class FineTuneManager:
@@ -80,7 +79,7 @@ class FineTuneManager:
         unit_seconds: float = UNIT_SECONDS,
         max_seconds: float = 600.0,
         base_model_name: str = "",
-        metrics=None,
+        observer: AdapterObserver = NO_OBSERVER,
     ):
         self.store, self.adapters, self.engine = store, adapters, engine
         self.model, self.tokenizer, self.ctx, self.base = model, tokenizer, ctx, base
@@ -91,9 +90,9 @@ class FineTuneManager:
         self.max_seconds = max_seconds
         """Default time budget of a job's method search (a request's max_seconds overrides it)."""
         self.base_model_name = base_model_name
-        self.metrics = metrics
-        self._lock = threading.RLock()
-        self._changed = threading.Condition(self._lock)
+        self.observer = observer
+        self.lock = threading.RLock()
+        self._changed = threading.Condition(self.lock)
         self._tasks: dict[str, JobTask] = {}
         self._queue = FairTaskQueue(engine.submit_task)
         self._closed = False
@@ -117,7 +116,7 @@ class FineTuneManager:
         )
         work = plan_work(spec, labels, history, self.limits.max_examples, self._tokenize)
         method = candidate_methods(spec)[0] if spec.method != "AUTO" else "AUTO"
-        with self._lock:
+        with self.lock:
             if self._closed:
                 raise FailedPrecondition(
                     "the server is shutting down; submit the job again after it restarts"
@@ -169,10 +168,10 @@ class FineTuneManager:
 
     def cancel(self, tenant: str, job_id: str) -> JobRecord:
         self.get(tenant, job_id)  # NotFound for another tenant's job
-        with self._lock:
+        with self.lock:
             task = self._tasks.get(job_id)
             if task is not None and task.job.state not in TERMINAL:
-                self._finish(task, "CANCELLED", "cancelled by the caller")
+                self.finish_job(task, "CANCELLED", "cancelled by the caller")
                 return task.job
         # run by another replica (a shared registry): end it there through the store
         ended = self.store.end_job(tenant, job_id, "CANCELLED", "cancelled by the caller")
@@ -183,7 +182,7 @@ class FineTuneManager:
     def _lost(self, job_ids: set[str]) -> None:
         """Jobs we run were ended elsewhere (cancelled on another replica, or our lease expired while
         we were cut off from the registry): stop them here and keep the stored outcome."""
-        with self._lock:
+        with self.lock:
             for job_id in job_ids:
                 task = self._tasks.pop(job_id, None)
                 if task is None:
@@ -270,7 +269,7 @@ class FineTuneManager:
             )
         spec = FineTuneSpec(adapter=shown, task=task, use_chat_template=use_chat_template)
         inputs, targets = self._tokenize(spec, list(examples), labels, "examples")
-        with self._lock:
+        with self.lock:
             if self._closed:
                 raise FailedPrecondition("the server is shutting down; evaluate again after it restarts")
         data = TrainData([], [], inputs, targets)
@@ -290,11 +289,11 @@ class FineTuneManager:
 
     def close(self) -> None:
         """Stop training: jobs still queued or running end FAILED; no adapter is half-written."""
-        with self._lock:
+        with self.lock:
             self._closed = True
             for task in list(self._tasks.values()):
                 if task.job.state not in TERMINAL:
-                    self._finish(task, "FAILED", STOPPED)
+                    self.finish_job(task, "FAILED", STOPPED)
 
     # ---- internals -------------------------------------------------------------------------------
     def _previous(self, tenant, name, version, task) -> tuple[object, TrainingRecord | None]:
@@ -315,52 +314,7 @@ class FineTuneManager:
         return registry.load_weights(rec, self.adapters.base, self.adapters.limits), history
 
     def _tokenize(self, spec: FineTuneSpec, items, labels, where: str) -> tuple[list, list]:
-        """(inputs, targets) of examples: text ids and label indices, or prompt ids and completion ids
-        (eos included)."""
-        tok = self.tokenizer
-        index = {label: i for i, label in enumerate(labels)}
-
-        def ids(text: str, where: str, special: bool = True) -> list[int]:
-            out = list(tok(text, add_special_tokens=special)["input_ids"])
-            if not out:
-                raise InvalidArgument(f"{where} is empty after tokenization")
-            return out
-
-        def prompt_ids(prompt: str, where: str) -> list[int]:
-            if not spec.use_chat_template:
-                return ids(prompt, where)
-            if not getattr(tok, "chat_template", None):
-                raise FailedPrecondition("use_chat_template: this model has no chat template")
-            out = tok.apply_chat_template(
-                [{"role": "user", "content": prompt}],
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=True,
-            )
-            return list(out["input_ids"])
-
-        def encode(items, where):
-            inputs, targets = [], []
-            for i, e in enumerate(items):
-                w = f"{where}[{i}]"
-                if spec.task == "SEQ_CLS":
-                    x, y = ids(e.text, w), index[e.label]
-                    n = len(x)
-                else:
-                    x = prompt_ids(e.prompt, w)
-                    y = ids(e.completion, w, special=False) + (
-                        [tok.eos_token_id] if tok.eos_token_id is not None else []
-                    )
-                    n = len(x) + len(y)
-                if n > self.max_example_tokens:
-                    raise ResourceExhausted(
-                        f"{w} has {n} tokens; at most {self.max_example_tokens} per example"
-                    )
-                inputs.append(x)
-                targets.append(y)
-            return inputs, targets
-
-        return encode(items, where)
+        return tokenize_examples(self.tokenizer, self.max_example_tokens, spec, items, labels, where)
 
     def _state(self, task: JobTask) -> str:
         return task.job.state
@@ -370,8 +324,8 @@ class FineTuneManager:
         self.store.add_job_event(job.id, message, job)
         self._changed.notify_all()
 
-    def _update(self, task: JobTask, message: str | None = None, **changes) -> None:
-        with self._lock:
+    def update_job(self, task: JobTask, message: str | None = None, **changes) -> None:
+        with self.lock:
             if task.job.state in TERMINAL:
                 return
             old = task.job.state
@@ -383,8 +337,8 @@ class FineTuneManager:
             if task.job.state != old:
                 self._state_changed()
 
-    def _finish(self, task: JobTask, state: str, message: str, **changes) -> None:
-        with self._lock:
+    def finish_job(self, task: JobTask, state: str, message: str, **changes) -> None:
+        with self.lock:
             if task.job.state in TERMINAL:
                 return
             error = changes.pop("error", message if state in ("FAILED", "CANCELLED", "REJECTED") else "")
@@ -402,220 +356,7 @@ class FineTuneManager:
         )
 
     def _state_changed(self) -> None:
-        if self.metrics is not None and hasattr(self.metrics, "finetune_job_state_changed"):
-            self.metrics.finetune_job_state_changed()
-
-    def _promote_or_keep(self, task: JobTask) -> None:
-        """The promotion gate, then either a new served version or a job artifact.
-
-        Promoted when the validated score beats the baseline by more than the margin and, for a
-        continued adapter, the previous version's task is not forgotten beyond its standard error."""
-        out: AdaptationOutcome = task.adaptation.outcome
-        job = task.job
-        files = write_peft_adapter(out.weights, self.base_model_name, base=self.base)
-        margin = gate_margin(job.task, out.baseline, out.validated_on, out.score, out.compared)
-        better = out.score.value > out.baseline + margin
-        prev = out.previous_task
-        forgot = prev is not None and prev.forgot
-        scores = (
-            f"validation {out.metric_name} {out.score.value:.4f} ± {out.score.stderr:.4f} "
-            f"({out.scheme}) vs baseline {out.baseline:.4f}" + (f" (+{margin:.4f} needed)" if margin else "")
-        )
-        if prev is not None:
-            scores += (
-                f"; previous version's task: {prev.score:.4f} vs {prev.reference:.4f} "
-                f"(at most {prev.stderr:.4f} lower allowed, {prev.examples} examples)"
-            )
-        metrics = {**task.metrics(), **outcome_metrics(out, margin)}
-        summary = summarize(out)
-        record = TrainingRecord(task.work.record.train, task.work.record.validation, summary)
-        with self._lock:
-            if job.state in TERMINAL or task.job.state in TERMINAL:
-                return  # cancelled or shut down meanwhile: nothing is written
-            if (better and not forgot) or task.spec.promote == "ALWAYS":
-                view = self.adapters.upload(
-                    job.tenant,
-                    job.adapter,
-                    files,
-                    description=task.spec.description,
-                    labels=out.weights.labels,
-                    source="FINETUNE",
-                    weights=out.weights,
-                    record=record.to_bytes(),
-                )
-                ref = view.record.ref
-                why = "better than the baseline" if better and not forgot else "promote=ALWAYS"
-                self._finish(
-                    task,
-                    "SUCCEEDED",
-                    f"promoted as {ref}: {scores} ({why}); {out.reason}",
-                    result_adapter=ref,
-                    promoted=True,
-                    method=out.method,
-                    metrics=metrics,
-                )
-            else:
-                self.store.set_job_files(
-                    job.id, {n: self.adapters.registry.blobs.put(d) for n, d in files.items()}
-                )
-                what = (
-                    "it forgets the previous version's task beyond its standard error"
-                    if forgot
-                    else "it is not better"
-                )
-                self._finish(
-                    task,
-                    "REJECTED",
-                    f"not promoted: {scores}: {what}; the trained adapter is kept as a job "
-                    f"artifact, not served (promote=ALWAYS promotes anyway); {out.reason}",
-                    method=out.method,
-                    metrics=metrics,
-                )
-
-
-class JobTask:
-    """One job as the engine runs it: `step()` is bounded (one unit of the trainer at work)."""
-
-    def __init__(
-        self, manager: FineTuneManager, job: JobRecord, spec: FineTuneSpec, work: JobWork, labels, previous
-    ):
-        self.manager, self.job, self.spec, self.work = manager, job, spec, work
-        self.labels, self.previous = labels, previous
-        self.adaptation: Adaptation | None = None
-        self._last_event = 0.0
-        self._last_epoch = 0
-
-    def metrics(self) -> dict:
-        p = self.adaptation.progress
-        return {
-            "step": p.step,
-            "total_steps": p.total_steps,
-            "epoch": p.epoch,
-            "train_loss": p.train_loss,
-            "validation_metric": p.validation_metric,
-            "baseline_metric": p.baseline_metric,
-            "metric_name": p.metric_name,
-            "elapsed_seconds": p.elapsed,
-            "remaining_seconds": p.remaining,
-            "phase": p.phase,
-            "validation_scheme": self.work.plan.scheme,
-            "labels": list(self.labels),  # the head's rows: evaluating a rejected job's artifact
-        }
-
-    def step(self) -> bool:
-        m = self.manager
-        if self.job.state in TERMINAL:
-            return False
-        t0 = time.perf_counter()
-        try:
-            if self.adaptation is None:
-                self.adaptation = self._make_adaptation()
-                m._update(self, f"running: {self.work.describe()}", state="RUNNING", metrics=self.metrics())
-            more = self.adaptation.step()
-            if more:
-                self._report()
-            else:
-                m._promote_or_keep(self)
-            return more and self.job.state not in TERMINAL
-        except Exception as exc:  # a failed job must not take the engine down
-            log.exception("fine-tune job %s failed", self.job.id)
-            m._finish(self, "FAILED", f"training failed: {type(exc).__name__}: {exc}")
-            return False
-        finally:
-            if m.metrics is not None and hasattr(m.metrics, "finetune_step"):
-                m.metrics.finetune_step(time.perf_counter() - t0)
-
-    def _make_adaptation(self) -> Adaptation:
-        m, spec = self.manager, self.spec
-        methods = candidate_methods(spec)
-        factory = WorkerFactory(m, spec, self.labels, self.previous)
-        return Adaptation(
-            task=spec.task,
-            candidates=candidates_for(methods, compare_features=spec.method == "AUTO"),
-            examples=self.work.examples,
-            plan=self.work.plan,
-            make_trainer=factory.trainer,
-            make_evaluator=factory.evaluator,
-            max_seconds=spec.max_seconds or m.max_seconds,
-            replay=self.work.replay,
-            check=self.work.check,
-            previous=self.previous,
-            majority=self.work.majority if spec.task == "SEQ_CLS" else None,
-        )
-
-    def _report(self) -> None:
-        p = self.adaptation.progress
-        now = time.monotonic()
-        new_epoch = p.epoch != self._last_epoch and not p.phase.endswith("head")  # head epochs: microseconds
-        if new_epoch or now - self._last_event >= EVENT_INTERVAL_S:
-            msg = f"{p.phase}: step {p.step}/{p.total_steps}, epoch {p.epoch}"
-            self.manager._update(self, msg, metrics=self.metrics())
-            self._last_event, self._last_epoch = now, p.epoch
-
-
-def outcome_metrics(out: AdaptationOutcome, margin: float) -> dict:
-    """What a finished job reports beyond progress: the gate's figures and every candidate."""
-    prev = out.previous_task
-    return {
-        "validation_metric": out.score.value,
-        "validation_stderr": out.score.stderr,
-        "baseline_metric": out.baseline,
-        "gate_margin": margin,
-        "validation_scheme": out.scheme,
-        "validated_examples": out.validated_on,
-        "candidates": [c.as_dict() for c in out.candidates],
-        "winner_reason": out.reason,
-        "replayed_examples": out.replayed,
-        **(
-            {
-                "previous_task_score": prev.score,
-                "previous_task_reference": prev.reference,
-                "previous_task_stderr": prev.stderr,
-                "previous_task_examples": prev.examples,
-            }
-            if prev is not None
-            else {}
-        ),
-    }
-
-
-def summarize(out: AdaptationOutcome) -> ValidationSummary:
-    prev = out.previous_task
-    return ValidationSummary(
-        scheme=out.scheme,
-        metric_name=out.metric_name,
-        score=out.score.value,
-        stderr=out.score.stderr,
-        baseline=out.baseline,
-        examples=out.validated_on,
-        method=out.method,
-        previous_task_reference=prev.reference if prev else 0.0,
-        previous_task_score=prev.score if prev else 0.0,
-        previous_task_stderr=prev.stderr if prev else 0.0,
-        previous_task_examples=prev.examples if prev else 0,
-    )
-
-
-class EvaluationTask:
-    """An evaluation as the engine runs it: one evaluation unit per step; the rpc waits on `done`."""
-
-    def __init__(self, evaluator: Evaluator):
-        self.evaluator = evaluator
-        self.done = threading.Event()
-        self.error: Exception | None = None
-        self.cancelled = False
-
-    def step(self) -> bool:
-        if self.cancelled:
-            return False
-        try:
-            more = self.evaluator.step()
-        except Exception as exc:  # answered to the caller; the engine goes on
-            log.exception("evaluation failed")
-            self.error, more = exc, False
-        if not more:
-            self.done.set()
-        return more
+        self.observer.finetune_job_state_changed()
 
 
 def _evaluation_task(weights, task: str) -> str:

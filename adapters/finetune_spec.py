@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 
-from hotlora.adapters.errors import InvalidArgument, ResourceExhausted
+from hotlora.adapters.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 
 METHODS = ("AUTO", "HEAD_ONLY", "LORA", "LORA_PROGRESSIVE")
 PROMOTE = ("GATED", "ALWAYS")
@@ -224,3 +224,51 @@ def with_defaults(
         layers_to_transform=tuple(sorted(set(hp.layers_to_transform)))
         or tuple(range(num_layers // 2, num_layers)),  # the upper half (progressive: unfrozen from the top)
     )
+
+
+def tokenize_examples(
+    tok, max_example_tokens: int, spec: FineTuneSpec, items, labels, where: str
+) -> tuple[list, list]:
+    """(inputs, targets) of examples: text ids and label indices, or prompt ids and completion ids
+    (eos included)."""
+    index = {label: i for i, label in enumerate(labels)}
+
+    def ids(text: str, where: str, special: bool = True) -> list[int]:
+        out = list(tok(text, add_special_tokens=special)["input_ids"])
+        if not out:
+            raise InvalidArgument(f"{where} is empty after tokenization")
+        return out
+
+    def prompt_ids(prompt: str, where: str) -> list[int]:
+        if not spec.use_chat_template:
+            return ids(prompt, where)
+        if not getattr(tok, "chat_template", None):
+            raise FailedPrecondition("use_chat_template: this model has no chat template")
+        out = tok.apply_chat_template(
+            [{"role": "user", "content": prompt}],
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+        )
+        return list(out["input_ids"])
+
+    def encode(items, where):
+        inputs, targets = [], []
+        for i, e in enumerate(items):
+            w = f"{where}[{i}]"
+            if spec.task == "SEQ_CLS":
+                x, y = ids(e.text, w), index[e.label]
+                n = len(x)
+            else:
+                x = prompt_ids(e.prompt, w)
+                y = ids(e.completion, w, special=False) + (
+                    [tok.eos_token_id] if tok.eos_token_id is not None else []
+                )
+                n = len(x) + len(y)
+            if n > max_example_tokens:
+                raise ResourceExhausted(f"{w} has {n} tokens; at most {max_example_tokens} per example")
+            inputs.append(x)
+            targets.append(y)
+        return inputs, targets
+
+    return encode(items, where)

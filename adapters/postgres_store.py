@@ -18,17 +18,8 @@ import time
 from collections.abc import Callable, Iterator
 
 from hotlora.adapters.errors import Unavailable
-from hotlora.adapters.metadata_store import (
-    _COLUMNS,
-    _JOB_COLUMNS,
-    AdapterRecord,
-    JobRecord,
-    MetadataStore,
-    TenantQuota,
-    _job,
-    _job_row,
-    _record,
-)
+from hotlora.adapters.metadata_rows import COLUMNS, JOB_COLUMNS, job_from_row, job_row, record_from_row
+from hotlora.adapters.metadata_store import AdapterRecord, JobRecord, MetadataStore, TenantQuota
 from hotlora.adapters.postgres_schema import BLOB_LOCK, migrate
 from hotlora.adapters.postgres_watchers import ChangeListener, LeaseKeeper
 from hotlora.adapters.registry_changes import RegistryChange
@@ -114,7 +105,7 @@ class PostgresMetadataStore(MetadataStore):
                 (draft.tenant, draft.name),
             ).fetchone()
             conn.execute(
-                f"INSERT INTO adapters ({_COLUMNS}) VALUES "
+                f"INSERT INTO adapters ({COLUMNS}) VALUES "
                 "(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 (
                     draft.tenant, draft.name, version, draft.task, draft.rank, draft.alpha,
@@ -206,11 +197,11 @@ class PostgresMetadataStore(MetadataStore):
     def save_job(self, job: JobRecord) -> None:
         # Claims (or renews) the lease when active; never rewrites a job another replica ended.
         updates = ", ".join(
-            f"{c} = excluded.{c}" for c in (*_JOB_COLUMNS.split(", ")[1:], "owner", "lease_until")
+            f"{c} = excluded.{c}" for c in (*JOB_COLUMNS.split(", ")[1:], "owner", "lease_until")
         )
         active = job.state in ACTIVE
         self._all(
-            f"INSERT INTO finetune_jobs ({_JOB_COLUMNS}, owner, lease_until) VALUES "
+            f"INSERT INTO finetune_jobs ({JOB_COLUMNS}, owner, lease_until) VALUES "
             f"(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, {_NOW} + %s) "
             f"ON CONFLICT (id) DO UPDATE SET {updates} WHERE finetune_jobs.state IN ('QUEUED', 'RUNNING')",
             (*_pg_job_row(job), self.replica_id, self.job_lease_s if active else 0.0),
@@ -223,15 +214,15 @@ class PostgresMetadataStore(MetadataStore):
 
     def get_job(self, tenant: str, job_id: str) -> JobRecord | None:
         rows = self._all(
-            f"SELECT {_JOB_COLUMNS} FROM finetune_jobs WHERE tenant = %s AND id = %s", (tenant, job_id)
+            f"SELECT {JOB_COLUMNS} FROM finetune_jobs WHERE tenant = %s AND id = %s", (tenant, job_id)
         )
-        return _job(rows[0]) if rows else None
+        return job_from_row(rows[0]) if rows else None
 
     def list_jobs(self, tenant: str) -> list[JobRecord]:
         rows = self._all(
-            f"SELECT {_JOB_COLUMNS} FROM finetune_jobs WHERE tenant = %s ORDER BY created_at, id", (tenant,)
+            f"SELECT {JOB_COLUMNS} FROM finetune_jobs WHERE tenant = %s ORDER BY created_at, id", (tenant,)
         )
-        return [_job(r) for r in rows]
+        return [job_from_row(r) for r in rows]
 
     def fail_unfinished_jobs(self, reason: str) -> int:
         """Other replicas' jobs are theirs while their leases run: only expired ones are failed."""
@@ -252,10 +243,10 @@ class PostgresMetadataStore(MetadataStore):
                 )
                 (row,) = conn.execute(
                     "UPDATE finetune_jobs SET state = 'FAILED', error = %s, finished_at = %s, "
-                    f"lease_until = 0 WHERE id = %s RETURNING {_JOB_COLUMNS}",
+                    f"lease_until = 0 WHERE id = %s RETURNING {JOB_COLUMNS}",
                     (reason, time.time(), job_id),
                 ).fetchall()
-                job = _job(row)
+                job = job_from_row(row)
                 _insert_event(conn, job_id, reason, job)
                 failed.append(job)
         for job in failed:
@@ -295,7 +286,7 @@ class PostgresMetadataStore(MetadataStore):
             "SELECT seq, message, job FROM finetune_events WHERE job_id = %s AND seq > %s ORDER BY seq",
             (job_id, after),
         )
-        return [(seq, msg, _job(tuple(json.loads(j)))) for seq, msg, j in rows]
+        return [(seq, msg, job_from_row(tuple(json.loads(j)))) for seq, msg, j in rows]
 
     def count_jobs_by_state(self) -> dict[str, int]:
         return dict(self._all("SELECT state, COUNT(*) FROM finetune_jobs GROUP BY state"))
@@ -324,7 +315,7 @@ class PostgresMetadataStore(MetadataStore):
 
 
 def _pg_job_row(job: JobRecord) -> tuple:
-    row = list(_job_row(job))
+    row = list(job_row(job))
     row[-1] = bool(row[-1])  # promoted: BOOLEAN here, INTEGER in SQLite
     return tuple(row)
 
@@ -335,7 +326,7 @@ def _insert_event(conn, job_id: str, message: str, job: JobRecord) -> int:
     ).fetchone()
     conn.execute(
         "INSERT INTO finetune_events (job_id, seq, at, message, job) VALUES (%s, %s, %s, %s, %s)",
-        (job_id, seq, time.time(), message, json.dumps(_job_row(job))),
+        (job_id, seq, time.time(), message, json.dumps(job_row(job))),
     )
     return seq
 
@@ -349,7 +340,7 @@ def _usage(conn, tenant: str) -> tuple[int, int]:
 
 def _records(conn, where: str, args: tuple) -> list[AdapterRecord]:
     rows = conn.execute(
-        f"SELECT {_COLUMNS} FROM adapters WHERE {where} ORDER BY name, version", args
+        f"SELECT {COLUMNS} FROM adapters WHERE {where} ORDER BY name, version", args
     ).fetchall()
     out = []
     for row in rows:
@@ -357,7 +348,7 @@ def _records(conn, where: str, args: tuple) -> list[AdapterRecord]:
             "SELECT filename, sha256 FROM adapter_files WHERE tenant = %s AND name = %s AND version = %s",
             row[:3],
         ).fetchall()
-        out.append(_record(row, dict(files)))
+        out.append(record_from_row(row, dict(files)))
     return out
 
 

@@ -22,11 +22,11 @@ from hotlora.adapters.metadata_store import (
     SOURCES,
     AdapterRecord,
     MetadataStore,
-    SqliteMetadataStore,
     TenantQuota,
 )
 from hotlora.adapters.names import format_ref, parse_ref, validate_name
 from hotlora.adapters.peft_format import RECORD_FILE, WEIGHTS_FILE, AdapterLimits, parse_peft_adapter
+from hotlora.adapters.sqlite_store import SqliteMetadataStore
 from hotlora.adapters.weights import LoraWeights
 
 MAX_DESCRIPTION_CHARS = 1024

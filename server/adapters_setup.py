@@ -2,22 +2,39 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
-from hotlora.adapters.lora_layers import inject_multi_lora, make_lora_sites
+from hotlora.adapters.lora_layers import LoraContext, inject_multi_lora, make_lora_sites
+from hotlora.adapters.observer import AdapterObserver
 from hotlora.adapters.peft_format import AdapterLimits
 from hotlora.adapters.runtime import MultiLoraRuntime
 from hotlora.adapters.s3_blob_store import S3Options
 from hotlora.adapters.service import AdapterService
 from hotlora.adapters.shared_stores import StoreConfig, default_replica_id, open_registry
 from hotlora.adapters.upload_spool import UploadBudget, UploadSpooler
+from hotlora.server.config import ServerConfig
+from hotlora.server.model_loading import LoadedModel
 from hotlora.server.runner import FUSED
 
 UPLOADS_DIR = "uploads-in-flight"  # under --data-dir: spools of uploads not yet stored
 
 
-def setup_adapters(state, loaded):
-    cfg = state.config
+@dataclass(frozen=True)
+class AdapterSide:
+    """The adapter tier wired into one loaded model: what the engine, the doors and training need of it."""
+
+    runtime: MultiLoraRuntime
+    """Device slots and the per-step LoRA plan (the engine's `runtime`)."""
+    service: AdapterService
+    """Registry + cache: what the Adapters door and requests resolve adapters through."""
+    lora_context: LoraContext
+    """The multi-LoRA layers' shared context; fine-tuning trains through it."""
+    targets: tuple[str, ...]
+    """The PEFT module names adapters may target on this model, sorted."""
+
+
+def setup_adapters(cfg: ServerConfig, loaded: LoadedModel, observer: AdapterObserver) -> AdapterSide:
     base = loaded.base
     targets = [t for t in cfg.target_module_list if t in base.linear_shapes]
     if not targets:
@@ -60,7 +77,7 @@ def setup_adapters(state, loaded):
         cfg.adapter_slots,
         cfg.host_cache_bytes,
         max_per_tenant=cfg.max_adapters_per_tenant,
-        observer=state.metrics,
+        observer=observer,
         max_tenant_bytes=cfg.max_tenant_bytes,
         max_pins_per_tenant=cfg.tenant_pin_limit,
         replica_id=stores.replica_id,
@@ -68,7 +85,4 @@ def setup_adapters(state, loaded):
             Path(cfg.data_dir) / UPLOADS_DIR, UploadBudget(cfg.upload_buffer_bytes), cfg.max_upload_bytes
         ),
     )
-    service.base_model_name = loaded.name
-    service.lora_context = ctx
-    service.targets = tuple(sorted(targets))
-    return runtime, service
+    return AdapterSide(runtime, service, ctx, tuple(sorted(targets)))

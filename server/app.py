@@ -1,4 +1,5 @@
-"""Assembly: the gRPC server, health, reflection, the model, the engine, and shutdown.
+"""The process: the gRPC server, health, reflection, the HTTP and metrics ports, start-up and shutdown
+(what it serves is built by `server.assembly.assemble`).
 
 Start order: bind the port and serve health (NOT_SERVING) first, so probes see the
 server while the model loads; then load, then SERVING. Shutdown: NOT_SERVING, stop
@@ -6,7 +7,6 @@ accepting, let in-flight work finish within the grace period, then stop."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import signal
 import threading
@@ -17,13 +17,35 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from hotlora.adapters.finetune_jobs import FineTuneManager
+from hotlora.adapters.observer import NO_OBSERVER, Observer
+from hotlora.adapters.service import AdapterService
+from hotlora.server.adapters_service import AdaptersServicer
+from hotlora.server.assembly import Components, assemble
 from hotlora.server.auth import TokenAuthenticator
 from hotlora.server.config import ServerConfig
+from hotlora.server.engine import Engine
+from hotlora.server.frontend import InferenceFrontend
+from hotlora.server.http_door import HttpDoor
+from hotlora.server.http_server import HttpServer
 from hotlora.server.idle_watchdog import IdleWatchdog
+from hotlora.server.inference_service import InferenceServicer
 from hotlora.server.interceptors import ServerInterceptor
+from hotlora.server.kserve_service import register as register_kserve
+from hotlora.server.metrics import Metrics
+from hotlora.server.model_loading import LoadedModel
 from hotlora.server.registry_health import RegistryHealth
 from hotlora.server.rpc_admission import RpcAdmission, RpcLimits
+from hotlora.server.training_service import TrainingServicer
 from hotlora.server.transport import server_options
+from hotlora.v1 import (
+    adapters_pb2,
+    adapters_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    training_pb2,
+    training_pb2_grpc,
+)
 
 log = logging.getLogger("hotlora.server")
 
@@ -32,16 +54,20 @@ SERVICE_NAMES = ("hotlora.v1.Inference", "hotlora.v1.Adapters", "hotlora.v1.Trai
 
 @dataclass
 class AppState:
-    """What the servicers read; fields fill in as start-up progresses."""
+    """What the servicers read; the components are None until the model is loaded (`install`)."""
 
     config: ServerConfig
-    loaded: object = None  # LoadedModel
-    engine: object = None
-    frontend: object = None  # InferenceFrontend
-    adapters: object = None  # AdapterService (registry + runtime)
-    training: object = None  # FineTuneManager
-    metrics: object = None
+    loaded: LoadedModel | None = None
+    engine: Engine | None = None
+    frontend: InferenceFrontend | None = None
+    adapters: AdapterService | None = None  # registry + cache
+    training: FineTuneManager | None = None
+    metrics: Metrics | None = None  # None: --metrics-port -1
     draining: bool = False
+
+    def install(self, c: Components) -> None:
+        self.loaded, self.engine, self.adapters, self.training = c.loaded, c.engine, c.adapters, c.training
+        self.frontend = c.frontend  # last: the inference door serves once it is set
 
 
 class HotloraServer:
@@ -53,20 +79,19 @@ class HotloraServer:
             if config.tokens_file
             else TokenAuthenticator.dev()
         )
-        self.metrics = None
+        self.metrics: Metrics | None = None
         if config.metrics_port >= 0:
-            from hotlora.server.metrics import Metrics
-
             self.metrics = Metrics(
                 expose_adapter_names=config.expose_adapter_names,
                 vllm_compatible=config.vllm_compatible_metrics,
             )
             self.state.metrics = self.metrics
+        self.observer: Observer = self.metrics if self.metrics is not None else NO_OBSERVER
         self.health = health.HealthServicer(experimental_non_blocking=True)
         self.admission = RpcAdmission(RpcLimits(config.rpc_limit, config.tenant_rpc_limit))
         self.interceptor = ServerInterceptor(
             self.auth,
-            self.metrics,
+            self.observer,
             admission=self.admission,
             watchdog=IdleWatchdog(config.request_idle_seconds),
         )
@@ -86,18 +111,6 @@ class HotloraServer:
         self._stopped = threading.Event()
 
     def _register_services(self):
-        from hotlora.server.adapters_service import AdaptersServicer
-        from hotlora.server.inference_service import InferenceServicer
-        from hotlora.server.training_service import TrainingServicer
-        from hotlora.v1 import (
-            adapters_pb2,
-            adapters_pb2_grpc,
-            inference_pb2,
-            inference_pb2_grpc,
-            training_pb2,
-            training_pb2_grpc,
-        )
-
         inference_pb2_grpc.add_InferenceServicer_to_server(InferenceServicer(self.state), self.grpc)
         adapters_pb2_grpc.add_AdaptersServicer_to_server(AdaptersServicer(self.state), self.grpc)
         training_pb2_grpc.add_TrainingServicer_to_server(TrainingServicer(self.state), self.grpc)
@@ -108,12 +121,7 @@ class HotloraServer:
             training_pb2.DESCRIPTOR.services_by_name["Training"].full_name,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
         ]
-        try:
-            from hotlora.server.kserve_service import register as register_kserve
-
-            names += register_kserve(self.state, self.grpc)
-        except ImportError:
-            pass
+        names += register_kserve(self.state, self.grpc)
         self.service_names = names
         if self.config.reflection:
             reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self.grpc)
@@ -147,9 +155,6 @@ class HotloraServer:
         if self.metrics is not None:
             self.metrics_port = self.metrics.start_http(cfg.metrics_host or cfg.host, cfg.metrics_port)
         if cfg.http_port >= 0:
-            from hotlora.server.http_door import HttpDoor
-            from hotlora.server.http_server import HttpServer
-
             door = HttpDoor(self.state, self.auth, self.admission, self.metrics)
             self.http = HttpServer(door.app, cfg.http_host or cfg.host, cfg.http_port)
             self.http_port = self.http.port
@@ -170,61 +175,16 @@ class HotloraServer:
 
     def load(self) -> None:
         """Load the model and everything that needs it, then report SERVING."""
-        from hotlora.server.engine import Engine, EngineLimits
-        from hotlora.server.frontend import InferenceFrontend
-        from hotlora.server.model_loading import load_model
-
-        cfg = self.config
         t0 = time.monotonic()
-        loaded = load_model(
-            cfg.model,
-            cfg.cache_dir,
-            cfg.device,
-            cfg.dtype,
-            kv_cache_bytes=cfg.kv_cache_bytes,
-            kv_block_size=cfg.kv_block_size,
-            runner=cfg.runner,
-        )
-        if not cfg.prefix_caching:
-            loaded.model.kv_config = dataclasses.replace(loaded.model.kv_config, prefix_caching=False)
-        self.state.loaded = loaded
-        runtime, adapters = None, None
-        try:
-            from hotlora.server.adapters_setup import setup_adapters
-        except ImportError:
-            setup_adapters = None
-        if setup_adapters is not None:
-            runtime, adapters = setup_adapters(self.state, loaded)
-        limits = EngineLimits(
-            cfg.max_batch_size, cfg.max_queue, cfg.max_queue_per_tenant, cfg.max_prefill_tokens
-        )
-        engine = Engine(
-            loaded.model,
-            loaded.tokenizer,
-            limits=limits,
-            runtime=runtime,
-            observer=self.metrics,
-            task_share=cfg.train_share,
-            static_decode=_decode_graphs(cfg, loaded, runtime),
-            task_idle_grace_s=cfg.train_idle_grace_ms / 1000.0,
-        )
-        engine.start()
-        self.state.engine = engine
-        self.state.adapters = adapters
-        self.state.frontend = InferenceFrontend(engine, loaded.tokenizer, cfg, adapters)
-        try:
-            from hotlora.server.training_setup import setup_training
-        except ImportError:
-            setup_training = None
-        if setup_training is not None:
-            self.state.training = setup_training(self.state)
+        components = assemble(self.config, self.observer)
+        self.state.install(components)
+        loaded, adapters = components.loaded, components.adapters
         if self.metrics is not None:
             self.metrics.attach(self.state)
-        if adapters is not None:
-            self.registry_health = RegistryHealth(
-                adapters.registry.check, self._registry_health_changed, cfg.health_check_seconds
-            )
-            self.registry_health.start()
+        self.registry_health = RegistryHealth(
+            adapters.registry.check, self._registry_health_changed, self.config.health_check_seconds
+        )
+        self.registry_health.start()
         self.ready_seconds = time.monotonic() - t0
         self._set_health(True)
         log.info(
@@ -297,14 +257,3 @@ class HotloraServer:
             log.exception("start-up failed")
             self.exit_code = 1
             stop.set()
-
-
-def _decode_graphs(cfg, loaded, runtime):
-    """CUDA graphs for decode steps: on a CUDA device, with hotlora's runner, unless --no-cuda-graphs."""
-    if not cfg.cuda_graphs or loaded.device.type != "cuda" or loaded.runner_kind != "runner":
-        return None
-    from hotlora.server.runner.decode_graphs import StaticDecode
-
-    plan = getattr(runtime, "graph_plan", None)
-    done = getattr(runtime, "end_forward", None) if plan is not None else None
-    return StaticDecode(loaded.model, capture=True, lora_plan=plan, lora_done=done)

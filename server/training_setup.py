@@ -4,31 +4,33 @@ from __future__ import annotations
 
 from hotlora.adapters.finetune_jobs import FineTuneManager
 from hotlora.adapters.finetune_spec import FineTuneLimits
+from hotlora.adapters.observer import AdapterObserver
+from hotlora.server.adapters_setup import AdapterSide
+from hotlora.server.config import ServerConfig
+from hotlora.server.engine import Engine
+from hotlora.server.model_loading import LoadedModel
 
 
-def setup_training(state) -> FineTuneManager | None:
-    adapters = state.adapters
-    if adapters is None or getattr(adapters, "lora_context", None) is None:
-        return None  # no multi-LoRA layers: nothing to train on
-    cfg = state.config
-    loaded = state.loaded
-    targets = adapters.targets
+def setup_training(
+    cfg: ServerConfig, loaded: LoadedModel, adapters: AdapterSide, engine: Engine, observer: AdapterObserver
+) -> FineTuneManager:
     limits = FineTuneLimits(max_examples=cfg.max_finetune_examples, max_rank=cfg.max_rank)
+    service = adapters.service
     return FineTuneManager(
-        store=adapters.registry.metadata,
-        adapters=adapters,
-        engine=state.engine,
+        store=service.registry.metadata,
+        adapters=service,
+        engine=engine,
         model=loaded.model,
         tokenizer=loaded.tokenizer,
         ctx=adapters.lora_context,
-        base=adapters.base,
-        targets=targets,
+        base=service.base,
+        targets=adapters.targets,
         limits=limits,
         max_jobs=cfg.max_jobs,
         max_jobs_per_tenant=cfg.max_jobs_per_tenant,
         max_example_tokens=cfg.max_finetune_example_tokens,
         unit_seconds=cfg.max_train_unit_ms / 1000.0,
         max_seconds=cfg.finetune_max_seconds,
-        base_model_name=getattr(adapters, "base_model_name", ""),
-        metrics=state.metrics,
+        base_model_name=loaded.name,
+        observer=observer,
     )

@@ -281,6 +281,15 @@ class _Engine:
         self._running = [_Row(_Req("acme", "bot@1")), _Row(_Req("acme", "bot@1")), _Row(_Req("x", "y@2"))]
         self._waiting = {"acme": collections.deque([_Req("acme", "new@1")])}
 
+    def adapter_refs_in_flight(self):  # as Engine's: tenant/name@N of running rows and queued requests
+        with self._cond:
+            waiting = [r for q in self._waiting.values() for r in q]
+            return [_ref(row.req) for row in self._running], [_ref(r) for r in waiting]
+
+
+def _ref(req) -> str:
+    return f"{req.tenant}/{req.adapter.ref}"
+
 
 class _State:
     def __init__(self, training=None):

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from hotlora.adapters.metadata_store import JobRecord, SqliteMetadataStore
+from hotlora.adapters.metadata_store import JobRecord
+from hotlora.adapters.sqlite_store import SqliteMetadataStore
 from hotlora.v1 import adapters_pb2, common_pb2, training_pb2
 
 from tests.server.harness import running_server
