@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from hotlora.adapters.lora_layers import inject_multi_lora, make_lora_sites
+from hotlora.adapters.observer import NO_OBSERVER
 from hotlora.adapters.peft_format import AdapterLimits
-from hotlora.adapters.runtime import MultiLoraRuntime
+from hotlora.adapters.runtime import MultiLoraRuntime, SlotContents
 from hotlora.adapters.s3_blob_store import S3Options
 from hotlora.adapters.service import AdapterService
 from hotlora.adapters.shared_stores import StoreConfig, default_replica_id, open_registry
@@ -38,7 +39,7 @@ def setup_adapters(state, loaded):
         ctx, wrapped = inject_multi_lora(runner.model, targets, cfg.adapter_slots, cfg.max_rank)
         runner.lora_ctx = ctx
         sites = list(wrapped.values())
-    runtime = MultiLoraRuntime(ctx, sites, cfg.adapter_slots, loaded.device, loaded.dtype, cfg.max_rank)
+    slots = SlotContents(sites, cfg.adapter_slots, loaded.device, loaded.dtype)
     limits = AdapterLimits(
         max_rank=cfg.max_rank, max_file_bytes=cfg.max_upload_bytes, max_upload_bytes=cfg.max_upload_bytes
     )
@@ -56,11 +57,10 @@ def setup_adapters(state, loaded):
         registry,
         base,
         limits,
-        runtime,
-        cfg.adapter_slots,
+        slots,
         cfg.host_cache_bytes,
         max_per_tenant=cfg.max_adapters_per_tenant,
-        observer=state.metrics,
+        observer=state.metrics or NO_OBSERVER,
         max_tenant_bytes=cfg.max_tenant_bytes,
         max_pins_per_tenant=cfg.tenant_pin_limit,
         replica_id=stores.replica_id,
@@ -68,6 +68,7 @@ def setup_adapters(state, loaded):
             Path(cfg.data_dir) / UPLOADS_DIR, UploadBudget(cfg.upload_buffer_bytes), cfg.max_upload_bytes
         ),
     )
+    runtime = MultiLoraRuntime(ctx, slots, service.cache, cfg.max_rank)
     service.base_model_name = loaded.name
     service.lora_context = ctx
     service.targets = tuple(sorted(targets))
