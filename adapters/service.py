@@ -186,13 +186,13 @@ class AdapterService:
         rec = self.registry.resolve(tenant, ref)  # NotFound before the first chunk
         return self.registry.stream_files(peft_files(rec.files), chunk_bytes)
 
-    def training_record(self, tenant: str, ref: str):
-        """(record, TrainingRecord or None): what a fine-tuned version learned from and how it scored."""
+    def training_record(self, rec: AdapterRecord):
+        """The TrainingRecord of a resolved version (None if it was not fine-tuned): what it learned from and
+        how it scored."""
         from hotlora.adapters.training_record import TrainingRecord
 
-        rec = self.registry.resolve(tenant, ref)
         data = self.registry.read_record(rec)
-        return rec, None if data is None else TrainingRecord.from_bytes(data)
+        return None if data is None else TrainingRecord.from_bytes(data)
 
     # ---- inference ------------------------------------------------------------------
     def resolve(self, tenant: str, ref: str) -> tuple[AdapterHandle | None, str]:

@@ -61,7 +61,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
     def GetAdapter(self, request, context):
         svc = self._service()
         view = svc.get(current_tenant(), request.name)
-        _, record = svc.training_record(current_tenant(), view.record.ref)
+        record = svc.training_record(view.record)  # the version `get` resolved, not resolved again
         return adapter_pb(view, None if record is None else record.summary)
 
     def DeleteAdapter(self, request, context):
