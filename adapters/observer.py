@@ -48,6 +48,9 @@ class Observer(AdapterObserver, Protocol):
     def http_finished(self, route: str, status: int, seconds: float) -> None:
         """An HTTP request ended with `status`."""
 
+    def upload_finished(self, outcome: str) -> None:
+        """An adapter upload ended: `ok` or a short reason (invalid_config, too_large, ...)."""
+
 
 class NoObserver:
     """Observes nothing: the default where metrics are off and in unit tests."""
@@ -80,6 +83,9 @@ class NoObserver:
         pass
 
     def http_finished(self, route: str, status: int, seconds: float) -> None:
+        pass
+
+    def upload_finished(self, outcome: str) -> None:
         pass
 
 

@@ -1,8 +1,11 @@
 """The engine's view of adapters: slots for rows, the LoRA plan for each forward,
 and classification heads. Implements hotlora.server.engine.AdapterRuntime.
 
-`sites` are the places an adapter is installed into: the runner's LoraSites (fused projections) or, on the
-transformers path, the wrapped MultiLoraLinear layers; both take `install(slot, weights)` / `clear(slot)`."""
+`SlotContents` is what each device slot holds; the cache installs into it and the runtime reads it, so both
+are built from it with nothing set afterwards: contents, then the cache (installing into the contents), then
+the runtime (over both). `sites` are the places an adapter is installed into: the runner's LoraSites (fused
+projections) or, on the transformers path, the wrapped MultiLoraLinear layers; both take
+`install(slot, weights)` / `clear(slot)`."""
 
 from __future__ import annotations
 
@@ -12,25 +15,25 @@ from hotlora.adapters.errors import FailedPrecondition
 from hotlora.adapters.lora_layers import LoraContext, set_batch, set_graph_batch
 
 
-class MultiLoraRuntime:
-    def __init__(self, ctx: LoraContext, sites: list, num_slots: int, device, dtype, max_rank: int = 0):
-        self.ctx = ctx
+class SlotContents:
+    """The weights, rank and classification head in each device slot (written by the cache's installer
+    and clearer on the engine thread)."""
+
+    def __init__(self, sites: list, num_slots: int, device, dtype):
         self.sites = list(sites)
+        self.num_slots = num_slots
         self.device = device
         self.dtype = dtype
-        self.max_rank = max_rank
-        self.slot_ranks = torch.zeros(num_slots, dtype=torch.long)
+        self.ranks = torch.zeros(num_slots, dtype=torch.long)
         # the same ranks on the compute device, read by the kernels of a captured decode step at run time
-        self.slot_ranks_device = torch.zeros(num_slots, dtype=torch.long, device=device)
+        self.ranks_device = torch.zeros(num_slots, dtype=torch.long, device=device)
         self.heads: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
-        self.cache: AdapterCache | None = None  # set by the service that owns both
 
-    # ---- slot contents (called by the cache on the engine thread) ------------------
     def install(self, slot: int, weights) -> None:
         for site in self.sites:
             site.install(slot, weights)
-        self.slot_ranks[slot] = weights.rank
-        self.slot_ranks_device[slot] = weights.rank
+        self.ranks[slot] = weights.rank
+        self.ranks_device[slot] = weights.rank
         if weights.head_weight is not None:
             bias = None if weights.head_bias is None else weights.head_bias.to(self.device, self.dtype)
             self.heads[slot] = (weights.head_weight.to(self.device, self.dtype), bias)
@@ -40,15 +43,27 @@ class MultiLoraRuntime:
     def clear(self, slot: int) -> None:
         for site in self.sites:
             site.clear(slot)
-        self.slot_ranks[slot] = 0
-        self.slot_ranks_device[slot] = 0
+        self.ranks[slot] = 0
+        self.ranks_device[slot] = 0
         self.heads.pop(slot, None)
+
+
+class MultiLoraRuntime:
+    def __init__(self, ctx: LoraContext, contents: SlotContents, cache: AdapterCache, max_rank: int = 0):
+        self.ctx = ctx
+        self.contents = contents
+        self.cache = cache
+        self.device = contents.device
+        self.max_rank = max_rank
+        # the contents' tensors (updated in place by install/clear), read by the batch plans below
+        self.slot_ranks = contents.ranks
+        self.slot_ranks_device = contents.ranks_device
 
     # ---- AdapterRuntime -------------------------------------------------------------
     def try_acquire(self, handle) -> int | None:
         if handle is None:
             return -1
-        return self.cache.try_acquire(handle.key)
+        return self.cache.try_acquire(handle.key, handle.record)
 
     def release(self, handle) -> None:
         if handle is not None:
@@ -68,7 +83,7 @@ class MultiLoraRuntime:
     def classify(self, handle, pooled: torch.Tensor) -> torch.Tensor:
         """pooled: [n, hidden] last-token states -> [n, num_labels] probabilities."""
         slot = None if handle is None else self.cache.slot_of(handle.key)
-        head = self.heads.get(slot) if slot is not None else None
+        head = self.contents.heads.get(slot) if slot is not None else None
         if head is None:
             raise FailedPrecondition("this adapter has no classification head")
         weight, bias = head

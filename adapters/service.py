@@ -11,20 +11,37 @@ from hotlora.adapters.cache import AdapterCache
 from hotlora.adapters.errors import FailedPrecondition, NotFound
 from hotlora.adapters.metadata_store import AdapterRecord, TenantQuota
 from hotlora.adapters.names import validate_name
+from hotlora.adapters.observer import NO_OBSERVER, AdapterObserver
 from hotlora.adapters.peft_format import IGNORED_FILES, RECORD_FILE, AdapterLimits, parse_peft_adapter
 from hotlora.adapters.registry import AdapterRegistry, peft_files
 from hotlora.adapters.registry_changes import RegistryChange
+from hotlora.adapters.runtime import SlotContents
 from hotlora.adapters.upload_spool import UploadSpooler
 
 
 @dataclass(frozen=True)
 class AdapterHandle:
-    """One immutable adapter version as a request carries it."""
+    """One immutable adapter version as a request carries it: the record it was resolved to, so a cold
+    load reads exactly that version without asking the registry again."""
 
-    key: tuple[str, str, int]  # (tenant, name, version)
-    ref: str  # name@N
-    task: str
-    labels: tuple[str, ...]
+    record: AdapterRecord
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        """(tenant, name, version): the cache's key."""
+        return _key(self.record)
+
+    @property
+    def ref(self) -> str:  # name@N
+        return self.record.ref
+
+    @property
+    def task(self) -> str:
+        return self.record.task
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(self.record.labels)
 
 
 @dataclass(frozen=True)
@@ -49,11 +66,10 @@ class AdapterService:
         registry: AdapterRegistry,
         base: BaseModelInfo,
         limits: AdapterLimits,
-        runtime,
-        num_slots: int,
+        slots: SlotContents,
         host_bytes: int,
         max_per_tenant: int = 1000,
-        observer=None,
+        observer: AdapterObserver = NO_OBSERVER,
         *,
         max_tenant_bytes: int = 1 << 62,
         uploads: UploadSpooler | None = None,
@@ -68,18 +84,15 @@ class AdapterService:
         self.quota = TenantQuota(max_per_tenant, max_tenant_bytes)
         self.uploads = uploads
         self.max_pins_per_tenant = max_pins_per_tenant
-        self.observer = observer
-        self.runtime = runtime
         self.cache = AdapterCache(
-            num_slots,
+            slots.num_slots,
             host_bytes,
             loader=self._load_weights,
-            installer=runtime.install,
-            clearer=runtime.clear,
+            installer=slots.install,
+            clearer=slots.clear,
             observer=observer,
             owner_of=lambda key: key[0],  # (tenant, name, version): pins count per tenant
         )
-        runtime.cache = self.cache
         # other replicas sharing the registry: free what they deleted, evict what they unloaded
         registry.metadata.subscribe(self._apply_change, self._resync)
 
@@ -100,9 +113,8 @@ class AdapterService:
             if self.registry.metadata.get(tenant, name, version) is None:
                 self.cache.drop((tenant, name, version))
 
-    def _load_weights(self, key):
-        tenant, name, version = key
-        rec = self.registry.resolve(tenant, f"{name}@{version}")
+    def _load_weights(self, rec: AdapterRecord):
+        """The cache's loader: the record a handle or an rpc already resolved, read from the blob store."""
         return self.registry.load_weights(rec, self.base, self.limits)
 
     def _view(self, rec: AdapterRecord) -> AdapterView:
@@ -135,7 +147,7 @@ class AdapterService:
         rec = self.registry.commit(
             tenant, name, kept, weights, description=description, source=source, quota=self.quota
         )
-        self.cache.offer_host(_key(rec), weights)
+        self.cache.offer_host(_key(rec), rec, weights)
         return self._view(rec)
 
     def get(self, tenant: str, ref: str) -> AdapterView:
@@ -152,7 +164,9 @@ class AdapterService:
 
     def load(self, tenant: str, ref: str, pin: bool = False, timeout: float = 30.0) -> AdapterView:
         rec = self.registry.resolve(tenant, ref)
-        self.cache.request_load(_key(rec), pin=pin, timeout=timeout, max_owner_pins=self.max_pins_per_tenant)
+        self.cache.request_load(
+            _key(rec), rec, pin=pin, timeout=timeout, max_owner_pins=self.max_pins_per_tenant
+        )
         return self._view(rec)
 
     def unload(self, tenant: str, ref: str) -> AdapterView:
@@ -172,20 +186,20 @@ class AdapterService:
         rec = self.registry.resolve(tenant, ref)  # NotFound before the first chunk
         return self.registry.stream_files(peft_files(rec.files), chunk_bytes)
 
-    def training_record(self, tenant: str, ref: str):
-        """(record, TrainingRecord or None): what a fine-tuned version learned from and how it scored."""
+    def training_record(self, rec: AdapterRecord):
+        """The TrainingRecord of a resolved version (None if it was not fine-tuned): what it learned from and
+        how it scored."""
         from hotlora.adapters.training_record import TrainingRecord
 
-        rec = self.registry.resolve(tenant, ref)
         data = self.registry.read_record(rec)
-        return rec, None if data is None else TrainingRecord.from_bytes(data)
+        return None if data is None else TrainingRecord.from_bytes(data)
 
     # ---- inference ------------------------------------------------------------------
     def resolve(self, tenant: str, ref: str) -> tuple[AdapterHandle | None, str]:
         if not ref:
             return None, ""
         rec = self.registry.resolve(tenant, ref)
-        return AdapterHandle(_key(rec), rec.ref, rec.task, tuple(rec.labels)), rec.ref
+        return AdapterHandle(rec), rec.ref
 
     def labels(self, handle: AdapterHandle | None) -> list[str]:
         if handle is None:

@@ -22,7 +22,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
 
     def _observe_upload(self, outcome: str) -> None:
         m = self.state.metrics
-        if m is not None and hasattr(m, "upload_finished"):
+        if m is not None:
             m.upload_finished(outcome)
 
     def UploadAdapter(self, request_iterator, context):
@@ -61,7 +61,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
     def GetAdapter(self, request, context):
         svc = self._service()
         view = svc.get(current_tenant(), request.name)
-        _, record = svc.training_record(current_tenant(), view.record.ref)
+        record = svc.training_record(view.record)  # the version `get` resolved, not resolved again
         return adapter_pb(view, None if record is None else record.summary)
 
     def DeleteAdapter(self, request, context):

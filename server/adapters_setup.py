@@ -8,7 +8,7 @@ from pathlib import Path
 from hotlora.adapters.lora_layers import LoraContext, inject_multi_lora, make_lora_sites
 from hotlora.adapters.observer import AdapterObserver
 from hotlora.adapters.peft_format import AdapterLimits
-from hotlora.adapters.runtime import MultiLoraRuntime
+from hotlora.adapters.runtime import MultiLoraRuntime, SlotContents
 from hotlora.adapters.s3_blob_store import S3Options
 from hotlora.adapters.service import AdapterService
 from hotlora.adapters.shared_stores import StoreConfig, default_replica_id, open_registry
@@ -55,7 +55,7 @@ def setup_adapters(cfg: ServerConfig, loaded: LoadedModel, observer: AdapterObse
         ctx, wrapped = inject_multi_lora(runner.model, targets, cfg.adapter_slots, cfg.max_rank)
         runner.lora_ctx = ctx
         sites = list(wrapped.values())
-    runtime = MultiLoraRuntime(ctx, sites, cfg.adapter_slots, loaded.device, loaded.dtype, cfg.max_rank)
+    slots = SlotContents(sites, cfg.adapter_slots, loaded.device, loaded.dtype)
     limits = AdapterLimits(
         max_rank=cfg.max_rank, max_file_bytes=cfg.max_upload_bytes, max_upload_bytes=cfg.max_upload_bytes
     )
@@ -73,8 +73,7 @@ def setup_adapters(cfg: ServerConfig, loaded: LoadedModel, observer: AdapterObse
         registry,
         base,
         limits,
-        runtime,
-        cfg.adapter_slots,
+        slots,
         cfg.host_cache_bytes,
         max_per_tenant=cfg.max_adapters_per_tenant,
         observer=observer,
@@ -85,4 +84,5 @@ def setup_adapters(cfg: ServerConfig, loaded: LoadedModel, observer: AdapterObse
             Path(cfg.data_dir) / UPLOADS_DIR, UploadBudget(cfg.upload_buffer_bytes), cfg.max_upload_bytes
         ),
     )
+    runtime = MultiLoraRuntime(ctx, slots, service.cache, cfg.max_rank)
     return AdapterSide(runtime, service, ctx, tuple(sorted(targets)))

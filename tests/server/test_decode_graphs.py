@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from hotlora.adapters.lora_layers import make_lora_sites
-from hotlora.adapters.runtime import MultiLoraRuntime
+from hotlora.adapters.runtime import MultiLoraRuntime, SlotContents
 from hotlora.adapters.weights import LoraModule, LoraWeights
 from hotlora.server.engine import Engine
 from hotlora.server.runner import runner_from_model
@@ -44,6 +44,7 @@ class CountingDecode(StaticDecode):
 @dataclass(frozen=True)
 class Handle:
     key: tuple
+    record: object = None  # what the cache would load from (SlotCache holds every adapter already)
 
 
 class SlotCache:
@@ -52,7 +53,7 @@ class SlotCache:
     def __init__(self, slots: dict):
         self.slots = slots
 
-    def try_acquire(self, key):
+    def try_acquire(self, key, source):
         return self.slots[key]
 
     def release(self, key):
@@ -88,11 +89,11 @@ def _runtime(runner, adapters: int) -> tuple[MultiLoraRuntime, list[Handle]]:
         layout, runner.spec.num_layers, names, SLOTS, RANK, runner.device, runner.dtype
     )
     runner.sites = sites
-    runtime = MultiLoraRuntime(ctx, list(sites.values()), SLOTS, runner.device, runner.dtype, RANK)
+    contents = SlotContents(list(sites.values()), SLOTS, runner.device, runner.dtype)
     handles = [Handle(("t", f"a{i}", 1)) for i in range(adapters)]
-    runtime.cache = SlotCache({h.key: i for i, h in enumerate(handles)})
+    runtime = MultiLoraRuntime(ctx, contents, SlotCache({h.key: i for i, h in enumerate(handles)}), RANK)
     for i in range(adapters):
-        runtime.install(i, _random_adapter(runner, 100 + i))
+        contents.install(i, _random_adapter(runner, 100 + i))
     return runtime, handles
 
 
