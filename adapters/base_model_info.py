@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hotlora.adapters.errors import FailedPrecondition
 from torch import nn
+
+from hotlora.adapters.errors import FailedPrecondition
 
 
 @dataclass(frozen=True)

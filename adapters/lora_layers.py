@@ -15,8 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from hotlora.kernels import LoraBackend, LoraPlan, get_backend
 from torch import nn
+
+from hotlora.kernels import LoraBackend, LoraPlan, get_backend
 
 
 @dataclass

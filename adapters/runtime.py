@@ -1,5 +1,5 @@
 """The engine's view of adapters: slots for rows, the LoRA plan for each forward,
-and classification heads. Implements hotlora.server.engine.AdapterRuntime.
+and classification heads. Implements hotlora.server.engine.scheduler.AdapterRuntime.
 
 `SlotContents` is what each device slot holds; the cache installs into it and the runtime reads it, so both
 are built from it with nothing set afterwards: contents, then the cache (installing into the contents), then
@@ -10,6 +10,7 @@ projections) or, on the transformers path, the wrapped MultiLoraLinear layers; b
 from __future__ import annotations
 
 import torch
+
 from hotlora.adapters.cache import AdapterCache
 from hotlora.adapters.errors import FailedPrecondition
 from hotlora.adapters.lora_layers import LoraContext, set_batch, set_graph_batch

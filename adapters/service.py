@@ -9,14 +9,14 @@ from dataclasses import dataclass
 from hotlora.adapters.base_model_info import BaseModelInfo
 from hotlora.adapters.cache import AdapterCache
 from hotlora.adapters.errors import FailedPrecondition, NotFound
-from hotlora.adapters.metadata_store import AdapterRecord, TenantQuota
 from hotlora.adapters.names import validate_name
 from hotlora.adapters.observer import NO_OBSERVER, AdapterObserver
-from hotlora.adapters.peft_format import IGNORED_FILES, RECORD_FILE, AdapterLimits, parse_peft_adapter
-from hotlora.adapters.registry import AdapterRegistry, peft_files
-from hotlora.adapters.registry_changes import RegistryChange
+from hotlora.adapters.peft.format import IGNORED_FILES, RECORD_FILE, AdapterLimits, parse_peft_adapter
 from hotlora.adapters.runtime import SlotContents
-from hotlora.adapters.upload_spool import UploadSpooler
+from hotlora.adapters.store.metadata_store import AdapterRecord, TenantQuota
+from hotlora.adapters.store.registry import AdapterRegistry, peft_files
+from hotlora.adapters.store.registry_changes import RegistryChange
+from hotlora.adapters.store.upload_spool import UploadSpooler
 
 
 @dataclass(frozen=True)
@@ -189,7 +189,7 @@ class AdapterService:
     def training_record(self, rec: AdapterRecord):
         """The TrainingRecord of a resolved version (None if it was not fine-tuned): what it learned from and
         how it scored."""
-        from hotlora.adapters.training_record import TrainingRecord
+        from hotlora.adapters.training.training_record import TrainingRecord
 
         data = self.registry.read_record(rec)
         return None if data is None else TrainingRecord.from_bytes(data)

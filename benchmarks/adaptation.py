@@ -21,10 +21,11 @@ from pathlib import Path
 
 import grpc
 from finetune import latencies, machine, pct  # benchmarks/finetune.py, beside this script
+from results_file import write_lines  # benchmarks/results_file.py
+
 from hotlora.server.app import HotloraServer
 from hotlora.server.config import ServerConfig
 from hotlora.v1 import common_pb2, inference_pb2_grpc, training_pb2, training_pb2_grpc
-from results_file import write_lines  # benchmarks/results_file.py
 
 DATA = Path(__file__).parents[1] / "tests" / "e2e" / "data" / "reviews.jsonl"
 POOL, HELD_OUT = 240, 90

@@ -33,6 +33,9 @@ from pathlib import Path
 import grpc
 import torch
 from concurrent_calls import concurrently, streamed_tokens  # benchmarks/concurrent_calls.py
+from results_file import RESULTS, write_section  # benchmarks/results_file.py
+from safetensors.torch import save as st_save
+
 from hotlora.server.app import HotloraServer
 from hotlora.server.config import ServerConfig, default_cache_dir
 from hotlora.v1 import (
@@ -42,8 +45,6 @@ from hotlora.v1 import (
     inference_pb2,
     inference_pb2_grpc,
 )
-from results_file import RESULTS, write_section  # benchmarks/results_file.py
-from safetensors.torch import save as st_save
 
 NEW_TOKENS = 32
 RANK = 16

@@ -33,13 +33,13 @@ from pathlib import Path
 
 import grpc
 import torch
-from hotlora.server.app import HotloraServer
-from hotlora.server.config import ServerConfig
-from hotlora.v1 import adapters_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc
 from results_file import RESULTS, write_section  # benchmarks/results_file.py
 from serving import cpu_name  # benchmarks/serving.py
 
 from adapters import chunks, peft_files, stream_all  # benchmarks/adapters.py
+from hotlora.server.app import HotloraServer
+from hotlora.server.config import ServerConfig
+from hotlora.v1 import adapters_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc
 
 NEW_TOKENS = 32
 ADAPTERS = 32
@@ -81,8 +81,8 @@ def shared_tokens(tokenizer, a: list[int], b: list[int]) -> int:
 
 def compile_vs_eager(runner) -> tuple[dict[int, tuple[float, float]], float]:
     """ms per decode forward (eager, torch.compile) at 1, 8, 32 rows, and the compile seconds."""
-    from hotlora.server.runner.attention import AttentionMetadata, decode_mask
-    from hotlora.server.runner.model import StepInput
+    from hotlora.server.engine.runner.attention import AttentionMetadata, decode_mask
+    from hotlora.server.engine.runner.model import StepInput
 
     bs = runner.kv_config.block_size
 

@@ -18,10 +18,11 @@ import time
 from pathlib import Path
 
 import grpc
+from results_file import write_lines  # benchmarks/results_file.py
+
 from hotlora.server.app import HotloraServer
 from hotlora.server.config import ServerConfig
 from hotlora.v1 import common_pb2, inference_pb2, inference_pb2_grpc, training_pb2, training_pb2_grpc
-from results_file import write_lines  # benchmarks/results_file.py
 
 DATA = Path(__file__).parents[1] / "tests" / "e2e" / "data" / "topics.jsonl"
 PROMPTS = ["Tell me a fact about the sea.", "What is a good breakfast?", "Name a planet.", "Say hello."]

@@ -43,7 +43,6 @@ def main() -> None:
     import os
 
     from hotlora.v1 import adapters_pb2, common_pb2, inference_pb2
-
     from tests.fleet.replicas import Replica
     from tests.fleet_stores import S3_ENV, SharedStores, postgres_server, s3_server
     from tests.server.adapter_utils import make_peft_adapter, upload_chunks

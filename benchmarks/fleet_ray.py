@@ -61,17 +61,17 @@ def main() -> None:
 
     import grpc
     import ray
+    from ray import serve
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     from hotlora.adapters.base_model_info import BaseModelInfo
-    from hotlora.adapters.peft_format import AdapterLimits, parse_peft_adapter
-    from hotlora.adapters.s3_blob_store import S3Options
-    from hotlora.adapters.shared_stores import StoreConfig, open_registry
+    from hotlora.adapters.peft.format import AdapterLimits, parse_peft_adapter
+    from hotlora.adapters.store.s3_blob_store import S3Options
+    from hotlora.adapters.store.shared_stores import StoreConfig, open_registry
     from hotlora.server.config import ServerConfig, default_cache_dir
     from hotlora.server.fleet.app import APP_NAME, FleetConfig, start_serve
     from hotlora.server.model_loading import prepare_default_model
     from hotlora.v1 import common_pb2, inference_pb2, inference_pb2_grpc
-    from ray import serve
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from tests.fleet_stores import S3_ENV, SharedStores, free_port, postgres_server, s3_server
 
     os.environ.update(S3_ENV)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
 from hotlora.kernels import CpuBackend, TritonBackend
 
 

@@ -27,6 +27,7 @@ from importlib.metadata import version
 import grpc
 import openai
 from concurrent_calls import concurrently  # benchmarks/concurrent_calls.py
+
 from hotlora.server.app import HotloraServer
 from hotlora.server.config import ServerConfig
 from hotlora.v1 import common_pb2, inference_pb2, inference_pb2_grpc
@@ -126,9 +127,10 @@ def _per_token(step, ids: list[int], make) -> tuple[float, float]:
 
 def grammar_costs(tokenizer, vocab: int) -> list[str]:
     """Per-token cost of each engine, one row, warm: computing the token mask, and applying it to the
-    logits (llguidance: as hotlora applies it, hotlora.server.guided.mask_rows)."""
+    logits (llguidance: as hotlora applies it, hotlora.server.engine.guided.mask_rows)."""
     import torch
-    from hotlora.server.guided import GrammarEngine, GuidedKind, GuidedSpec, mask_rows
+
+    from hotlora.server.engine.guided import GrammarEngine, GuidedKind, GuidedSpec, mask_rows
 
     logits = torch.randn(1, vocab)
     engine = GrammarEngine(tokenizer, vocab)

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from hotlora.kernels import CpuBackend, TorchReferenceBackend, get_backend
 from results_file import RESULTS, write_lines  # benchmarks/results_file.py
+
+from hotlora.kernels import CpuBackend, TorchReferenceBackend, get_backend
 
 HIDDEN, INTERMEDIATE, KV_DIM = 576, 1536, 192
 MODULES = {  # name: (H_in, H_out)

@@ -26,10 +26,11 @@ from pathlib import Path
 import grpc
 import torch
 from concurrent_calls import concurrently, streamed_tokens  # benchmarks/concurrent_calls.py
+from results_file import RESULTS, write_section  # benchmarks/results_file.py
+
 from hotlora.server.app import HotloraServer
 from hotlora.server.config import ServerConfig, default_cache_dir
 from hotlora.v1 import common_pb2, inference_pb2, inference_pb2_grpc
-from results_file import RESULTS, write_section  # benchmarks/results_file.py
 
 NEW_TOKENS = 32
 STREAMS = (1, 8, 32)

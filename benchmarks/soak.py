@@ -52,7 +52,6 @@ def _pct(xs, q):
 def run_soak(seconds: float, clients: int, workdir: Path, log=print) -> dict:
     sys.path.insert(0, str(ROOT))
     from hotlora.v1 import adapters_pb2, adapters_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc
-
     from tests.server.adapter_utils import make_peft_adapter, upload_chunks
     from tests.server.harness import running_server
     from tests.tiny import save_tiny_model_dir

@@ -9,6 +9,7 @@ from types import ModuleType
 from typing import Any, ClassVar
 
 import grpc
+
 from hotlora.clients import _common as c
 from hotlora.clients import _health
 from hotlora.v1 import adapters_pb2_grpc, inference_pb2_grpc, training_pb2_grpc

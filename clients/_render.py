@@ -9,8 +9,6 @@ from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
-from hotlora.clients import _common as c
-from hotlora.v1 import adapters_pb2, training_pb2
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -23,6 +21,9 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 from rich.table import Table
+
+from hotlora.clients import _common as c
+from hotlora.v1 import adapters_pb2, training_pb2
 
 
 def to_dict(msg: Message) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any, Generic, TypeVar
 
 import grpc
 import grpc.aio
+
 from hotlora.clients import _common as c
 from hotlora.clients._connection import Connection
 from hotlora.v1 import (

@@ -11,10 +11,10 @@ import sys
 from collections.abc import Callable, Sequence
 
 import grpc
-from hotlora.clients import _commands as cmd
-from hotlora.clients._common import ClientError
 
 from hotlora import __version__
+from hotlora.clients import _commands as cmd
+from hotlora.clients._common import ClientError
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

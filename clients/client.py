@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import grpc
+
 from hotlora.clients import _common as c
 from hotlora.clients._connection import Connection
 from hotlora.v1 import (

@@ -7,15 +7,15 @@ from pathlib import Path
 
 from hotlora.adapters.lora_layers import LoraContext, inject_multi_lora, make_lora_sites
 from hotlora.adapters.observer import AdapterObserver
-from hotlora.adapters.peft_format import AdapterLimits
+from hotlora.adapters.peft.format import AdapterLimits
 from hotlora.adapters.runtime import MultiLoraRuntime, SlotContents
-from hotlora.adapters.s3_blob_store import S3Options
 from hotlora.adapters.service import AdapterService
-from hotlora.adapters.shared_stores import StoreConfig, default_replica_id, open_registry
-from hotlora.adapters.upload_spool import UploadBudget, UploadSpooler
+from hotlora.adapters.store.s3_blob_store import S3Options
+from hotlora.adapters.store.shared_stores import StoreConfig, default_replica_id, open_registry
+from hotlora.adapters.store.upload_spool import UploadBudget, UploadSpooler
 from hotlora.server.config import ServerConfig
+from hotlora.server.engine.runner import FUSED
 from hotlora.server.model_loading import LoadedModel
-from hotlora.server.runner import FUSED
 
 UPLOADS_DIR = "uploads-in-flight"  # under --data-dir: spools of uploads not yet stored
 

@@ -17,27 +17,28 @@ from dataclasses import dataclass
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from hotlora.adapters.finetune_jobs import FineTuneManager
+
 from hotlora.adapters.observer import NO_OBSERVER, Observer
 from hotlora.adapters.service import AdapterService
-from hotlora.server.adapters_service import AdaptersServicer
+from hotlora.adapters.training.finetune_jobs import FineTuneManager
 from hotlora.server.assembly import Components, assemble
-from hotlora.server.auth import TokenAuthenticator
 from hotlora.server.config import ServerConfig
-from hotlora.server.engine import Engine
-from hotlora.server.frontend import InferenceFrontend
-from hotlora.server.http_door import HttpDoor
-from hotlora.server.http_server import HttpServer
-from hotlora.server.idle_watchdog import IdleWatchdog
-from hotlora.server.inference_service import InferenceServicer
-from hotlora.server.interceptors import ServerInterceptor
-from hotlora.server.kserve_service import register as register_kserve
+from hotlora.server.engine.scheduler import Engine
+from hotlora.server.frontend.auth import TokenAuthenticator
+from hotlora.server.frontend.inference import InferenceFrontend
+from hotlora.server.http.door import HttpDoor
+from hotlora.server.http.server import HttpServer
 from hotlora.server.metrics import Metrics
 from hotlora.server.model_loading import LoadedModel
 from hotlora.server.registry_health import RegistryHealth
-from hotlora.server.rpc_admission import RpcAdmission, RpcLimits
-from hotlora.server.training_service import TrainingServicer
-from hotlora.server.transport import server_options
+from hotlora.server.rpc.adapters_service import AdaptersServicer
+from hotlora.server.rpc.admission import RpcAdmission, RpcLimits
+from hotlora.server.rpc.idle_watchdog import IdleWatchdog
+from hotlora.server.rpc.inference_service import InferenceServicer
+from hotlora.server.rpc.interceptors import ServerInterceptor
+from hotlora.server.rpc.kserve_service import register as register_kserve
+from hotlora.server.rpc.training_service import TrainingServicer
+from hotlora.server.rpc.transport import server_options
 from hotlora.v1 import (
     adapters_pb2,
     adapters_pb2_grpc,

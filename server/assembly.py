@@ -9,16 +9,16 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from hotlora.adapters.finetune_jobs import FineTuneManager
 from hotlora.adapters.observer import NO_OBSERVER, Observer
 from hotlora.adapters.runtime import MultiLoraRuntime
 from hotlora.adapters.service import AdapterService
+from hotlora.adapters.training.finetune_jobs import FineTuneManager
 from hotlora.server.adapters_setup import setup_adapters
 from hotlora.server.config import ServerConfig
-from hotlora.server.engine import Engine, EngineLimits
-from hotlora.server.frontend import InferenceFrontend
+from hotlora.server.engine.runner.decode_graphs import StaticDecode
+from hotlora.server.engine.scheduler import Engine, EngineLimits
+from hotlora.server.frontend.inference import InferenceFrontend
 from hotlora.server.model_loading import LoadedModel, load_model
-from hotlora.server.runner.decode_graphs import StaticDecode
 from hotlora.server.training_setup import setup_training
 
 

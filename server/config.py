@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from hotlora.adapters.shared_stores import check_store_urls
+from hotlora.adapters.store.shared_stores import check_store_urls
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 

@@ -13,6 +13,19 @@ import logging
 import threading
 from typing import TYPE_CHECKING
 
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+    start_http_server,
+)
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+
 from hotlora.server.metrics_buckets import (
     BATCH_BUCKETS,
     CACHE_TIERS,
@@ -34,18 +47,6 @@ from hotlora.server.metrics_buckets import (
     UPLOAD_OUTCOMES,
 )
 from hotlora.server.metrics_collectors import StateCollector, VllmCollector, read_job_counts
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    ProcessCollector,
-    disable_created_metrics,
-    generate_latest,
-    start_http_server,
-)
-from prometheus_client.gc_collector import GCCollector
-from prometheus_client.platform_collector import PlatformCollector
 
 if TYPE_CHECKING:
     from hotlora.server.app import AppState

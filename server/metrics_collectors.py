@@ -9,10 +9,10 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from hotlora.server.metrics_buckets import ADAPTER_STATES, JOB_STATES, LABEL_RE, MAX_LORA_NAMES
 from prometheus_client.core import GaugeMetricFamily
 
 import hotlora
+from hotlora.server.metrics_buckets import ADAPTER_STATES, JOB_STATES, LABEL_RE, MAX_LORA_NAMES
 
 if TYPE_CHECKING:
     from hotlora.server.app import AppState

@@ -27,7 +27,7 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @dataclass
 class LoadedModel:
-    model: object  # the runner (hotlora.server.runner.Runner, or HFRunner for other families), frozen
+    model: object  # the runner (hotlora.server.engine.runner.Runner, or HFRunner for other families), frozen
     tokenizer: object
     name: str
     path: Path
@@ -118,7 +118,7 @@ def resolve_dtype(dtype: str, device):
     import torch
 
     if dtype == "auto":
-        from hotlora.server.runner import auto_dtype
+        from hotlora.server.engine.runner import auto_dtype
 
         return auto_dtype(device)
     return getattr(torch, dtype)
@@ -136,9 +136,10 @@ def load_model(
     """The runner on the model's safetensors, or the transformers path for a family it does not cover."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub at run time
     import torch
-    from hotlora.adapters.base_model_info import BaseModelInfo
-    from hotlora.server.runner import ModelSpec, Unsupported, load_runner
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from hotlora.adapters.base_model_info import BaseModelInfo
+    from hotlora.server.engine.runner import ModelSpec, Unsupported, load_runner
 
     path = Path(model_dir) if model_dir else prepare_default_model(cache_dir)
     name = path.name if model_dir else DEFAULT_MODEL_NAME
@@ -160,7 +161,7 @@ def load_model(
         model = load_runner(path, config, dt, dev, kv_cache_bytes, kv_block_size)
         kind = "runner"
     else:
-        from hotlora.server.runner.hf_runner import HFRunner
+        from hotlora.server.engine.runner.hf_runner import HFRunner
 
         log.warning("serving %s through the transformers path: %s", name, why)
         hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dt, local_files_only=True)

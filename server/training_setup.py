@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from hotlora.adapters.finetune_jobs import FineTuneManager
-from hotlora.adapters.finetune_spec import FineTuneLimits
 from hotlora.adapters.observer import AdapterObserver
+from hotlora.adapters.training.finetune_jobs import FineTuneManager
+from hotlora.adapters.training.finetune_spec import FineTuneLimits
 from hotlora.server.adapters_setup import AdapterSide
 from hotlora.server.config import ServerConfig
-from hotlora.server.engine import Engine
+from hotlora.server.engine.scheduler import Engine
 from hotlora.server.model_loading import LoadedModel
 
 

@@ -60,9 +60,10 @@ class FleetConfig:
 
 
 def build_app(fleet: FleetConfig):
+    from ray import serve
+
     from hotlora.server.fleet.ingress import HotloraIngress
     from hotlora.server.fleet.replica import deployment_class
-    from ray import serve
 
     replica = serve.deployment(
         deployment_class(fleet.max_adapters_per_replica),

@@ -13,6 +13,7 @@ import asyncio
 import logging
 
 import grpc
+
 from hotlora.adapters.errors import HotloraError, Unavailable
 from hotlora.adapters.names import format_ref, parse_ref
 from hotlora.server.fleet.replica import FORWARDED_METADATA, ReplicaRpcError
@@ -22,9 +23,9 @@ log = logging.getLogger("hotlora.fleet")
 
 class HotloraIngress:
     def __init__(self, replicas, tokens_file: str, registry_url: str, timeout_s: float = 300.0):
-        from hotlora.adapters.postgres_store import PostgresMetadataStore
-        from hotlora.adapters.shared_stores import default_replica_id
-        from hotlora.server.auth import TokenAuthenticator
+        from hotlora.adapters.store.postgres_store import PostgresMetadataStore
+        from hotlora.adapters.store.shared_stores import default_replica_id
+        from hotlora.server.frontend.auth import TokenAuthenticator
 
         self.replicas = replicas
         self.auth = TokenAuthenticator.from_file(tokens_file) if tokens_file else TokenAuthenticator.dev()
@@ -86,7 +87,7 @@ def _empty_response(method: str):
 
 
 def _fail(grpc_context, exc: BaseException) -> None:
-    from hotlora.server.interceptors import status_for
+    from hotlora.server.rpc.interceptors import status_for
 
     exc = getattr(exc, "cause", None) or exc  # Ray wraps a replica's exception in a RayTaskError
     if isinstance(exc, ReplicaRpcError):

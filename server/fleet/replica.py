@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 import grpc
+
 from hotlora.server.config import ServerConfig
 
 log = logging.getLogger("hotlora.fleet")

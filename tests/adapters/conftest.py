@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hotlora.adapters.base_model_info import BaseModelInfo
 from peft import LoraConfig, get_peft_model
 
+from hotlora.adapters.base_model_info import BaseModelInfo
 from tests.tiny import build_tiny_llama, tiny_llama_config
 
 NUM_LABELS = 3

@@ -10,6 +10,7 @@ import threading
 from dataclasses import dataclass
 
 import pytest
+
 from hotlora.adapters.cache import AdapterCache, State
 from hotlora.adapters.errors import InvalidArgument, NotFound, ResourceExhausted
 

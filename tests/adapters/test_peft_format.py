@@ -8,12 +8,12 @@ import warnings
 
 import pytest
 import torch
-from hotlora.adapters.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from hotlora.adapters.peft_format import AdapterLimits, parse_peft_adapter, write_peft_adapter
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from hotlora.adapters.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from hotlora.adapters.peft.format import AdapterLimits, parse_peft_adapter, write_peft_adapter
 from tests.adapters.conftest import NUM_LABELS, build_tiny_classifier, read_dir
 from tests.tiny import build_tiny_llama
 

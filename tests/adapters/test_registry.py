@@ -6,11 +6,12 @@ import hashlib
 import threading
 
 import pytest
+
 from hotlora.adapters.errors import InvalidArgument, NotFound
 from hotlora.adapters.names import parse_ref, validate_name
-from hotlora.adapters.peft_format import AdapterLimits, parse_peft_adapter
-from hotlora.adapters.s3_blob_store import S3BlobStore, S3Options
-from hotlora.adapters.shared_stores import StoreConfig, open_registry
+from hotlora.adapters.peft.format import AdapterLimits, parse_peft_adapter
+from hotlora.adapters.store.s3_blob_store import S3BlobStore, S3Options
+from hotlora.adapters.store.shared_stores import StoreConfig, open_registry
 
 LIMITS = AdapterLimits()
 

@@ -8,11 +8,12 @@ import threading
 import time
 
 import pytest
+
 from hotlora.adapters.errors import FailedPrecondition, ResourceExhausted
-from hotlora.adapters.metadata_store import JobRecord, TenantQuota
-from hotlora.adapters.peft_format import AdapterLimits, parse_peft_adapter
-from hotlora.adapters.s3_blob_store import S3BlobStore, S3Options
-from hotlora.adapters.shared_stores import StoreConfig, open_registry
+from hotlora.adapters.peft.format import AdapterLimits, parse_peft_adapter
+from hotlora.adapters.store.metadata_store import JobRecord, TenantQuota
+from hotlora.adapters.store.s3_blob_store import S3BlobStore, S3Options
+from hotlora.adapters.store.shared_stores import StoreConfig, open_registry
 
 
 @pytest.fixture

@@ -7,18 +7,18 @@ import random
 
 import pytest
 import torch
+
 from hotlora.adapters.base_model_info import BaseModelInfo
-from hotlora.adapters.finetune_spec import (
+from hotlora.adapters.lora_layers import inject_multi_lora
+from hotlora.adapters.training.finetune_spec import (
     Example,
     FineTuneSpec,
     HyperParams,
     with_defaults,
 )
-from hotlora.adapters.lora_layers import inject_multi_lora
-from hotlora.adapters.trainer import TrainData
-from hotlora.adapters.trainer_cls import ClassifierTrainer
-from hotlora.adapters.trainer_lm import CompletionTrainer
-
+from hotlora.adapters.training.trainer import TrainData
+from hotlora.adapters.training.trainer_cls import ClassifierTrainer
+from hotlora.adapters.training.trainer_lm import CompletionTrainer
 from tests.tiny import build_tiny_llama, tiny_tokenizer
 
 TARGETS = ("q_proj", "v_proj", "down_proj")

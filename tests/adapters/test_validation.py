@@ -7,8 +7,9 @@ import math
 from collections import Counter
 
 import pytest
-from hotlora.adapters.trainer import frozen_layers
-from hotlora.adapters.validation import (
+
+from hotlora.adapters.training.trainer import frozen_layers
+from hotlora.adapters.training.validation import (
     KFOLD_MAX_EXAMPLES,
     Score,
     combine_folds,

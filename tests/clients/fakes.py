@@ -10,6 +10,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
 from hotlora.v1 import (
     adapters_pb2,
     adapters_pb2_grpc,

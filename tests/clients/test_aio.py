@@ -4,9 +4,9 @@ import asyncio
 
 import grpc
 import pytest
+
 from hotlora.clients import AsyncClient, ClientError
 from hotlora.v1 import common_pb2, training_pb2
-
 from tests.clients.conftest import CONFIG_BYTES, MODEL_BYTES
 from tests.clients.fakes import FakeInference
 

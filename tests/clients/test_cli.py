@@ -6,10 +6,10 @@ import sys
 import types
 
 import pytest
-from hotlora.clients.cli import main
-from hotlora.v1 import common_pb2, training_pb2
 
 from hotlora import __version__
+from hotlora.clients.cli import main
+from hotlora.v1 import common_pb2, training_pb2
 from tests.clients.conftest import CONFIG_BYTES, MODEL_BYTES
 from tests.clients.fakes import MISSING
 

@@ -5,9 +5,9 @@ import sys
 
 import grpc
 import pytest
+
 from hotlora.clients import Client, ClientError
 from hotlora.v1 import adapters_pb2, common_pb2, training_pb2
-
 from tests.clients.conftest import CONFIG_BYTES, MODEL_BYTES
 from tests.clients.fakes import FakeInference
 

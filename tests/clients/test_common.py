@@ -2,6 +2,7 @@
 
 import pytest
 from grpc_health.v1 import health_pb2
+
 from hotlora.clients import _common as c
 from hotlora.clients import _health
 from hotlora.clients._commands import layer_list

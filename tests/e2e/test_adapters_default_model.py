@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hotlora.v1 import common_pb2, inference_pb2
 
+from hotlora.v1 import common_pb2, inference_pb2
 from tests.server.adapter_utils import upload_chunks
 from tests.server.harness import running_server
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from hotlora.clients.cli import main
 from hotlora.v1 import common_pb2, inference_pb2
-
 from tests.server.adapter_utils import make_peft_adapter
 from tests.server.harness import running_server
 

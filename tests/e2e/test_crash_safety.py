@@ -17,8 +17,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from hotlora.v1 import adapters_pb2, adapters_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc
 
+from hotlora.v1 import adapters_pb2, adapters_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc
 from tests.server.adapter_utils import make_peft_adapter, upload_chunks
 
 HOTLORA = str(Path(sys.executable).with_name("hotlora"))

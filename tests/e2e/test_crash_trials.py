@@ -45,8 +45,8 @@ def test_sigkill_during_fine_tune_promotion_leaves_no_running_job_and_no_partial
     import time
 
     import grpc
-    from hotlora.v1 import adapters_pb2, common_pb2, training_pb2, training_pb2_grpc
 
+    from hotlora.v1 import adapters_pb2, common_pb2, training_pb2, training_pb2_grpc
     from tests.server.training_utils import marker_examples, seq_cls
     from tests.tiny import save_tiny_model_dir
 

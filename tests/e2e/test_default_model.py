@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+
 from hotlora.clients import Client
 
 HOTLORA = str(Path(sys.executable).with_name("hotlora"))

@@ -10,10 +10,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+
 from hotlora.server.config import default_cache_dir
 from hotlora.server.model_loading import prepare_default_model
 from hotlora.v1 import common_pb2, inference_pb2, training_pb2
-
 from tests.server.harness import running_server
 from tests.server.training_utils import watch
 

@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import grpc
+
 from hotlora.v1 import adapters_pb2_grpc, inference_pb2_grpc, training_pb2_grpc
 
 READY_TIMEOUT_S = 120.0

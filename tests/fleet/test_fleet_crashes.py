@@ -10,10 +10,10 @@ import time
 
 import grpc
 import pytest
-from hotlora.adapters.s3_blob_store import S3Options
-from hotlora.adapters.shared_stores import StoreConfig, open_registry
-from hotlora.v1 import common_pb2, training_pb2
 
+from hotlora.adapters.store.s3_blob_store import S3Options
+from hotlora.adapters.store.shared_stores import StoreConfig, open_registry
+from hotlora.v1 import common_pb2, training_pb2
 from tests.fleet.replicas import Replica
 from tests.fleet_stores import SharedStores
 from tests.server.adapter_utils import make_peft_adapter, upload_chunks

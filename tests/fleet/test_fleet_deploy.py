@@ -6,6 +6,7 @@ import importlib
 from pathlib import Path
 
 import pytest
+
 from hotlora.server.config import ServerConfig
 
 FLEET_K8S = Path(__file__).resolve().parents[2] / "deploy" / "k8s" / "fleet"

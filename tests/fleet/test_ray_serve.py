@@ -12,8 +12,8 @@ import time
 
 import grpc
 import pytest
-from hotlora.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
+from hotlora.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from tests.fleet_stores import free_port
 from tests.server.adapter_utils import make_peft_adapter
 
@@ -29,10 +29,9 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE,)
 def _register_adapters(stores, tmp_path) -> list[str]:
     """Upload straight to the shared stores, as any replica's UploadAdapter would."""
     from hotlora.adapters.base_model_info import BaseModelInfo
-    from hotlora.adapters.peft_format import AdapterLimits, parse_peft_adapter
-    from hotlora.adapters.s3_blob_store import S3Options
-    from hotlora.adapters.shared_stores import StoreConfig, open_registry
-
+    from hotlora.adapters.peft.format import AdapterLimits, parse_peft_adapter
+    from hotlora.adapters.store.s3_blob_store import S3Options
+    from hotlora.adapters.store.shared_stores import StoreConfig, open_registry
     from tests.adapters.conftest import read_dir
     from tests.tiny import build_tiny_llama
 
@@ -76,9 +75,10 @@ def _load_counts(handle, want: int, timeout: float = 60.0) -> dict[str, dict[str
 def test_two_replicas_answer_every_request_through_a_kill_with_adapter_affinity(
     tiny_model_dir, tmp_path, shared_stores
 ):
+    from ray import serve
+
     from hotlora.server.config import ServerConfig
     from hotlora.server.fleet.app import APP_NAME, FleetConfig, start_serve
-    from ray import serve
 
     refs = _register_adapters(shared_stores, tmp_path)
     tokens = tmp_path / "tokens.txt"

@@ -6,8 +6,8 @@ import time
 
 import grpc
 import pytest
-from hotlora.v1 import adapters_pb2, common_pb2, inference_pb2, training_pb2
 
+from hotlora.v1 import adapters_pb2, common_pb2, inference_pb2, training_pb2
 from tests.fleet.replicas import Replica
 from tests.server.adapter_utils import make_peft_adapter, upload_chunks
 from tests.server.training_utils import TERMINAL, marker_examples, seq_cls

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
 from hotlora.kernels import LoraBackend
 
 POPULARITY = ("distinct", "uniform", "zipf", "identical", "skewed")

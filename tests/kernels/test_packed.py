@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+
 from hotlora.kernels import (
     CpuBackend,
     TorchReferenceBackend,

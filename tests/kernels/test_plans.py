@@ -5,6 +5,7 @@ from dataclasses import fields
 
 import pytest
 import torch
+
 from hotlora.kernels import CpuBackend, LoraPlan, RowsPlan, SegmentPlan, SgmvPlan, TritonBackend
 from hotlora.kernels.cpu_plan import plan_segments
 from hotlora.kernels.triton_plan import plan_rows, plan_sgmv

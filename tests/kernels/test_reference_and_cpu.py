@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from hotlora.kernels import CpuBackend, TorchReferenceBackend, get_backend
 from hotlora.kernels.cpu import choose_cpu_strategy
 

@@ -7,6 +7,7 @@ replayed with new slots and newly installed adapters.
 
 import pytest
 import torch
+
 from hotlora.kernels import TritonBackend
 
 from .lora_cases import MIXED_RANKS, make_case, popularity_slots

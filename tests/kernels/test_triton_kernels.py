@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from hotlora.kernels import TorchReferenceBackend, TritonBackend
 
 from .lora_cases import POPULARITY, assert_matches_reference, make_case, popularity_slots

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from hotlora.kernels import CpuBackend, TorchReferenceBackend, TritonBackend
 
 from .lora_cases import make_case

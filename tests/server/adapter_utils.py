@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
 from hotlora.v1 import adapters_pb2
 
 

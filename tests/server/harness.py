@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import grpc
+
 from hotlora.server.app import HotloraServer
 from hotlora.server.config import ServerConfig
 from hotlora.v1 import adapters_pb2_grpc, inference_pb2_grpc, training_pb2_grpc

@@ -9,8 +9,8 @@ import random
 import grpc
 import pytest
 import torch
-from hotlora.v1 import common_pb2, training_pb2
 
+from hotlora.v1 import common_pb2, training_pb2
 from tests.server.harness import running_server
 from tests.server.test_training import _export, _peft_probs
 from tests.server.training_utils import MARKER, marker_examples, marker_text, seq_cls, watch

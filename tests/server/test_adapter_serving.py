@@ -7,8 +7,8 @@ import concurrent.futures as cf
 import grpc
 import pytest
 import torch
-from hotlora.v1 import adapters_pb2, common_pb2, inference_pb2
 
+from hotlora.v1 import adapters_pb2, common_pb2, inference_pb2
 from tests.server.adapter_utils import make_peft_adapter, peft_greedy, upload_chunks
 from tests.server.harness import running_server
 from tests.tiny import build_tiny_llama, tiny_tokenizer

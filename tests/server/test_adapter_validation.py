@@ -9,10 +9,10 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from hotlora.v1 import adapters_pb2, common_pb2
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from hotlora.v1 import adapters_pb2, common_pb2
 from tests.server.adapter_utils import make_peft_adapter
 from tests.server.harness import running_server
 

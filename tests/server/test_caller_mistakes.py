@@ -11,10 +11,10 @@ import threading
 
 import grpc
 import pytest
-from hotlora.server import kserve_conversion as kc
-from hotlora.server.logs import ACCESS_LOGGER
-from hotlora.v1 import adapters_pb2, inference_pb2
 
+from hotlora.server.logs import ACCESS_LOGGER
+from hotlora.server.rpc import kserve_conversion as kc
+from hotlora.v1 import adapters_pb2, inference_pb2
 from tests.server.adapter_utils import make_peft_adapter, upload_chunks
 from tests.server.harness import running_server
 from tests.server.test_metrics import scrape, value

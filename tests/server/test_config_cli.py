@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from hotlora.server.config import ServerConfig, add_config_arguments, config_from_args
 
 HOTLORA = str(Path(sys.executable).with_name("hotlora"))

@@ -10,13 +10,14 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+
 from hotlora.adapters.lora_layers import make_lora_sites
 from hotlora.adapters.runtime import MultiLoraRuntime, SlotContents
 from hotlora.adapters.weights import LoraModule, LoraWeights
-from hotlora.server.engine import Engine
-from hotlora.server.runner import runner_from_model
-from hotlora.server.runner.decode_graphs import BATCH_BUCKETS, StaticDecode, batch_bucket, width_bucket
-from hotlora.server.runner.model import FUSED
+from hotlora.server.engine.runner import runner_from_model
+from hotlora.server.engine.runner.decode_graphs import BATCH_BUCKETS, StaticDecode, batch_bucket, width_bucket
+from hotlora.server.engine.runner.model import FUSED
+from hotlora.server.engine.scheduler import Engine
 
 from .test_engine import finish, gen_req, hf_greedy
 

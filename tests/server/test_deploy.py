@@ -15,8 +15,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from hotlora.v1 import common_pb2, inference_pb2
 
+from hotlora.v1 import common_pb2, inference_pb2
 from tests.server.harness import running_server
 from tests.server.test_metrics import find_or_install_promtool, scrape
 

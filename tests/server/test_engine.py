@@ -8,11 +8,12 @@ import time
 
 import pytest
 import torch
+
 from hotlora.adapters.errors import ResourceExhausted, Unavailable
-from hotlora.server.engine import BaseOnlyRuntime, Engine, EngineLimits
-from hotlora.server.requests import GenerationRequest, PoolingRequest
-from hotlora.server.runner import runner_from_model
-from hotlora.server.sampling import SamplingParams
+from hotlora.server.engine.requests import GenerationRequest, PoolingRequest
+from hotlora.server.engine.runner import runner_from_model
+from hotlora.server.engine.sampling import SamplingParams
+from hotlora.server.engine.scheduler import BaseOnlyRuntime, Engine, EngineLimits
 
 # Byte-level prompts of different lengths; greedy decoding of these does not reach EOS
 # for 1000 tokens (checked against model.generate), so they run as long as asked.

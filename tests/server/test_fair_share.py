@@ -10,9 +10,9 @@ from __future__ import annotations
 import grpc
 import pytest
 import torch
-from hotlora.server import kserve_conversion as kc
-from hotlora.v1 import common_pb2, inference_pb2
 
+from hotlora.server.rpc import kserve_conversion as kc
+from hotlora.v1 import common_pb2, inference_pb2
 from tests.server.adapter_utils import make_peft_adapter, upload_chunks
 from tests.server.harness import running_server
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hotlora.adapters import trainer as trainer_module
-from hotlora.adapters.train_units import UnitSizer
-from hotlora.v1 import common_pb2, training_pb2
 
+from hotlora.adapters.training import trainer as trainer_module
+from hotlora.adapters.training.train_units import UnitSizer
+from hotlora.v1 import common_pb2, training_pb2
 from tests.server.harness import running_server
 from tests.server.training_utils import TERMINAL, long_lm_job, marker_examples, seq_cls, wait_state
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import struct
 
-from hotlora.server import kserve_conversion as kc
 from hypothesis import given
 from hypothesis import strategies as st
 
+from hotlora.server.rpc import kserve_conversion as kc
 from tests.server.test_fuzz_rpcs import FUZZ, _registry, call, server  # noqa: F401 (the fixture)
 
 SERVICE = f"/{kc.SERVICE}/"

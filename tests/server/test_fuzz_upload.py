@@ -16,10 +16,10 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hotlora.v1 import adapters_pb2, common_pb2, inference_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hotlora.v1 import adapters_pb2, common_pb2, inference_pb2
 from tests.server.adapter_utils import make_peft_adapter
 from tests.server.harness import running_server
 

@@ -17,8 +17,8 @@ import urllib.request
 import numpy as np
 import openai
 import pytest
-from hotlora.v1 import common_pb2, inference_pb2
 
+from hotlora.v1 import common_pb2, inference_pb2
 from tests.server.adapter_utils import make_peft_adapter
 from tests.server.harness import running_server
 from tests.server.test_metrics import find_or_install_promtool, promtool_check_metrics, samples, scrape, value

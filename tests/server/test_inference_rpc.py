@@ -11,8 +11,8 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from hotlora.v1 import common_pb2, inference_pb2
 
+from hotlora.v1 import common_pb2, inference_pb2
 from tests.server.harness import running_server
 
 MAX_PROMPT_TOKENS = 256

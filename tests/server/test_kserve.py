@@ -13,10 +13,10 @@ import pytest
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tc_aio
 from google.protobuf import descriptor_pb2
-from hotlora.server import kserve_conversion as kc
-from hotlora.v1 import common_pb2, inference_pb2
 from tritonclient.utils import InferenceServerException
 
+from hotlora.server.rpc import kserve_conversion as kc
+from hotlora.v1 import common_pb2, inference_pb2
 from tests.server.adapter_utils import make_peft_adapter
 from tests.server.harness import running_server
 

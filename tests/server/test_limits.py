@@ -10,8 +10,8 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hotlora.v1 import common_pb2, inference_pb2
 
+from hotlora.v1 import common_pb2, inference_pb2
 from tests.server.adapter_utils import make_peft_adapter, upload_chunks
 from tests.server.harness import running_server
 
@@ -240,7 +240,6 @@ def test_all_slots_pinned_fails_with_deadline_not_internal(server, pinned):
 def test_fine_tune_limits(tiny_model_dir, tmp_path):
     """--max-jobs, --max-jobs-per-tenant, --max-finetune-examples, --max-finetune-example-tokens."""
     from hotlora.v1 import training_pb2
-
     from tests.server.training_utils import long_lm_job
 
     tokens = {"t1": "tok-one", "t2": "tok-two", "t3": "tok-three"}

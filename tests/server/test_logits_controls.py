@@ -8,11 +8,11 @@ import math
 
 import pytest
 import torch
-from hotlora.server.guided import GrammarEngine, GuidedKind, GuidedSpec
-from hotlora.server.logits_controls import choose_tokens
-from hotlora.server.requests import GenerationRequest
-from hotlora.server.sampling import SamplingParams, make_generator
 
+from hotlora.server.engine.guided import GrammarEngine, GuidedKind, GuidedSpec
+from hotlora.server.engine.logits_controls import choose_tokens
+from hotlora.server.engine.requests import GenerationRequest
+from hotlora.server.engine.sampling import SamplingParams, make_generator
 from tests.tiny import VOCAB_SIZE, tiny_tokenizer
 
 EOS = 2

@@ -14,11 +14,11 @@ import warnings
 
 import grpc
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
 from hotlora.server.logs import FIELDS, JsonFormatter, log_rpc
 from hotlora.server.metrics import Metrics
 from hotlora.v1 import common_pb2, inference_pb2
-from prometheus_client.parser import text_string_to_metric_families
-
 from tests.server.harness import running_server
 
 SECRET_PROMPT = "zebra-quartz secret prompt 7731"
@@ -212,7 +212,6 @@ def test_no_per_request_labels(run):
 def test_promtool_check_metrics_passes_on_live_output(run, tmp_path):
     """After generation, an upload, classification and a fine-tune, as the issue asks."""
     from hotlora.v1 import training_pb2
-
     from tests.server.adapter_utils import make_peft_adapter, upload_chunks
     from tests.server.training_utils import marker_examples, seq_cls, watch
 
@@ -437,7 +436,7 @@ def test_log_rpc_writes_one_json_access_line(captured):
 
 
 def test_server_logs_are_json_lines_without_prompt_text(run, captured):
-    from hotlora.server import interceptors
+    from hotlora.server.rpc import interceptors
 
     generate(run, prompt=SECRET_PROMPT)
     with pytest.raises(grpc.RpcError):

@@ -8,10 +8,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from hotlora.server.engine import Engine, EngineLimits
-from hotlora.server.requests import GenerationRequest, PoolingRequest
-from hotlora.server.runner import BlockManager, KVCacheConfig, runner_from_model
-from hotlora.server.sampling import SamplingParams
+
+from hotlora.server.engine.requests import GenerationRequest, PoolingRequest
+from hotlora.server.engine.runner import BlockManager, KVCacheConfig, runner_from_model
+from hotlora.server.engine.sampling import SamplingParams
+from hotlora.server.engine.scheduler import Engine, EngineLimits
 
 from .test_engine import finish, hf_greedy, ids_of, wait
 

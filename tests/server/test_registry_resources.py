@@ -13,9 +13,9 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hotlora.server import kserve_conversion as kc
-from hotlora.v1 import adapters_pb2, common_pb2
 
+from hotlora.server.rpc import kserve_conversion as kc
+from hotlora.v1 import adapters_pb2, common_pb2
 from tests.server.adapter_utils import make_peft_adapter, upload_chunks
 from tests.server.harness import running_server
 

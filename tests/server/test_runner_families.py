@@ -11,10 +11,10 @@ import logging
 
 import pytest
 import torch
-from hotlora.server.engine import Engine
-from hotlora.server.model_loading import load_model
-from hotlora.server.runner import runner_from_model
 
+from hotlora.server.engine.runner import runner_from_model
+from hotlora.server.engine.scheduler import Engine
+from hotlora.server.model_loading import load_model
 from tests.tiny import TINY_SIZES, tiny_tokenizer
 
 from .test_engine import finish, gen_req, hf_greedy, ids_of

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hotlora.server.detokenizer import IncrementalDetokenizer
-from hotlora.server.sampling import SamplingParams, make_generator, select_tokens
+
+from hotlora.server.engine.detokenizer import IncrementalDetokenizer
+from hotlora.server.engine.sampling import SamplingParams, make_generator, select_tokens
 
 # ---- sampling ------------------------------------------------------------------------
 

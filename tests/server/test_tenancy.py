@@ -8,8 +8,8 @@ import hashlib
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hotlora.v1 import adapters_pb2, common_pb2, inference_pb2
 
+from hotlora.v1 import adapters_pb2, common_pb2, inference_pb2
 from tests.server.adapter_utils import make_peft_adapter, peft_greedy, upload_chunks
 from tests.server.harness import running_server
 from tests.tiny import tiny_tokenizer

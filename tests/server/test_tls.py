@@ -10,8 +10,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-from hotlora.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 
+from hotlora.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from tests.server.harness import running_server
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")

@@ -8,8 +8,8 @@ import random
 import grpc
 import pytest
 import torch
-from hotlora.v1 import common_pb2, inference_pb2, training_pb2
 
+from hotlora.v1 import common_pb2, inference_pb2, training_pb2
 from tests.server.harness import running_server
 from tests.server.training_utils import (
     MARKER,

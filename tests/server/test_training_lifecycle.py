@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from hotlora.adapters.metadata_store import JobRecord
-from hotlora.adapters.sqlite_store import SqliteMetadataStore
-from hotlora.v1 import adapters_pb2, common_pb2, training_pb2
 
+from hotlora.adapters.store.metadata_store import JobRecord
+from hotlora.adapters.store.sqlite_store import SqliteMetadataStore
+from hotlora.v1 import adapters_pb2, common_pb2, training_pb2
 from tests.server.harness import running_server
 from tests.server.training_utils import long_lm_job, marker_examples, seq_cls, wait_state, watch
 
