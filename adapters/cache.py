@@ -5,7 +5,10 @@ in one `State`; every change of state is a method below that asserts where it st
 Threads: `try_acquire`, `release` and `maintenance` run on the engine thread (slots are
 installed between forward passes, never during one); loads from the blob store run on
 a loader thread so a cold adapter never stalls the batch; gRPC threads call `request_load`,
-`unload`, `drop` and read `state`. One lock guards all of it."""
+`unload`, `drop` and read `state`. One lock guards all of it.
+
+Over 400 lines on purpose: the table and all of its transitions stay in one module, so the state machine
+can be read (and checked against tests/adapters/test_cache.py) in one place."""
 
 from __future__ import annotations
 

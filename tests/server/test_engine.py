@@ -1,5 +1,7 @@
 """The scheduler, driven directly with the tiny random Llama: what a caller of the engine
-notices (tokens, finish reasons, freed rows, errors), never how the loop does it."""
+notices (tokens, finish reasons, freed rows, errors), never how the loop does it.
+
+Over 400 lines: each test is short and independent; they share the tiny model built once per module."""
 
 from __future__ import annotations
 
