@@ -225,6 +225,16 @@ def _check_the_http_door(http_port: int, grpc_port: int, refs: list[str]) -> Non
         )
     )
     assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) >= 2, chunks
+    # streamed, not buffered: 32 tokens arrive spread over the generation, not all at its end
+    t0 = time.monotonic()
+    long = client.chat.completions.create(
+        model=name, messages=messages, max_tokens=32, temperature=0, stream=True,
+        extra_body={"ignore_eos": True},
+    )  # fmt: skip
+    arrivals = [time.monotonic() for c in long if c.choices and c.choices[0].delta.content]
+    assert len(arrivals) >= 16, len(arrivals)
+    spread, total = arrivals[-1] - arrivals[0], arrivals[-1] - t0
+    assert spread > 0.25 * total, f"chunks came within {spread:.3f} s of a {total:.3f} s call: buffered"
     body = {"model": name, "messages": messages, "max_tokens": 8, "temperature": 0, "stream": True}
     raw = urllib.request.Request(
         f"{base_url}/chat/completions",
