@@ -22,7 +22,7 @@ def register_commands(subparsers) -> None:
     serve.set_defaults(func=_serve)
     fleet = subparsers.add_parser(
         "serve-fleet",
-        help="serve replicas on Ray Serve behind its gRPC proxy, on a shared registry (docs/fleet.md)",
+        help="serve replicas on Ray Serve behind its gRPC and HTTP proxies, on shared stores (docs/fleet.md)",
         description="Ray Serve replicas of `hotlora serve` on one PostgreSQL + S3 registry, adapters routed "
         "to replicas that hold them (multiplexing). Takes every `serve` flag for the replicas.",
     )
@@ -42,7 +42,12 @@ def register_commands(subparsers) -> None:
         "--ray-http-port",
         type=int,
         default=int(os.environ.get("HOTLORA_RAY_HTTP_PORT", "8000")),
-        help="port of Ray Serve's own HTTP proxy (loopback; the fleet serves gRPC only)",
+        help="port of Ray Serve's HTTP proxy: the fleet's OpenAI-compatible HTTP door",
+    )
+    fleet.add_argument(
+        "--ray-http-host",
+        default=os.environ.get("HOTLORA_RAY_HTTP_HOST", "127.0.0.1"),
+        help="address Ray Serve's HTTP proxy binds (loopback by default; 0.0.0.0 for other machines)",
     )
     fleet.set_defaults(func=_serve_fleet)
     prep = subparsers.add_parser(
@@ -96,6 +101,7 @@ def _serve_fleet(args) -> int:
             args.max_adapters_per_replica,
             args.grpc_port,
             args.ray_http_port,
+            args.ray_http_host,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -104,7 +110,11 @@ def _serve_fleet(args) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     start_serve(fleet)
-    print(f"hotlora: fleet of {fleet.replicas} replica(s) ready, gRPC on :{fleet.grpc_port}", flush=True)
+    print(
+        f"hotlora: fleet of {fleet.replicas} replica(s) ready, gRPC on :{fleet.grpc_port}, "
+        f"OpenAI-compatible HTTP on {fleet.ray_http_host}:{fleet.ray_http_port}",
+        flush=True,
+    )
     stop.wait()
     from ray import serve
 

@@ -1,4 +1,5 @@
-"""`hotlora serve-fleet`: a Ray Serve application of hotlora replicas behind Ray Serve's gRPC proxy.
+"""`hotlora serve-fleet`: a Ray Serve application of hotlora replicas behind Ray Serve's gRPC proxy
+(hotlora.v1) and its HTTP proxy (the OpenAI-compatible door).
 
     hotlora serve-fleet --replicas 2 --grpc-port 9000 --registry postgresql://... --blob-store s3://... \\
         --tokens-file tokens.txt [every `hotlora serve` flag]
@@ -32,8 +33,9 @@ class FleetConfig:
     grpc_port: int = 9000
     """Port of Ray Serve's gRPC proxy (it binds every interface)."""
     ray_http_port: int = 8000
-    """Port of the HTTP proxy Ray Serve starts beside the gRPC one, on loopback: the fleet's routes are gRPC
-    only (the OpenAI HTTP door is per `hotlora serve`, docs/fleet.md), but Ray cannot run without it."""
+    """Port of Ray Serve's HTTP proxy: the fleet's OpenAI-compatible HTTP door (docs/http.md)."""
+    ray_http_host: str = "127.0.0.1"
+    """Address Ray Serve's HTTP proxy binds (loopback unless asked: `0.0.0.0` serves other machines)."""
 
     def __post_init__(self):
         problems = []
@@ -53,6 +55,8 @@ class FleetConfig:
         for flag, port in (("--grpc-port", self.grpc_port), ("--ray-http-port", self.ray_http_port)):
             if not 1 <= port <= 65535:
                 problems.append(f"{flag} must be 1..65535 (got {port})")
+        if not self.ray_http_host:
+            problems.append("--ray-http-host must name an address (127.0.0.1, 0.0.0.0, ...)")
         if self.grpc_port == self.ray_http_port:
             problems.append(f"--grpc-port and --ray-http-port must differ (both {self.grpc_port})")
         if problems:
@@ -86,7 +90,7 @@ def start_serve(fleet: FleetConfig) -> None:
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
     serve.start(
-        http_options=HTTPOptions(host="127.0.0.1", port=fleet.ray_http_port),
+        http_options=HTTPOptions(host=fleet.ray_http_host, port=fleet.ray_http_port),
         grpc_options=gRPCOptions(port=fleet.grpc_port, grpc_servicer_functions=[GRPC_SERVICER]),
     )
     serve.run(build_app(fleet), name=APP_NAME)
@@ -107,5 +111,6 @@ def app_from_env(args: dict | None = None):
         replicas=int(os.environ.get("HOTLORA_REPLICAS", "2")),
         replica_cpus=float(os.environ.get("HOTLORA_REPLICA_CPUS", "1")),
         max_adapters_per_replica=int(os.environ.get("HOTLORA_MAX_ADAPTERS_PER_REPLICA", "32")),
+        ray_http_host=os.environ.get("HOTLORA_RAY_HTTP_HOST", "127.0.0.1"),
     )
     return build_app(fleet)

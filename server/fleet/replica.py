@@ -25,6 +25,10 @@ log = logging.getLogger("hotlora.fleet")
 UNARY = ("Generate", "Classify", "Embed")
 STREAMING = ("GenerateStream",)
 FORWARDED_METADATA = ("authorization", "x-request-id")
+# what the HTTP ingress passes on to a replica's door, and what comes back (hop-by-hop headers stay behind)
+FORWARDED_HEADERS = ("authorization", "x-request-id", "content-type", "accept")
+RETURNED_HEADERS = ("content-type", "x-request-id", "cache-control")
+HTTP_CHUNK = 65536
 
 
 class ReplicaRpcError(Exception):
@@ -36,15 +40,16 @@ class ReplicaRpcError(Exception):
 
 
 def replica_config(fleet: ServerConfig) -> ServerConfig:
-    """The fleet's settings for one replica's inner server: loopback only, a port of its own, its own
-    spool directory (nothing in it is shared), no metrics port and no HTTP door (Ray runs many on one
-    node)."""
+    """The fleet's settings for one replica's inner server: loopback only, ports of its own (gRPC and the
+    HTTP door, both reached only through the ingress), its own spool directory (nothing in it is shared),
+    no metrics port (Ray runs many on one node)."""
     return dataclasses.replace(
         fleet,
         host="127.0.0.1",
         port=0,
         metrics_port=-1,
-        http_port=-1,
+        http_port=0,
+        http_host="127.0.0.1",
         metrics_host="",
         data_dir=str(Path(fleet.data_dir) / f"replica-{uuid.uuid4().hex[:8]}"),
         replica_id="",
@@ -93,6 +98,28 @@ class HotloraReplica:
             raise ReplicaRpcError(err.code().name, err.details() or "") from None
         finally:
             stream.cancel()
+
+    async def http(self, method: str, path: str, headers: tuple, body: bytes, timeout: float):
+        """Forward one HTTP request to this replica's own door on loopback; yields (status, headers) and
+        then the response body as it arrives (an SSE stream stays a stream)."""
+        import http.client
+
+        await self._ensure_adapter()
+        conn = http.client.HTTPConnection("127.0.0.1", self.server.http_port, timeout=timeout)
+        try:
+            await asyncio.to_thread(conn.request, method, path, body=body or None, headers=dict(headers))
+            response = await asyncio.to_thread(conn.getresponse)
+            kept = tuple((k, v) for k, v in response.getheaders() if k.lower() in RETURNED_HEADERS)
+            yield response.status, kept
+            while chunk := await asyncio.to_thread(response.read1, HTTP_CHUNK):
+                yield chunk
+        finally:
+            conn.close()  # a client that left: the door's stream sees the socket close and stops
+
+    def served_model_name(self) -> str:
+        """The base model's name in the HTTP door's `model` (what the door itself compares against)."""
+        loaded = self.server.state.loaded
+        return self.server.config.served_model_name or (loaded.name if loaded is not None else "hotlora")
 
     def load_counts(self) -> tuple[str, dict[str, int]]:
         """(this replica's id, loads per multiplexed id): how well affinity held."""
