@@ -247,7 +247,9 @@ def main() -> None:
         f"{str(runner.dtype)[6:]} (`--dtype auto` on this CPU), in-process gRPC server, 32 rank-16 adapters "
         f"on all seven modules. Load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at end "
         "(the 2-core machine is shared: absolute figures move by tens of percent; the ratios are measured "
-        "within one process).",
+        "within one process). The clients run in the server's process and share its GIL, so decode tok/s "
+        "here are below the peer kit's (a separate server process; *Engine vs peers*): compare those "
+        "against peers, these only with each other.",
         "",
         "| figure | measured | ratio | goal |",
         "|---|---|---|---|",
