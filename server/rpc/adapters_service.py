@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from hotlora.adapters.errors import InvalidArgument, Unavailable
+from hotlora.adapters.errors import Cancelled, InvalidArgument, Unavailable
 from hotlora.server.rpc.conversion import adapter_pb
 from hotlora.server.rpc.interceptors import current_tenant
 from hotlora.v1 import adapters_pb2, adapters_pb2_grpc, common_pb2
@@ -43,6 +43,10 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
                         if not chunk.filename:
                             raise InvalidArgument("an UploadChunk with data must name its `filename`")
                         spool.add(chunk.filename, chunk.data)
+                if not context.is_active():
+                    # grpc may end the request iterator normally when the client cancels: what arrived is
+                    # not the client's whole upload, and it must never be stored
+                    raise Cancelled("the client cancelled the upload")
                 if name is None:
                     raise InvalidArgument("empty upload: send the name, then the PEFT adapter files")
                 view = svc.upload(
@@ -95,7 +99,9 @@ def _reason(exc: Exception, context) -> str:
     from hotlora.adapters import errors
 
     msg = getattr(exc, "message", "").lower()
-    if not isinstance(exc, errors.HotloraError) and not context.is_active():
+    if isinstance(exc, errors.Cancelled) or (
+        not isinstance(exc, errors.HotloraError) and not context.is_active()
+    ):
         return "cancelled"  # the client went away (or sent nothing for --request-idle-seconds)
     if isinstance(exc, errors.ResourceExhausted):
         return "too_large"

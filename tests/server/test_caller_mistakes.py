@@ -12,8 +12,10 @@ import threading
 import grpc
 import pytest
 
+from hotlora.adapters.errors import Cancelled
 from hotlora.server.logs import ACCESS_LOGGER
 from hotlora.server.rpc import kserve_conversion as kc
+from hotlora.server.rpc.adapters_service import AdaptersServicer
 from hotlora.v1 import adapters_pb2, inference_pb2
 from tests.server.adapter_utils import make_peft_adapter, upload_chunks
 from tests.server.harness import running_server
@@ -191,6 +193,21 @@ def test_a_cancelled_upload_is_counted_cancelled_without_a_traceback(server, log
     assert counted(server, "UploadAdapter", "CANCELLED") == before + 1
     assert counted(server, "UploadAdapter", "INTERNAL") == 0
     assert not [r for r in logged if r.exc_info], [r.getMessage() for r in logged if r.exc_info]
+
+
+class _GoneClient:
+    """A servicer context whose client has cancelled (grpc may still end the request iterator normally)."""
+
+    def is_active(self) -> bool:
+        return False
+
+
+def test_a_whole_upload_whose_client_cancelled_is_never_stored(server, tmp_path):
+    adapter = make_peft_adapter(tmp_path / "a", seed=3, r=2, lora_alpha=4, target_modules=["q_proj"])
+    with pytest.raises(Cancelled, match="cancelled the upload"):
+        AdaptersServicer(server.state).UploadAdapter(upload_chunks("gone", adapter), _GoneClient())
+    listed = server.adapters.ListAdapters(adapters_pb2.ListAdaptersRequest(), timeout=30)
+    assert "gone" not in {a.name for a in listed.adapters}
 
 
 def test_an_oversized_chunk_is_not_counted_internal(server, logged):
