@@ -54,6 +54,9 @@ class Entry:
     weights: object | None = None  # the host-tier copy
     busy: int = 0  # admitted requests using the slot
     pinned: bool = False
+    # LoadAdapter callers waiting for it: not evicted nor forgotten meanwhile, or a busy cache could install
+    # it and evict it again before the caller's thread got the lock to see it installed
+    awaited: int = 0
     error: HotloraError | None = None  # a failed load, for the next one who asks
     # requests that found no slot: `counting` in admission pass `counting_pass`, `waiting` in the one before
     counting: int = 0
@@ -145,9 +148,10 @@ class AdapterCache:
         pin: bool = False,
         timeout: float = 30.0,
         max_owner_pins: int | None = None,
-    ) -> None:
-        """Warm `key` into a slot (and pin it) and wait until it is there. `max_owner_pins`: how many
-        keys of `key`'s owner (a tenant) may be pinned at once, so one owner cannot pin every slot."""
+    ) -> tuple[str, bool, int]:
+        """Warm `key` into a slot (and pin it) and wait until it is there; returns `state(key)` as it was
+        then. `max_owner_pins`: how many keys of `key`'s owner (a tenant) may be pinned at once, so one
+        owner cannot pin every slot."""
         with self._lock:
             e = self._entries.get(key)
             if e is not None and e.state is State.DELETED:
@@ -163,21 +167,26 @@ class AdapterCache:
                 self._cancel_eviction(e)
             self._want(e)
             deadline = time.monotonic() + timeout
-            while e.slot is None:
-                if e.state is State.DELETED:
-                    raise NotFound("the adapter was deleted while it loaded")
-                if e.error is not None:
-                    e.pinned = False
-                    self._deliver_error(e)
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    if newly_pinned:  # a failed LoadAdapter(pin) must not leave a pin behind
+            e.awaited += 1
+            try:
+                while e.slot is None:
+                    if e.state is State.DELETED:
+                        raise NotFound("the adapter was deleted while it loaded")
+                    if e.error is not None:
                         e.pinned = False
-                        self._forget_if_idle(e)
-                    raise ResourceExhausted(
-                        "no device slot became free in time: every slot is pinned or serving requests"
-                    )
-                self._changed.wait(min(left, 0.1))
+                        self._deliver_error(e)
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        if newly_pinned:  # a failed LoadAdapter(pin) must not leave a pin behind
+                            e.pinned = False
+                        raise ResourceExhausted(
+                            "no device slot became free in time: every slot is pinned or serving requests"
+                        )
+                    self._changed.wait(min(left, 0.1))
+                return "DEVICE", e.pinned, self._waiting(e)
+            finally:
+                e.awaited -= 1
+                self._forget_if_idle(e)  # a refused or failed load leaves nothing behind
 
     def offer_host(self, key: Key, source: object, weights) -> None:
         """Weights already parsed (a fresh upload or fine-tune): keep them in the host tier so the
@@ -338,7 +347,13 @@ class AdapterCache:
     def _forget_if_idle(self, e: Entry) -> None:
         """A STORED entry with nothing to remember leaves the table (its waiting count goes with it: a
         request still queued for it counts again, and loads it, on its next admission attempt)."""
-        if e.state is State.STORED and not e.pinned and e.error is None and e.key not in self._queue:
+        if (
+            e.state is State.STORED
+            and not e.pinned
+            and not e.awaited
+            and e.error is None
+            and e.key not in self._queue
+        ):
             del self._entries[e.key]
 
     def _deliver_error(self, e: Entry) -> None:
@@ -386,7 +401,7 @@ class AdapterCache:
         for slot, e in enumerate(self._slots):
             if e is None:
                 return slot
-        idle = [e for e in self._slots if e.state is State.DEVICE and not e.busy and not e.pinned]
+        idle = [e for e in self._slots if e.state is State.DEVICE and not (e.busy or e.pinned or e.awaited)]
         if not idle:
             return None
         victim = min(idle, key=lambda e: e.device_used)  # least recently used

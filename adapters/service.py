@@ -164,10 +164,11 @@ class AdapterService:
 
     def load(self, tenant: str, ref: str, pin: bool = False, timeout: float = 30.0) -> AdapterView:
         rec = self.registry.resolve(tenant, ref)
-        self.cache.request_load(
+        # the state as the load saw it: under traffic another adapter may take the slot a moment later
+        state, pinned, waiting = self.cache.request_load(
             _key(rec), rec, pin=pin, timeout=timeout, max_owner_pins=self.max_pins_per_tenant
         )
-        return self._view(rec)
+        return AdapterView(rec, state, pinned, waiting)
 
     def unload(self, tenant: str, ref: str) -> AdapterView:
         rec = self.registry.resolve(tenant, ref)

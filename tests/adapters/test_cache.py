@@ -215,6 +215,32 @@ def test_pins_keep_their_slot_and_pinning_every_slot_is_refused(fake):
     assert fake.cache.state(A) == ("DEVICE", True, 0)
 
 
+def test_load_adapter_sees_its_install_even_when_the_next_pass_wants_the_slot(fake):
+    """Under traffic the engine may install a LoadAdapter'd version and, on its very next pass, need an idle
+    slot for a waiting request before the caller's thread gets the lock back: the caller must still
+    return with its version in a slot (DEVICE), not wait out its timeout."""
+    fake.acquire(A)  # slot 0 stays busy: the only slot to evict is the one the load gets
+    fake.cache.offer_host(B, "t/b", Weights("t/b"))  # B needs no load: ready the moment it is asked for
+    answer: list = []
+    caller = threading.Thread(target=lambda: answer.append(fake.cache.request_load(C, "t/c", timeout=10)))
+    with fake.cache._lock:  # the engine thread runs passes back to back; the caller waits for the lock
+        caller.start()
+        for _ in range(1000):  # the caller queues C, its load runs (both need the lock: wait releases it)
+            if fake.cache.entry_state(C) is State.HOST:
+                break
+            fake.cache._changed.wait(0.01)
+        fake.cache.maintenance()  # C installed in slot 1
+        assert fake.table() == [A, C]
+        assert fake.admit(B) is None  # a request for B misses and queues
+        fake.cache.maintenance()  # without the caller's hold, idle C would be evicted for B here
+        assert fake.table() == [A, C]
+    caller.join(10)
+    assert answer == [("DEVICE", False, 0)]
+    fake.cache.maintenance()  # the caller has its answer: C is an ordinary idle slot again
+    assert fake.table() == [A, B]
+    fake.cache.release(A)
+
+
 def test_pins_per_owner_are_limited(fake):
     with pytest.raises(ResourceExhausted, match="tenant 't' has 0 pinned adapters"):
         fake.cache.request_load(A, "t/a", pin=True, timeout=0.0, max_owner_pins=0)
