@@ -29,25 +29,20 @@ def _adapter_ref(req) -> str | None:
     return req.adapter.ref if req.adapter is not None else None
 
 
+def _counts_by_state(component) -> dict[str, int] | None:
+    """`component.count_by_state()` with lower-case keys; None before it exists or when its store fails."""
+    if component is None:
+        return None
+    try:
+        return {str(k).lower(): int(v) for k, v in component.count_by_state().items()}
+    except Exception:
+        log.debug("%s.count_by_state() failed", type(component).__name__, exc_info=True)
+        return None
+
+
 def read_job_counts(state: AppState | None) -> dict[str, int] | None:
     """Fine-tune jobs by state (lower case), None before training exists or when the store fails."""
-    if state is None or state.training is None:
-        return None
-    try:
-        return {str(k).lower(): int(v) for k, v in state.training.count_by_state().items()}
-    except Exception:
-        log.debug("training.count_by_state() failed", exc_info=True)
-        return None
-
-
-def _read_adapter_counts(state: AppState | None) -> dict[str, int] | None:
-    if state is None or state.adapters is None:
-        return None
-    try:
-        return {str(k).lower(): int(v) for k, v in state.adapters.count_by_state().items()}
-    except Exception:
-        log.debug("adapters.count_by_state() failed", exc_info=True)
-        return None
+    return None if state is None else _counts_by_state(state.training)
 
 
 class StateCollector:
@@ -73,7 +68,7 @@ class StateCollector:
             labels=["state"],
         )
         # without an adapter subsystem every state is 0; with one, the states it reports
-        counts = _read_adapter_counts(state)
+        counts = None if state is None else _counts_by_state(state.adapters)
         if counts is None:
             counts = dict.fromkeys(ADAPTER_STATES, 0)
         for k, v in counts.items():

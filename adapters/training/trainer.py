@@ -172,10 +172,6 @@ class Trainer:
         """Whether this unit used its time: cheap work (a head's epochs) yields only then."""
         return time.perf_counter() - self._unit_started >= self.unit_seconds
 
-    def refresh_lora(self) -> None:
-        """Re-cast the masters after an optimizer update, for the next forward of the same unit."""
-        self.ctx.training = self.lora.for_forward(self.dtype)
-
     # ---- forward helpers ------------------------------------------------------------------
     def hidden(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded forward of the decoder: hidden [B, L, H] and lengths [B]."""

@@ -388,10 +388,5 @@ class Engine:
 
 
 def _adapter_names(reqs: list) -> list[str]:
-    """`tenant/ref` of each request's adapter (as metrics label them); base-model requests left out."""
-    names = []
-    for req in reqs:
-        ref = getattr(req.adapter, "ref", None) if req.adapter is not None else None
-        if isinstance(ref, str) and ref:
-            names.append(f"{req.tenant}/{ref}" if req.tenant else ref)
-    return names
+    """`tenant/name@N` of each request's adapter (as metrics label them); base-model requests left out."""
+    return [f"{req.tenant}/{req.adapter.ref}" for req in reqs if req.adapter is not None]

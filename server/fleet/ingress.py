@@ -129,12 +129,13 @@ class HotloraIngress:
             return self.replicas, body
         if not isinstance(payload, dict) or not isinstance(model, str):
             return self.replicas, body
-        base = await self._served_model_name()
-        if model == base:
+        from hotlora.server.http.inputs import split_model
+
+        prefix, ref = split_model(model, await self._served_model_name())
+        if not ref:
             return self.replicas, body
-        prefix = base + ":" if model.startswith(base + ":") else ""
         try:
-            parsed = parse_ref(model[len(prefix) :])
+            parsed = parse_ref(ref)
         except InvalidArgument:  # no adapter by that name: the door answers 404
             return self.replicas, body
         handle, pinned = await self._pin(tenant, parsed)

@@ -36,7 +36,7 @@ from hotlora.server.frontend.inference import GenerateInput
 from hotlora.server.frontend.samples import SampleSet
 from hotlora.server.http import schemas as hs
 from hotlora.server.http.errors import body_for, error_body
-from hotlora.server.http.inputs import generate_input
+from hotlora.server.http.inputs import generate_input, split_model
 from hotlora.server.http.render import Renderer, model_card
 from hotlora.server.logs import log_rpc
 
@@ -158,10 +158,9 @@ class HttpDoor:
 
     def _adapter_of(self, tenant: str, model: str) -> str:
         """`model` -> the adapter reference ("" = base). Unknown, or another tenant's: 404."""
-        base = self.served_name
-        if model == base:
+        _, ref = split_model(model, self.served_name)
+        if not ref:
             return ""
-        ref = model[len(base) + 1 :] if model.startswith(base + ":") else model
         try:
             self._frontend().adapters.resolve(tenant, ref)
         except (NotFound, InvalidArgument):

@@ -10,6 +10,15 @@ from hotlora.server.engine.guided import GuidedKind, GuidedSpec
 from hotlora.server.frontend.inference import GenerateInput
 
 
+def split_model(model: str, base: str) -> tuple[str, str]:
+    """A request's `model` -> (prefix, adapter reference): the served base name is ("", ""), vLLM's
+    `base:adapter` is ("base:", "adapter"), anything else is ("", model)."""
+    if model == base:
+        return "", ""
+    prefix = base + ":" if model.startswith(base + ":") else ""
+    return prefix, model[len(prefix) :]
+
+
 def generate_input(body, *, prompt="", messages=(), max_tokens, logprobs) -> GenerateInput:
     """A completions or chat completions body as the frontend's GenerateInput (the adapter set later)."""
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])

@@ -186,13 +186,6 @@ class BlockManager:
         seq.blocks.clear()
         seq.hashes.clear()
 
-    def reset_prefix_cache(self) -> None:
-        """Forget every cached block nobody uses (e.g. after an adapter version is deleted)."""
-        for block in list(self._evictable):
-            self._forget(block)
-            self._free.append(block)
-        self._evictable.clear()
-
     # ---- blocks -----------------------------------------------------------------------------------------
     def _take(self, block: int) -> None:
         if self._ref[block] == 0:
