@@ -44,6 +44,7 @@ def assemble(config: ServerConfig, observer: Observer = NO_OBSERVER) -> Componen
         kv_cache_bytes=cfg.kv_cache_bytes,
         kv_block_size=cfg.kv_block_size,
         runner=cfg.runner,
+        weight_dtype=cfg.weight_dtype,
     )
     if not cfg.prefix_caching:
         loaded.model.kv_config = dataclasses.replace(loaded.model.kv_config, prefix_caching=False)

@@ -60,6 +60,13 @@ class ServerConfig:
         "auto (bf16 on CUDA and on CPUs with avx512_bf16 or AMX, fp32 elsewhere) "
         "| float32 | float16 | bfloat16",
     )
+    weight_dtype: str = _opt(
+        "auto",
+        "auto (the --dtype) | float32 | bfloat16: on a CPU with AVX-512 and --dtype float32, the base "
+        "model's weights stored in bf16 and widened to fp32 by hotlora's kernel (half the bytes a decode "
+        "step reads; numerics are those of the bf16-rounded weights)",
+        choices=("auto", "float32", "bfloat16"),
+    )
     runner: str = _opt(
         "auto",
         "auto (hotlora's runner for Llama, Mistral and Qwen2; transformers for other families) "
@@ -227,6 +234,12 @@ class ServerConfig:
             problems.append(f"--runner must be auto or transformers (got {self.runner!r})")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             problems.append(f"--dtype must be auto, float32, float16 or bfloat16 (got {self.dtype!r})")
+        if self.weight_dtype not in ("auto", "float32", "bfloat16"):
+            problems.append(f"--weight-dtype must be auto, float32 or bfloat16 (got {self.weight_dtype!r})")
+        elif self.weight_dtype == "bfloat16" and self.dtype in ("float16", "bfloat16"):
+            problems.append("--weight-dtype bfloat16 widens to fp32: it needs --dtype float32 (or auto)")
+        elif self.weight_dtype == "bfloat16" and self.runner == "transformers":
+            problems.append("--weight-dtype bfloat16 needs hotlora's runner, not --runner transformers")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             problems.append(f"--device must be auto, cpu or cuda[:N] (got {self.device!r})")
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -132,6 +132,7 @@ def load_model(
     kv_cache_bytes: int = 2 << 30,
     kv_block_size: int = 16,
     runner: str = "auto",
+    weight_dtype: str = "auto",
 ) -> LoadedModel:
     """The runner on the model's safetensors, or the transformers path for a family it does not cover."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub at run time
@@ -145,6 +146,7 @@ def load_model(
     name = path.name if model_dir else DEFAULT_MODEL_NAME
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    stored = dt if weight_dtype == "auto" else getattr(torch, weight_dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -157,8 +159,12 @@ def load_model(
             ModelSpec.from_config(config)
         except Unsupported as exc:
             why = str(exc)
+    if stored != dt and why is not None:
+        raise ValueError(
+            f"--weight-dtype {weight_dtype} needs hotlora's runner, and {name} cannot use it: {why}"
+        )
     if why is None:
-        model = load_runner(path, config, dt, dev, kv_cache_bytes, kv_block_size)
+        model = load_runner(path, config, dt, dev, kv_cache_bytes, kv_block_size, weight_dtype=stored)
         kind = "runner"
     else:
         from hotlora.server.engine.runner.hf_runner import HFRunner

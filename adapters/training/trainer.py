@@ -133,7 +133,8 @@ class Trainer:
             raise ValueError("the base model must be frozen (requires_grad_(False)); LoRA and head train")
         self.decoder = model.get_decoder()
         param = next(model.parameters())
-        self.device, self.dtype = param.device, param.dtype
+        # the compute dtype (a runner may store its weights narrower: --weight-dtype)
+        self.device, self.dtype = param.device, getattr(model, "dtype", param.dtype)
         self.pad_id = int(getattr(model.config, "pad_token_id", None) or 0)
         self.lora = LoraSet({}, False, self.device)
         self.progress = Progress()

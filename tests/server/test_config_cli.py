@@ -58,6 +58,9 @@ def _no_hotlora_env(monkeypatch):
         (["--port", "abc"], "--port expects int, got 'abc'"),
         (["--train-share", "0"], "--train-share must be in (0, 1]"),
         (["--dtype", "float8"], "--dtype must be auto, float32, float16 or bfloat16"),
+        (["--weight-dtype", "int4"], "--weight-dtype must be auto, float32 or bfloat16"),
+        (["--weight-dtype", "bfloat16", "--dtype", "bfloat16"], "--weight-dtype bfloat16 widens to fp32"),
+        (["--weight-dtype", "bfloat16", "--runner", "transformers"], "needs hotlora's runner"),
         (["--tls-cert", "/nonexistent.pem"], "--tls-cert and --tls-key go together"),
         (["--model", "/no/such/dir"], "--model must be a local model directory"),
         (

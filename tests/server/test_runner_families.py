@@ -12,6 +12,7 @@ import logging
 import pytest
 import torch
 
+from hotlora.kernels import bf16_weights
 from hotlora.server.engine.runner import runner_from_model
 from hotlora.server.engine.scheduler import Engine
 from hotlora.server.model_loading import load_model
@@ -96,6 +97,47 @@ def test_fp32_greedy_equals_generate_for_each_family(tmp_path, make_config):
     got = _greedy_through_engine(loaded.model, tok, PROMPTS)
     for prompt, out in zip(PROMPTS, got, strict=True):
         assert out == hf_greedy(model, tok, prompt, NEW_TOKENS), prompt
+
+
+def _round_matrices_to_bf16(model) -> None:
+    """What `--weight-dtype bfloat16` stores: every weight matrix (projections, embedding, LM head) rounded
+    to bf16; norms and biases stay fp32."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.copy_(p.to(torch.bfloat16).float())
+
+
+@pytest.mark.skipif(bf16_weights.unavailable_reason() is not None, reason="no bf16-weight kernel here")
+@pytest.mark.parametrize(
+    "make_config",
+    [_llama3_rope, _mistral_sliding, _qwen2_biases_and_window],
+    ids=["llama-llama3-rope-tied-bias", "mistral-sliding-window", "qwen2-biases-window-layers"],
+)
+def test_bf16_stored_weights_decode_as_generate_on_the_same_rounded_weights(tmp_path, make_config):
+    # the kernel widens bf16 to fp32 exactly and accumulates in fp32, so the only change from the fp32
+    # runner is the rounding of the stored weights: on those same weights, transformers decodes the same
+    model, path = _model_dir(tmp_path, make_config())
+    loaded = load_model(str(path), str(tmp_path / "cache"), "cpu", "float32", weight_dtype="bfloat16")
+    runner = loaded.model
+    assert runner.w.layers[0].qkv.dtype == torch.bfloat16 and runner.w.embed.dtype == torch.bfloat16
+    assert runner.dtype == torch.float32 and runner.w.norm.dtype == torch.float32
+    tok = loaded.tokenizer
+    got = _greedy_through_engine(runner, tok, PROMPTS)
+    plain = [hf_greedy(model, tok, p, NEW_TOKENS) for p in PROMPTS]
+    _round_matrices_to_bf16(model)
+    rounded = [hf_greedy(model, tok, p, NEW_TOKENS) for p in PROMPTS]
+    assert got == rounded
+    assert rounded != plain  # the rounding is visible, so the equality above says something about it
+
+
+def test_bf16_stored_weights_need_the_runner(tmp_path):
+    _, path = _model_dir(tmp_path, _qwen3_not_covered())
+    with pytest.raises(ValueError, match="needs hotlora's runner"):
+        load_model(str(path), str(tmp_path / "cache"), "cpu", "float32", weight_dtype="bfloat16")
+    _, llama = _model_dir(tmp_path, _llama3_rope())
+    with pytest.raises(ValueError, match="only bfloat16 weights with float32 compute on a CPU"):
+        load_model(str(llama), str(tmp_path / "cache"), "cpu", "bfloat16", weight_dtype="float32")
 
 
 def test_a_family_the_runner_does_not_cover_serves_through_transformers(tmp_path, caplog):

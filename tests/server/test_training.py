@@ -9,6 +9,7 @@ import grpc
 import pytest
 import torch
 
+from hotlora.kernels import bf16_weights
 from hotlora.v1 import common_pb2, inference_pb2, training_pb2
 from tests.server.harness import running_server
 from tests.server.training_utils import (
@@ -46,12 +47,15 @@ def _classify(run, ref, texts=TEXTS):
     return [{s.label: s.score for s in r.scores} for r in resp.results]
 
 
-def _peft_probs(adapter_dir, labels, texts=TEXTS):
+def _peft_probs(adapter_dir, labels, texts=TEXTS, bf16_matrices: bool = False):
     from peft import PeftModel
     from transformers import LlamaForSequenceClassification
 
     base = LlamaForSequenceClassification(tiny_llama_config(num_labels=len(labels))).eval()
-    base.model.load_state_dict(build_tiny_llama().model.state_dict())
+    state = build_tiny_llama().model.state_dict()
+    if bf16_matrices:  # what --weight-dtype bfloat16 stores: matrices rounded to bf16, norms in fp32
+        state = {k: v.to(torch.bfloat16).float() if v.ndim == 2 else v for k, v in state.items()}
+    base.model.load_state_dict(state)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     tok = tiny_tokenizer()
     out = []
@@ -82,6 +86,23 @@ def test_job_learns_a_separable_task_is_served_at_once_and_matches_peft(server, 
     pos = [t.endswith(MARKER) for t in TEXTS]
     assert [p["yes"] > 0.5 for p in served] == pos
     expected = _peft_probs(_export(server, name, tmp_path / name), ["no", "yes"])
+    for s, e in zip(served, expected, strict=True):
+        assert s == pytest.approx(e, abs=1e-4)
+
+
+@pytest.mark.skipif(bf16_weights.unavailable_reason() is not None, reason="no bf16-weight kernel here")
+def test_a_server_with_bf16_stored_weights_trains_and_serves_as_peft_on_those_weights(
+    tiny_model_dir, tmp_path
+):
+    # training runs through the runner with autograd (the widened-weight path), serving through the kernel
+    with running_server(tiny_model_dir, tmp_path / "data", weight_dtype="bfloat16", dtype="float32") as run:
+        req = seq_cls("marker-bf16w", marker_examples(80, seed=1), method=training_pb2.METHOD_LORA)
+        _, job = watch(run.training, run.training.CreateFineTune(req, timeout=30).id)
+        assert job.state == training_pb2.JOB_STATE_SUCCEEDED, job.error
+        assert job.metrics.validation_metric >= 0.9 > job.metrics.baseline_metric
+        served = _classify(run, "marker-bf16w")
+        out = _export(run, "marker-bf16w", tmp_path / "out")
+    expected = _peft_probs(out, ["no", "yes"], bf16_matrices=True)
     for s, e in zip(served, expected, strict=True):
         assert s == pytest.approx(e, abs=1e-4)
 

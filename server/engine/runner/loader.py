@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from hotlora.kernels import bf16_weights
+
 from .kv_cache import KVCacheConfig, KVPool
 from .model import Runner
 from .spec import ModelSpec
@@ -39,27 +41,52 @@ def load_runner(
     device: torch.device,
     kv_bytes: int,
     block_size: int = 16,
+    weight_dtype: torch.dtype | None = None,
 ) -> Runner:
-    """`config`: the directory's transformers config (raises runner.spec.Unsupported for other families)."""
+    """`config`: the directory's transformers config (raises runner.spec.Unsupported for other families).
+    `weight_dtype`: how the projection and embedding weights are stored, when not in `dtype` (see
+    `_checked_storage`)."""
     spec = ModelSpec.from_config(config)
-    weights = build_weights(spec, safetensors_getter(model_dir), dtype, device)
+    stored = _checked_storage(dtype, weight_dtype or dtype, device)
+    weights = build_weights(spec, safetensors_getter(model_dir), dtype, device, stored)
     runner = _assemble(spec, weights, config, dtype, device, kv_bytes, block_size)
     runner.generation_config = _generation_config(model_dir)
     return runner
 
 
 def runner_from_model(
-    model, dtype: torch.dtype | None = None, kv_bytes: int = 64 << 20, block_size: int = 16, device=None
+    model,
+    dtype: torch.dtype | None = None,
+    kv_bytes: int = 64 << 20,
+    block_size: int = 16,
+    device=None,
+    weight_dtype: torch.dtype | None = None,
 ) -> Runner:
     """A runner on a transformers model's weights (fused copies; the model itself is left as it is)."""
     spec = ModelSpec.from_config(model.config)
     param = next(model.parameters())
     dtype = dtype or param.dtype
     device = torch.device(device) if device is not None else param.device
-    weights = build_weights(spec, module_getter(model), dtype, device)
+    stored = _checked_storage(dtype, weight_dtype or dtype, device)
+    weights = build_weights(spec, module_getter(model), dtype, device, stored)
     runner = _assemble(spec, weights, model.config, dtype, device, kv_bytes, block_size)
     runner.generation_config = getattr(model, "generation_config", None)
     return runner
+
+
+def _checked_storage(dtype: torch.dtype, stored: torch.dtype, device: torch.device) -> torch.dtype:
+    """Weights stored narrower than the compute dtype: only bf16 under fp32 on a CPU that runs the kernel."""
+    if stored == dtype:
+        return stored
+    if not (stored == torch.bfloat16 and dtype == torch.float32 and torch.device(device).type == "cpu"):
+        raise ValueError(
+            f"weights stored as {stored} under {dtype} compute on {device}: only bfloat16 weights with "
+            "float32 compute on a CPU are supported (--weight-dtype bfloat16 --dtype float32)"
+        )
+    why = bf16_weights.unavailable_reason()
+    if why is not None:
+        raise ValueError(f"--weight-dtype bfloat16 cannot run here: {why}")
+    return stored
 
 
 def _assemble(spec, weights, config, dtype, device, kv_bytes, block_size) -> Runner:
@@ -68,11 +95,13 @@ def _assemble(spec, weights, config, dtype, device, kv_bytes, block_size) -> Run
     pool = KVPool(spec.num_layers, kv, spec.num_kv_heads, spec.head_dim, dtype, device)
     runner = Runner(spec, weights, config, pool)
     runner.kv_config = kv
+    stored = weights.embed.dtype
     log.info(
         "runner: %s, %d layers, %s on %s, weights %.0f MiB, KV cache %d blocks x %d tokens (%d B/token)",
         spec.family,
         spec.num_layers,
-        str(dtype).removeprefix("torch."),
+        str(dtype).removeprefix("torch.")
+        + ("" if stored == dtype else f" (weights stored as {str(stored).removeprefix('torch.')})"),
         device,
         weights.nbytes / 2**20,
         kv.num_blocks,

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hotlora.kernels import bf16_weights
+
 from .attention import AttentionMetadata, dense_attention, paged_attention
 from .kv_cache import KVPool
 from .spec import ModelSpec
@@ -69,8 +71,9 @@ class Runner(nn.Module):
         self.generation_config = None  # transformers GenerationConfig, when the model has one (EOS ids)
         self.kv_config = None  # set by the loader with the pool
         self.sites: dict[tuple[int, str], object] = {}  # (layer, projection) -> LoraSite
-        self.dtype = weights.embed.dtype
+        self.dtype = weights.compute_dtype
         self.device = weights.embed.device
+        self.linear = _linear_for(weights)
         self.scale = spec.head_dim**-0.5
         cos, sin = _rope_table(spec, spec.max_positions)
         self.register_buffer("rope_cos", cos.to(self.device, self.dtype), persistent=False)
@@ -78,7 +81,7 @@ class Runner(nn.Module):
         # the weights as frozen parameters: parameters() and requires_grad checks see the model
         for i, t in enumerate(weights.tensors()):
             self.register_parameter(f"w{i}", nn.Parameter(t, requires_grad=False))
-        self._lm_head = _LmHead(weights.lm_head)
+        self._lm_head = _LmHead(weights.lm_head, self.linear)
 
     # ---- the serving forward ----------------------------------------------------------------------------
     def forward(self, step: StepInput) -> torch.Tensor:
@@ -131,7 +134,7 @@ class Runner(nn.Module):
     # ---- the layers ---------------------------------------------------------------------------------------
     def _run(self, token_ids: torch.Tensor, positions: torch.Tensor, attend: Callable) -> torch.Tensor:
         spec, w = self.spec, self.w
-        h = F.embedding(token_ids, w.embed)
+        h = F.embedding(token_ids, w.embed).to(self.dtype)
         cos = self.rope_cos[positions].unsqueeze(1)  # [T, 1, d]
         sin = self.rope_sin[positions].unsqueeze(1)
         half = spec.head_dim // 2
@@ -154,7 +157,7 @@ class Runner(nn.Module):
         return _rms_norm(h, w.norm, spec.rms_norm_eps)
 
     def _project(self, layer: int, name: str, x, weight, bias) -> torch.Tensor:
-        y = F.linear(x, weight, bias)
+        y = self.linear(x, weight, bias)
         site = self.sites.get((layer, name))
         return y if site is None else site.apply(y, x)
 
@@ -170,17 +173,25 @@ class Runner(nn.Module):
         }
 
 
+def _linear_for(weights: RunnerWeights) -> Callable:
+    """F.linear, or the bf16-weight kernel when the matrices are stored narrower than the compute dtype."""
+    if weights.embed.dtype == weights.compute_dtype:
+        return F.linear
+    return bf16_weights.linear
+
+
 class _LmHead(nn.Module):
-    def __init__(self, weight: torch.Tensor):
+    def __init__(self, weight: torch.Tensor, linear: Callable):
         super().__init__()
         self._weight = [weight]  # shared with the embedding when tied; registered on the runner
+        self._linear = linear
 
     @property
     def weight(self) -> torch.Tensor:
         return self._weight[0]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self._weight[0])
+        return self._linear(hidden, self._weight[0])
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

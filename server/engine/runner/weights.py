@@ -49,13 +49,22 @@ class RunnerWeights:
         return out
 
     @property
+    def compute_dtype(self) -> torch.dtype:
+        return self.norm.dtype
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
-def build_weights(spec: ModelSpec, get: Getter, dtype: torch.dtype, device) -> RunnerWeights:
+def build_weights(
+    spec: ModelSpec, get: Getter, dtype: torch.dtype, device, stored: torch.dtype | None = None
+) -> RunnerWeights:
     """Fuse and cast, layer by layer. `get(name)` returns a checkpoint tensor by its transformers name
-    (`model.layers.0.self_attn.q_proj.weight`, ...) or None when the checkpoint has no such tensor."""
+    (`model.layers.0.self_attn.q_proj.weight`, ...) or None when the checkpoint has no such tensor.
+    `stored`: the dtype of the projection matrices, the embedding and the LM head when narrower than the
+    compute `dtype` (bf16 widened by the kernel); norms and biases are always in `dtype`."""
+    stored = stored or dtype
 
     def need(name: str) -> torch.Tensor:
         t = get(name)
@@ -63,11 +72,16 @@ def build_weights(spec: ModelSpec, get: Getter, dtype: torch.dtype, device) -> R
             raise ValueError(f"the checkpoint has no tensor {name!r}")
         return t
 
-    def cast(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.to(device=device, dtype=dtype).contiguous()
+    def cast(t: torch.Tensor | None, to: torch.dtype = dtype) -> torch.Tensor | None:
+        return None if t is None else t.to(device=device, dtype=to).contiguous()
+
+    def matrix(name: str) -> torch.Tensor:
+        return cast(need(name), stored)
 
     def fused(prefix: str, names: tuple[str, ...], kind: str) -> torch.Tensor:
-        return cast(torch.cat([need(f"{prefix}.{n}.{kind}") for n in names], 0))
+        return cast(
+            torch.cat([need(f"{prefix}.{n}.{kind}") for n in names], 0), stored if kind == "weight" else dtype
+        )
 
     layers = []
     for i in range(spec.num_layers):
@@ -78,18 +92,18 @@ def build_weights(spec: ModelSpec, get: Getter, dtype: torch.dtype, device) -> R
                 input_norm=cast(need(f"{p}.input_layernorm.weight")),
                 qkv=fused(attn, ("q_proj", "k_proj", "v_proj"), "weight"),
                 qkv_bias=fused(attn, ("q_proj", "k_proj", "v_proj"), "bias") if spec.qkv_bias else None,
-                o=cast(need(f"{attn}.o_proj.weight")),
+                o=matrix(f"{attn}.o_proj.weight"),
                 o_bias=cast(need(f"{attn}.o_proj.bias")) if spec.o_bias else None,
                 post_norm=cast(need(f"{p}.post_attention_layernorm.weight")),
                 gate_up=fused(mlp, ("gate_proj", "up_proj"), "weight"),
                 gate_up_bias=fused(mlp, ("gate_proj", "up_proj"), "bias") if spec.mlp_bias else None,
-                down=cast(need(f"{mlp}.down_proj.weight")),
+                down=matrix(f"{mlp}.down_proj.weight"),
                 down_bias=cast(need(f"{mlp}.down_proj.bias")) if spec.mlp_bias else None,
             )
         )
-    embed = cast(need("model.embed_tokens.weight"))
+    embed = matrix("model.embed_tokens.weight")
     head = get("lm_head.weight")
-    lm_head = embed if spec.tie_word_embeddings or head is None else cast(head)
+    lm_head = embed if spec.tie_word_embeddings or head is None else cast(head, stored)
     return RunnerWeights(embed=embed, layers=layers, norm=cast(need("model.norm.weight")), lm_head=lm_head)
 
 
