@@ -103,7 +103,7 @@ def _round_matrices_to_bf16(model) -> None:
     """What `--weight-dtype bfloat16` stores: every weight matrix (projections, embedding, LM head) rounded
     to bf16; norms and biases stay fp32."""
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.ndim == 2:
                 p.copy_(p.to(torch.bfloat16).float())
 
