@@ -9,11 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hotlora.kernels import bf16_weights
+from hotlora.kernels import bf16_weights, native
 
 pytestmark = pytest.mark.skipif(
     bf16_weights.unavailable_reason() is not None, reason=f"{bf16_weights.unavailable_reason()}"
 )
+
+
+def _clear():
+    native.library.cache_clear()
+    bf16_weights._library.cache_clear()
 
 
 def _reference(x, w, b=None):
@@ -72,23 +77,23 @@ def test_wrong_dtypes_are_refused_with_a_message():
 
 def test_a_machine_without_a_compiler_gets_a_reason(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built there yet
-    monkeypatch.setattr(bf16_weights, "_compiler", lambda: None)
-    bf16_weights._library.cache_clear()
+    monkeypatch.setattr(native, "compiler", lambda: None)
+    _clear()
     try:
         assert "no C compiler" in bf16_weights.unavailable_reason()
         with pytest.raises(bf16_weights.Unavailable, match="no C compiler"):
             bf16_weights.linear(*_case(1, 64, 8)[:2])
     finally:
-        bf16_weights._library.cache_clear()
+        _clear()
 
 
 def test_a_failed_build_is_reported_and_leaves_no_library(monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(bf16_weights, "_compiler", lambda: "false")  # a compiler that always fails
-    bf16_weights._library.cache_clear()
+    monkeypatch.setattr(native, "compiler", lambda: "false")  # a compiler that always fails
+    _clear()
     try:
         with pytest.raises(bf16_weights.Unavailable, match="building bf16_weights.c failed"):
             bf16_weights.linear(*_case(1, 64, 8)[:2])
         assert not any((tmp_path / "hotlora" / "kernels").iterdir())
     finally:
-        bf16_weights._library.cache_clear()
+        _clear()
