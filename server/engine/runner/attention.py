@@ -1,10 +1,11 @@
-"""Attention over the paged KV cache, in torch ops (SDPA underneath).
+"""Attention over the paged KV cache: torch ops (SDPA underneath), and one C kernel for decode rows.
 
 A step's tokens are one flat batch: first the *decode* rows (one new token each, whatever their context), then
 the *prefill* chunks (several new tokens of one sequence, possibly after context already in the cache). The
-decode rows share one SDPA over their gathered blocks; each prefill chunk runs its own (causal within the
-chunk, lower-right aligned after its context). Sliding-window layers mask keys more than `window - 1`
-positions behind the query, as transformers' sliding-window mask does.
+decode rows share one call that reads their blocks in place (hotlora's C kernel, fp32 on CPU:
+`kernels/paged_attention.py`) or else one SDPA over their gathered blocks; each prefill chunk runs its own
+(causal within the chunk, lower-right aligned after its context). Sliding-window layers mask keys more than
+`window - 1` positions behind the query, as transformers' sliding-window mask does.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from hotlora.kernels import paged_attention as native_decode
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,11 @@ def paged_attention(
     num_tokens, heads, d = q.shape
     out = q.new_empty(num_tokens, heads, d)
     nd = meta.num_decode
-    if nd:
+    if nd and native_decode.usable(q, k_pool):
+        native_decode.decode(
+            q[:nd], k_pool, v_pool, meta.decode_tables, meta.decode_lens, scale, window, out[:nd]
+        )
+    elif nd:
         tables = meta.decode_tables
         bs = k_pool.shape[1]
         length = tables.shape[1] * bs

@@ -1,0 +1,94 @@
+"""Decode attention on the paged KV cache in one C call a layer (`csrc/paged_decode_attention.c`), for fp32 on
+CPUs that run hotlora's C kernels; the runner's torch path (gather, mask, SDPA) does the rest."""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from . import native
+
+
+def usable(q: torch.Tensor, k_pool: torch.Tensor) -> bool:
+    return (
+        q.device.type == "cpu"
+        and q.dtype == torch.float32
+        and k_pool.dtype == torch.float32
+        and q.stride(-1) == 1
+        and k_pool.is_contiguous()
+        and _available()
+    )
+
+
+def decode(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    tables: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+    window: int | None,
+    out: torch.Tensor,
+) -> None:
+    """q: [D, heads, d] (d contiguous); pools: [blocks, bs, kv_heads, d]; tables: [D, width] int64;
+    lens: [D] int64 (keys each row sees, its own included); out: [D, heads, d] contiguous, written."""
+    rows, heads, d = q.shape
+    _, bs, kv_heads, _ = k_pool.shape
+    tables = tables.contiguous()
+    lens = lens.contiguous()
+    status = _library().hotlora_paged_decode_attention(
+        q.data_ptr(),
+        rows,
+        heads,
+        d,
+        q.stride(0),
+        q.stride(1),
+        k_pool.data_ptr(),
+        v_pool.data_ptr(),
+        bs,
+        kv_heads,
+        tables.data_ptr(),
+        tables.shape[1],
+        lens.data_ptr(),
+        window or 0,
+        scale,
+        out.data_ptr(),
+        torch.get_num_threads() if rows * kv_heads > 1 else 1,
+    )
+    if status != 0:
+        raise MemoryError("paged decode attention: no scratch memory")
+
+
+@functools.cache
+def _available() -> bool:
+    return native.unavailable_reason() is None
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    lib = native.library("paged_decode_attention")
+    fn = lib.hotlora_paged_decode_attention
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [
+        p,
+        i64,
+        i64,
+        i64,
+        i64,
+        i64,
+        p,
+        p,
+        i64,
+        i64,
+        p,
+        i64,
+        p,
+        i64,
+        ctypes.c_float,
+        p,
+        ctypes.c_int,
+    ]
+    fn.restype = ctypes.c_int
+    return lib

@@ -1,0 +1,58 @@
+"""The C decode-attention kernel against the runner's torch path (gather the row's blocks, mask, SDPA) on the
+same pool: grouped and ungrouped query heads, head sizes with a tail, sliding windows, rows of different
+lengths in shuffled blocks, and q as the strided view the runner passes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hotlora.kernels import native
+from hotlora.kernels import paged_attention as native_decode
+from hotlora.server.engine.runner.attention import AttentionMetadata, decode_mask, paged_attention
+
+pytestmark = pytest.mark.skipif(
+    native.unavailable_reason() is not None, reason=f"{native.unavailable_reason()}"
+)
+
+
+def _torch_path(q, k_pool, v_pool, tables, lens, scale, window):
+    meta = AttentionMetadata(
+        num_decode=q.shape[0],
+        decode_tables=tables,
+        decode_lens=lens,
+        prefills=(),
+        slot_mapping=torch.zeros(q.shape[0], dtype=torch.int64),
+        decode_mask=decode_mask(lens, tables.shape[1] * k_pool.shape[1], None),
+    )
+    # bf16 inputs take the torch path; here the same path is forced by running it in float64
+    out = paged_attention(q.double(), None, None, k_pool.double(), v_pool.double(), meta, scale, window)
+    return out.view(q.shape).float()
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, d",
+    [(9, 3, 64), (4, 4, 32), (8, 1, 24), (6, 2, 80)],
+    ids=["gqa3", "mha", "mqa-tail", "d80"],
+)
+@pytest.mark.parametrize("window", [None, 5])
+def test_decode_kernel_equals_sdpa_on_the_gathered_blocks(heads, kv_heads, d, window):
+    g = torch.Generator().manual_seed(heads * 100 + d)
+    blocks, bs, width = 40, 4, 9
+    k_pool = torch.randn(blocks, bs, kv_heads, d, generator=g)
+    v_pool = torch.randn(blocks, bs, kv_heads, d, generator=g)
+    tables = torch.stack([torch.randperm(blocks - 1, generator=g)[:width] + 1 for _ in range(5)])
+    lens = torch.tensor([1, 4, 5, 17, width * bs])  # one key, a full block, one past it, ..., the whole table
+    qkv = torch.randn(5, heads + 2 * kv_heads, d, generator=g)
+    q = qkv[:, :heads]  # a view with the row stride of the fused projection, as the runner passes it
+    assert native_decode.usable(q, k_pool)
+    out = torch.empty(5, heads, d)
+    native_decode.decode(q, k_pool, v_pool, tables, lens, d**-0.5, window, out)
+    torch.testing.assert_close(out, _torch_path(q, k_pool, v_pool, tables, lens, d**-0.5, window))
+
+
+def test_the_torch_path_serves_what_the_kernel_does_not_take():
+    q = torch.randn(2, 4, 16)
+    pool = torch.randn(8, 4, 2, 16)
+    assert not native_decode.usable(q.to(torch.bfloat16), pool.to(torch.bfloat16))
+    assert not native_decode.usable(q.transpose(1, 2).contiguous().transpose(1, 2), pool)  # d not contiguous
