@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 
 import torch
 
 from . import native
+
+log = logging.getLogger("hotlora.kernels")
 
 
 def usable(q: torch.Tensor, k_pool: torch.Tensor) -> bool:
@@ -63,7 +66,12 @@ def decode(
 
 @functools.cache
 def _available() -> bool:
-    return native.unavailable_reason() is None
+    try:
+        _library()
+    except native.Unavailable as exc:  # the torch path is correct too, only slower
+        log.warning("decode attention runs through torch: %s", exc)
+        return False
+    return True
 
 
 @functools.cache

@@ -56,3 +56,16 @@ def test_the_torch_path_serves_what_the_kernel_does_not_take():
     pool = torch.randn(8, 4, 2, 16)
     assert not native_decode.usable(q.to(torch.bfloat16), pool.to(torch.bfloat16))
     assert not native_decode.usable(q.transpose(1, 2).contiguous().transpose(1, 2), pool)  # d not contiguous
+
+
+def test_a_failed_build_leaves_decode_on_the_torch_path(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built there yet
+    monkeypatch.setattr(native, "compiler", lambda: "false")  # a compiler that always fails
+    for fn in (native.library, native_decode._library, native_decode._available):
+        fn.cache_clear()
+    try:
+        assert not native_decode.usable(torch.randn(1, 4, 16), torch.randn(8, 4, 2, 16))
+        assert "decode attention runs through torch" in caplog.text
+    finally:
+        for fn in (native.library, native_decode._library, native_decode._available):
+            fn.cache_clear()
