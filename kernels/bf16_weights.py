@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from . import native
 from .native import Unavailable, unavailable_reason
 
-__all__ = ["WIDEN_ROWS", "Unavailable", "linear", "unavailable_reason"]
+__all__ = ["WIDEN_ROWS", "Unavailable", "ensure_built", "linear", "unavailable_reason"]
 
 # Rows of x from which torch's fp32 GEMM on a widened copy beats the kernel (one thread, SmolLM2 shapes:
 # 1.07x the kernel's speed at 128 rows, 0.62x at 512).
@@ -55,6 +55,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if status != 0:
         raise MemoryError(f"bf16-weight linear: no scratch memory for {rows} x {k}")
     return y.view(*x.shape[:-1], n)
+
+
+def ensure_built() -> None:
+    """Build and load the kernel now; raises Unavailable with the reason."""
+    _library()
 
 
 @functools.cache

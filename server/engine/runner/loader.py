@@ -83,9 +83,10 @@ def _checked_storage(dtype: torch.dtype, stored: torch.dtype, device: torch.devi
             f"weights stored as {stored} under {dtype} compute on {device}: only bfloat16 weights with "
             "float32 compute on a CPU are supported (--weight-dtype bfloat16 --dtype float32)"
         )
-    why = bf16_weights.unavailable_reason()
-    if why is not None:
-        raise ValueError(f"--weight-dtype bfloat16 cannot run here: {why}")
+    try:
+        bf16_weights.ensure_built()  # at start-up, not in the first step
+    except bf16_weights.Unavailable as exc:
+        raise ValueError(f"--weight-dtype bfloat16: {exc}") from exc
     return stored
 
 
