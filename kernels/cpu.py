@@ -20,6 +20,11 @@ Three strategies, measured on a 2-core Xeon at SmolLM2-135M shapes (benchmarks/k
 from the benchmark. Per-slot ranks are honoured by slicing (``A[s, :r_s]``), never by paying R_max.
 16-bit inputs run the GEMMs in their dtype (oneDNN accumulates in fp32).
 
+* ``native`` (kernels/lora_decode.py, fp32 where hotlora's C kernels run): replaces ``dense`` and ``bmm``.
+  Two C calls read each token's adapter rows from the banks in place at that slot's own rank, so mixed
+  ranks cost their own bytes, not a gather per rank group (32 rows of ranks 4-64: 3.3x -> 1.2x the base
+  linears, one thread).
+
 Decode with 32 distinct rank-16 adapters costs ~2x the base linears: 32 adapters' A and B hold more bytes
 than the base weight matrix, and decode is memory bound, so no strategy gets far below 1x there.
 """
@@ -28,6 +33,7 @@ from __future__ import annotations
 
 import torch
 
+from . import lora_decode
 from .cpu_plan import DenseLayout, SegmentPlan
 
 # Mean tokens per segment at or above which one GEMM pair per segment beats gather + bmm.
@@ -62,13 +68,19 @@ def add_lora_cpu(
 
     y: [T, H_total] (in place, may be a strided view), x: [T, H_in], lora_a: [S, R_max, H_in],
     lora_b: [S, H_out, R_max], scales: [S] float32; x, y, banks of one dtype (fp32/fp16/bf16).
-    strategy: force 'single' / 'segments' / 'bmm' (benchmarks, tests); None picks by shape.
+    strategy: force 'single' / 'segments' / 'dense' / 'bmm' / 'native' (benchmarks, tests); None picks by
+    shape, and takes 'native' (the C kernel, kernels/lora_decode.py) for 'dense' and 'bmm' where it runs.
     """
     if not batch.has_lora:
         return
     ys = y[:, out_offset : out_offset + lora_b.shape[1]]
-    strategy = strategy or choose_cpu_strategy(batch)
-    if strategy == "single" and batch.single_slot >= 0:
+    strategy = strategy or _with_native(choose_cpu_strategy(batch), y, x, lora_a, lora_b)
+    if strategy == "native" and not lora_decode.usable(y, x, lora_a, lora_b):
+        strategy = choose_cpu_strategy(batch)  # 16-bit or strided tensors: the torch strategy it replaces
+    if strategy == "native":
+        u = lora_decode.shrink(x, batch.token_slots, lora_a, 1, batch.slot_ranks)
+        lora_decode.expand(ys, u, 0, batch.token_slots, lora_b, batch.slot_ranks, scales)
+    elif strategy == "single" and batch.single_slot >= 0:
         seg = batch.segments[0]
         _segment_update(ys, x, lora_a, lora_b, float(scales[seg.slot]), seg.slot, seg.rank)
     elif strategy in ("segments", "single"):
@@ -78,7 +90,16 @@ def add_lora_cpu(
     elif strategy == "dense":
         _add_dense(ys, x, lora_a, lora_b, scales, batch)
     else:
-        raise ValueError(f"unknown CPU strategy {strategy!r}; use 'single', 'segments', 'dense' or 'bmm'")
+        raise ValueError(
+            f"unknown CPU strategy {strategy!r}; use 'single', 'segments', 'dense', 'bmm' or 'native'"
+        )
+
+
+def _with_native(strategy: str, y, x, lora_a, lora_b) -> str:
+    """The C kernel instead of the bmm strategies (decode batches of many slots) where it can run."""
+    if strategy in ("dense", "bmm") and lora_decode.usable(y, x, lora_a, lora_b):
+        return "native"
+    return strategy
 
 
 def _segment_update(
@@ -204,9 +225,18 @@ def add_lora_packed_cpu(
     add_lora per slice, which honours per-slot ranks. See LoraBackend.add_lora_packed for the shapes."""
     n = len(lora_bs)
     r_max = lora_a.shape[1] // n
+    strategy = choose_cpu_strategy(batch)
+    if _with_native(strategy, y, x, lora_a, lora_bs[0]) == "native" and all(
+        b.is_contiguous() for b in lora_bs
+    ):
+        # one shrink over the packed bank, one expand per slice; per-slot ranks honoured
+        u = lora_decode.shrink(x, batch.token_slots, lora_a, n, batch.slot_ranks)
+        for i, (b, off) in enumerate(zip(lora_bs, out_offsets, strict=True)):
+            ys = y[:, off : off + b.shape[1]]
+            lora_decode.expand(ys, u, i * r_max, batch.token_slots, b, batch.slot_ranks, scales[i])
+        return True
     if batch.max_rank != r_max or any(g.rank != r_max for g in batch.rank_groups):
         return False
-    strategy = choose_cpu_strategy(batch)
     if strategy == "single":
         s = batch.single_slot
         v = torch.mm(x, lora_a[s].T)  # [T, n·R]: q, k and v (or gate and up) in one GEMM

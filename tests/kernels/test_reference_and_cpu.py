@@ -9,7 +9,7 @@ from hotlora.kernels.cpu import choose_cpu_strategy
 from .lora_cases import POPULARITY, assert_matches_reference, make_case, popularity_slots
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-STRATEGIES = (None, "segments", "bmm", "dense")
+STRATEGIES = (None, "segments", "bmm", "dense", "native")
 
 
 def expected_of(case, out_offset=0):

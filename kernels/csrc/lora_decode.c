@@ -1,0 +1,88 @@
+// The multi-LoRA update of decode batches: every token has its own adapter slot, each read from the banks in
+// place (no gathered copies), each slot's own rank honoured.
+//
+//   shrink:  u[t, i*R + j] = A[s, i*R + j, :] . x[t]          for each slice i < slices, j < rank[s]
+//   expand:  y[t, n]      += scale[s] * sum_j B[s, n, j] * u[t, off + j]      for j < rank[s]
+// with s = slots[t] (-1: no adapter, skipped). A fused projection (q/k/v) shrinks once over its packed bank
+// and expands once per slice. At decode these reads are the whole cost (32 rank-16 adapters hold more bytes
+// than the base model), so the loops stream each adapter's rows once; the expand's per-output dot products
+// of length R come out 16 at a time from one transposing add tree instead of 16 scalar reductions.
+#include <immintrin.h>
+#include <stdint.h>
+
+#define AI static inline __attribute__((always_inline))
+
+AI float dot(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
+  if (i < n) {
+    __mmask16 m = (__mmask16)((1u << (n - i)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+AI __m512 pair_sum(__m512 a, __m512 b) {
+  return _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+}
+AI __m512 quad_sum(__m512 ab, __m512 cd) {
+  __m512d x = _mm512_castps_pd(ab), y = _mm512_castps_pd(cd);
+  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+}
+// lane i = sum of the 16 lanes of v[i]
+AI __m512 reduce16(const __m512* v) {
+  __m512 r0 = quad_sum(pair_sum(v[0], v[1]), pair_sum(v[2], v[3]));
+  __m512 r1 = quad_sum(pair_sum(v[4], v[5]), pair_sum(v[6], v[7]));
+  __m512 r2 = quad_sum(pair_sum(v[8], v[9]), pair_sum(v[10], v[11]));
+  __m512 r3 = quad_sum(pair_sum(v[12], v[13]), pair_sum(v[14], v[15]));
+  __m512 t0 = _mm512_shuffle_f32x4(r0, r1, 0x44), t1 = _mm512_shuffle_f32x4(r0, r1, 0xEE);
+  __m512 t2 = _mm512_shuffle_f32x4(r2, r3, 0x44), t3 = _mm512_shuffle_f32x4(r2, r3, 0xEE);
+  __m512 u0 = _mm512_add_ps(t0, t1), u1 = _mm512_add_ps(t2, t3);
+  return _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, 0x88), _mm512_shuffle_f32x4(u0, u1, 0xDD));
+}
+
+int hotlora_lora_shrink(const float* x, int64_t tokens, int64_t x_row, const int64_t* slots, const float* a,
+                        int64_t rows_per_slot, int64_t k, int64_t slices, int64_t r_max, const int64_t* ranks,
+                        float* u, int threads) {
+#pragma omp parallel for schedule(static) collapse(2) num_threads(threads)
+  for (int64_t t = 0; t < tokens; t++)
+    for (int64_t i = 0; i < slices; i++) {
+      int64_t s = slots[t];
+      float* ut = u + t * rows_per_slot + i * r_max;
+      int64_t r = s < 0 ? 0 : ranks[s];
+      for (int64_t j = 0; j < r; j++) ut[j] = dot(a + (s * rows_per_slot + i * r_max + j) * k, x + t * x_row, k);
+      for (int64_t j = r; j < r_max; j++) ut[j] = 0.0f;
+    }
+  return 0;
+}
+
+int hotlora_lora_expand(const float* u, int64_t tokens, int64_t u_row, int64_t u_off, const int64_t* slots,
+                        const float* b, int64_t n, int64_t r_max, const int64_t* ranks, const float* scales,
+                        float* y, int64_t y_row, int threads) {
+  int64_t blocks = (n + 15) / 16;
+#pragma omp parallel for schedule(static) collapse(2) num_threads(threads)
+  for (int64_t t = 0; t < tokens; t++)
+    for (int64_t blk = 0; blk < blocks; blk++) {
+      int64_t s = slots[t];
+      if (s < 0 || ranks[s] == 0) continue;
+      int64_t r = ranks[s], n0 = blk * 16, nn = n - n0 < 16 ? n - n0 : 16;
+      const float* ut = u + t * u_row + u_off;
+      const float* bs = b + s * n * r_max;
+      float* yt = y + t * y_row;
+      float scale = scales[s];
+      __m512 acc[16];
+      for (int q = 0; q < 16; q++) acc[q] = _mm512_setzero_ps();
+      for (int64_t j = 0; j < r; j += 16) {
+        __mmask16 m = r - j >= 16 ? 0xFFFF : (__mmask16)((1u << (r - j)) - 1);
+        __m512 uv = _mm512_maskz_loadu_ps(m, ut + j);
+        for (int q = 0; q < nn; q++)
+          acc[q] = _mm512_fmadd_ps(uv, _mm512_maskz_loadu_ps(m, bs + (n0 + q) * r_max + j), acc[q]);
+      }
+      __mmask16 out = nn == 16 ? 0xFFFF : (__mmask16)((1u << nn) - 1);
+      __m512 sums = reduce16(acc);
+      __m512 cur = _mm512_maskz_loadu_ps(out, yt + n0);
+      _mm512_mask_storeu_ps(yt + n0, out, _mm512_fmadd_ps(_mm512_set1_ps(scale), sums, cur));
+    }
+  return 0;
+}
