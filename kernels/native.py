@@ -18,7 +18,11 @@ import tempfile
 from pathlib import Path
 
 CSRC = Path(__file__).with_name("csrc")
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm")
+# -ffp-contract=off: a multiply and an add written apart stay two roundings, as in torch's ops
+FLAGS = (
+    "-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared",
+    "-fPIC", "-lm",
+)  # fmt: skip
 NEEDED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "fma")
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hotlora.kernels import bf16_weights
+from hotlora.kernels import bf16_weights, decoder_ops
 
 from .attention import AttentionMetadata, dense_attention, paged_attention
 from .kv_cache import KVPool
@@ -74,6 +74,10 @@ class Runner(nn.Module):
         self.dtype = weights.compute_dtype
         self.device = weights.embed.device
         self.linear = _linear_for(weights)
+        # the C ops for RMSNorm, RoPE and the KV write: fp32 on a CPU where hotlora's kernels run
+        self._native_ops = (
+            self.device.type == "cpu" and self.dtype == torch.float32 and decoder_ops.available()
+        )
         self.scale = spec.head_dim**-0.5
         cos, sin = _rope_table(spec, spec.max_positions)
         self.register_buffer("rope_cos", cos.to(self.device, self.dtype), persistent=False)
@@ -88,14 +92,18 @@ class Runner(nn.Module):
         """Final-norm hidden states [T, H] of the step's tokens; K/V written into the pool."""
         meta = step.attention
         pool = self.pool
+        native = self._native_ops and not torch.is_grad_enabled()
 
         def attend(i: int, q, k, v):
-            pool.write(i, meta.slot_mapping, k, v)
+            if native:
+                decoder_ops.kv_write(k, v, meta.slot_mapping, pool.k[i], pool.v[i])
+            else:
+                pool.write(i, meta.slot_mapping, k, v)
             return paged_attention(
                 q, k, v, pool.k[i], pool.v[i], meta, self.scale, self.spec.sliding_windows[i]
             )
 
-        return self._run(step.token_ids, step.positions, attend)
+        return self._run(step.token_ids, step.positions, attend, native)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._lm_head(hidden)
@@ -132,29 +140,40 @@ class Runner(nn.Module):
         return self._lm_head
 
     # ---- the layers ---------------------------------------------------------------------------------------
-    def _run(self, token_ids: torch.Tensor, positions: torch.Tensor, attend: Callable) -> torch.Tensor:
+    def _run(
+        self, token_ids: torch.Tensor, positions: torch.Tensor, attend: Callable, native: bool = False
+    ) -> torch.Tensor:
+        """`native`: RMSNorm, RoPE (and, in `attend`, the KV write) as hotlora's C ops, in place where torch
+        would allocate: serving only, never under autograd."""
         spec, w = self.spec, self.w
         h = F.embedding(token_ids, w.embed).to(self.dtype)
-        cos = self.rope_cos[positions].unsqueeze(1)  # [T, 1, d]
-        sin = self.rope_sin[positions].unsqueeze(1)
-        half = spec.head_dim // 2
-        # rotate_half(x) * sin == cat(x2, x1) * cat(-sin1, sin2): the sign moves onto the table (exactly)
-        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        eps, heads, kv_heads, d = spec.rms_norm_eps, spec.num_heads, spec.num_kv_heads, spec.head_dim
+        norm = decoder_ops.rms_norm if native else _rms_norm
+        if not native:
+            cos = self.rope_cos[positions].unsqueeze(1)  # [T, 1, d]
+            sin = self.rope_sin[positions].unsqueeze(1)
+            half = d // 2
+            # rotate_half(x) * sin == cat(x2, x1) * cat(-sin1, sin2): the sign moves onto the table (exactly)
+            sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         t = token_ids.shape[0]
         qs, kvs = spec.q_size, spec.kv_size
         for i, layer in enumerate(w.layers):
-            x = _rms_norm(h, layer.input_norm, spec.rms_norm_eps)
+            x = norm(h, layer.input_norm, eps)
             qkv = self._project(i, "qkv", x, layer.qkv, layer.qkv_bias)
             # RoPE on q's and k's heads in one pass (the same products and sums as rotating each)
-            qk = _rope(qkv[:, : qs + kvs].view(t, -1, spec.head_dim), cos, sin)
-            q, k = qk.split((spec.num_heads, spec.num_kv_heads), dim=1)
-            v = qkv[:, qs + kvs :].view(t, spec.num_kv_heads, spec.head_dim)
+            if native:
+                decoder_ops.rope_(qkv, heads + kv_heads, d, self.rope_cos, self.rope_sin, positions)
+                qk = qkv[:, : qs + kvs].view(t, -1, d)
+            else:
+                qk = _rope(qkv[:, : qs + kvs].view(t, -1, d), cos, sin)
+            q, k = qk.split((heads, kv_heads), dim=1)
+            v = qkv[:, qs + kvs :].view(t, kv_heads, d)
             a = attend(i, q, k, v)
             h = h + self._project(i, "o", a, layer.o, layer.o_bias)
-            x = _rms_norm(h, layer.post_norm, spec.rms_norm_eps)
+            x = norm(h, layer.post_norm, eps)
             gate, up = self._project(i, "gate_up", x, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
             h = h + self._project(i, "down", F.silu(gate) * up, layer.down, layer.down_bias)
-        return _rms_norm(h, w.norm, spec.rms_norm_eps)
+        return norm(h, w.norm, eps)
 
     def _project(self, layer: int, name: str, x, weight, bias) -> torch.Tensor:
         y = self.linear(x, weight, bias)

@@ -1,0 +1,59 @@
+"""The C ops of a decoder layer against the torch ops they replace in the runner: the same fp32 arithmetic in
+the same order, so RoPE and the KV write are bitwise equal and RMSNorm within a last-place rounding of the
+sum of squares."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hotlora.kernels import decoder_ops, native
+from hotlora.server.engine.runner.model import _rms_norm, _rope
+
+pytestmark = pytest.mark.skipif(
+    native.unavailable_reason() is not None, reason=f"{native.unavailable_reason()}"
+)
+
+
+@pytest.mark.parametrize("h", [576, 64, 40, 7])
+def test_rms_norm_equals_the_runners_torch_op(h):
+    g = torch.Generator().manual_seed(h)
+    wide = torch.randn(9, h + 5, generator=g) * 3
+    x = wide[:, 2 : 2 + h]  # strided rows, as a residual slice can be
+    w = torch.randn(h, generator=g)
+    torch.testing.assert_close(
+        decoder_ops.rms_norm(x, w, 1e-5), _rms_norm(x.contiguous(), w, 1e-5), rtol=2e-6, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize("d", [64, 32, 8])
+def test_rope_in_place_is_bitwise_the_runners_rope(d):
+    g = torch.Generator().manual_seed(d)
+    heads, kv_heads, rows, positions = 6, 2, 5, torch.tensor([0, 3, 17, 100, 4])
+    cos, sin = torch.randn(128, d, generator=g), torch.randn(128, d, generator=g)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * d, generator=g)
+    signed = torch.cat((-sin[:, : d // 2], sin[:, d // 2 :]), dim=-1)
+    want = _rope(
+        qkv[:, : (heads + kv_heads) * d].view(rows, -1, d),
+        cos[positions].unsqueeze(1),
+        signed[positions].unsqueeze(1),
+    )
+    got = qkv.clone()
+    decoder_ops.rope_(got, heads + kv_heads, d, cos, sin, positions)
+    assert torch.equal(got[:, : (heads + kv_heads) * d].view(rows, -1, d), want)
+    assert torch.equal(got[:, (heads + kv_heads) * d :], qkv[:, (heads + kv_heads) * d :])  # v untouched
+
+
+def test_kv_write_puts_each_rows_k_and_v_at_its_slot():
+    kv_heads, d, rows = 2, 8, 4
+    qkv = torch.randn(rows, (3 + 2 * kv_heads) * d)
+    k = qkv[:, 3 * d : (3 + kv_heads) * d].view(rows, kv_heads, d)
+    v = qkv[:, (3 + kv_heads) * d :].view(rows, kv_heads, d)
+    k_pool, v_pool = torch.zeros(6, 4, kv_heads, d), torch.zeros(6, 4, kv_heads, d)
+    slots = torch.tensor([5, 0, 23, 9])
+    decoder_ops.kv_write(k, v, slots, k_pool, v_pool)
+    want_k, want_v = torch.zeros(24, kv_heads, d), torch.zeros(24, kv_heads, d)
+    want_k[slots], want_v[slots] = k, v
+    assert torch.equal(k_pool.view(24, kv_heads, d), want_k) and torch.equal(
+        v_pool.view(24, kv_heads, d), want_v
+    )
