@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
+from hotlora.adapters.head_features import HeadFeatures
 from hotlora.adapters.training.evaluation import Evaluation
 from hotlora.adapters.training.trainer import Progress, TrainData
 from hotlora.adapters.training.validation import Fold, Score, ValidationPlan, combine_folds, median_int
@@ -24,24 +25,23 @@ PERFECT = 1.0 - 1e-9
 class Candidate:
     method: str
     """HEAD_ONLY | LORA | LORA_PROGRESSIVE."""
-    pooling: str = "last"
-    """Features of a head: the last token's hidden state (what Classify serves) or the token mean."""
-
-    @property
-    def servable(self) -> bool:
-        return self.pooling == "last"
+    features: HeadFeatures = HeadFeatures()
+    """What the head reads (stored with it and served as trained); LoRA candidates read the default."""
 
     @property
     def name(self) -> str:
-        return self.method if self.pooling == "last" else f"{self.method}(mean pooling)"
+        return f"{self.method}({self.features.describe()})" if self.method == "HEAD_ONLY" else self.method
 
 
-def candidates_for(methods: tuple[str, ...], compare_features: bool) -> list[Candidate]:
+def candidates_for(methods: tuple[str, ...], head_features: tuple[HeadFeatures, ...]) -> list[Candidate]:
+    """Each method in order; HEAD_ONLY once per feature choice in `head_features` (the cheap ones
+    first: they share one feature pass)."""
     out = []
     for m in methods:
-        out.append(Candidate(m))
-        if m == "HEAD_ONLY" and compare_features:
-            out.append(Candidate(m, "mean"))
+        if m == "HEAD_ONLY":
+            out.extend(Candidate(m, f) for f in head_features or (HeadFeatures(),))
+        else:
+            out.append(Candidate(m))
     return out
 
 
@@ -50,12 +50,14 @@ class CandidateReport:
     name: str
     method: str
     features: str
+    """A head's pooling: "last" (token) or "mean"."""
+    layer: int = -1
+    """The hidden layer a head reads (an `output_hidden_states` index; -1 = the last, after the norm)."""
     status: str = "pending"
     """scored | skipped | stopped (the time budget ran out while it trained) | failed."""
     score: float = 0.0
     stderr: float = 0.0
     seconds: float = 0.0
-    servable: bool = True
     note: str = ""
     epochs: tuple[int, int] = (0, 0)
 
@@ -92,9 +94,11 @@ class AdaptationOutcome:
     validated_on: int
     """Examples the score was measured on (every example once for k-fold)."""
     compared: int
-    """Servable candidates scored: the winner was the best of these."""
+    """Candidates scored: the winner was the best of these."""
     candidates: list[CandidateReport]
     reason: str
+    winner: str
+    """The chosen candidate's name (a head's with its features)."""
     previous_task: PreviousTask | None = None
     replayed: int = 0
 
@@ -141,7 +145,9 @@ class Adaptation:
         self.metric_name = "accuracy" if task == "SEQ_CLS" else "neg_completion_loss"
         self.progress = Progress(metric_name=self.metric_name)
         self.outcome: AdaptationOutcome | None = None
-        self.reports = [CandidateReport(c.name, c.method, c.pooling, servable=c.servable) for c in candidates]
+        self.reports = [
+            CandidateReport(c.name, c.method, c.features.pooling, c.features.layer) for c in candidates
+        ]
         self._done_steps = 0
         self._gen: Iterator[None] | None = None
 
@@ -212,8 +218,6 @@ class Adaptation:
                 median_int([e[0] for _, e, _ in results]),
                 median_int([e[1] for _, e, _ in results]),
             )
-            if not rep.servable:
-                rep.note = "compared only: Classify serves heads on last-token features"
             fold_outcomes[i] = results
             if not baselines:
                 baselines = [o.baseline for o, _, _ in results]
@@ -250,9 +254,10 @@ class Adaptation:
             metric_name=self.metric_name,
             scheme=self.plan.scheme,
             validated_on=sum(sizes),
-            compared=sum(1 for r in self.reports if r.status == "scored" and r.servable),
+            compared=sum(1 for r in self.reports if r.status == "scored"),
             candidates=self.reports,
             reason=self._reason(winner),
+            winner=winner.name,
             previous_task=previous_task,
             replayed=len(self.replay.inputs),
         )
@@ -273,15 +278,15 @@ class Adaptation:
         return PreviousTask(reference=ref, stderr=se, score=now, examples=n)
 
     def _best(self) -> CandidateReport | None:
-        """The highest-scoring servable candidate; on a tie the cheaper (earlier) one."""
+        """The highest-scoring candidate; on a tie the cheaper (earlier) one."""
         best = None
         for r in self.reports:
-            if r.status == "scored" and r.servable and (best is None or r.score > best.score):
+            if r.status == "scored" and (best is None or r.score > best.score):
                 best = r
         return best
 
     def _reason(self, winner: CandidateReport) -> str:
-        scored = [r for r in self.reports if r.status == "scored" and r.servable]
+        scored = [r for r in self.reports if r.status == "scored"]
         others = sorted((r for r in scored if r is not winner), key=lambda r: -r.score)
         why = (
             f"{winner.name} has the best validated {self.metric_name} "
@@ -293,11 +298,6 @@ class Adaptation:
             why += f"; next {nxt.name} {nxt.score:.3f} ± {nxt.stderr:.3f}{tie}"
         else:
             why += "; the only candidate scored"
-        beaten = [
-            r for r in self.reports if r.status == "scored" and not r.servable and r.score > winner.score
-        ]
-        if beaten:
-            why += f"; {beaten[0].name} scored {beaten[0].score:.3f} but cannot be served yet"
         return why
 
 
