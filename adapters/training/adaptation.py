@@ -15,7 +15,13 @@ from dataclasses import asdict, dataclass, field
 from hotlora.adapters.head_features import HeadFeatures
 from hotlora.adapters.training.evaluation import Evaluation
 from hotlora.adapters.training.trainer import Progress, TrainData
-from hotlora.adapters.training.validation import Fold, Score, ValidationPlan, combine_folds, median_int
+from hotlora.adapters.training.validation import (
+    Fold,
+    Score,
+    ValidationPlan,
+    choose_epochs,
+    combine_folds,
+)
 from hotlora.adapters.weights import LoraWeights
 
 PERFECT = 1.0 - 1e-9
@@ -204,23 +210,23 @@ class Adaptation:
                         break
                 if stopped:
                     break
-                results.append((trainer.outcome, trainer.best_epochs, len(fold.val)))
+                results.append(trainer)
             rep.seconds = time.monotonic() - t0
             if stopped:
                 rep.status = "stopped"
                 rep.note = f"the time budget ({self.max_seconds:.0f} s) ran out while it trained"
                 continue
-            score = combine_folds(
-                [o.score for o, _, _ in results], [n for _, _, n in results], self.task == "SEQ_CLS"
-            )
+            sizes, binomial = [len(f.val) for f in folds], self.task == "SEQ_CLS"
+            if self.plan.refit:  # one epoch count for all folds, no fold scored on its own choice
+                choice = choose_epochs([t.curve for t in results], sizes, binomial)
+                score, rep.epochs = choice.score, choice.schedule
+            else:  # held out: the fold's model, at its best epoch, is the adapter
+                score = combine_folds([results[0].outcome.score], sizes, binomial)
+                rep.epochs = results[0].best_epochs
             rep.status, rep.score, rep.stderr = "scored", score.value, score.stderr
-            rep.epochs = (
-                median_int([e[0] for _, e, _ in results]),
-                median_int([e[1] for _, e, _ in results]),
-            )
-            fold_outcomes[i] = results
+            fold_outcomes[i] = [t.outcome for t in results]
             if not baselines:
-                baselines = [o.baseline for o, _, _ in results]
+                baselines = [t.outcome.baseline for t in results]
             self.progress.validation_metric = max(r.score for r in self.reports if r.status == "scored")
 
         winner = self._best()
@@ -240,7 +246,7 @@ class Adaptation:
             yield from self._drive(trainer, f"{winner.name} on all {len(all_idx)} examples")
             weights = trainer.outcome.weights
         else:
-            weights = fold_outcomes[w][0][0].weights
+            weights = fold_outcomes[w][0].weights
 
         previous_task = None
         if self.check is not None and self.check.inputs:

@@ -139,6 +139,9 @@ class Trainer:
         self.lora = LoraSet({}, False, self.device)
         self.progress = Progress()
         self.outcome: TrainOutcome | None = None
+        self.curve: list[tuple[tuple[int, int], tuple[float, float]]] = []
+        """Every validation: (head epochs, LoRA epochs) reached and (metric, tie-break); k-fold
+        chooses one schedule from all folds' curves (validation.choose_epochs)."""
         self.rng = torch.Generator().manual_seed(seed)
         self._gen: Iterator[None] | None = None
 

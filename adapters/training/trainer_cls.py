@@ -7,8 +7,10 @@
    full batch, early stopping on validation accuracy. HEAD_ONLY ends here.
 3. LORA: the fitted head initialises a joint LoRA + head fine-tune (linear probing, then fine-tuning:
    the LoRA starts from a head that already works instead of a random one), one mini-batch per unit.
+   Linear probing runs a fixed LP_EPOCHS: LoRA's starting head is not chosen on validation examples.
 LORA_PROGRESSIVE unfreezes the LoRA layers from the top down, a quarter more each epoch.
-The best state over phases 2 and 3 is kept (validation accuracy, then validation loss). Without
+The best state over phases 2 (HEAD_ONLY) or 3 (LORA, from its start) is kept (validation accuracy,
+then validation loss), and every validation is recorded in `curve`. Without
 validation examples (the refit after k-fold cross-validation) each phase runs the epochs `schedule`
 gives and keeps its last state."""
 
@@ -131,6 +133,7 @@ class ClassifierTrainer(Trainer):
         epochs = hp.epochs if head_only else LP_EPOCHS
         if not validated:
             epochs = self.schedule[0]
+        select = validated and head_only  # linear probing keeps its last state
         if head_only:
             p.total_steps = epochs
         stopper = EarlyStopping(HEAD_PATIENCE)
@@ -143,12 +146,11 @@ class ClassifierTrainer(Trainer):
             opt.step()
             if epoch % HEAD_EVAL_EVERY and epoch != epochs:
                 continue
-            if validated:
-                with torch.no_grad():
-                    logits = sv @ w.t()
-                    key = (_accuracy(logits, yv), -float(F.cross_entropy(logits, yv)))
+            if select:
+                key = _key(sv @ w.detach().t(), yv)
+                self.curve.append(((epoch, 0), key))
             else:
-                key = (float(epoch), 0.0)  # no validation: the last state is the one
+                key = (float(epoch), 0.0)  # the last state is the one
             stopper.update(key, lambda: (w.detach() / scale).clone(), at=epoch)
             if head_only:
                 p.step, p.epoch, p.train_loss = epoch, epoch, float(loss.detach())
@@ -171,9 +173,10 @@ class ClassifierTrainer(Trainer):
         # phase 3: LoRA + head, one mini-batch per unit
         p.phase = "lora"
         lora_stop = EarlyStopping(LORA_PATIENCE)
-        lora_stop.update(
-            stopper.best_key if validated else (0.0, 0.0), lambda: (self.lora.snapshot(), head.clone())
-        )
+        start = _key(xv @ head.t(), yv) if validated else (0.0, 0.0)
+        if validated:
+            self.curve.append(((stopper.best_at, 0), start))
+        lora_stop.update(start, lambda: (self.lora.snapshot(), head.clone()))
         p.validation_metric = lora_stop.best if validated else 0.0
         w = nn.Parameter(head.to(self.device).clone())
         opt = torch.optim.Adam([*self.lora.parameters(), w], lr=hp.learning_rate)
@@ -206,8 +209,8 @@ class ClassifierTrainer(Trainer):
                         out = self.pooled([d.val_inputs[i] for i in part]).float() @ w.t()
                         val_logits.append(out.cpu())
                     yield
-                logits = torch.cat(val_logits)
-                key = (_accuracy(logits, yv), -float(F.cross_entropy(logits, yv)))
+                key = _key(torch.cat(val_logits), yv)
+                self.curve.append(((self.best_epochs[0], epoch), key))
             else:
                 key = (float(epoch), 0.0)
             lora_stop.update(key, lambda: (self.lora.snapshot(), w.detach().cpu().clone()), at=epoch)
@@ -240,6 +243,12 @@ class ClassifierTrainer(Trainer):
             head_features=self.head_features,
         )
         return TrainOutcome(weights, score, self.progress.baseline_metric, "accuracy")
+
+
+def _key(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """What early stopping and the k-fold choice compare: accuracy, then (on a tie) lower loss."""
+    with torch.no_grad():
+        return _accuracy(logits, y), -float(F.cross_entropy(logits.float(), y))
 
 
 def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
