@@ -13,6 +13,7 @@ import torch
 
 from hotlora.adapters.cache import AdapterCache
 from hotlora.adapters.errors import FailedPrecondition
+from hotlora.adapters.head_features import HeadFeatures
 from hotlora.adapters.lora_layers import LoraContext, set_batch, set_graph_batch
 
 
@@ -29,6 +30,7 @@ class SlotContents:
         # the same ranks on the compute device, read by the kernels of a captured decode step at run time
         self.ranks_device = torch.zeros(num_slots, dtype=torch.long, device=device)
         self.heads: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self.features: dict[int, HeadFeatures] = {}  # what each slot's head reads
 
     def install(self, slot: int, weights) -> None:
         for site in self.sites:
@@ -38,8 +40,10 @@ class SlotContents:
         if weights.head_weight is not None:
             bias = None if weights.head_bias is None else weights.head_bias.to(self.device, self.dtype)
             self.heads[slot] = (weights.head_weight.to(self.device, self.dtype), bias)
+            self.features[slot] = weights.head_features
         else:
             self.heads.pop(slot, None)
+            self.features.pop(slot, None)
 
     def clear(self, slot: int) -> None:
         for site in self.sites:
@@ -47,6 +51,7 @@ class SlotContents:
         self.ranks[slot] = 0
         self.ranks_device[slot] = 0
         self.heads.pop(slot, None)
+        self.features.pop(slot, None)
 
 
 class MultiLoraRuntime:
@@ -81,8 +86,14 @@ class MultiLoraRuntime:
     def end_forward(self) -> None:
         self.ctx.batch = None
 
+    def head_features(self, handle) -> HeadFeatures:
+        """What the head of an acquired (resident) adapter reads; the default for one without a head,
+        whose Classify then fails in `classify`."""
+        slot = None if handle is None else self.cache.slot_of(handle.key)
+        return self.contents.features.get(slot, HeadFeatures()) if slot is not None else HeadFeatures()
+
     def classify(self, handle, pooled: torch.Tensor) -> torch.Tensor:
-        """pooled: [n, hidden] last-token states -> [n, num_labels] probabilities."""
+        """pooled: [n, hidden] the head's features (`head_features`) -> [n, num_labels] probabilities."""
         slot = None if handle is None else self.cache.slot_of(handle.key)
         head = self.contents.heads.get(slot) if slot is not None else None
         if head is None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from hotlora.adapters.base_model_info import BaseModelInfo
 from hotlora.adapters.cache import AdapterCache
 from hotlora.adapters.errors import FailedPrecondition, NotFound
+from hotlora.adapters.head_features import HEAD_FILE, HeadFeatures
 from hotlora.adapters.names import validate_name
 from hotlora.adapters.observer import NO_OBSERVER, AdapterObserver
 from hotlora.adapters.peft.format import IGNORED_FILES, RECORD_FILE, AdapterLimits, parse_peft_adapter
@@ -194,6 +195,16 @@ class AdapterService:
 
         data = self.registry.read_record(rec)
         return None if data is None else TrainingRecord.from_bytes(data)
+
+    def head_features(self, rec: AdapterRecord) -> HeadFeatures | None:
+        """What a resolved SEQ_CLS version's head reads (None for CAUSAL_LM): its stored head_config.json,
+        or the default when it has none."""
+        if rec.task != "SEQ_CLS":
+            return None
+        sha = rec.files.get(HEAD_FILE)
+        if sha is None:
+            return HeadFeatures()
+        return HeadFeatures.from_bytes(self.registry.blobs.get(sha), self.base.num_layers)
 
     # ---- inference ------------------------------------------------------------------
     def resolve(self, tenant: str, ref: str) -> tuple[AdapterHandle | None, str]:

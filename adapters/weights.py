@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hotlora.adapters.head_features import HeadFeatures
+
 TASKS = ("CAUSAL_LM", "SEQ_CLS")
 
 
@@ -47,6 +49,8 @@ class LoraWeights:
     """[num_labels] float32, or None (Llama's `score` has no bias)."""
     labels: tuple[str, ...] = ()
     """Label names in head-row order: the upload's labels, or LABEL_0..N-1."""
+    head_features: HeadFeatures = HeadFeatures()
+    """What the head reads (`head_config.json`; the last token of the last layer without one)."""
 
     @property
     def num_labels(self) -> int:

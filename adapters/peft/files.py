@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hotlora.adapters.errors import InvalidArgument, ResourceExhausted
+from hotlora.adapters.head_features import HEAD_FILE
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -69,8 +70,11 @@ def check_files(files: dict[str, bytes], limits: AdapterLimits) -> None:
                 "save the adapter with safetensors (save_pretrained(..., safe_serialization=True)): "
                 f"{allowed}"
             )
-        if name not in (CONFIG_FILE, WEIGHTS_FILE) and name not in IGNORED_FILES:
-            raise InvalidArgument(f"unexpected file {name!r} in the adapter; a PEFT adapter is {allowed}")
+        if name not in (CONFIG_FILE, WEIGHTS_FILE, HEAD_FILE) and name not in IGNORED_FILES:
+            raise InvalidArgument(
+                f"unexpected file {name!r} in the adapter; a PEFT adapter is {allowed} "
+                f"(and {HEAD_FILE} for a head that reads other features than the last token's)"
+            )
         if len(data) > limits.max_file_bytes:
             raise ResourceExhausted(
                 f"{name} is {len(data)} bytes; the limit per file is {limits.max_file_bytes} bytes"

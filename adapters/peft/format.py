@@ -18,6 +18,7 @@ import torch
 
 from hotlora.adapters.base_model_info import BaseModelInfo
 from hotlora.adapters.errors import InvalidArgument, ResourceExhausted
+from hotlora.adapters.head_features import HEAD_FILE, HeadFeatures
 from hotlora.adapters.peft.config import MAX_ALPHA, load_config
 from hotlora.adapters.peft.files import (
     CONFIG_FILE,
@@ -44,6 +45,7 @@ from hotlora.adapters.weights import LoraWeights
 __all__ = [
     "CONFIG_FILE",
     "FLOAT_DTYPES",
+    "HEAD_FILE",
     "IGNORED_FILES",
     "KEY_PREFIX",
     "MAX_ALPHA",
@@ -79,6 +81,13 @@ def parse_peft_adapter(
             + (f" and the '{base.head_name}' head" if task == "SEQ_CLS" else "")
         )
     names = _check_labels(labels, task, head_weight, limits)
+    features = HeadFeatures()
+    if HEAD_FILE in files:
+        if head_weight is None:
+            raise InvalidArgument(f"{HEAD_FILE} applies only to SEQ_CLS adapters; this adapter is {task}")
+        if len(files[HEAD_FILE]) > limits.max_config_bytes:
+            raise ResourceExhausted(f"{HEAD_FILE} is over {limits.max_config_bytes} bytes")
+        features = HeadFeatures.from_bytes(files[HEAD_FILE], base.num_layers)
     return LoraWeights(
         task=task,
         rank=max(m.rank for m in modules.values()),
@@ -88,6 +97,7 @@ def parse_peft_adapter(
         head_weight=head_weight,
         head_bias=head_bias,
         labels=names,
+        head_features=features,
     )
 
 

@@ -1,5 +1,6 @@
 """Writing an adapter out as a PEFT directory, which `PeftModel.from_pretrained` loads with identical
-outputs."""
+outputs (for a head on other features than the last token's, `head_config.json` says which: PEFT's
+`score` reads the last token of the last layer, so such a head's features are computed by the caller)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from safetensors.torch import save as st_save
 
 from hotlora.adapters.base_model_info import BaseModelInfo
 from hotlora.adapters.errors import InvalidArgument
+from hotlora.adapters.head_features import HEAD_FILE
 from hotlora.adapters.peft.files import CONFIG_FILE, KEY_PREFIX, WEIGHTS_FILE
 from hotlora.adapters.weights import LoraWeights
 
@@ -44,10 +46,13 @@ def write_peft_adapter(
         tensors[f"{KEY_PREFIX}{head}.weight"] = weights.head_weight.contiguous()
         if weights.head_bias is not None:
             tensors[f"{KEY_PREFIX}{head}.bias"] = weights.head_bias.contiguous()
-    return {
+    files = {
         CONFIG_FILE: json.dumps(config, indent=2, sort_keys=True).encode(),
         WEIGHTS_FILE: st_save(tensors, metadata={"format": "pt"}),
     }
+    if weights.head_weight is not None and not weights.head_features.is_default:
+        files[HEAD_FILE] = weights.head_features.to_bytes()  # PEFT ignores it; the default needs none
+    return files
 
 
 def _module_key(base: BaseModelInfo | None, layer: int, short: str) -> str:

@@ -12,9 +12,16 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
+from hotlora.adapters.head_features import HeadFeatures
 from hotlora.adapters.training.evaluation import Evaluation
 from hotlora.adapters.training.trainer import Progress, TrainData
-from hotlora.adapters.training.validation import Fold, Score, ValidationPlan, combine_folds, median_int
+from hotlora.adapters.training.validation import (
+    Fold,
+    Score,
+    ValidationPlan,
+    choose_epochs,
+    combine_folds,
+)
 from hotlora.adapters.weights import LoraWeights
 
 PERFECT = 1.0 - 1e-9
@@ -24,24 +31,23 @@ PERFECT = 1.0 - 1e-9
 class Candidate:
     method: str
     """HEAD_ONLY | LORA | LORA_PROGRESSIVE."""
-    pooling: str = "last"
-    """Features of a head: the last token's hidden state (what Classify serves) or the token mean."""
-
-    @property
-    def servable(self) -> bool:
-        return self.pooling == "last"
+    features: HeadFeatures = HeadFeatures()
+    """What the head reads (stored with it and served as trained); LoRA candidates read the default."""
 
     @property
     def name(self) -> str:
-        return self.method if self.pooling == "last" else f"{self.method}(mean pooling)"
+        return f"{self.method}({self.features.describe()})" if self.method == "HEAD_ONLY" else self.method
 
 
-def candidates_for(methods: tuple[str, ...], compare_features: bool) -> list[Candidate]:
+def candidates_for(methods: tuple[str, ...], head_features: tuple[HeadFeatures, ...]) -> list[Candidate]:
+    """Each method in order; HEAD_ONLY once per feature choice in `head_features` (the cheap ones
+    first: they share one feature pass)."""
     out = []
     for m in methods:
-        out.append(Candidate(m))
-        if m == "HEAD_ONLY" and compare_features:
-            out.append(Candidate(m, "mean"))
+        if m == "HEAD_ONLY":
+            out.extend(Candidate(m, f) for f in head_features or (HeadFeatures(),))
+        else:
+            out.append(Candidate(m))
     return out
 
 
@@ -50,12 +56,14 @@ class CandidateReport:
     name: str
     method: str
     features: str
+    """A head's pooling: "last" (token) or "mean"."""
+    layer: int = -1
+    """The hidden layer a head reads (an `output_hidden_states` index; -1 = the last, after the norm)."""
     status: str = "pending"
     """scored | skipped | stopped (the time budget ran out while it trained) | failed."""
     score: float = 0.0
     stderr: float = 0.0
     seconds: float = 0.0
-    servable: bool = True
     note: str = ""
     epochs: tuple[int, int] = (0, 0)
 
@@ -92,9 +100,11 @@ class AdaptationOutcome:
     validated_on: int
     """Examples the score was measured on (every example once for k-fold)."""
     compared: int
-    """Servable candidates scored: the winner was the best of these."""
+    """Candidates scored: the winner was the best of these."""
     candidates: list[CandidateReport]
     reason: str
+    winner: str
+    """The chosen candidate's name (a head's with its features)."""
     previous_task: PreviousTask | None = None
     replayed: int = 0
 
@@ -141,7 +151,9 @@ class Adaptation:
         self.metric_name = "accuracy" if task == "SEQ_CLS" else "neg_completion_loss"
         self.progress = Progress(metric_name=self.metric_name)
         self.outcome: AdaptationOutcome | None = None
-        self.reports = [CandidateReport(c.name, c.method, c.pooling, servable=c.servable) for c in candidates]
+        self.reports = [
+            CandidateReport(c.name, c.method, c.features.pooling, c.features.layer) for c in candidates
+        ]
         self._done_steps = 0
         self._gen: Iterator[None] | None = None
 
@@ -198,25 +210,23 @@ class Adaptation:
                         break
                 if stopped:
                     break
-                results.append((trainer.outcome, trainer.best_epochs, len(fold.val)))
+                results.append(trainer)
             rep.seconds = time.monotonic() - t0
             if stopped:
                 rep.status = "stopped"
                 rep.note = f"the time budget ({self.max_seconds:.0f} s) ran out while it trained"
                 continue
-            score = combine_folds(
-                [o.score for o, _, _ in results], [n for _, _, n in results], self.task == "SEQ_CLS"
-            )
+            sizes, binomial = [len(f.val) for f in folds], self.task == "SEQ_CLS"
+            if self.plan.refit:  # one epoch count for all folds, no fold scored on its own choice
+                choice = choose_epochs([t.curve for t in results], sizes, binomial)
+                score, rep.epochs = choice.score, choice.schedule
+            else:  # held out: the fold's model, at its best epoch, is the adapter
+                score = combine_folds([results[0].outcome.score], sizes, binomial)
+                rep.epochs = results[0].best_epochs
             rep.status, rep.score, rep.stderr = "scored", score.value, score.stderr
-            rep.epochs = (
-                median_int([e[0] for _, e, _ in results]),
-                median_int([e[1] for _, e, _ in results]),
-            )
-            if not rep.servable:
-                rep.note = "compared only: Classify serves heads on last-token features"
-            fold_outcomes[i] = results
+            fold_outcomes[i] = [t.outcome for t in results]
             if not baselines:
-                baselines = [o.baseline for o, _, _ in results]
+                baselines = [t.outcome.baseline for t in results]
             self.progress.validation_metric = max(r.score for r in self.reports if r.status == "scored")
 
         winner = self._best()
@@ -236,7 +246,7 @@ class Adaptation:
             yield from self._drive(trainer, f"{winner.name} on all {len(all_idx)} examples")
             weights = trainer.outcome.weights
         else:
-            weights = fold_outcomes[w][0][0].weights
+            weights = fold_outcomes[w][0].weights
 
         previous_task = None
         if self.check is not None and self.check.inputs:
@@ -250,9 +260,10 @@ class Adaptation:
             metric_name=self.metric_name,
             scheme=self.plan.scheme,
             validated_on=sum(sizes),
-            compared=sum(1 for r in self.reports if r.status == "scored" and r.servable),
+            compared=sum(1 for r in self.reports if r.status == "scored"),
             candidates=self.reports,
             reason=self._reason(winner),
+            winner=winner.name,
             previous_task=previous_task,
             replayed=len(self.replay.inputs),
         )
@@ -273,15 +284,15 @@ class Adaptation:
         return PreviousTask(reference=ref, stderr=se, score=now, examples=n)
 
     def _best(self) -> CandidateReport | None:
-        """The highest-scoring servable candidate; on a tie the cheaper (earlier) one."""
+        """The highest-scoring candidate; on a tie the cheaper (earlier) one."""
         best = None
         for r in self.reports:
-            if r.status == "scored" and r.servable and (best is None or r.score > best.score):
+            if r.status == "scored" and (best is None or r.score > best.score):
                 best = r
         return best
 
     def _reason(self, winner: CandidateReport) -> str:
-        scored = [r for r in self.reports if r.status == "scored" and r.servable]
+        scored = [r for r in self.reports if r.status == "scored"]
         others = sorted((r for r in scored if r is not winner), key=lambda r: -r.score)
         why = (
             f"{winner.name} has the best validated {self.metric_name} "
@@ -293,11 +304,6 @@ class Adaptation:
             why += f"; next {nxt.name} {nxt.score:.3f} ± {nxt.stderr:.3f}{tie}"
         else:
             why += "; the only candidate scored"
-        beaten = [
-            r for r in self.reports if r.status == "scored" and not r.servable and r.score > winner.score
-        ]
-        if beaten:
-            why += f"; {beaten[0].name} scored {beaten[0].score:.3f} but cannot be served yet"
         return why
 
 

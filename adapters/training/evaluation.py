@@ -71,7 +71,8 @@ class Evaluator(Trainer):
         logits = []
         for part in self.eval_parts(len(d.val_inputs)):
             with torch.no_grad():
-                pooled = self.pooled([d.val_inputs[i] for i in part]).float().cpu()
+                seqs = [d.val_inputs[i] for i in part]
+                pooled = self.pooled(seqs, self.weights.head_features).float().cpu()
             bias = 0.0 if self.weights.head_bias is None else self.weights.head_bias
             logits.append(pooled @ head.t() + bias)
             self.progress.step += len(part)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import asdict
 from typing import TYPE_CHECKING
 
+from hotlora.adapters.head_features import HeadFeatures, auto_choices
 from hotlora.adapters.peft.format import write_peft_adapter
 from hotlora.adapters.store.metadata_store import JobRecord
 from hotlora.adapters.training.adaptation import Adaptation, AdaptationOutcome, candidates_for
@@ -84,10 +86,12 @@ class JobTask:
     def _make_adaptation(self) -> Adaptation:
         m, spec = self.manager, self.spec
         methods = candidate_methods(spec)
-        factory = WorkerFactory(m, spec, self.labels, self.previous)
+        # AUTO compares head features; a hand-picked HEAD_ONLY reads the default (the last token's state)
+        choices = auto_choices(m.base.num_layers) if spec.method == "AUTO" else (HeadFeatures(),)
+        factory = WorkerFactory(m, spec, self.labels, self.previous, choices)
         return Adaptation(
             task=spec.task,
-            candidates=candidates_for(methods, compare_features=spec.method == "AUTO"),
+            candidates=candidates_for(methods, choices),
             examples=self.work.examples,
             plan=self.work.plan,
             make_trainer=factory.trainer,
@@ -187,6 +191,12 @@ def outcome_metrics(out: AdaptationOutcome, margin: float) -> dict:
         "validated_examples": out.validated_on,
         "candidates": [c.as_dict() for c in out.candidates],
         "winner_reason": out.reason,
+        "winner": out.winner,
+        **(
+            {"head_features": asdict(out.weights.head_features)}
+            if out.weights.head_weight is not None
+            else {}
+        ),
         "replayed_examples": out.replayed,
         **(
             {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from hotlora.adapters.head_features import HeadFeatures
 from hotlora.adapters.training.adaptation import Candidate
 from hotlora.adapters.training.evaluation import Evaluator
 from hotlora.adapters.training.finetune_spec import FineTuneSpec, with_defaults
@@ -11,8 +12,17 @@ from hotlora.adapters.training.trainer_lm import CompletionTrainer
 
 
 class WorkerFactory:
-    def __init__(self, manager, spec: FineTuneSpec, labels: tuple[str, ...], previous):
+    def __init__(
+        self,
+        manager,
+        spec: FineTuneSpec,
+        labels: tuple[str, ...],
+        previous,
+        head_choices: tuple[HeadFeatures, ...] = (),
+    ):
         self.m, self.spec, self.labels, self.previous = manager, spec, labels, previous
+        self.head_choices = head_choices
+        """Every head feature choice the job compares: computed together when one is needed."""
 
     def trainer(self, cand: Candidate, data: TrainData, schedule: tuple[int, int], feature_cache: dict):
         m = self.m
@@ -31,7 +41,8 @@ class WorkerFactory:
                 num_layers=m.base.num_layers,
                 previous=self.previous,
                 unit_seconds=m.unit_seconds,
-                pooling=cand.pooling,
+                features=cand.features,
+                compared=self.head_choices,
                 schedule=schedule,
                 feature_cache=feature_cache,
             )

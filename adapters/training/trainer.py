@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from hotlora.adapters.head_features import LAST_LAYER, HeadFeatures
 from hotlora.adapters.lora_layers import LoraContext, TrainableLora
 from hotlora.adapters.training.train_units import UnitSizer
 from hotlora.adapters.weights import LoraModule, LoraWeights
@@ -139,6 +140,9 @@ class Trainer:
         self.lora = LoraSet({}, False, self.device)
         self.progress = Progress()
         self.outcome: TrainOutcome | None = None
+        self.curve: list[tuple[tuple[int, int], tuple[float, float]]] = []
+        """Every validation: (head epochs, LoRA epochs) reached and (metric, tie-break); k-fold
+        chooses one schedule from all folds' curves (validation.choose_epochs)."""
         self.rng = torch.Generator().manual_seed(seed)
         self._gen: Iterator[None] | None = None
 
@@ -176,6 +180,27 @@ class Trainer:
     # ---- forward helpers ------------------------------------------------------------------
     def hidden(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded forward of the decoder: hidden [B, L, H] and lengths [B]."""
+        out, lengths = self._decode(seqs, False)
+        return out.last_hidden_state, lengths
+
+    def features(self, seqs: list[list[int]], choices) -> dict[HeadFeatures, torch.Tensor]:
+        """[B, H] pooled features of each choice (`HeadFeatures`), all from one forward."""
+        out, lengths = self._decode(seqs, any(c.layer != LAST_LAYER for c in choices))
+        result = {}
+        for c in choices:
+            h = out.last_hidden_state if c.layer == LAST_LAYER else out.hidden_states[c.layer]
+            if c.pooling == "mean":
+                mask = (torch.arange(h.shape[1], device=h.device)[None, :] < lengths[:, None]).to(h.dtype)
+                result[c] = (h * mask[..., None]).sum(1) / lengths[:, None].to(h.dtype)
+            else:
+                result[c] = h[torch.arange(len(seqs), device=h.device), lengths - 1]
+        return result
+
+    def pooled(self, seqs: list[list[int]], features: HeadFeatures = HeadFeatures()) -> torch.Tensor:
+        """[B, H]: what a head on `features` reads (by default the last real token's final state)."""
+        return self.features(seqs, (features,))[features]
+
+    def _decode(self, seqs: list[list[int]], all_layers: bool):
         self._unit_examples[torch.is_grad_enabled()] += len(seqs)
         lengths = torch.tensor([len(s) for s in seqs])
         L = int(lengths.max())
@@ -185,17 +210,12 @@ class Trainer:
             ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
             mask[i, : len(s)] = 1
         out = self.decoder(
-            input_ids=ids.to(self.device), attention_mask=mask.to(self.device), use_cache=False
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            use_cache=False,
+            output_hidden_states=all_layers,
         )
-        return out.last_hidden_state, lengths.to(self.device)
-
-    def pooled(self, seqs: list[list[int]], mode: str = "last") -> torch.Tensor:
-        """[B, H]: the last real token's hidden state (what Classify pools), or the mean over real tokens."""
-        h, lengths = self.hidden(seqs)
-        if mode == "mean":
-            mask = (torch.arange(h.shape[1], device=h.device)[None, :] < lengths[:, None]).to(h.dtype)
-            return (h * mask[..., None]).sum(1) / lengths[:, None].to(h.dtype)
-        return h[torch.arange(len(seqs), device=h.device), lengths - 1]
+        return out, lengths.to(self.device)
 
     def micro(self, idx: list[int]) -> Iterator[list[int]]:
         """A mini-batch in forward+backward parts, one per unit, each sized to the unit budget."""

@@ -1,13 +1,16 @@
 """SEQ_CLS fine-tuning: feature extraction (HEAD_ONLY) and LoRA with a head (LORA, as LP-FT).
 
-1. Features: the last real token's hidden state of every example (or the mean over its tokens, a
-   feature choice AUTO compares), computed once without gradients and shared between folds.
+1. Features: the last real token's final hidden state of every example, or another `HeadFeatures`
+   choice (mean over its tokens, an upper-middle layer) AUTO compares. Every choice compared is computed
+   in the same forward, once without gradients, and shared between folds and candidates.
 2. Head: logistic regression on those features (features scaled to unit RMS per dimension, a little L2),
    full batch, early stopping on validation accuracy. HEAD_ONLY ends here.
 3. LORA: the fitted head initialises a joint LoRA + head fine-tune (linear probing, then fine-tuning:
    the LoRA starts from a head that already works instead of a random one), one mini-batch per unit.
+   Linear probing runs a fixed LP_EPOCHS: LoRA's starting head is not chosen on validation examples.
 LORA_PROGRESSIVE unfreezes the LoRA layers from the top down, a quarter more each epoch.
-The best state over phases 2 and 3 is kept (validation accuracy, then validation loss). Without
+The best state over phases 2 (HEAD_ONLY) or 3 (LORA, from its start) is kept (validation accuracy,
+then validation loss), and every validation is recorded in `curve`. Without
 validation examples (the refit after k-fold cross-validation) each phase runs the epochs `schedule`
 gives and keeps its last state."""
 
@@ -20,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from hotlora.adapters.head_features import HeadFeatures
 from hotlora.adapters.training.finetune_spec import HyperParams
 from hotlora.adapters.training.trainer import (
     UNIT_SECONDS,
@@ -56,14 +60,20 @@ class ClassifierTrainer(Trainer):
         num_layers: int,
         previous: LoraWeights | None = None,
         unit_seconds: float = UNIT_SECONDS,
-        pooling: str = "last",
+        features: HeadFeatures = HeadFeatures(),
+        compared: tuple[HeadFeatures, ...] = (),
         schedule: tuple[int, int] = (0, 0),
         feature_cache: dict | None = None,
     ):
         super().__init__(model, ctx, data, hyper.seed, unit_seconds)
         self.labels, self.method, self.hyper = labels, method, hyper
         self.shapes, self.num_layers, self.previous = shapes, num_layers, previous
-        self.pooling = pooling
+        if method != "HEAD_ONLY" and not features.is_default:
+            raise ValueError("a LoRA candidate's head reads the last token's final state")
+        self.head_features = features
+        """What the head reads (stored with it: Classify computes the same)."""
+        self.choices = tuple(dict.fromkeys((features, *compared)))
+        """Every feature choice the job compares: computed together, once per example."""
         self.schedule = schedule
         """(head epochs, LoRA epochs) when there are no validation examples to stop early on."""
         self.best_epochs = (0, 0)
@@ -80,29 +90,34 @@ class ClassifierTrainer(Trainer):
             keys = [(layer, t) for layer in hyper.layers_to_transform for t in hyper.target_modules]
             self.lora = LoraSet.fresh(keys, shapes, hyper.rank, hyper.alpha, hyper.seed, self.device)
 
-    def _features(self, seqs: list[list[int]]) -> Iterator[torch.Tensor]:
-        cache, mode = self.feature_cache, self.pooling
-        todo = [s for s in dict.fromkeys(map(tuple, seqs)) if (mode, s) not in cache]
+    def _features(self, seqs: list[list[int]], choice: HeadFeatures) -> Iterator[torch.Tensor]:
+        cache = self.feature_cache
+        choices = tuple(dict.fromkeys((*self.choices, choice)))
+        todo = [s for s in dict.fromkeys(map(tuple, seqs)) if any((c, s) not in cache for c in choices)]
         for part in self.eval_parts(len(todo)):
             with torch.no_grad():
-                pooled = self.pooled([list(todo[i]) for i in part], mode).float().cpu()
-            for i, row in zip(part, pooled, strict=True):
-                cache[(mode, todo[i])] = row
+                pooled = self.features([list(todo[i]) for i in part], choices)
+            for c, rows in pooled.items():
+                for i, row in zip(part, rows.float().cpu(), strict=True):
+                    cache[(c, todo[i])] = row
             yield
-        return torch.stack([cache[(mode, tuple(s))] for s in seqs])
+        return torch.stack([cache[(choice, tuple(s))] for s in seqs])
 
     def _run(self) -> Iterator[None]:
         p, d, hp = self.progress, self.data, self.hyper
         validated = bool(d.val_inputs)
         yt, yv = torch.tensor(d.train_targets), torch.tensor(d.val_targets, dtype=torch.long)
         p.phase = "features"
-        xt = yield from self._features(d.train_inputs)
-        xv = (yield from self._features(d.val_inputs)) if validated else xt[:0]
+        own = self.head_features
+        xt = yield from self._features(d.train_inputs, own)
+        xv = (yield from self._features(d.val_inputs, own)) if validated else xt[:0]
         prev_head = None if self.previous is None else self.previous.head_weight
+        prev_features = None if self.previous is None else self.previous.head_features
         if not validated:
             p.baseline_metric = 0.0
-        elif prev_head is not None:
-            p.baseline_metric = _accuracy(xv @ prev_head.t(), yv)
+        elif prev_head is not None:  # the previous head on the features it reads
+            xp = (yield from self._features(d.val_inputs, prev_features)) if prev_features != own else xv
+            p.baseline_metric = _accuracy(xp @ prev_head.t(), yv)
         else:
             majority = Counter(d.train_targets).most_common(1)[0][0]
             p.baseline_metric = float((yv == majority).float().mean())
@@ -112,13 +127,13 @@ class ClassifierTrainer(Trainer):
         head_only = self.method == "HEAD_ONLY"
         scale = xt.pow(2).mean(0).sqrt().clamp_min(1e-6)
         st, sv = xt / scale, xv / scale
-        w = nn.Parameter(
-            prev_head * scale if prev_head is not None else torch.zeros(len(self.labels), xt.shape[1])
-        )
+        carry = prev_head is not None and prev_features == own  # a head on other features starts afresh
+        w = nn.Parameter(prev_head * scale if carry else torch.zeros(len(self.labels), xt.shape[1]))
         opt = torch.optim.Adam([w], lr=hp.learning_rate if head_only else 1e-2)
         epochs = hp.epochs if head_only else LP_EPOCHS
         if not validated:
             epochs = self.schedule[0]
+        select = validated and head_only  # linear probing keeps its last state
         if head_only:
             p.total_steps = epochs
         stopper = EarlyStopping(HEAD_PATIENCE)
@@ -131,12 +146,11 @@ class ClassifierTrainer(Trainer):
             opt.step()
             if epoch % HEAD_EVAL_EVERY and epoch != epochs:
                 continue
-            if validated:
-                with torch.no_grad():
-                    logits = sv @ w.t()
-                    key = (_accuracy(logits, yv), -float(F.cross_entropy(logits, yv)))
+            if select:
+                key = _key(sv @ w.detach().t(), yv)
+                self.curve.append(((epoch, 0), key))
             else:
-                key = (float(epoch), 0.0)  # no validation: the last state is the one
+                key = (float(epoch), 0.0)  # the last state is the one
             stopper.update(key, lambda: (w.detach() / scale).clone(), at=epoch)
             if head_only:
                 p.step, p.epoch, p.train_loss = epoch, epoch, float(loss.detach())
@@ -159,9 +173,10 @@ class ClassifierTrainer(Trainer):
         # phase 3: LoRA + head, one mini-batch per unit
         p.phase = "lora"
         lora_stop = EarlyStopping(LORA_PATIENCE)
-        lora_stop.update(
-            stopper.best_key if validated else (0.0, 0.0), lambda: (self.lora.snapshot(), head.clone())
-        )
+        start = _key(xv @ head.t(), yv) if validated else (0.0, 0.0)
+        if validated:
+            self.curve.append(((stopper.best_at, 0), start))
+        lora_stop.update(start, lambda: (self.lora.snapshot(), head.clone()))
         p.validation_metric = lora_stop.best if validated else 0.0
         w = nn.Parameter(head.to(self.device).clone())
         opt = torch.optim.Adam([*self.lora.parameters(), w], lr=hp.learning_rate)
@@ -194,8 +209,8 @@ class ClassifierTrainer(Trainer):
                         out = self.pooled([d.val_inputs[i] for i in part]).float() @ w.t()
                         val_logits.append(out.cpu())
                     yield
-                logits = torch.cat(val_logits)
-                key = (_accuracy(logits, yv), -float(F.cross_entropy(logits, yv)))
+                key = _key(torch.cat(val_logits), yv)
+                self.curve.append(((self.best_epochs[0], epoch), key))
             else:
                 key = (float(epoch), 0.0)
             lora_stop.update(key, lambda: (self.lora.snapshot(), w.detach().cpu().clone()), at=epoch)
@@ -225,8 +240,15 @@ class ClassifierTrainer(Trainer):
             head_weight=head.float().cpu().contiguous(),
             head_bias=None,
             labels=self.labels,
+            head_features=self.head_features,
         )
         return TrainOutcome(weights, score, self.progress.baseline_metric, "accuracy")
+
+
+def _key(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """What early stopping and the k-fold choice compare: accuracy, then (on a tie) lower loss."""
+    with torch.no_grad():
+        return _accuracy(logits, y), -float(F.cross_entropy(logits.float(), y))
 
 
 def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:

@@ -92,6 +92,8 @@ class CompletionTrainer(Trainer):
         p.baseline_metric = (yield from self._evaluate()) if validated else 0.0
         stopper = EarlyStopping(PATIENCE)
         stopper.update((p.baseline_metric, 0.0), self.lora.snapshot)
+        if validated:
+            self.curve.append(((0, 0), (p.baseline_metric, 0.0)))
         p.validation_metric = p.baseline_metric
         p.phase = "lora"
         opt = torch.optim.Adam(self.lora.parameters(), lr=hp.learning_rate)
@@ -118,6 +120,8 @@ class CompletionTrainer(Trainer):
                 yield
             metric = (yield from self._evaluate()) if validated else float(epoch)
             stopper.update((metric, 0.0), self.lora.snapshot, at=epoch)
+            if validated:
+                self.curve.append(((0, epoch), (metric, 0.0)))
             p.validation_metric = stopper.best if validated else 0.0
             if stopper.stop:
                 break

@@ -5,7 +5,10 @@ Four held-out examples say almost nothing (one mistake moves accuracy by 0.25), 
 stratified by label for SEQ_CLS), and the promoted adapter is then trained on all examples for the
 number of epochs the folds found best. Above it a held-out split is cheaper and precise enough.
 
-The score comes with its standard error; the gate asks for an improvement beyond it."""
+Under k-fold no fold is scored at an epoch chosen on its own validation examples: a fold's best epoch
+would pick its luckiest evaluation, and a model that learns nothing would score above chance
+(`choose_epochs`). The score comes with its standard error; the gate asks for an improvement beyond
+it, more when the winner is the best of several candidates (`gate_margin`)."""
 
 from __future__ import annotations
 
@@ -99,6 +102,54 @@ def combine_folds(scores: list[float], sizes: list[int], binomial: bool) -> Scor
     return Score(mean, spread)
 
 
+Schedule = tuple[int, int]
+"""(head epochs, LoRA epochs): the state a trainer reached, and what a refit trains for."""
+Point = tuple[Schedule, tuple[float, float]]
+"""One evaluation of a fold's model: its schedule and (metric, tie-break), higher is better."""
+
+
+@dataclass(frozen=True)
+class EpochChoice:
+    schedule: Schedule
+    """Best on the mean over all folds: what the adapter is refitted for."""
+    score: Score
+    """Each fold scored at the schedule best on the mean over the *other* folds."""
+
+
+def choose_epochs(curves: list[list[Point]], sizes: list[int], binomial: bool) -> EpochChoice:
+    """One schedule per candidate, chosen on the size-weighted mean over folds of each fold's
+    evaluations (`curves`, in training order). Each fold is scored at the schedule the other folds
+    find best (leave one fold out), so its score owes nothing to a choice made on its own validation
+    examples: for a model that learns nothing it is chance on average, where every fold's own best
+    epoch, or the best of the mean, would be above it. A fold that stopped early keeps its last
+    evaluation for the schedules it did not reach (it stopped because they were no better)."""
+    if len(curves) < 2 or len(curves) != len(sizes) or not all(curves):
+        raise ValueError(f"choose_epochs needs 2+ folds, each evaluated (got {len(curves)})")
+    schedules = sorted({s for c in curves for s, _ in c})
+    table = [_filled(c, schedules) for c in curves]
+
+    def best(folds: list[int]) -> Schedule:
+        n = sum(sizes[f] for f in folds)
+
+        def mean(s: Schedule) -> tuple[float, float]:
+            return tuple(sum(sizes[f] * table[f][s][j] for f in folds) / n for j in (0, 1))
+
+        return max(schedules, key=mean)  # the earliest of equals
+
+    everyone = list(range(len(curves)))
+    scores = [table[f][best([g for g in everyone if g != f])][0] for f in everyone]
+    return EpochChoice(best(everyone), combine_folds(scores, sizes, binomial))
+
+
+def _filled(curve: list[Point], schedules: list[Schedule]) -> dict[Schedule, tuple[float, float]]:
+    seen = dict(curve)
+    out, last = {}, curve[0][1]
+    for s in schedules:
+        last = seen.get(s, last)
+        out[s] = last
+    return out
+
+
 def selection_factor(compared: int) -> float:
     """How far the best of `compared` equally good candidates lands above their common score, in
     standard errors (about sqrt(2 ln m)): picking the best of several must clear more than one."""
@@ -117,8 +168,3 @@ def gate_margin(task: str, baseline: float, n_val: int, score: Score, compared: 
     p = min(max(baseline, 1.0 / n_val), 1.0 - 1.0 / n_val) if n_val > 1 else 0.5
     base_se = math.sqrt(p * (1 - p) / max(n_val, 1))
     return max(base_se, score.stderr) * selection_factor(compared)
-
-
-def median_int(values: list[int]) -> int:
-    s = sorted(values)
-    return s[len(s) // 2] if s else 0

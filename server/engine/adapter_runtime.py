@@ -7,6 +7,8 @@ from typing import Any, Protocol
 
 import torch
 
+from hotlora.adapters.head_features import HeadFeatures
+
 
 class AdapterRuntime(Protocol):
     """What the engine needs from the adapter side (hotlora.adapters.runtime implements it)."""
@@ -15,6 +17,7 @@ class AdapterRuntime(Protocol):
     def release(self, handle: Any) -> None: ...
     def begin_forward(self, token_slots: list[int]) -> None: ...  # one slot per token of the step
     def end_forward(self) -> None: ...
+    def head_features(self, handle: Any) -> HeadFeatures: ...  # what an acquired adapter's head reads
     def classify(self, handle: Any, pooled: torch.Tensor) -> torch.Tensor: ...
     def maintenance(self) -> None: ...  # engine thread, between steps: install loaded adapters
 
@@ -33,6 +36,9 @@ class BaseOnlyRuntime:
 
     def end_forward(self):
         pass
+
+    def head_features(self, handle):
+        return HeadFeatures()
 
     def classify(self, handle, pooled):
         raise ValueError("the base model has no classification head")

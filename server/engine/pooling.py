@@ -1,11 +1,17 @@
 """Embed and Classify requests in the engine: every text is a sequence, read in chunks like a prompt and
-pooled when its last chunk is done (mean over its tokens, or its last token); the request's result is ready
-when all its texts are (for Classify, after the adapter's head)."""
+pooled when its last chunk is done; the request's result is ready when all its texts are (for Classify,
+after the adapter's head).
+
+Embed pools the mean of the last hidden state. Classify pools what the adapter's head was trained on
+(`HeadFeatures`: last token or mean, of the last layer or of an earlier one): a step whose texts read
+earlier layers asks the runner for those layers' states in the same forward (`taps`), so texts of heads
+with different features share one batch and one pass."""
 
 from __future__ import annotations
 
 import torch
 
+from hotlora.adapters.head_features import LAST_LAYER, HeadFeatures
 from hotlora.server.engine.endings import Endings, expiry
 from hotlora.server.engine.requests import FinishReason, PoolingRequest
 from hotlora.server.engine.runner.kv_cache import BlockManager
@@ -29,8 +35,10 @@ class PoolingWork:
         group = PoolingGroup(req, [None] * len(req.inputs), len(req.inputs))
         self._groups[req.seq] = group
         key = cache_key(req)
+        # the adapter is resident from admission on: its head's features are known now
+        features = HeadFeatures("mean") if req.mode == "mean" else self.runtime.head_features(req.adapter)
         seqs = [
-            Seq(req, list(ids), slot, self.blocks.open(key, (), lookup=False), part=i)
+            Seq(req, list(ids), slot, self.blocks.open(key, (), lookup=False), part=i, features=features)
             for i, ids in enumerate(req.inputs)
         ]
         for seq in seqs:
@@ -40,16 +48,23 @@ class PoolingWork:
             self._finish(group)
         return seqs
 
-    def chunk(self, seq: Seq, hidden: torch.Tensor) -> None:
-        """A chunk of `seq` was computed (`hidden`: its tokens' last hidden states)."""
-        req = seq.req
-        if req.mode == "mean":
-            part = hidden.float().sum(0)
+    @staticmethod
+    def taps(seqs: list[Seq]) -> dict[int, torch.Tensor | None]:
+        """The earlier layers a step's pooling texts read: the runner fills them in the same forward."""
+        return {s.features.layer: None for s in seqs if s.features.layer != LAST_LAYER}
+
+    def chunk(self, seq: Seq, rows: slice, hidden: torch.Tensor, taps: dict[int, torch.Tensor]) -> None:
+        """A chunk of `seq` was computed: its tokens are `rows` of the step's last hidden states `hidden`
+        and of the tapped layers' states `taps`."""
+        layer, mean = seq.features.layer, seq.features.pooling == "mean"
+        states = (hidden if layer == LAST_LAYER else taps[layer])[rows]
+        if mean:
+            part = states.float().sum(0)
             seq.pooled_sum = part if seq.pooled_sum is None else seq.pooled_sum + part
         if seq.pending:
             return
-        seq.pooled = seq.pooled_sum / len(seq.tokens) if req.mode == "mean" else hidden[-1]
-        group = self._groups.get(req.seq)
+        seq.pooled = seq.pooled_sum / len(seq.tokens) if mean else states[-1]
+        group = self._groups.get(seq.req.seq)
         self.blocks.close(seq.kv)
         self.seqs.remove(seq)
         if group is None:

@@ -311,13 +311,15 @@ class Engine:
     def _step(self, decode: list[Seq], prefill: list[tuple[Seq, int]]) -> None:
         self.runner.pool.zero_blocks(self.blocks.take_fresh())
         batch = StepBatch.build(decode, prefill, self.block_size, self.device)
+        taps: dict = {}  # earlier layers' states that pooling texts read (PoolingWork.taps)
         t0 = time.perf_counter()
         if not prefill and self.static_decode is not None and self.static_decode.fits(len(decode)):
             hidden = self.static_decode.run(
                 batch.ids, batch.pos, [s.kv.blocks for s in decode], batch.mapping, batch.slots
             )
         else:
-            hidden = self._forward(batch)
+            taps = self.pooling.taps([seq for seq, _ in prefill if not seq.is_generation])
+            hidden = self._forward(batch, taps)
         kind = "prefill" if prefill else "decode"
         self.observer.forward_finished(
             kind, len(decode) + len(prefill), len(batch.ids), time.perf_counter() - t0
@@ -342,18 +344,19 @@ class Engine:
                     sample_rows.append(span.start + n - 1)
                     sample_seqs.append(seq)
             else:
-                self.pooling.chunk(seq, hidden[span.start : span.start + n])
+                self.pooling.chunk(seq, slice(span.start, span.start + n), hidden, taps)
         if sample_seqs:
             logits = self.runner.logits(hidden[torch.tensor(sample_rows, device=hidden.device)])
             self._emit(sample_seqs, logits)
         self._seqs.retire()
 
-    def _forward(self, batch: StepBatch) -> torch.Tensor:
-        """One runner forward on the dynamic-shape path, with the step's adapter slots installed."""
+    def _forward(self, batch: StepBatch, taps: dict) -> torch.Tensor:
+        """One runner forward on the dynamic-shape path, with the step's adapter slots installed; the
+        layers named in `taps` are filled with their states."""
         step = batch.step_input(self.block_size, self.device)
         self.runtime.begin_forward(batch.slots)
         try:
-            return self.runner(step)
+            return self.runner(step, taps=taps) if taps else self.runner(step)
         finally:
             self.runtime.end_forward()
 

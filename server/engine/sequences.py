@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hotlora.adapters.head_features import HeadFeatures
 from hotlora.server.engine.detokenizer import IncrementalDetokenizer
 from hotlora.server.engine.endings import Endings, expiry
 from hotlora.server.engine.requests import FinishReason, GenerationRequest, PoolingRequest
@@ -36,6 +37,7 @@ class Seq:
     gen: torch.Generator | None = None
     # pooling
     part: int = 0  # which text of the request
+    features: HeadFeatures = HeadFeatures()  # the hidden state it is pooled from, and how
     pooled_sum: torch.Tensor | None = None
     pooled: torch.Tensor | None = None
 

@@ -66,7 +66,8 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         svc = self._service()
         view = svc.get(current_tenant(), request.name)
         record = svc.training_record(view.record)  # the version `get` resolved, not resolved again
-        return adapter_pb(view, None if record is None else record.summary)
+        features = svc.head_features(view.record)
+        return adapter_pb(view, None if record is None else record.summary, features)
 
     def DeleteAdapter(self, request, context):
         removed = self._service().delete(current_tenant(), request.name)

@@ -88,8 +88,15 @@ def label_scores(scores) -> list[common_pb2.LabelScore]:
     return [common_pb2.LabelScore(label=label, score=score) for label, score in scores]
 
 
-def adapter_pb(view, summary=None):
-    """`summary`: a fine-tuned version's ValidationSummary (GetAdapter)."""
+def head_features_pb(features) -> common_pb2.HeadFeatures | None:
+    return (
+        None if features is None else common_pb2.HeadFeatures(pooling=features.pooling, layer=features.layer)
+    )
+
+
+def adapter_pb(view, summary=None, head_features=None):
+    """`summary`: a fine-tuned version's ValidationSummary, `head_features` what its head reads
+    (GetAdapter)."""
     from hotlora.v1 import adapters_pb2
 
     rec = view.record
@@ -112,6 +119,7 @@ def adapter_pb(view, summary=None):
         description=rec.description,
         waiting_requests=view.waiting,
         validation=None if summary is None else adapters_pb2.AdapterValidation(**asdict(summary)),
+        head_features=head_features_pb(head_features),
     )
 
 
@@ -188,6 +196,12 @@ def finetune_job_pb(job):
             previous_task_examples=int(m.get("previous_task_examples", 0)),
             replayed_examples=int(m.get("replayed_examples", 0)),
             phase=str(m.get("phase", "")),
+            winner=str(m.get("winner", "")),
+            head_features=(
+                common_pb2.HeadFeatures(**m["head_features"])
+                if isinstance(m.get("head_features"), dict)
+                else None
+            ),
         ),
         result_adapter=job.result_adapter,
         error=job.error,
@@ -198,6 +212,12 @@ def finetune_job_pb(job):
 
 
 METHODS = ("HEAD_ONLY", "LORA", "AUTO", "LORA_PROGRESSIVE")
+
+
+def _features_pb(raw) -> common_pb2.HeadFeatures | None:
+    if not isinstance(raw, dict):
+        return None
+    return common_pb2.HeadFeatures(pooling=str(raw.get("pooling", "")), layer=int(raw.get("layer", -1)))
 
 
 def _candidate_pb(c: dict):
@@ -212,8 +232,9 @@ def _candidate_pb(c: dict):
         score=float(c.get("score", 0.0)),
         stderr=float(c.get("stderr", 0.0)),
         seconds=float(c.get("seconds", 0.0)),
-        servable=bool(c.get("servable", True)),
+        servable=True,
         note=str(c.get("note", "")),
+        layer=int(c.get("layer", -1)),
     )
 
 

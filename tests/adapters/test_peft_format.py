@@ -325,3 +325,28 @@ def test_limits_are_validated():
 def test_read_dir_helper_sees_peft_files(tmp_path):
     (tmp_path / "adapter_config.json").write_text("{}")
     assert read_dir(tmp_path) == {"adapter_config.json": b"{}"}
+
+
+def test_head_features_ride_in_head_config_json_and_round_trip(base_info, peft_adapter, causal_files):
+    from dataclasses import replace
+
+    from hotlora.adapters.head_features import HEAD_FILE, HeadFeatures
+
+    config = LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["v_proj"])
+    files, _ = peft_adapter(config, seed=5)
+    plain = parse_peft_adapter(files, base_info, LIMITS)
+    assert plain.head_features == HeadFeatures()  # no file: the last token's final state, as before
+    assert HEAD_FILE not in write_peft_adapter(plain, "tiny-llama")  # and none written for it
+    mid = replace(plain, head_features=HeadFeatures("mean", 1))
+    written = write_peft_adapter(mid, "tiny-llama")
+    assert json.loads(written[HEAD_FILE]) == {"pooling": "mean", "layer": 1}
+    assert parse_peft_adapter(written, base_info, LIMITS).head_features == HeadFeatures("mean", 1)
+    last_by_number = {
+        **files,
+        HEAD_FILE: json.dumps({"pooling": "mean", "layer": base_info.num_layers}).encode(),
+    }
+    assert parse_peft_adapter(last_by_number, base_info, LIMITS).head_features == HeadFeatures("mean", -1)
+    with pytest.raises(InvalidArgument, match="only to SEQ_CLS"):
+        parse_peft_adapter({**causal_files, HEAD_FILE: b'{"pooling": "mean"}'}, base_info, LIMITS)
+    with pytest.raises(InvalidArgument, match="layer 0"):
+        parse_peft_adapter({**files, HEAD_FILE: b'{"layer": 0}'}, base_info, LIMITS)

@@ -4,6 +4,7 @@ to a held-out split on more data, standard errors, and a gate that asks more of 
 from __future__ import annotations
 
 import math
+import random
 from collections import Counter
 
 import pytest
@@ -12,6 +13,7 @@ from hotlora.adapters.training.trainer import frozen_layers
 from hotlora.adapters.training.validation import (
     KFOLD_MAX_EXAMPLES,
     Score,
+    choose_epochs,
     combine_folds,
     gate_margin,
     plan_validation,
@@ -58,6 +60,38 @@ def test_the_gate_asks_more_of_the_best_of_several_candidates():
     assert one == pytest.approx(math.sqrt(0.25 / 24))  # the baseline's error is the larger here
     assert four == pytest.approx(one * math.sqrt(2 * math.log(4)))
     assert gate_margin("CAUSAL_LM", -2.0, 20, Score(-1.0, 0.3), compared=3) == 0.0
+
+
+def test_a_model_that_learns_nothing_scores_chance_not_its_luckiest_epoch():
+    # 5 folds of 8 examples, 30 evaluations each, every one a coin toss per example: each fold's own
+    # best epoch averages about 0.8, and so would the fold scores at the best epoch of their mean
+    rng = random.Random(0)
+    sizes, chosen, own_best = [8] * 5, [], []
+    for _ in range(200):
+        curves = [
+            [((10 * e, 0), (sum(rng.random() < 0.5 for _ in range(8)) / 8, 0.0)) for e in range(1, 31)]
+            for _ in sizes
+        ]
+        chosen.append(choose_epochs(curves, sizes, binomial=True).score.value)
+        own_best.append(sum(max(a for _, (a, _) in c) for c in curves) / len(curves))
+    assert sum(own_best) / 200 > 0.75
+    assert sum(chosen) / 200 == pytest.approx(0.5, abs=0.02)
+
+
+def test_one_schedule_is_chosen_on_the_mean_of_the_folds_and_each_fold_scored_at_the_others_choice():
+    # fold 0 peaks at epoch 10, fold 1 at 20; fold 2 stopped after 20 and keeps that score at 30
+    curves = [
+        [((10, 0), (1.0, -0.2)), ((20, 0), (0.5, 0.0)), ((30, 0), (0.5, 0.0))],
+        [((10, 0), (0.5, 0.0)), ((20, 0), (1.0, 0.0)), ((30, 0), (0.75, 0.0))],
+        [((10, 0), (0.5, 0.0)), ((20, 0), (0.75, 0.0))],
+    ]
+    choice = choose_epochs(curves, [4, 4, 4], binomial=False)
+    assert choice.schedule == (20, 0)  # mean accuracy 0.75 over 0.67 at 10 and at 30
+    # fold 0 at 20 (folds 1, 2: 0.875), fold 1 at 10 (folds 0, 2: 0.75), fold 2 at 20 (folds 0, 1 tie
+    # at 0.75 on 10 and 20; the loss breaks it); each fold's own best would have scored 0.92
+    assert choice.score.value == pytest.approx((0.5 + 0.5 + 0.75) / 3)
+    with pytest.raises(ValueError, match=r"2\+ folds"):
+        choose_epochs(curves[:1], [4], binomial=False)
 
 
 def test_progressive_unfreezing_starts_at_the_top_and_reaches_every_layer():

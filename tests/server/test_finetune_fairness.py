@@ -49,13 +49,13 @@ def test_a_small_job_does_not_wait_behind_another_tenants_big_one(tiny_model_dir
 def forwards(monkeypatch):
     """(examples, with gradients?) of every training forward."""
     seen: list[tuple[int, bool]] = []
-    real = trainer_module.Trainer.hidden
+    real = trainer_module.Trainer._decode  # under hidden() and features(): every training forward
 
-    def hidden(self, seqs):
+    def decode(self, seqs, all_layers):
         seen.append((len(seqs), torch.is_grad_enabled()))
-        return real(self, seqs)
+        return real(self, seqs, all_layers)
 
-    monkeypatch.setattr(trainer_module.Trainer, "hidden", hidden)
+    monkeypatch.setattr(trainer_module.Trainer, "_decode", decode)
     return seen
 
 

@@ -65,7 +65,8 @@ class HFRunner(nn.Module):
         self._decoder = model.get_decoder()
         self._lm_head = model.get_output_embeddings()
 
-    def forward(self, step: StepInput) -> torch.Tensor:
+    def forward(self, step: StepInput, taps: dict | None = None) -> torch.Tensor:
+        """As the runner's forward (`taps`: layer k -> transformers' `hidden_states[k]` of the tokens)."""
         meta = step.attention
         rows = _rows(step)  # (first token in the step, length, context, block table) per row
         num_rows, width = len(rows), max(r[1] for r in rows)
@@ -106,11 +107,14 @@ class HFRunner(nn.Module):
                 past_key_values=cache,
                 use_cache=True,
                 cache_position=pos[0],
-            ).last_hidden_state
+                output_hidden_states=bool(taps),
+            )
         finally:
             if ctx is not None:
                 ctx.batch = saved
-        return out.reshape(num_rows * width, -1)[flat]
+        for k in taps or {}:
+            taps[k] = out.hidden_states[k].reshape(num_rows * width, -1)[flat]
+        return out.last_hidden_state.reshape(num_rows * width, -1)[flat]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._lm_head(hidden)

@@ -46,8 +46,9 @@ class StepInput:
 
 
 class _DecoderOutput:
-    def __init__(self, hidden: torch.Tensor):
+    def __init__(self, hidden: torch.Tensor, hidden_states: tuple | None = None):
         self.last_hidden_state = hidden
+        self.hidden_states = hidden_states
 
 
 class _DecoderView(nn.Module):
@@ -57,8 +58,15 @@ class _DecoderView(nn.Module):
         super().__init__()
         self._runner = [runner]  # not a submodule: parameters() stay the runner's own
 
-    def forward(self, input_ids, attention_mask=None, use_cache=False, **_):
-        return _DecoderOutput(self._runner[0].dense_hidden(input_ids, attention_mask))
+    def forward(self, input_ids, attention_mask=None, use_cache=False, output_hidden_states=False, **_):
+        runner = self._runner[0]
+        if not output_hidden_states:
+            return _DecoderOutput(runner.dense_hidden(input_ids, attention_mask))
+        # as transformers: index k the state after layer k, the last after the final norm (the
+        # embeddings at index 0 are not kept: nothing reads them)
+        taps = dict.fromkeys(range(1, runner.spec.num_layers))
+        out = runner.dense_hidden(input_ids, attention_mask, taps)
+        return _DecoderOutput(out, (None, *(taps[k] for k in sorted(taps)), out))
 
 
 class Runner(nn.Module):
@@ -88,8 +96,9 @@ class Runner(nn.Module):
         self._lm_head = _LmHead(weights.lm_head, self.linear)
 
     # ---- the serving forward ----------------------------------------------------------------------------
-    def forward(self, step: StepInput) -> torch.Tensor:
-        """Final-norm hidden states [T, H] of the step's tokens; K/V written into the pool."""
+    def forward(self, step: StepInput, taps: dict | None = None) -> torch.Tensor:
+        """Final-norm hidden states [T, H] of the step's tokens; K/V written into the pool. `taps`: layer
+        k -> filled with the residual stream after layer k [T, H] (transformers' `hidden_states[k]`)."""
         meta = step.attention
         pool = self.pool
         native = self._native_ops and not torch.is_grad_enabled()
@@ -103,14 +112,17 @@ class Runner(nn.Module):
                 q, k, v, pool.k[i], pool.v[i], meta, self.scale, self.spec.sliding_windows[i]
             )
 
-        return self._run(step.token_ids, step.positions, attend, native)
+        return self._run(step.token_ids, step.positions, attend, taps, native)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._lm_head(hidden)
 
     # ---- training and scoring: no cache, autograd ------------------------------------------------------
-    def dense_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """Right-padded [B, L] -> final-norm hidden [B, L, H], causal within each sequence."""
+    def dense_hidden(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, taps: dict | None = None
+    ) -> torch.Tensor:
+        """Right-padded [B, L] -> final-norm hidden [B, L, H], causal within each sequence (`taps` as in
+        `forward`, each filled [B, L, H])."""
         b, length = input_ids.shape
         ids = input_ids.to(self.device)
         lengths = (
@@ -131,7 +143,10 @@ class Runner(nn.Module):
                 self.spec.sliding_windows[i],
             ).reshape(b * length, -1)
 
-        return self._run(ids.reshape(-1), pos, attend).view(b, length, -1)
+        out = self._run(ids.reshape(-1), pos, attend, taps).view(b, length, -1)
+        for k, h in (taps or {}).items():
+            taps[k] = h.view(b, length, -1)
+        return out
 
     def get_decoder(self) -> nn.Module:
         return _DecoderView(self)
@@ -141,7 +156,12 @@ class Runner(nn.Module):
 
     # ---- the layers ---------------------------------------------------------------------------------------
     def _run(
-        self, token_ids: torch.Tensor, positions: torch.Tensor, attend: Callable, native: bool = False
+        self,
+        token_ids: torch.Tensor,
+        positions: torch.Tensor,
+        attend: Callable,
+        taps: dict | None = None,
+        native: bool = False,
     ) -> torch.Tensor:
         """`native`: RMSNorm, RoPE (and, in `attend`, the KV write) as hotlora's C ops, in place where torch
         would allocate: serving only, never under autograd."""
@@ -173,6 +193,8 @@ class Runner(nn.Module):
             x = norm(h, layer.post_norm, eps)
             gate, up = self._project(i, "gate_up", x, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
             h = h + self._project(i, "down", F.silu(gate) * up, layer.down, layer.down_bias)
+            if taps is not None and i + 1 in taps:  # an earlier layer a pooled text reads
+                taps[i + 1] = h
         return norm(h, w.norm, eps)
 
     def _project(self, layer: int, name: str, x, weight, bias) -> torch.Tensor:
