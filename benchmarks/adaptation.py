@@ -146,6 +146,7 @@ def main() -> None:
         cfg = ServerConfig(
             port=0,
             metrics_port=-1,
+            http_port=-1,  # no HTTP door: its default port may be taken
             data_dir=data_dir,
             grace_seconds=1.0,
             max_train_unit_ms=args.max_train_unit_ms,

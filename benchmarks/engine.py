@@ -133,6 +133,7 @@ def main() -> None:
             model="",
             port=0,
             metrics_port=-1,
+            http_port=-1,  # no HTTP door: its default port may be taken
             data_dir=str(Path(tmp) / "data"),
             adapter_slots=ADAPTERS,
             max_rank=16,
