@@ -3,9 +3,11 @@
 The engine serves nothing while a unit runs (one thread does both), so a unit's length is the wait it adds
 to every request that arrives meanwhile. A unit ends at the trainer loop's next `yield` (after an optimizer
 step or an evaluation batch) or, inside a forward or backward pass, at the first linear layer after the
-unit has run its budget (--max-train-unit-ms). A micro-batch's pass can therefore span several units, so
-units need no sizing in examples and micro-batches keep one size: the arithmetic is the same wherever the
-units end, and so is the trained adapter.
+unit has run its budget (--max-train-unit-ms) while serving wants the engine (`serving_waits`: rows are
+decoding or a request arrived; an idle engine lets the unit run on to its yield, without handoffs). A
+micro-batch's pass can therefore span several units, so units need no sizing in examples and
+micro-batches keep one size: the arithmetic is the same wherever the units end, and so is the trained
+adapter.
 
 To stop mid-pass the loop runs in a thread of its own (`PreemptibleRun`); the engine thread hands it one
 unit at a time and waits (never both at once). A torch function mode in that thread is the pause point:
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 _LINEAR = (F.linear, torch._C._nn.linear)
+_engine = threading.local()  # the engine thread's serving_waits, if it set one (else: always)
 
 
 class Closed(BaseException):
@@ -45,6 +48,7 @@ class PreemptibleRun:
         self.loop = loop
         self.budget_s = budget_s
         self.unit_started = 0.0
+        self._serving_waits: Callable[[], bool] = _true
         self.mid_pass = 0
         """Units that ended inside a forward or backward pass."""
         self._cond = threading.Condition()
@@ -64,6 +68,7 @@ class PreemptibleRun:
             if self._done or self._closing:
                 return False
             self.unit_started = time.perf_counter()
+            self._serving_waits = getattr(_engine, "serving_waits", None) or _true
             self._loop_turn = True
             self._cond.notify_all()
             while self._loop_turn:
@@ -74,8 +79,9 @@ class PreemptibleRun:
         return not self._done
 
     def pause_point(self) -> None:
-        """In the loop's thread, inside a pass: hand the engine back if this unit's time is spent."""
-        if time.perf_counter() - self.unit_started >= self.budget_s:
+        """In the loop's thread, inside a pass: hand the engine back if this unit's time is spent and
+        serving wants it."""
+        if time.perf_counter() - self.unit_started >= self.budget_s and self._serving_waits():
             self.mid_pass += 1
             self._hand_back()
 
@@ -126,6 +132,22 @@ class PreemptibleRun:
                 self._cond.wait()
             if self._closing:
                 raise Closed
+
+
+@contextmanager
+def serving_waits(wants: Callable[[], bool]):
+    """Units run meanwhile (in this thread) end mid-pass only while `wants()` (read from the training
+    loop's thread: it must be cheap and thread-safe)."""
+    saved = getattr(_engine, "serving_waits", None)
+    _engine.serving_waits = wants
+    try:
+        yield
+    finally:
+        _engine.serving_waits = saved
+
+
+def _true() -> bool:
+    return True
 
 
 class _PausePoints(TorchFunctionMode):

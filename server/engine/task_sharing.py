@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 
 from hotlora.adapters.observer import Observer
+from hotlora.adapters.training.train_units import serving_waits
 
 log = logging.getLogger("hotlora.engine")
 
@@ -60,9 +61,12 @@ class TaskSharing:
         self._serve_time *= keep
         self._since = now
 
-    def run_step(self, served: bool, rows_running: bool, cond: threading.Condition, waiting) -> None:
+    def run_step(
+        self, served: bool, rows_running: bool, cond: threading.Condition, waiting, arrivals=lambda: 0
+    ) -> None:
         """One step of the first task, if it is the tasks' turn. `waiting()`: requests waiting for admission
-        (read under `cond`, which a submission notifies)."""
+        (read under `cond`, which a submission notifies); `arrivals()`: requests submitted so far (read
+        from the training loop's thread while the unit runs)."""
         if not self.tasks:
             return
         if served and waiting():
@@ -81,8 +85,12 @@ class TaskSharing:
             return
         task = self.tasks[0]
         t0 = time.perf_counter()
+        seen = arrivals()
+        # a unit past its budget ends mid-pass only if serving wants the engine: rows are decoding or a
+        # request arrived; alone, training runs on to its next yield (no handoffs)
+        wants = (lambda: True) if served or rows_running else (lambda: arrivals() != seen)
         try:
-            with torch.inference_mode(False), torch.enable_grad():
+            with torch.inference_mode(False), torch.enable_grad(), serving_waits(wants):
                 more = task.step()
         except Exception:
             log.exception("background task failed")

@@ -81,7 +81,7 @@ def test_passes_keep_their_size_whatever_the_unit_budget(tiny_model_dir, tmp_pat
 @pytest.fixture()
 def engine_events(monkeypatch):
     """What the engine did, in order: 'submit' (a request handed to it), 'serve' (a step that served),
-    'pause' (a training pass reached a pause point: each ends a unit when the budget is spent)."""
+    'pause' (a training pass reached a pause point), 'slice' (and its unit ended there)."""
     events: list[str] = []
     real_submit, real_serve = Engine.submit, Engine._serve_step
     real_pause = PreemptibleRun.pause_point
@@ -98,7 +98,10 @@ def engine_events(monkeypatch):
 
     def pause(self):
         events.append("pause")
-        return real_pause(self)
+        before = self.mid_pass
+        real_pause(self)
+        if self.mid_pass > before:
+            events.append("slice")
 
     monkeypatch.setattr(Engine, "submit", submit)
     monkeypatch.setattr(Engine, "_serve_step", serve)
@@ -132,9 +135,21 @@ def test_a_request_waits_for_one_slice_of_a_training_pass(tiny_model_dir, tmp_pa
     assert events.count("pause") > 100
 
 
+def test_training_alone_is_not_cut_into_slices(tiny_model_dir, tmp_path, engine_events):
+    """With nothing to serve, a unit past its budget runs on to its yield: slicing costs handoffs, and
+    only serving needs them."""
+    with running_server(tiny_model_dir, tmp_path / "data", max_train_unit_ms=1e-6) as run:
+        req = seq_cls("alone", marker_examples(12, seed=3), method=training_pb2.METHOD_LORA)
+        req.hyperparameters.CopyFrom(training_pb2.HyperParameters(epochs=1, batch_size=4))
+        job = run.training.CreateFineTune(req, timeout=30)
+        wait_state(run.training, job.id, TERMINAL, timeout=120)
+    assert engine_events.count("pause") > 100
+    assert engine_events.count("slice") == 0
+
+
 def test_a_cancelled_job_leaves_no_training_loop_behind(tiny_model_dir, tmp_path):
-    """A job cancelled while its pass is parked mid-way (between two slices) has that pass unwound: no
-    training thread, and the activations it held, outlive the job."""
+    """A job cancelled between two of its units has its parked training loop unwound: no training thread
+    (nor the activations of a pass it held) outlives the job."""
     with running_server(tiny_model_dir, tmp_path / "data", max_train_unit_ms=1e-6) as run:
         job = run.training.CreateFineTune(long_lm_job("cancelled"), timeout=30)
         wait_state(run.training, job.id, {training_pb2.JOB_STATE_RUNNING}, min_step=1)
