@@ -12,7 +12,9 @@ adapter.
 To stop mid-pass the loop runs in a thread of its own (`PreemptibleRun`); the engine thread hands it one
 unit at a time and waits (never both at once). A torch function mode in that thread is the pause point:
 after each linear layer of a forward, and at each linear output's gradient in a backward (a tensor hook),
-it hands the engine back once the unit's time is spent. The model code has no seam for it.
+it hands the engine back once the unit's time is spent. The model code has no seam for it. The budget is
+counted on the host clock; on CUDA, kernels already queued are waited for before the handoff, so a slice
+can outlast the budget by what the GPU had queued (measured on CPU only so far).
 
 A parked loop holds its pass's activations until it is resumed or closed. A job ends its loops through a
 `RunScope`: the job queue makes the job's scope current while the job runs a unit, a loop started then
@@ -82,6 +84,8 @@ class PreemptibleRun:
         """In the loop's thread, inside a pass: hand the engine back if this unit's time is spent and
         serving wants it."""
         if time.perf_counter() - self.unit_started >= self.budget_s and self._serving_waits():
+            if torch.cuda.is_initialized():  # the slice's kernels finish within its unit (and its time)
+                torch.cuda.current_stream().synchronize()
             self.mid_pass += 1
             self._hand_back()
 
@@ -98,10 +102,6 @@ class PreemptibleRun:
                 return
             while not self._done:
                 self._cond.wait()
-
-    @property
-    def done(self) -> bool:
-        return self._done
 
     # ---- the loop's thread -------------------------------------------------------------------------
     def _main(self) -> None:

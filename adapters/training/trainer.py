@@ -25,7 +25,7 @@ from hotlora.adapters.weights import LoraModule, LoraWeights
 Key = tuple[int, str]
 EVAL_BATCH = 4  # examples per forward-only pass (features, validation)
 MICRO_BATCH = 2  # examples per forward+backward pass: a mini-batch is accumulated over several
-UNIT_SECONDS = 0.2  # the longest a unit runs before it yields at a layer boundary (--max-train-unit-ms)
+UNIT_SECONDS = 0.05  # the longest a unit runs before it yields at a layer boundary (--max-train-unit-ms)
 
 
 @dataclass
@@ -150,10 +150,6 @@ class Trainer:
         finally:
             self.ctx.training = {}
             self.ctx.batch = saved_batch
-
-    def close(self) -> None:
-        """Abandon the training (its loop may be parked mid-pass, holding activations)."""
-        self.units.close()
 
     def unit_spent(self) -> bool:
         """Whether this unit used its time: cheap work (a head's epochs) yields only then."""
