@@ -6,7 +6,7 @@
 - Generate p50/p99 while a LORA job runs vs idle, and the job's training throughput (optimizer steps
   per second) while serving vs alone.
 
-    .venv/bin/python benchmarks/adaptation.py [--sizes 24,80,240] [--max-train-unit-ms 200] [--no-write]
+    .venv/bin/python benchmarks/adaptation.py [--sizes 24,80,240] [--max-train-unit-ms 50] [--no-write]
 """
 
 from __future__ import annotations

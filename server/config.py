@@ -125,7 +125,7 @@ class ServerConfig:
     max_finetune_examples: int = _opt(10_000, "training plus validation examples in one fine-tune job")
     max_finetune_example_tokens: int = _opt(512, "tokens of one fine-tune example (prompt + completion)")
     max_train_unit_ms: float = _opt(
-        200.0, "engine time one training unit aims at; units shrink to fit (one example at least)"
+        50.0, "longest engine time of one training unit; it ends mid-pass, at a layer, once this is spent"
     )
     finetune_max_seconds: float = _opt(
         600.0, "time budget of a fine-tune's method search (AUTO) when the request gives none"

@@ -294,6 +294,7 @@ class FineTuneManager:
             for task in list(self._tasks.values()):
                 if task.job.state not in TERMINAL:
                     self.finish_job(task, "FAILED", STOPPED)
+        self._queue.close()  # outside the lock: a parked training loop unwinds first
 
     # ---- internals -------------------------------------------------------------------------------
     def _previous(self, tenant, name, version, task) -> tuple[object, TrainingRecord | None]:

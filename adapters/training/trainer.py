@@ -1,10 +1,11 @@
 """The on-line trainer's common parts: a training loop written as a generator and driven one bounded
 unit at a time, trainable LoRA on the resident model's MultiLoraLinear layers, batching, early stopping.
 
-A loop `yield`s after every mini-batch (forward+backward+update) or evaluation batch, so the engine can
-serve between two units. While a unit runs the engine runs no forward of its own (same thread): the
-trainer installs its LoRA in `ctx.training` for the unit and removes it in a `finally`, and keeps
-`ctx.batch` None so no serving adapter leaks into a training forward. The frozen base weights are used
+A loop `yield`s after every mini-batch (forward+backward+update) or evaluation batch; a unit ends there or,
+mid-pass, once it has run --max-train-unit-ms (train_units.py), so the engine can serve between two units.
+While a unit runs the engine runs no forward of its own: the trainer installs its LoRA in `ctx.training`
+for the unit and removes it in a `finally`, and keeps `ctx.batch` None so no serving adapter leaks into a
+training forward. The frozen base weights are used
 in place; only the LoRA A/B (fp32 masters) and the head get gradients."""
 
 from __future__ import annotations
@@ -19,14 +20,13 @@ from torch import nn
 
 from hotlora.adapters.head_features import LAST_LAYER, HeadFeatures
 from hotlora.adapters.lora_layers import LoraContext, TrainableLora
-from hotlora.adapters.training.train_units import UnitSizer
+from hotlora.adapters.training.train_units import PreemptibleRun
 from hotlora.adapters.weights import LoraModule, LoraWeights
 
 Key = tuple[int, str]
-EVAL_BATCH = 4  # most examples per forward-only unit (features, validation)
-MICRO_BATCH = 2  # most examples per forward+backward unit: a mini-batch is accumulated over several units,
-# so one unit stays short next to a decode step and serving latency barely moves
-UNIT_SECONDS = 0.2  # what a unit aims at (--max-train-unit-ms); units shrink to fit, to one example
+EVAL_BATCH = 4  # examples per forward-only pass (features, validation)
+MICRO_BATCH = 2  # examples per forward+backward pass: a mini-batch is accumulated over several
+UNIT_SECONDS = 0.05  # the longest a unit runs before it yields at a layer boundary (--max-train-unit-ms)
 
 
 @dataclass
@@ -122,12 +122,7 @@ class Trainer:
         self, model, ctx: LoraContext, data: TrainData, seed: int, unit_seconds: float = UNIT_SECONDS
     ):
         self.model = model
-        # units sized to last about `unit_seconds`: measured per kind (a backward costs ~3 forwards)
-        self.train_units = UnitSizer(unit_seconds, MICRO_BATCH)
-        self.eval_units = UnitSizer(unit_seconds, EVAL_BATCH)
-        self._unit_examples = {True: 0, False: 0}  # examples through `hidden` in this unit, by grad mode
         self.unit_seconds = unit_seconds
-        self._unit_started = 0.0
         self.ctx = ctx
         self.data = data
         if any(p.requires_grad for p in model.parameters()):
@@ -144,38 +139,26 @@ class Trainer:
         """Every validation: (head epochs, LoRA epochs) reached and (metric, tie-break); k-fold
         chooses one schedule from all folds' curves (validation.choose_epochs)."""
         self.rng = torch.Generator().manual_seed(seed)
-        self._gen: Iterator[None] | None = None
+        self.units = PreemptibleRun(self._run, unit_seconds)
 
     def _run(self) -> Iterator[None]:
         raise NotImplementedError
 
     def step(self) -> bool:
         """Run one bounded unit; False once training is over (then `outcome` is set)."""
-        if self._gen is None:
-            self._gen = self._run()
         saved_batch = self.ctx.batch
         self.ctx.batch = None  # a serving batch must never apply to a training forward
-        self._unit_examples = {True: 0, False: 0}
-        t0 = self._unit_started = time.perf_counter()
         try:
             with torch.inference_mode(False), torch.enable_grad():
                 self.ctx.training = self.lora.for_forward(self.dtype)
-                next(self._gen)
-            return True
-        except StopIteration:
-            return False
+            return self.units.advance()
         finally:
             self.ctx.training = {}
             self.ctx.batch = saved_batch
-            seconds, n = time.perf_counter() - t0, self._unit_examples
-            if n[True]:
-                self.train_units.observe(n[True], seconds)
-            elif n[False]:
-                self.eval_units.observe(n[False], seconds)
 
     def unit_spent(self) -> bool:
         """Whether this unit used its time: cheap work (a head's epochs) yields only then."""
-        return time.perf_counter() - self._unit_started >= self.unit_seconds
+        return time.perf_counter() - self.units.unit_started >= self.unit_seconds
 
     # ---- forward helpers ------------------------------------------------------------------
     def hidden(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,7 +184,6 @@ class Trainer:
         return self.features(seqs, (features,))[features]
 
     def _decode(self, seqs: list[list[int]], all_layers: bool):
-        self._unit_examples[torch.is_grad_enabled()] += len(seqs)
         lengths = torch.tensor([len(s) for s in seqs])
         L = int(lengths.max())
         ids = torch.full((len(seqs), L), self.pad_id, dtype=torch.long)
@@ -217,13 +199,14 @@ class Trainer:
         )
         return out, lengths.to(self.device)
 
-    def micro(self, idx: list[int]) -> Iterator[list[int]]:
-        """A mini-batch in forward+backward parts, one per unit, each sized to the unit budget."""
-        return self.train_units.split(idx)
+    def micro(self, idx: list[int]) -> list[list[int]]:
+        """A mini-batch in forward+backward passes of MICRO_BATCH examples (whatever the unit budget: the
+        gradient is accumulated in the same order however the units fall)."""
+        return [idx[i : i + MICRO_BATCH] for i in range(0, len(idx), MICRO_BATCH)]
 
-    def eval_parts(self, n: int) -> Iterator[list[int]]:
-        """range(n) in forward-only parts, one per unit, each sized to the unit budget."""
-        return self.eval_units.split(list(range(n)))
+    def eval_parts(self, n: int) -> list[list[int]]:
+        """range(n) in forward-only passes of EVAL_BATCH examples."""
+        return [list(range(i, min(i + EVAL_BATCH, n))) for i in range(0, n, EVAL_BATCH)]
 
     def batches(self, n: int, size: int) -> list[list[int]]:
         order = torch.randperm(n, generator=self.rng).tolist()

@@ -78,6 +78,7 @@ class Engine:
         # max fraction of engine time given to background tasks; idle time goes to them only
         # `task_idle_grace_s` after the last serving step
         self.tasks = TaskSharing(task_share, task_idle_grace_s, self.observer)
+        self.arrivals = 0  # requests submitted so far
         # runner.decode_graphs.StaticDecode: decode-only steps through per-bucket buffers (CUDA graphs)
         self.static_decode = static_decode
         self.device = runner.device
@@ -164,6 +165,7 @@ class Engine:
         self._check_fits(req)
         with self._cond:
             self._queued.push(req)
+            self.arrivals += 1  # read by a training unit running meanwhile: it then ends at its next layer
             self._cond.notify_all()
 
     def submit_task(self, task: Task) -> None:
@@ -200,7 +202,13 @@ class Engine:
                     t0 = time.perf_counter()
                     worked = self._serve_step()
                     self.tasks.served(time.perf_counter() - t0)
-                    self.tasks.run_step(worked, bool(self._running), self._cond, lambda: len(self._queued))
+                    self.tasks.run_step(
+                        worked,
+                        bool(self._running),
+                        self._cond,
+                        lambda: len(self._queued),
+                        lambda: self.arrivals,
+                    )
                 except Exception:  # never let one bad step kill the server
                     log.exception("engine step failed; failing the requests in it")
                     self._fail_all_running("internal error in the engine step")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import threading
 import time
 from typing import Protocol
@@ -12,8 +13,13 @@ from typing import Protocol
 import torch
 
 from hotlora.adapters.observer import Observer
+from hotlora.adapters.training.train_units import serving_waits
 
 log = logging.getLogger("hotlora.engine")
+
+SHARE_WINDOW_S = 0.5
+"""The share is kept over about this much recent engine time: a stretch in which training was held back
+(requests waiting) is not paid back later by a unit after every serving step."""
 
 
 class Task(Protocol):
@@ -32,8 +38,9 @@ class TaskSharing:
         self.idle_grace_s = idle_grace_s
         self.observer = observer
         self.tasks: collections.deque[Task] = collections.deque()
-        self._task_time = 0.0
+        self._task_time = 0.0  # both decay with SHARE_WINDOW_S
         self._serve_time = 0.0
+        self._since = time.perf_counter()
         self._last_served = 0.0
 
     def __bool__(self) -> bool:
@@ -44,11 +51,22 @@ class TaskSharing:
 
     def served(self, seconds: float) -> None:
         """A serving step (worked or not) took `seconds` of engine time."""
+        self._forget()
         self._serve_time += seconds
 
-    def run_step(self, served: bool, rows_running: bool, cond: threading.Condition, waiting) -> None:
+    def _forget(self) -> None:
+        now = time.perf_counter()
+        keep = math.exp(-(now - self._since) / SHARE_WINDOW_S)
+        self._task_time *= keep
+        self._serve_time *= keep
+        self._since = now
+
+    def run_step(
+        self, served: bool, rows_running: bool, cond: threading.Condition, waiting, arrivals=lambda: 0
+    ) -> None:
         """One step of the first task, if it is the tasks' turn. `waiting()`: requests waiting for admission
-        (read under `cond`, which a submission notifies)."""
+        (read under `cond`, which a submission notifies); `arrivals()`: requests submitted so far (read
+        from the training loop's thread while the unit runs)."""
         if not self.tasks:
             return
         if served and waiting():
@@ -67,14 +85,19 @@ class TaskSharing:
             return
         task = self.tasks[0]
         t0 = time.perf_counter()
+        seen = arrivals()
+        # a unit past its budget ends mid-pass only if serving wants the engine: rows are decoding or a
+        # request arrived; alone, training runs on to its next yield (no handoffs)
+        wants = (lambda: True) if served or rows_running else (lambda: arrivals() != seen)
         try:
-            with torch.inference_mode(False), torch.enable_grad():
+            with torch.inference_mode(False), torch.enable_grad(), serving_waits(wants):
                 more = task.step()
         except Exception:
             log.exception("background task failed")
             more = False
         step_seconds = time.perf_counter() - t0
         if served or rows_running:
+            self._forget()
             self._task_time += step_seconds
         self.observer.finetune_step(step_seconds)
         self.observer.set_train_share(self._task_time / max(1e-9, self._task_time + self._serve_time))

@@ -94,3 +94,51 @@ def test_completion_trainer_scores_the_base_model_first(model_and_ctx):
     out = trainer.outcome
     assert out.metric_name == "neg_completion_loss" and out.score > out.baseline
     assert out.baseline == pytest.approx(trainer.progress.baseline_metric)
+
+
+def _train_with_units(model, ctx, base, make, unit_seconds: float):
+    """Train to the end with `unit_seconds` per unit; (the outcome's weights, units that ended mid-pass)."""
+    trainer = make(model, ctx, base, unit_seconds)
+    _run_bounded(trainer, ctx, model)
+    return trainer.outcome.weights, trainer.units.mid_pass
+
+
+def _classifier(model, ctx, base, unit_seconds):
+    tok = tiny_tokenizer()
+    rng = random.Random(3)
+    texts = ["".join(rng.choice("abc ") for _ in range(8)) + (" zz" if i % 2 else "") for i in range(20)]
+    ids = [tok(t)["input_ids"] for t in texts]
+    data = TrainData(ids[:14], [i % 2 for i in range(14)], ids[14:], [i % 2 for i in range(14, 20)])
+    hp = with_defaults(HyperParams(epochs=2, batch_size=5, seed=7), "LORA", 14, base.num_layers, TARGETS)
+    return ClassifierTrainer(
+        model, ctx, data, labels=("no", "yes"), method="LORA", hyper=hp, shapes=base.linear_shapes,
+        num_layers=base.num_layers, unit_seconds=unit_seconds,
+    )  # fmt: skip
+
+
+def _completion(model, ctx, base, unit_seconds):
+    tok = tiny_tokenizer()
+    prompts = [tok(f"q{i}?")["input_ids"] for i in range(10)]
+    target = tok(" ok", add_special_tokens=False)["input_ids"] + [2]
+    data = TrainData(prompts[:7], [target] * 7, prompts[7:], [target] * 3)
+    hp = with_defaults(
+        HyperParams(epochs=2, batch_size=3, learning_rate=1e-2, seed=7), "LORA", 7, base.num_layers, TARGETS
+    )
+    return CompletionTrainer(model, ctx, data, hyper=hp, shapes=base.linear_shapes, unit_seconds=unit_seconds)
+
+
+@pytest.mark.parametrize("make", [_classifier, _completion], ids=["seq_cls", "causal_lm"])
+def test_units_that_end_mid_pass_train_the_same_adapter(model_and_ctx, make):
+    """A unit budget nothing fits in ends units inside forward and backward passes; the adapter is the one
+    trained with units that end only between mini-batches (fixed seed)."""
+    model, ctx, base = model_and_ctx
+    whole, whole_mid = _train_with_units(model, ctx, base, make, 3600.0)
+    sliced, sliced_mid = _train_with_units(model, ctx, base, make, 1e-9)
+    assert whole_mid == 0 and sliced_mid > 50  # the second really was cut into slices
+    assert whole.modules.keys() == sliced.modules.keys()
+    for key, m in whole.modules.items():
+        torch.testing.assert_close(sliced.modules[key].a, m.a, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(sliced.modules[key].b, m.b, rtol=1e-5, atol=1e-6)
+        assert m.b.abs().sum() > 0  # LoRA did train
+    if whole.head_weight is not None:
+        torch.testing.assert_close(sliced.head_weight, whole.head_weight, rtol=1e-5, atol=1e-6)
