@@ -87,7 +87,8 @@ def test_topic_classifier_beats_the_majority_class_on_held_out_sentences(server)
     seconds = time.monotonic() - t0
     assert job.state == training_pb2.JOB_STATE_SUCCEEDED, job.error
     head = job.metrics.candidates[0]
-    assert head.name == "HEAD_ONLY" and head.status == "scored"  # the cheapest is always tried
+    # the cheapest is always tried first
+    assert head.method == training_pb2.METHOD_HEAD_ONLY and head.status == "scored"
     assert job.metrics.validation_scheme == "holdout"  # 180 examples: a held-out split is precise enough
     assert seconds < 120
     resp = server.inference.Classify(
