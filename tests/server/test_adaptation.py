@@ -1,9 +1,11 @@
 """Adaptation that measures (issue 16) on a tiny random Llama: small data is cross-validated and every
-candidate reported, noise is rejected, a continued version that forgets its predecessor's task is
-rejected, versions keep their examples, and EvaluateAdapter agrees with PEFT on the exported adapter."""
+candidate reported, a task no frozen-feature head learns gets LoRA, noise is rejected, a continued version
+that forgets its predecessor's task is rejected, versions keep their examples, and EvaluateAdapter agrees
+with PEFT on the exported adapter."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import grpc
@@ -13,10 +15,19 @@ import torch
 from hotlora.v1 import common_pb2, training_pb2
 from tests.server.harness import running_server
 from tests.server.test_training import _export, _peft_probs
-from tests.server.training_utils import MARKER, marker_examples, marker_text, seq_cls, watch
+from tests.server.training_utils import (
+    MARKER,
+    marker_examples,
+    marker_text,
+    pair_examples,
+    seq_cls,
+    watch,
+)
 from tests.tiny import build_tiny_llama, tiny_tokenizer
 
 KFOLD = "kfold"
+HEAD_ONLY, LORA = training_pb2.METHOD_HEAD_ONLY, training_pb2.METHOD_LORA
+LORA_PROGRESSIVE = training_pb2.METHOD_LORA_PROGRESSIVE
 
 
 @pytest.fixture(scope="module")
@@ -75,6 +86,39 @@ def test_shuffled_labels_are_rejected_although_auto_picks_the_best_of_several(se
     m = job.metrics
     assert m.validation_scheme == KFOLD and sum(c.status == "scored" for c in m.candidates) >= 2
     assert "not better" in job.error and m.gate_margin > m.validation_stderr  # best of several asks more
+
+
+def test_auto_promotes_lora_where_no_frozen_head_separates_the_labels(server):
+    # the label is whether the text's two ends agree: the tiny model's random frozen features do not
+    # tell, while LoRA on both its layers learns to attend to the ends (the default, the upper half, is
+    # one layer of two here)
+    train, test = pair_examples(160, seed=1), pair_examples(100, seed=99)  # 160: a split, 32 validate
+    assert not {e.text for e in train} & {e.text for e in test}  # no job sees the held-out examples
+    hp = training_pb2.HyperParameters(learning_rate=1e-2, epochs=30, layers_to_transform=[0, 1], seed=1)
+    job = _job(server, seq_cls("ends", train, hyperparameters=hp))
+    assert job.state == training_pb2.JOB_STATE_SUCCEEDED, job.error
+    m = job.metrics
+    heads = [c for c in m.candidates if c.method == HEAD_ONLY]
+    loras = [c for c in m.candidates if c.method in (LORA, LORA_PROGRESSIVE) and c.status == "scored"]
+    assert len(heads) == 4 and all(c.status == "scored" for c in heads) and loras
+    best = max(loras, key=lambda c: c.score)
+    for head in heads:  # clearly worse: more than three standard errors of the difference below
+        assert best.score - head.score > 3 * math.hypot(best.stderr, head.stderr), (head, best)
+    assert job.method in (LORA, LORA_PROGRESSIVE) and m.winner == best.name
+
+    def held_out(**ref) -> float:
+        return _evaluate(server, examples=test, **ref).accuracy
+
+    auto = held_out(adapter="ends")
+    by_hand = {}
+    for method in (HEAD_ONLY, LORA, LORA_PROGRESSIVE):  # each fixed method, promoted whatever it scores
+        req = seq_cls(f"ends-{method}", train, method=method, promote=training_pb2.PROMOTE_ALWAYS)
+        if method != HEAD_ONLY:
+            req.hyperparameters.CopyFrom(hp)
+        by_hand[method] = held_out(job_id=_job(server, req).id)
+    assert auto >= 0.9 and auto >= max(by_hand.values()) - 0.1, (auto, by_hand)
+    head = by_hand[HEAD_ONLY]  # held out too, the head is more than three standard errors worse
+    assert auto - head > 3 * math.sqrt(head * (1 - head) / len(test)), (auto, by_hand)
 
 
 def test_a_time_budget_keeps_the_cheapest_method_and_says_why_the_rest_were_not_tried(server):

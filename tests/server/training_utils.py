@@ -30,6 +30,23 @@ def marker_examples(n: int, seed: int) -> list[training_pb2.Example]:
     ]
 
 
+def pair_text(rng: random.Random, same: bool) -> str:
+    """`a` or `b`, 12-20 filler characters (with more a's and b's), then the same letter or the other."""
+    first = rng.choice("ab")
+    last = first if same else ("b" if first == "a" else "a")
+    return first + "".join(rng.choice("abcdefgh ") for _ in range(rng.randint(12, 20))) + last
+
+
+def pair_examples(n: int, seed: int) -> list[training_pb2.Example]:
+    """label `yes` iff the first and last characters agree: no token, bag of tokens or random
+    frozen state gives it away, but attention trained to look at both ends does."""
+    rng = random.Random(seed)
+    return [
+        training_pb2.Example(text=pair_text(rng, i % 2 == 0), label="yes" if i % 2 == 0 else "no")
+        for i in range(n)
+    ]
+
+
 def seq_cls(adapter: str, examples, method=training_pb2.METHOD_AUTO, **kw) -> training_pb2.FineTuneRequest:
     return training_pb2.FineTuneRequest(
         adapter=adapter, task=common_pb2.TASK_SEQ_CLS, method=method, examples=examples, **kw
