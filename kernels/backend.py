@@ -26,6 +26,8 @@ class LoraBackend(abc.ABC):
 
     #: the plan types add_lora accepts (what plan and graph_plan return)
     plan_types: tuple[type[LoraPlan], ...] = (LoraPlan,)
+    #: whether banks may be bf16 under fp32 x and y (else x, y and banks share one dtype)
+    bf16_banks: bool = False
 
     @abc.abstractmethod
     def plan(self, token_slots: torch.Tensor, slot_ranks: torch.Tensor) -> LoraPlan:
@@ -99,7 +101,7 @@ class LoraBackend(abc.ABC):
     def check(self, y, x, lora_a, lora_b, scales, batch: LoraPlan, out_offset: int) -> None:
         """Shapes, dtypes and devices of one call, against the plan (ValueError on a mismatch)."""
         self.check_plan(batch)
-        check_add_lora_args(y, x, lora_a, lora_b, scales, batch.num_tokens, out_offset)
+        check_add_lora_args(y, x, lora_a, lora_b, scales, batch.num_tokens, out_offset, self.bf16_banks)
         check_same_device(x.device, y=y, lora_a=lora_a, lora_b=lora_b, scales=scales)
         if isinstance(batch, RowsPlan) and batch.slot_ranks.device != x.device:
             raise ValueError("a rows plan's slot_ranks must live on the compute device")
@@ -134,6 +136,7 @@ class CpuBackend(LoraBackend):
     """torch ops chosen by batch shape (kernels.cpu); runs on any device, tuned for CPU."""
 
     plan_types = (SegmentPlan,)
+    bf16_banks = True  # fp32 x/y with bf16 banks (--weight-dtype bfloat16): widened as they are read
 
     def __init__(self, strategy: str | None = None) -> None:
         self.strategy = strategy  # None: pick per batch; 'single' / 'segments' / 'bmm' to force one

@@ -77,6 +77,8 @@ def add_lora_cpu(
     strategy = strategy or _with_native(choose_cpu_strategy(batch), y, x, lora_a, lora_b)
     if strategy == "native" and not lora_decode.usable(y, x, lora_a, lora_b):
         strategy = choose_cpu_strategy(batch)  # 16-bit or strided tensors: the torch strategy it replaces
+    if strategy in ("dense", "bmm") and lora_a.dtype != x.dtype:  # bf16 banks where the C kernel cannot run
+        lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
     if strategy == "native":
         u = lora_decode.shrink(x, batch.token_slots, lora_a, 1, batch.slot_ranks)
         lora_decode.expand(ys, u, 0, batch.token_slots, lora_b, batch.slot_ranks, scales)
@@ -95,9 +97,16 @@ def add_lora_cpu(
         )
 
 
+# Up to this many tokens on one adapter (decode of a few rows) the C kernel's two calls beat 'single''s
+# GEMMs, which pay ~10 µs of dispatch per op (and a widening copy with bf16 banks).
+NATIVE_SINGLE_MAX_TOKENS = 8
+
+
 def _with_native(strategy: str, y, x, lora_a, lora_b) -> str:
-    """The C kernel instead of the bmm strategies (decode batches of many slots) where it can run."""
-    if strategy in ("dense", "bmm") and lora_decode.usable(y, x, lora_a, lora_b):
+    """The C kernel instead of the bmm strategies (decode batches of many slots), and instead of 'single'
+    for a few tokens, where it can run."""
+    small_single = strategy == "single" and x.shape[0] <= NATIVE_SINGLE_MAX_TOKENS
+    if (strategy in ("dense", "bmm") or small_single) and lora_decode.usable(y, x, lora_a, lora_b):
         return "native"
     return strategy
 
@@ -111,9 +120,9 @@ def _segment_update(
     slot: int,
     rank: int,
 ) -> None:
-    # ys: [n, H_out] view, xs: [n, H_in]
-    v = torch.mm(xs, lora_a[slot, :rank].T)  # [n, r]
-    ys.addmm_(v, lora_b[slot, :, :rank].T, alpha=scale)
+    # ys: [n, H_out] view, xs: [n, H_in]; bf16 banks (--weight-dtype bfloat16) widen one slot's rows
+    v = torch.mm(xs, lora_a[slot, :rank].to(xs.dtype).T)  # [n, r]
+    ys.addmm_(v, lora_b[slot, :, :rank].to(xs.dtype).T, alpha=scale)
 
 
 def _add_by_segments(
@@ -229,21 +238,20 @@ def add_lora_packed_cpu(
     if _with_native(strategy, y, x, lora_a, lora_bs[0]) == "native" and all(
         b.is_contiguous() for b in lora_bs
     ):
-        # one shrink over the packed bank, one expand per slice; per-slot ranks honoured
-        u = lora_decode.shrink(x, batch.token_slots, lora_a, n, batch.slot_ranks)
-        for i, (b, off) in enumerate(zip(lora_bs, out_offsets, strict=True)):
-            ys = y[:, off : off + b.shape[1]]
-            lora_decode.expand(ys, u, i * r_max, batch.token_slots, b, batch.slot_ranks, scales[i])
+        # one shrink over the packed bank, one expand per slice, in one C call; per-slot ranks honoured
+        lora_decode.packed(y, x, batch.token_slots, lora_a, lora_bs, batch.slot_ranks, scales, out_offsets)
         return True
     if batch.max_rank != r_max or any(g.rank != r_max for g in batch.rank_groups):
         return False
     if strategy == "single":
         s = batch.single_slot
-        v = torch.mm(x, lora_a[s].T)  # [T, n·R]: q, k and v (or gate and up) in one GEMM
+        v = torch.mm(x, lora_a[s].to(x.dtype).T)  # [T, n·R]: q, k and v (or gate and up) in one GEMM
         for i, (b, off) in enumerate(zip(lora_bs, out_offsets, strict=True)):
             ys = y[:, off : off + b.shape[1]]
-            ys.addmm_(v[:, i * r_max : (i + 1) * r_max], b[s].T, alpha=float(scales[i, s]))
+            ys.addmm_(v[:, i * r_max : (i + 1) * r_max], b[s].to(x.dtype).T, alpha=float(scales[i, s]))
         return True
+    if lora_a.dtype != x.dtype:  # bf16 banks where the C kernel cannot run: the per-slice path widens
+        return False
     layout = batch.dense
     if strategy != "dense" or layout.tokens is None:
         return False

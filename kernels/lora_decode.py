@@ -1,5 +1,6 @@
 """The CPU path's decode-batch LoRA update in two C calls (`csrc/lora_decode.c`): every token's adapter read
-from the banks in place, per-slot ranks honoured, for fp32 on CPUs that run hotlora's C kernels.
+from the banks in place, per-slot ranks honoured, for fp32 activations on CPUs that run hotlora's C kernels;
+the banks fp32, or bf16 when the model's weights are stored so (`--weight-dtype bfloat16`).
 
 Used by kernels.cpu for the batches its torch strategies would run as gather + bmm or bmm on bank views
 (short segments of many slots: decode), where the adapters' bytes are the whole cost."""
@@ -20,7 +21,9 @@ log = logging.getLogger("hotlora.kernels")
 def usable(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> bool:
     return (
         x.device.type == "cpu"
-        and x.dtype == y.dtype == lora_a.dtype == lora_b.dtype == torch.float32
+        and x.dtype == y.dtype == torch.float32
+        and lora_a.dtype == lora_b.dtype
+        and lora_a.dtype in (torch.float32, torch.bfloat16)  # bf16 banks: with --weight-dtype bfloat16
         and x.stride(-1) == 1
         and y.stride(-1) == 1
         and lora_a.is_contiguous()
@@ -36,7 +39,12 @@ def shrink(x: torch.Tensor, slots: torch.Tensor, lora_a: torch.Tensor, slices: i
     rows = lora_a.shape[1]
     u = torch.empty(tokens, rows, dtype=torch.float32)
     slots, ranks = _i64(slots), _i64(ranks)
-    _library().hotlora_lora_shrink(
+    fn = (
+        _library().hotlora_lora_shrink_bf16
+        if lora_a.dtype == torch.bfloat16
+        else _library().hotlora_lora_shrink
+    )
+    fn(
         x.data_ptr(), tokens, x.stride(0), slots.data_ptr(), lora_a.data_ptr(), rows, k, slices,
         rows // slices, ranks.data_ptr(), u.data_ptr(), _threads(tokens * rows * k),
     )  # fmt: skip
@@ -58,10 +66,59 @@ def expand(
     r_max = lora_b.shape[2]
     slots, ranks = _i64(slots), _i64(ranks)
     scales = scales.to(torch.float32).contiguous()
-    _library().hotlora_lora_expand(
+    fn = (
+        _library().hotlora_lora_expand_bf16
+        if lora_b.dtype == torch.bfloat16
+        else _library().hotlora_lora_expand
+    )
+    fn(
         u.data_ptr(), tokens, u.stride(0), u_offset, slots.data_ptr(), lora_b.data_ptr(), n, r_max,
         ranks.data_ptr(), scales.data_ptr(), ys.data_ptr(), ys.stride(0), _threads(tokens * n * r_max),
     )  # fmt: skip
+
+
+def packed(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    slots: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_bs: tuple[torch.Tensor, ...],
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: tuple[int, ...],
+) -> None:
+    """A fused projection's update in one call: `shrink` over the packed bank [S, n·R, H_in], then `expand`
+    of slice i into y's columns offsets[i]: (lora_bs[i]: [S, H_i, R]; scales: [n, S] float32)."""
+    tokens, k = x.shape
+    n, r_max = len(lora_bs), lora_bs[0].shape[2]
+    pointers, outs, total_out = _slice_table(lora_bs)
+    slots, ranks = _i64(slots), _i64(ranks)
+    scales = scales.to(torch.float32).contiguous()
+    u = torch.empty(tokens, n * r_max, dtype=torch.float32)
+    offs = torch.tensor(offsets, dtype=torch.int64)
+    lib = _library()
+    fn = lib.hotlora_lora_packed_bf16 if lora_a.dtype == torch.bfloat16 else lib.hotlora_lora_packed
+    fn(
+        x.data_ptr(), tokens, x.stride(0), slots.data_ptr(), lora_a.data_ptr(), k, n, r_max,
+        ranks.data_ptr(), u.data_ptr(), pointers.data_ptr(), outs.data_ptr(), offs.data_ptr(),
+        scales.data_ptr(), scales.shape[1], y.data_ptr(), y.stride(0),
+        _threads(tokens * n * r_max * k), _threads(tokens * total_out * r_max),
+    )  # fmt: skip
+
+
+_tables: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, int]] = {}
+
+
+def _slice_table(lora_bs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The slices' bank addresses and output sizes as int64 tensors, made once per set of banks (a server's
+    banks live as long as it does)."""
+    key = tuple(b.data_ptr() for b in lora_bs)
+    table = _tables.get(key)
+    if table is None:
+        outs = [b.shape[1] for b in lora_bs]
+        table = (torch.tensor(key, dtype=torch.int64), torch.tensor(outs, dtype=torch.int64), sum(outs))
+        _tables[key] = table
+    return table
 
 
 def _i64(t: torch.Tensor) -> torch.Tensor:
@@ -86,7 +143,15 @@ def _available() -> bool:
 def _library() -> ctypes.CDLL:
     lib = native.library("lora_decode")
     p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.hotlora_lora_shrink.argtypes = [p, i64, i64, p, p, i64, i64, i64, i64, p, p, c_int]
-    lib.hotlora_lora_expand.argtypes = [p, i64, i64, i64, p, p, i64, i64, p, p, p, i64, c_int]
-    lib.hotlora_lora_shrink.restype = lib.hotlora_lora_expand.restype = c_int
+    for suffix in ("", "_bf16"):
+        shrink, expand = (
+            getattr(lib, "hotlora_lora_shrink" + suffix),
+            getattr(lib, "hotlora_lora_expand" + suffix),
+        )
+        shrink.argtypes = [p, i64, i64, p, p, i64, i64, i64, i64, p, p, c_int]
+        expand.argtypes = [p, i64, i64, i64, p, p, i64, i64, p, p, p, i64, c_int]
+        shrink.restype = expand.restype = c_int
+        fused = getattr(lib, "hotlora_lora_packed" + suffix)
+        fused.argtypes = [p, i64, i64, p, p, i64, i64, i64, p, p, p, p, p, p, i64, p, i64, c_int, c_int]
+        fused.restype = c_int
     return lib

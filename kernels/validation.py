@@ -24,8 +24,10 @@ def check_add_lora_args(
     scales: torch.Tensor,
     num_tokens: int,
     out_offset: int,
+    bf16_banks: bool = False,
 ) -> None:
-    """Shapes and dtypes of one add_lora call (see LoraBackend.add_lora)."""
+    """Shapes and dtypes of one add_lora call (see LoraBackend.add_lora). `bf16_banks`: the backend also
+    takes bf16 banks with fp32 x and y (the CPU path, for --weight-dtype bfloat16)."""
     if x.dim() != 2 or y.dim() != 2:
         raise ValueError(f"x and y must be 2-D [T, H], got x {tuple(x.shape)} and y {tuple(y.shape)}")
     if lora_a.dim() != 3 or lora_b.dim() != 3:
@@ -54,7 +56,10 @@ def check_add_lora_args(
         )
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"x dtype must be one of float32, float16, bfloat16, got {x.dtype}")
-    if not (x.dtype == y.dtype == lora_a.dtype == lora_b.dtype):
+    narrow_banks = (
+        bf16_banks and x.dtype == y.dtype == torch.float32 and lora_a.dtype == lora_b.dtype == torch.bfloat16
+    )
+    if not (x.dtype == y.dtype == lora_a.dtype == lora_b.dtype or narrow_banks):
         raise ValueError(
             f"x, y, lora_a, lora_b must share one dtype, "
             f"got {x.dtype}, {y.dtype}, {lora_a.dtype}, {lora_b.dtype}"

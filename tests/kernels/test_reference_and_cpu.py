@@ -153,3 +153,22 @@ def test_dense_strategy_is_taken_and_matches_reference(slots, dtype):
     plan = case.plan(CpuBackend())
     assert plan.dense is not None and choose_cpu_strategy(plan) == "dense"
     assert_matches_reference(result_of(CpuBackend("dense"), case), expected_of(case))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES + ("single",))
+@pytest.mark.parametrize(
+    "slots", [[0, 1, 1, -1, 3, 3, 3, 2], [2] * 6, list(range(5))], ids=["mixed", "one", "decode"]
+)
+def test_bf16_banks_under_fp32_activations_equal_the_widened_banks(strategy, slots):
+    # --weight-dtype bfloat16 stores the banks as the weights: every strategy reads them widened to fp32
+    case = make_case(torch.tensor(slots))
+    a16, b16 = case.lora_a.to(torch.bfloat16), case.lora_b.to(torch.bfloat16)
+    want = case.y.clone()
+    ref = TorchReferenceBackend()
+    ref.add_lora(want, case.x, a16.float(), b16.float(), case.scales, case.plan(ref))
+    got = case.y.clone()
+    backend = CpuBackend(strategy)
+    backend.add_lora(got, case.x, a16, b16, case.scales, case.plan(backend))
+    assert_matches_reference(got, want)
+    with pytest.raises(ValueError, match="share one dtype"):  # the reference backend takes one dtype only
+        ref.add_lora(case.y.clone(), case.x, a16, b16, case.scales, case.plan(ref))

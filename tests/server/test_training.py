@@ -48,6 +48,7 @@ def _classify(run, ref, texts=TEXTS):
 
 
 def _peft_probs(adapter_dir, labels, texts=TEXTS, bf16_matrices: bool = False):
+    """PEFT's class probabilities; `bf16_matrices`: as --weight-dtype bfloat16 serves them."""
     from peft import PeftModel
     from transformers import LlamaForSequenceClassification
 
@@ -57,6 +58,11 @@ def _peft_probs(adapter_dir, labels, texts=TEXTS, bf16_matrices: bool = False):
         state = {k: v.to(torch.bfloat16).float() if v.ndim == 2 else v for k, v in state.items()}
     base.model.load_state_dict(state)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    if bf16_matrices:  # and the adapters' A and B, in bf16 banks like the weights (the head stays fp32)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.copy_(p.to(torch.bfloat16).float())
     tok = tiny_tokenizer()
     out = []
     with torch.no_grad():
