@@ -5,23 +5,15 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 
 import torch
 
 from . import native
 
-log = logging.getLogger("hotlora.kernels")
-
 
 @functools.cache
 def available() -> bool:
-    try:
-        _library()
-    except native.Unavailable as exc:  # the torch ops are correct too, only slower
-        log.warning("RMSNorm and RoPE run through torch: %s", exc)
-        return False
-    return True
+    return native.loads_or_warns(_library, "RMSNorm and RoPE run through torch")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 
 import torch
 
 from . import native
-
-log = logging.getLogger("hotlora.kernels")
 
 
 def usable(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> bool:
@@ -131,12 +128,7 @@ def _threads(work: int) -> int:
 
 @functools.cache
 def _available() -> bool:
-    try:
-        _library()
-    except native.Unavailable as exc:  # the torch strategies are correct too, only slower
-        log.warning("decode LoRA runs through torch: %s", exc)
-        return False
-    return True
+    return native.loads_or_warns(_library, "decode LoRA runs through torch")
 
 
 @functools.cache

@@ -11,12 +11,14 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
+log = logging.getLogger("hotlora.kernels")
 CSRC = Path(__file__).with_name("csrc")
 # -ffp-contract=off: a multiply and an add written apart stay two roundings, as in torch's ops
 FLAGS = (
@@ -82,3 +84,14 @@ def library(name: str) -> ctypes.CDLL:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return ctypes.CDLL(str(target))
+
+
+def loads_or_warns(load, fallback: str) -> bool:
+    """Whether `load()` (a kernel module's library loader) succeeds; if not, one warning naming the torch
+    path that serves instead (`fallback`) and the reason. The torch paths are correct too, only slower."""
+    try:
+        load()
+    except Unavailable as exc:
+        log.warning("%s: %s", fallback, exc)
+        return False
+    return True

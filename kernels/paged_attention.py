@@ -5,13 +5,10 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 
 import torch
 
 from . import native
-
-log = logging.getLogger("hotlora.kernels")
 
 
 def usable(q: torch.Tensor, k_pool: torch.Tensor) -> bool:
@@ -66,12 +63,7 @@ def decode(
 
 @functools.cache
 def _available() -> bool:
-    try:
-        _library()
-    except native.Unavailable as exc:  # the torch path is correct too, only slower
-        log.warning("decode attention runs through torch: %s", exc)
-        return False
-    return True
+    return native.loads_or_warns(_library, "decode attention runs through torch")
 
 
 @functools.cache

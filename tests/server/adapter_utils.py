@@ -66,3 +66,10 @@ def peft_greedy(adapter_dir: Path, prompt_ids: list[int], max_new_tokens: int) -
             pad_token_id=3,
         )
     return out[0, len(prompt_ids) :].tolist()
+
+
+def make_seq_cls_adapter(out_dir: Path) -> Path:
+    """The tests' 3-label classification adapter: rank 4 on q_proj and v_proj, seed 7."""
+    return make_peft_adapter(
+        out_dir, seed=7, task="SEQ_CLS", num_labels=3, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]
+    )

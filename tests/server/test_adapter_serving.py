@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hotlora.v1 import adapters_pb2, common_pb2, inference_pb2
-from tests.server.adapter_utils import make_peft_adapter, peft_greedy, upload_chunks
+from tests.server.adapter_utils import make_peft_adapter, make_seq_cls_adapter, peft_greedy, upload_chunks
 from tests.server.harness import running_server
 from tests.tiny import build_tiny_llama, tiny_tokenizer
 
@@ -86,15 +86,7 @@ def test_seq_cls_adapter_probabilities_match_peft(server, tmp_path):
 
     from tests.tiny import tiny_llama_config
 
-    d = make_peft_adapter(
-        tmp_path / "cls",
-        seed=7,
-        task="SEQ_CLS",
-        num_labels=3,
-        r=4,
-        lora_alpha=8,
-        target_modules=["q_proj", "v_proj"],
-    )
+    d = make_seq_cls_adapter(tmp_path / "cls")
     labels = ["neg", "neu", "pos"]
     a = server.adapters.UploadAdapter(upload_chunks("sentiment", d, labels=labels))
     assert a.task == common_pb2.TASK_SEQ_CLS and list(a.labels) == labels

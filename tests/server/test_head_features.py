@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from hotlora.v1 import adapters_pb2, common_pb2, inference_pb2
-from tests.server.adapter_utils import make_peft_adapter
+from tests.server.adapter_utils import make_seq_cls_adapter
 from tests.server.harness import running_server
 from tests.server.test_training import _peft_probs
 from tests.tiny import build_tiny_llama, tiny_tokenizer
@@ -33,15 +33,7 @@ def server(request, tiny_model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory) -> Path:
-    return make_peft_adapter(
-        tmp_path_factory.mktemp("peft") / "c",
-        seed=7,
-        task="SEQ_CLS",
-        num_labels=3,
-        r=4,
-        lora_alpha=8,
-        target_modules=["q_proj", "v_proj"],
-    )
+    return make_seq_cls_adapter(tmp_path_factory.mktemp("peft") / "c")
 
 
 def _chunks(name: str, files: dict[str, bytes]):

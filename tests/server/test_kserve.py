@@ -17,7 +17,7 @@ from tritonclient.utils import InferenceServerException
 
 from hotlora.server.rpc import kserve_conversion as kc
 from hotlora.v1 import common_pb2, inference_pb2
-from tests.server.adapter_utils import make_peft_adapter
+from tests.server.adapter_utils import make_peft_adapter, make_seq_cls_adapter
 from tests.server.harness import running_server
 
 ALICE, BOB = "alice-token", "bob-token"
@@ -66,15 +66,7 @@ def gen_adapter(server, client, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cls_adapter(server, client, tmp_path_factory):
-    d = make_peft_adapter(
-        tmp_path_factory.mktemp("peft") / "c",
-        seed=7,
-        task="SEQ_CLS",
-        num_labels=3,
-        r=4,
-        lora_alpha=8,
-        target_modules=["q_proj", "v_proj"],
-    )
+    d = make_seq_cls_adapter(tmp_path_factory.mktemp("peft") / "c")
     client.load_model("sentiment", headers=H, config=json.dumps({"labels": LABELS}), files=_files(d))
     return "sentiment"
 

@@ -72,6 +72,13 @@ def _model_dir(tmp_path, config):
     return model, path
 
 
+EACH_FAMILY = pytest.mark.parametrize(
+    "make_config",
+    [_llama3_rope, _mistral_sliding, _qwen2_biases_and_window],
+    ids=["llama-llama3-rope-tied-bias", "mistral-sliding-window", "qwen2-biases-window-layers"],
+)
+
+
 def _greedy_through_engine(runner, tok, prompts, n=NEW_TOKENS) -> list[list[int]]:
     eng = Engine(runner, tok)
     eng.start()
@@ -84,11 +91,7 @@ def _greedy_through_engine(runner, tok, prompts, n=NEW_TOKENS) -> list[list[int]
         eng.stop()
 
 
-@pytest.mark.parametrize(
-    "make_config",
-    [_llama3_rope, _mistral_sliding, _qwen2_biases_and_window],
-    ids=["llama-llama3-rope-tied-bias", "mistral-sliding-window", "qwen2-biases-window-layers"],
-)
+@EACH_FAMILY
 def test_fp32_greedy_equals_generate_for_each_family(tmp_path, make_config):
     model, path = _model_dir(tmp_path, make_config())
     loaded = load_model(str(path), str(tmp_path / "cache"), device="cpu", dtype="float32")
@@ -109,11 +112,7 @@ def _round_matrices_to_bf16(model) -> None:
 
 
 @pytest.mark.skipif(bf16_weights.unavailable_reason() is not None, reason="no bf16-weight kernel here")
-@pytest.mark.parametrize(
-    "make_config",
-    [_llama3_rope, _mistral_sliding, _qwen2_biases_and_window],
-    ids=["llama-llama3-rope-tied-bias", "mistral-sliding-window", "qwen2-biases-window-layers"],
-)
+@EACH_FAMILY
 def test_bf16_stored_weights_decode_as_generate_on_the_same_rounded_weights(tmp_path, make_config):
     # the kernel widens bf16 to fp32 exactly and accumulates in fp32, so the only change from the fp32
     # runner is the rounding of the stored weights: on those same weights, transformers decodes the same
