@@ -88,11 +88,10 @@ def packed(
     of slice i into y's columns offsets[i]: (lora_bs[i]: [S, H_i, R]; scales: [n, S] float32)."""
     tokens, k = x.shape
     n, r_max = len(lora_bs), lora_bs[0].shape[2]
-    pointers, outs, total_out = _slice_table(lora_bs)
+    pointers, outs, offs, total_out = _slice_table(lora_bs, offsets)
     slots, ranks = _i64(slots), _i64(ranks)
     scales = scales.to(torch.float32).contiguous()
     u = torch.empty(tokens, n * r_max, dtype=torch.float32)
-    offs = torch.tensor(offsets, dtype=torch.int64)
     lib = _library()
     fn = lib.hotlora_lora_packed_bf16 if lora_a.dtype == torch.bfloat16 else lib.hotlora_lora_packed
     fn(
@@ -103,17 +102,22 @@ def packed(
     )  # fmt: skip
 
 
-_tables: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, int]] = {}
+_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = {}
 
 
-def _slice_table(lora_bs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """The slices' bank addresses and output sizes as int64 tensors, made once per set of banks (a server's
-    banks live as long as it does)."""
-    key = tuple(b.data_ptr() for b in lora_bs)
+def _slice_table(lora_bs: tuple[torch.Tensor, ...], offsets: tuple[int, ...]):
+    """The slices' bank addresses, output sizes and output offsets as int64 tensors, and the total output,
+    made once per set of banks (a server's banks live as long as it does)."""
+    key = (*(b.data_ptr() for b in lora_bs), *offsets)
     table = _tables.get(key)
     if table is None:
         outs = [b.shape[1] for b in lora_bs]
-        table = (torch.tensor(key, dtype=torch.int64), torch.tensor(outs, dtype=torch.int64), sum(outs))
+        table = (
+            torch.tensor([b.data_ptr() for b in lora_bs], dtype=torch.int64),
+            torch.tensor(outs, dtype=torch.int64),
+            torch.tensor(offsets, dtype=torch.int64),
+            sum(outs),
+        )
         _tables[key] = table
     return table
 

@@ -62,8 +62,8 @@ def library(name: str) -> ctypes.CDLL:
     if why is not None:
         raise Unavailable(f"hotlora's CPU kernel {name} cannot run here: {why}")
     source_path = CSRC / f"{name}.c"
-    source = source_path.read_bytes()
-    digest = hashlib.sha256(source + " ".join(FLAGS).encode()).hexdigest()[:16]
+    headers = b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))  # what the sources include
+    digest = hashlib.sha256(source_path.read_bytes() + headers + " ".join(FLAGS).encode()).hexdigest()[:16]
     target = cache_dir() / f"{name}-{digest}.so"
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)

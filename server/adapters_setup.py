@@ -47,9 +47,14 @@ def setup_adapters(cfg: ServerConfig, loaded: LoadedModel, observer: AdapterObse
         shapes = runner.projection_shapes()
         layout = {proj: (shapes[proj][0], FUSED[proj], shapes[proj][1]) for proj in FUSED}
         # the banks are stored as the base weights are: bf16 under --weight-dtype bfloat16, read widened
-        bank_dtype = runner.w.embed.dtype
         ctx, by_key = make_lora_sites(
-            layout, base.num_layers, targets, cfg.adapter_slots, cfg.max_rank, loaded.device, bank_dtype
+            layout,
+            base.num_layers,
+            targets,
+            cfg.adapter_slots,
+            cfg.max_rank,
+            loaded.device,
+            runner.w.stored_dtype,
         )
         runner.sites = by_key
         sites = list(by_key.values())

@@ -15,6 +15,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "sums16.h"
+
 #define AI static inline __attribute__((always_inline))
 
 AI void load_w(const uint16_t* row, int64_t k, int64_t K, __m512* we, __m512* wo) {
@@ -46,32 +48,6 @@ AI void tile_stream(const float* xd, const uint16_t* W, int64_t K, int64_t n0, i
   for (int j = 0; j < NB; j++) store_y(acc[j], y + n0 + j, bias, n0 + j);
 }
 
-// Lane i of the result is the sum of the 16 lanes of a_i: adds of pairs at each level of a tree that halves
-// the vectors while it transposes them (15 adds and 30 shuffles for 16 sums, against ~4 shuffles and 4 adds
-// per sum one by one).
-AI __m512 pair_sum(__m512 a, __m512 b) {  // lanes: per 128-bit quarter, [a0+a2, b0+b2, a1+a3, b1+b3]
-  return _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-}
-AI __m512 quad_sum(__m512 ab, __m512 cd) {  // per quarter: [a, b, c, d] partial sums
-  __m512d x = _mm512_castps_pd(ab), y = _mm512_castps_pd(cd);
-  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-}
-AI __m512 reduce16(__m512 a0, __m512 a1, __m512 a2, __m512 a3, __m512 a4, __m512 a5, __m512 a6, __m512 a7,
-                   __m512 a8, __m512 a9, __m512 a10, __m512 a11, __m512 a12, __m512 a13, __m512 a14,
-                   __m512 a15) {
-  // each quarter q of r0 holds the quarter-q partial sums of a0..a3, and so on
-  __m512 r0 = quad_sum(pair_sum(a0, a1), pair_sum(a2, a3));
-  __m512 r1 = quad_sum(pair_sum(a4, a5), pair_sum(a6, a7));
-  __m512 r2 = quad_sum(pair_sum(a8, a9), pair_sum(a10, a11));
-  __m512 r3 = quad_sum(pair_sum(a12, a13), pair_sum(a14, a15));
-  // add the four quarters: bring quarter q of every r into one vector per q, then add
-  __m512 t0 = _mm512_shuffle_f32x4(r0, r1, 0x44), t1 = _mm512_shuffle_f32x4(r0, r1, 0xEE);
-  __m512 t2 = _mm512_shuffle_f32x4(r2, r3, 0x44), t3 = _mm512_shuffle_f32x4(r2, r3, 0xEE);
-  __m512 u0 = _mm512_add_ps(t0, t1), u1 = _mm512_add_ps(t2, t3);  // quarters: [r0 q0+q2, r0 q1+q3, r1.., r1..]
-  __m512 v0 = _mm512_shuffle_f32x4(u0, u1, 0x88), v1 = _mm512_shuffle_f32x4(u0, u1, 0xDD);
-  return _mm512_add_ps(v0, v1);  // quarters: r0, r1, r2, r3 totals -> a0..a15 in lane order
-}
-
 // MB rows of x against NB rows of W already widened into wb (same even/odd layout as xd).
 AI void tile_widened(const float* xd, int64_t Kp, const float* wb, int64_t n0, int64_t m0, int MB, int NB,
                      float* y, int64_t N, const float* bias) {
@@ -87,9 +63,7 @@ AI void tile_widened(const float* xd, int64_t Kp, const float* wb, int64_t n0, i
     }
   }
   if (MB == 4 && NB == 4) {  // the common tile: its 16 sums in one transposing tree, no scalar reductions
-    __m512 sums = reduce16(acc[0][0], acc[0][1], acc[0][2], acc[0][3], acc[1][0], acc[1][1], acc[1][2],
-                           acc[1][3], acc[2][0], acc[2][1], acc[2][2], acc[2][3], acc[3][0], acc[3][1],
-                           acc[3][2], acc[3][3]);
+    __m512 sums = reduce16(&acc[0][0]);  // acc[i][j] in row-major order: lane 4 i + j
     float out[16];
     _mm512_storeu_ps(out, sums);
     for (int i = 0; i < 4; i++)

@@ -10,6 +10,8 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include "sums16.h"
+
 #define AI static inline __attribute__((always_inline))
 
 // 16 bank values (m: which of them) as fp32, from an fp32 bank or a bf16 one (--weight-dtype bfloat16)
@@ -31,25 +33,6 @@ AI __m512 load_bf16(__mmask16 m, const uint16_t* p) {
   }
 DEFINE_DOT(dot_f32, float, load_f32)
 DEFINE_DOT(dot_bf16, uint16_t, load_bf16)
-
-AI __m512 pair_sum(__m512 a, __m512 b) {
-  return _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-}
-AI __m512 quad_sum(__m512 ab, __m512 cd) {
-  __m512d x = _mm512_castps_pd(ab), y = _mm512_castps_pd(cd);
-  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
-}
-// lane i = sum of the 16 lanes of v[i]
-AI __m512 reduce16(const __m512* v) {
-  __m512 r0 = quad_sum(pair_sum(v[0], v[1]), pair_sum(v[2], v[3]));
-  __m512 r1 = quad_sum(pair_sum(v[4], v[5]), pair_sum(v[6], v[7]));
-  __m512 r2 = quad_sum(pair_sum(v[8], v[9]), pair_sum(v[10], v[11]));
-  __m512 r3 = quad_sum(pair_sum(v[12], v[13]), pair_sum(v[14], v[15]));
-  __m512 t0 = _mm512_shuffle_f32x4(r0, r1, 0x44), t1 = _mm512_shuffle_f32x4(r0, r1, 0xEE);
-  __m512 t2 = _mm512_shuffle_f32x4(r2, r3, 0x44), t3 = _mm512_shuffle_f32x4(r2, r3, 0xEE);
-  __m512 u0 = _mm512_add_ps(t0, t1), u1 = _mm512_add_ps(t2, t3);
-  return _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, 0x88), _mm512_shuffle_f32x4(u0, u1, 0xDD));
-}
 
 #define DEFINE_SHRINK(NAME, T, DOT) \
 int NAME(const float* x, int64_t tokens, int64_t x_row, const int64_t* slots, const T* a,                             \

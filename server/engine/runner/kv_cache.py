@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from hotlora.kernels import decoder_ops
+
 NULL_BLOCK = 0
 
 
@@ -55,6 +57,8 @@ class KVPool:
         self.v = [self.data[i, 1] for i in range(num_layers)]
         self.block_size = config.block_size
         self.bytes_per_token = 2 * num_layers * kv_heads * head_dim * self.data.element_size()
+        # fp32 on a CPU where hotlora's C kernels run: one memcpy per row instead of two index_copy_ calls
+        self._native = self.data.device.type == "cpu" and dtype == torch.float32 and decoder_ops.available()
         self.zero_blocks([NULL_BLOCK])
 
     def zero_blocks(self, blocks: list[int]) -> None:
@@ -66,8 +70,18 @@ class KVPool:
 
     def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [T, kv_heads, head_dim] of the step's tokens; slot_mapping: [T] pool positions."""
+        if self._native and _rows_alike(k, v):
+            decoder_ops.kv_write(k, v, slot_mapping, self.k[layer], self.v[layer])
+            return
         self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
         self.v[layer].view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)
+
+
+def _rows_alike(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Each row of k and of v is kv_heads x d contiguous floats, both with one row stride (the runner's views
+    of its fused q/k/v rows): what the C copy reads."""
+    d = k.shape[2]
+    return k.stride()[1:] == v.stride()[1:] == (d, 1) and k.stride(0) == v.stride(0)
 
 
 @dataclass

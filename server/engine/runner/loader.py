@@ -96,7 +96,7 @@ def _assemble(spec, weights, config, dtype, device, kv_bytes, block_size) -> Run
     pool = KVPool(spec.num_layers, kv, spec.num_kv_heads, spec.head_dim, dtype, device)
     runner = Runner(spec, weights, config, pool)
     runner.kv_config = kv
-    stored = weights.embed.dtype
+    stored = weights.stored_dtype
     log.info(
         "runner: %s, %d layers, %s on %s, weights %.0f MiB, KV cache %d blocks x %d tokens (%d B/token)",
         spec.family,

@@ -82,7 +82,7 @@ class Runner(nn.Module):
         self.dtype = weights.compute_dtype
         self.device = weights.embed.device
         self.linear = _linear_for(weights)
-        # the C ops for RMSNorm, RoPE and the KV write: fp32 on a CPU where hotlora's kernels run
+        # the C ops for RMSNorm and RoPE: fp32 on a CPU where hotlora's kernels run
         self._native_ops = (
             self.device.type == "cpu" and self.dtype == torch.float32 and decoder_ops.available()
         )
@@ -104,10 +104,7 @@ class Runner(nn.Module):
         native = self._native_ops and not torch.is_grad_enabled()
 
         def attend(i: int, q, k, v):
-            if native:
-                decoder_ops.kv_write(k, v, meta.slot_mapping, pool.k[i], pool.v[i])
-            else:
-                pool.write(i, meta.slot_mapping, k, v)
+            pool.write(i, meta.slot_mapping, k, v)
             return paged_attention(
                 q, k, v, pool.k[i], pool.v[i], meta, self.scale, self.spec.sliding_windows[i]
             )
@@ -163,8 +160,8 @@ class Runner(nn.Module):
         taps: dict | None = None,
         native: bool = False,
     ) -> torch.Tensor:
-        """`native`: RMSNorm, RoPE (and, in `attend`, the KV write) as hotlora's C ops, in place where torch
-        would allocate: serving only, never under autograd."""
+        """`native`: RMSNorm and RoPE as hotlora's C ops, in place where torch would allocate: serving only,
+        never under autograd."""
         spec, w = self.spec, self.w
         h = F.embedding(token_ids, w.embed).to(self.dtype)
         eps, heads, kv_heads, d = spec.rms_norm_eps, spec.num_heads, spec.num_kv_heads, spec.head_dim
@@ -216,7 +213,7 @@ class Runner(nn.Module):
 
 def _linear_for(weights: RunnerWeights) -> Callable:
     """F.linear, or the bf16-weight kernel when the matrices are stored narrower than the compute dtype."""
-    if weights.embed.dtype == weights.compute_dtype:
+    if weights.stored_dtype == weights.compute_dtype:
         return F.linear
     return bf16_weights.linear
 

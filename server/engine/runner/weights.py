@@ -53,6 +53,11 @@ class RunnerWeights:
         return self.norm.dtype
 
     @property
+    def stored_dtype(self) -> torch.dtype:
+        """How the matrices are kept: the compute dtype, or bf16 under fp32 (--weight-dtype bfloat16)."""
+        return self.embed.dtype
+
+    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
