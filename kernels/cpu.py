@@ -20,10 +20,11 @@ Three strategies, measured on a 2-core Xeon at SmolLM2-135M shapes (benchmarks/k
 from the benchmark. Per-slot ranks are honoured by slicing (``A[s, :r_s]``), never by paying R_max.
 16-bit inputs run the GEMMs in their dtype (oneDNN accumulates in fp32).
 
-* ``native`` (kernels/lora_decode.py, fp32 where hotlora's C kernels run): replaces ``dense`` and ``bmm``.
-  Two C calls read each token's adapter rows from the banks in place at that slot's own rank, so mixed
-  ranks cost their own bytes, not a gather per rank group (32 rows of ranks 4-64: 3.3x -> 1.2x the base
-  linears, one thread).
+* ``native`` (kernels/lora_decode.py, fp32 where hotlora's C kernels run): replaces ``dense`` and ``bmm``,
+  ``single`` up to 32 tokens and ``segments`` whose mean length is at most 64 tokens. Two C calls read each
+  run of tokens on one slot from the banks in place at that slot's own rank, so mixed ranks cost their own
+  bytes, not a gather per rank group (32 rows of ranks 4-64: 3.3x -> 1.2x the base linears, one thread),
+  and a prefill of many adapters pays no dispatch per segment (32 prompts x 14 tokens: 2.8x faster).
 
 Decode with 32 distinct rank-16 adapters costs ~2x the base linears: 32 adapters' A and B hold more bytes
 than the base weight matrix, and decode is memory bound, so no strategy gets far below 1x there.
@@ -74,7 +75,7 @@ def add_lora_cpu(
     if not batch.has_lora:
         return
     ys = y[:, out_offset : out_offset + lora_b.shape[1]]
-    strategy = strategy or _with_native(choose_cpu_strategy(batch), y, x, lora_a, lora_b)
+    strategy = strategy or pick_cpu_strategy(batch, y, x, lora_a, lora_b)
     if strategy == "native" and not lora_decode.usable(y, x, lora_a, lora_b):
         strategy = choose_cpu_strategy(batch)  # 16-bit or strided tensors: the torch strategy it replaces
     if strategy in ("dense", "bmm") and lora_a.dtype != x.dtype:  # bf16 banks where the C kernel cannot run
@@ -97,16 +98,26 @@ def add_lora_cpu(
         )
 
 
-# Up to this many tokens on one adapter (decode of a few rows) the C kernel's two calls beat 'single''s
-# GEMMs, which pay ~10 µs of dispatch per op (and a widening copy with bf16 banks).
-NATIVE_SINGLE_MAX_TOKENS = 8
+# Where the C kernel beats torch's GEMMs (benchmarks/kernels.py, 2 threads, SmolLM2 shapes): it reads each
+# run of tokens on one slot once and keeps those rows in cache for the run, at ~75 GFLOPS; torch pays ~10 µs
+# of dispatch per op and per segment but runs long segments at GEMM speed. Measured crossovers: one adapter,
+# 32-48 tokens; many adapters, 64-96 tokens per segment (32 prompts of 14 tokens: 2.8x faster in C).
+NATIVE_SINGLE_MAX_TOKENS = 32
+NATIVE_MAX_MEAN_SEGMENT = 64
 
 
-def _with_native(strategy: str, y, x, lora_a, lora_b) -> str:
-    """The C kernel instead of the bmm strategies (decode batches of many slots), and instead of 'single'
-    for a few tokens, where it can run."""
-    small_single = strategy == "single" and x.shape[0] <= NATIVE_SINGLE_MAX_TOKENS
-    if (strategy in ("dense", "bmm") or small_single) and lora_decode.usable(y, x, lora_a, lora_b):
+def pick_cpu_strategy(batch: SegmentPlan, y, x, lora_a, lora_b) -> str:
+    """:func:`choose_cpu_strategy`, with the C kernel ('native') instead of the bmm strategies (decode
+    batches of many slots), of 'single' for a few tokens, and of 'segments' when they are short (prefill
+    of many adapters), where it can run on these tensors."""
+    strategy = choose_cpu_strategy(batch)
+    if strategy == "single":
+        wanted = x.shape[0] <= NATIVE_SINGLE_MAX_TOKENS
+    elif strategy == "segments":
+        wanted = batch.num_lora_tokens <= NATIVE_MAX_MEAN_SEGMENT * batch.num_segments
+    else:
+        wanted = strategy in ("dense", "bmm")
+    if wanted and lora_decode.usable(y, x, lora_a, lora_b):
         return "native"
     return strategy
 
@@ -234,13 +245,15 @@ def add_lora_packed_cpu(
     add_lora per slice, which honours per-slot ranks. See LoraBackend.add_lora_packed for the shapes."""
     n = len(lora_bs)
     r_max = lora_a.shape[1] // n
-    strategy = choose_cpu_strategy(batch)
-    if _with_native(strategy, y, x, lora_a, lora_bs[0]) == "native" and all(
-        b.is_contiguous() for b in lora_bs
-    ):
-        # one shrink over the packed bank, one expand per slice, in one C call; per-slot ranks honoured
-        lora_decode.packed(y, x, batch.token_slots, lora_a, lora_bs, batch.slot_ranks, scales, out_offsets)
-        return True
+    strategy = pick_cpu_strategy(batch, y, x, lora_a, lora_bs[0])
+    if strategy == "native":
+        if all(b.is_contiguous() for b in lora_bs):
+            # one shrink over the packed bank, one expand per slice, in one C call; per-slot ranks honoured
+            lora_decode.packed(
+                y, x, batch.token_slots, lora_a, lora_bs, batch.slot_ranks, scales, out_offsets
+            )
+            return True
+        strategy = choose_cpu_strategy(batch)
     if batch.max_rank != r_max or any(g.rank != r_max for g in batch.rank_groups):
         return False
     if strategy == "single":

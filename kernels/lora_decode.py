@@ -1,9 +1,10 @@
-"""The CPU path's decode-batch LoRA update in two C calls (`csrc/lora_decode.c`): every token's adapter read
-from the banks in place, per-slot ranks honoured, for fp32 activations on CPUs that run hotlora's C kernels;
-the banks fp32, or bf16 when the model's weights are stored so (`--weight-dtype bfloat16`).
+"""The CPU path's multi-LoRA update of batches of short segments in C (`csrc/lora_decode.c`): each run of
+tokens on one slot reads its adapter from the banks in place, once, per-slot ranks honoured, for fp32
+activations on CPUs that run hotlora's C kernels; the banks fp32, or bf16 when the model's weights are stored
+so (`--weight-dtype bfloat16`).
 
-Used by kernels.cpu for the batches its torch strategies would run as gather + bmm or bmm on bank views
-(short segments of many slots: decode), where the adapters' bytes are the whole cost."""
+Used by kernels.cpu for decode batches (one token per slot, where the adapters' bytes are the whole cost) and
+prefills of many adapters or few tokens (where torch would pay its dispatch per segment)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def shrink(x: torch.Tensor, slots: torch.Tensor, lora_a: torch.Tensor, slices: i
     fn(
         x.data_ptr(), tokens, x.stride(0), slots.data_ptr(), lora_a.data_ptr(), rows, k, slices,
         rows // slices, ranks.data_ptr(), u.data_ptr(), _threads(tokens * rows * k),
-    )  # fmt: skip
+    ) and _out_of_memory(tokens)  # fmt: skip
     return u
 
 
@@ -71,7 +72,7 @@ def expand(
     fn(
         u.data_ptr(), tokens, u.stride(0), u_offset, slots.data_ptr(), lora_b.data_ptr(), n, r_max,
         ranks.data_ptr(), scales.data_ptr(), ys.data_ptr(), ys.stride(0), _threads(tokens * n * r_max),
-    )  # fmt: skip
+    ) and _out_of_memory(tokens)  # fmt: skip
 
 
 def packed(
@@ -99,7 +100,7 @@ def packed(
         ranks.data_ptr(), u.data_ptr(), pointers.data_ptr(), outs.data_ptr(), offs.data_ptr(),
         scales.data_ptr(), scales.shape[1], y.data_ptr(), y.stride(0),
         _threads(tokens * n * r_max * k), _threads(tokens * total_out * r_max),
-    )  # fmt: skip
+    ) and _out_of_memory(tokens)  # fmt: skip
 
 
 _tables: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = {}
@@ -120,6 +121,11 @@ def _slice_table(lora_bs: tuple[torch.Tensor, ...], offsets: tuple[int, ...]):
         )
         _tables[key] = table
     return table
+
+
+def _out_of_memory(tokens: int) -> None:
+    # the kernels return -1 only when the heap cannot hold their table of token runs
+    raise MemoryError(f"the LoRA kernel could not allocate its table of runs for {tokens} tokens")
 
 
 def _i64(t: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@
 // of length R come out 16 at a time from one transposing add tree instead of 16 scalar reductions.
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "sums16.h"
 
@@ -34,57 +35,128 @@ AI __m512 load_bf16(__mmask16 m, const uint16_t* p) {
 DEFINE_DOT(dot_f32, float, load_f32)
 DEFINE_DOT(dot_bf16, uint16_t, load_bf16)
 
-#define DEFINE_SHRINK(NAME, T, DOT) \
+// One weight row against four tokens' x rows (stride xs): the row is read once for the four, and four
+// independent sums keep the FMA units busy where one dependent chain would wait on each add.
+#define DEFINE_DOT4(NAME, T, LOAD)                                                                         \
+  AI void NAME(const T* a, const float* x, int64_t xs, int64_t n, float* out, int64_t os) {                  \
+    __m512 c0 = _mm512_setzero_ps(), c1 = c0, c2 = c0, c3 = c0;                                              \
+    int64_t i = 0;                                                                                           \
+    for (; i + 16 <= n; i += 16) {                                                                           \
+      __m512 w = LOAD(0xFFFF, a + i);                                                                        \
+      c0 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + i), c0);                                                   \
+      c1 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + xs + i), c1);                                              \
+      c2 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 2 * xs + i), c2);                                          \
+      c3 = _mm512_fmadd_ps(w, _mm512_loadu_ps(x + 3 * xs + i), c3);                                          \
+    }                                                                                                        \
+    if (i < n) {                                                                                             \
+      __mmask16 m = (__mmask16)((1u << (n - i)) - 1);                                                        \
+      __m512 w = LOAD(m, a + i);                                                                             \
+      c0 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m, x + i), c0);                                          \
+      c1 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m, x + xs + i), c1);                                     \
+      c2 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m, x + 2 * xs + i), c2);                                 \
+      c3 = _mm512_fmadd_ps(w, _mm512_maskz_loadu_ps(m, x + 3 * xs + i), c3);                                 \
+    }                                                                                                        \
+    out[0] = _mm512_reduce_add_ps(c0);                                                                       \
+    out[os] = _mm512_reduce_add_ps(c1);                                                                      \
+    out[2 * os] = _mm512_reduce_add_ps(c2);                                                                  \
+    out[3 * os] = _mm512_reduce_add_ps(c3);                                                                  \
+  }
+DEFINE_DOT4(dot4_f32, float, load_f32)
+DEFINE_DOT4(dot4_bf16, uint16_t, load_bf16)
+
+// Work is split into pieces: runs of consecutive tokens on one slot (a prefill chunk; a single token at
+// decode), cut at PIECE tokens so a long run still spreads over the threads. A piece reads its adapter's
+// rows once from memory; its other tokens find them in cache.
+#define PIECE 16
+
+// starts[0..n) the first token of each piece, starts[n] = tokens; starts holds tokens + 1 entries
+static int64_t pieces_of(const int64_t* slots, int64_t tokens, int64_t* starts) {
+  int64_t n = 0;
+  for (int64_t t = 0; t < tokens; t++)
+    if (t == 0 || slots[t] != slots[t - 1] || t - starts[n - 1] >= PIECE) starts[n++] = t;
+  starts[n] = tokens;
+  return n;
+}
+
+// Scratch for the piece table: on the stack for decode-sized batches, from the heap past that.
+#define WITH_PIECES(slots, tokens, starts, n, ...)                                 \
+  do {                                                                              \
+    int64_t small_[257];                                                            \
+    int64_t* starts = (tokens) < 257 ? small_ : malloc(((tokens) + 1) * sizeof(int64_t)); \
+    if (!starts) return -1;                                                         \
+    int64_t n = pieces_of(slots, tokens, starts);                                   \
+    __VA_ARGS__;                                                                    \
+    if (starts != small_) free(starts);                                             \
+  } while (0)
+
+#define DEFINE_SHRINK(NAME, T, DOT, DOT4) \
 int NAME(const float* x, int64_t tokens, int64_t x_row, const int64_t* slots, const T* a,                             \
                         int64_t rows_per_slot, int64_t k, int64_t slices, int64_t r_max, const int64_t* ranks,        \
                         float* u, int threads) {                                                                      \
+  WITH_PIECES(slots, tokens, starts, pieces, {                                                                        \
 _Pragma("omp parallel for schedule(static) collapse(2) num_threads(threads)")                                         \
-  for (int64_t t = 0; t < tokens; t++)                                                                                \
+  for (int64_t p = 0; p < pieces; p++)                                                                                \
     for (int64_t i = 0; i < slices; i++) {                                                                            \
-      int64_t s = slots[t];                                                                                           \
-      float* ut = u + t * rows_per_slot + i * r_max;                                                                  \
+      int64_t t0 = starts[p], t1 = starts[p + 1], s = slots[t0];                                                      \
       int64_t r = s < 0 ? 0 : ranks[s];                                                                               \
-      for (int64_t j = 0; j < r; j++) ut[j] = DOT(a + (s * rows_per_slot + i * r_max + j) * k, x + t * x_row, k);     \
-      for (int64_t j = r; j < r_max; j++) ut[j] = 0.0f;                                                               \
+      float* ui = u + i * r_max;                                                                                      \
+      for (int64_t t = t0; t < t1; t++)                                                                               \
+        for (int64_t j = r; j < r_max; j++) ui[t * rows_per_slot + j] = 0.0f;                                         \
+      for (int64_t j = 0; j < r; j++) {                                                                               \
+        const T* row = a + (s * rows_per_slot + i * r_max + j) * k;                                                   \
+        int64_t t = t0;                                                                                               \
+        for (; t + 4 <= t1; t += 4) DOT4(row, x + t * x_row, x_row, k, ui + t * rows_per_slot + j, rows_per_slot);    \
+        for (; t < t1; t++) ui[t * rows_per_slot + j] = DOT(row, x + t * x_row, k);                                   \
+      }                                                                                                               \
     }                                                                                                                 \
+  });                                                                                                                 \
   return 0;                                                                                                           \
 }
+
+// y[t, n0 + q] += scale * sum_j B[n0 + q, j] u[t, j] for the 16 outputs of a block (Q of them at the edge)
+#define EXPAND_BLOCK(T, LOAD, Q)                                                                                      \
+  {                                                                                                                   \
+    __m512 acc[16];                                                                                                   \
+    for (int q = 0; q < 16; q++) acc[q] = _mm512_setzero_ps();                                                        \
+    for (int64_t j = 0; j < r; j += 16) {                                                                             \
+      __mmask16 m = r - j >= 16 ? 0xFFFF : (__mmask16)((1u << (r - j)) - 1);                                          \
+      __m512 uv = _mm512_maskz_loadu_ps(m, ut + j);                                                                   \
+      for (int q = 0; q < (Q); q++) acc[q] = _mm512_fmadd_ps(uv, LOAD(m, bs + (n0 + q) * r_max + j), acc[q]);         \
+    }                                                                                                                 \
+    __m512 sums = reduce16(acc);                                                                                      \
+    __m512 cur = _mm512_maskz_loadu_ps(out, yt + n0);                                                                 \
+    _mm512_mask_storeu_ps(yt + n0, out, _mm512_fmadd_ps(_mm512_set1_ps(scale), sums, cur));                           \
+  }
 
 #define DEFINE_EXPAND(NAME, T, LOAD) \
 int NAME(const float* u, int64_t tokens, int64_t u_row, int64_t u_off, const int64_t* slots,                          \
                         const T* b, int64_t n, int64_t r_max, const int64_t* ranks, const float* scales,              \
                         float* y, int64_t y_row, int threads) {                                                       \
   int64_t blocks = (n + 15) / 16;                                                                                     \
+  WITH_PIECES(slots, tokens, starts, pieces, {                                                                        \
 _Pragma("omp parallel for schedule(static) collapse(2) num_threads(threads)")                                         \
-  for (int64_t t = 0; t < tokens; t++)                                                                                \
+  for (int64_t p = 0; p < pieces; p++)                                                                                \
     for (int64_t blk = 0; blk < blocks; blk++) {                                                                      \
-      int64_t s = slots[t];                                                                                           \
+      int64_t t0 = starts[p], t1 = starts[p + 1], s = slots[t0];                                                      \
       if (s < 0 || ranks[s] == 0) continue;                                                                           \
       int64_t r = ranks[s], n0 = blk * 16, nn = n - n0 < 16 ? n - n0 : 16;                                            \
-      const float* ut = u + t * u_row + u_off;                                                                        \
       const T* bs = b + s * n * r_max;                                                                                \
-      float* yt = y + t * y_row;                                                                                      \
       float scale = scales[s];                                                                                        \
-      __m512 acc[16];                                                                                                 \
-      for (int q = 0; q < 16; q++) acc[q] = _mm512_setzero_ps();                                                      \
-      for (int64_t j = 0; j < r; j += 16) {                                                                           \
-        __mmask16 m = r - j >= 16 ? 0xFFFF : (__mmask16)((1u << (r - j)) - 1);                                        \
-        __m512 uv = _mm512_maskz_loadu_ps(m, ut + j);                                                                 \
-        for (int q = 0; q < nn; q++)                                                                                  \
-          acc[q] = _mm512_fmadd_ps(uv, LOAD(m, bs + (n0 + q) * r_max + j), acc[q]);                                   \
-      }                                                                                                               \
       __mmask16 out = nn == 16 ? 0xFFFF : (__mmask16)((1u << nn) - 1);                                                \
-      __m512 sums = reduce16(acc);                                                                                    \
-      __m512 cur = _mm512_maskz_loadu_ps(out, yt + n0);                                                               \
-      _mm512_mask_storeu_ps(yt + n0, out, _mm512_fmadd_ps(_mm512_set1_ps(scale), sums, cur));                         \
+      for (int64_t t = t0; t < t1; t++) { /* the block's B rows stay in L1 across the piece's tokens */               \
+        const float* ut = u + t * u_row + u_off;                                                                      \
+        float* yt = y + t * y_row;                                                                                    \
+        if (nn == 16) EXPAND_BLOCK(T, LOAD, 16) else EXPAND_BLOCK(T, LOAD, nn)                                        \
+      }                                                                                                               \
     }                                                                                                                 \
+  });                                                                                                                 \
   return 0;                                                                                                           \
 }
 
 // fp32 banks, and bf16 banks (the weights stored in bf16) widened as they are read
-DEFINE_SHRINK(hotlora_lora_shrink, float, dot_f32)
+DEFINE_SHRINK(hotlora_lora_shrink, float, dot_f32, dot4_f32)
 DEFINE_EXPAND(hotlora_lora_expand, float, load_f32)
-DEFINE_SHRINK(hotlora_lora_shrink_bf16, uint16_t, dot_bf16)
+DEFINE_SHRINK(hotlora_lora_shrink_bf16, uint16_t, dot_bf16, dot4_bf16)
 DEFINE_EXPAND(hotlora_lora_expand_bf16, uint16_t, load_bf16)
 
 // A fused projection's whole update in one call: the shrink over the packed bank, then one expand per slice
@@ -96,10 +168,12 @@ DEFINE_EXPAND(hotlora_lora_expand_bf16, uint16_t, load_bf16)
            int64_t slices, int64_t r_max, const int64_t* ranks, float* u, const int64_t* b_ptrs,             \
            const int64_t* outs, const int64_t* offsets, const float* scales, int64_t num_slots, float* y,    \
            int64_t y_row, int threads_shrink, int threads_expand) {                                          \
-    SHRINK(x, tokens, x_row, slots, a, slices * r_max, k, slices, r_max, ranks, u, threads_shrink);          \
+    if (SHRINK(x, tokens, x_row, slots, a, slices * r_max, k, slices, r_max, ranks, u, threads_shrink))     \
+      return -1;                                                                                             \
     for (int64_t i = 0; i < slices; i++)                                                                     \
-      EXPAND(u, tokens, slices * r_max, i * r_max, slots, (const T*)(intptr_t)b_ptrs[i], outs[i], r_max,     \
-             ranks, scales + i * num_slots, y + offsets[i], y_row, threads_expand);                          \
+      if (EXPAND(u, tokens, slices * r_max, i * r_max, slots, (const T*)(intptr_t)b_ptrs[i], outs[i], r_max, \
+                 ranks, scales + i * num_slots, y + offsets[i], y_row, threads_expand))                      \
+        return -1;                                                                                           \
     return 0;                                                                                                \
   }
 DEFINE_PACKED(hotlora_lora_packed, float, hotlora_lora_shrink, hotlora_lora_expand)

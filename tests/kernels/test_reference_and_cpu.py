@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hotlora.kernels import CpuBackend, TorchReferenceBackend, get_backend
-from hotlora.kernels.cpu import choose_cpu_strategy
+from hotlora.kernels.cpu import choose_cpu_strategy, pick_cpu_strategy
 
 from .lora_cases import POPULARITY, assert_matches_reference, make_case, popularity_slots
 
@@ -119,6 +119,47 @@ def test_strategy_follows_batch_shape():
     assert choose_cpu_strategy(plan(torch.arange(32), mixed)) == "bmm"
     prefill = torch.arange(8).repeat_interleave(128)
     assert choose_cpu_strategy(plan(prefill, ranks)) == "segments"
+
+
+def runs(*spec: tuple[int, int]) -> torch.Tensor:
+    """Token slots as consecutive runs (slot, length): a prefill batch of several requests."""
+    return torch.cat([torch.full((n,), s) for s, n in spec])
+
+
+# Runs the C kernel walks in pieces: 1-3 tokens (one at a time), 4-7 (four at a time, then the rest), past
+# its 16-token piece, base-only and empty-slot runs between them, one slot in two separate runs, and a batch
+# past the 256 tokens its stack table holds.
+RUN_LAYOUTS = {
+    "short and long runs": runs((0, 1), (1, 3), (2, 4), (3, 7), (5, 17), (1, 33)),
+    "base-only and empty-slot runs": runs((-1, 5), (2, 6), (4, 9), (0, 2), (-1, 1), (3, 16)),
+    "one slot in two runs": runs((3, 5), (1, 4), (3, 6)),
+    "past the stack table": runs((0, 100), (2, 90), (3, 70), (1, 40)),
+}
+
+
+@pytest.mark.parametrize("layout", RUN_LAYOUTS)
+def test_native_walks_runs_of_tokens_as_the_reference(layout):
+    case = make_case(RUN_LAYOUTS[layout])
+    got = result_of(CpuBackend("native"), case)
+    assert_matches_reference(got, expected_of(case))
+    untouched = (case.token_slots == -1) | (case.token_slots == 4)  # slot 4 has rank 0
+    assert torch.equal(got[untouched], case.y[untouched])
+
+
+def test_native_takes_short_segments_and_torch_keeps_long_ones():
+    ranks = torch.full((32,), 16)
+    plan = CpuBackend().plan
+
+    def picked(slots, h=576):
+        y, x = torch.zeros(len(slots), h), torch.zeros(len(slots), h)
+        a, b = torch.zeros(32, 16, h), torch.zeros(32, h, 16)
+        return pick_cpu_strategy(plan(slots, ranks), y, x, a, b)
+
+    assert picked(torch.arange(32)) == "native"  # decode of 32 adapters
+    assert picked(torch.arange(32).repeat_interleave(14)) == "native"  # 32 short prompts
+    assert picked(torch.full((32,), 5)) == "native"  # one adapter, a few tokens
+    assert picked(torch.full((33,), 5)) == "single"  # one adapter's long prompt: torch's GEMM
+    assert picked(torch.arange(8).repeat_interleave(128)) == "segments"  # long prompts of 8 adapters
 
 
 @pytest.mark.parametrize("context", [torch.inference_mode, torch.no_grad])
