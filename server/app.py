@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from hotlora.adapters.observer import NO_OBSERVER, Observer
 from hotlora.adapters.service import AdapterService
 from hotlora.adapters.training.finetune_jobs import FineTuneManager
+from hotlora.kernels.omp_teams import release_thread_team
 from hotlora.server.assembly import Components, assemble
 from hotlora.server.config import ServerConfig
 from hotlora.server.engine.scheduler import Engine
@@ -186,6 +187,7 @@ class HotloraServer:
             adapters.registry.check, self._registry_health_changed, self.config.health_check_seconds
         )
         self.registry_health.start()
+        release_thread_team()  # loading ran parallel torch ops here; the engine thread serves from now on
         self.ready_seconds = time.monotonic() - t0
         self._set_health(True)
         log.info(

@@ -32,6 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from hotlora.kernels.omp_teams import release_thread_team
+
 _LINEAR = (F.linear, torch._C._nn.linear)
 _engine = threading.local()  # the engine thread's serving_waits, if it set one (else: always)
 
@@ -69,6 +71,7 @@ class PreemptibleRun:
         with self._cond:
             if self._done or self._closing:
                 return False
+            release_thread_team()  # the cores are the loop's until it hands back (kernels/omp_teams.py)
             self.unit_started = time.perf_counter()
             self._serving_waits = getattr(_engine, "serving_waits", None) or _true
             self._loop_turn = True
@@ -115,12 +118,14 @@ class PreemptibleRun:
         except BaseException as exc:  # raised in the engine thread by advance()
             self._error = exc
         finally:
+            release_thread_team()
             with self._cond:
                 self._done = True
                 self._loop_turn = False
                 self._cond.notify_all()
 
     def _hand_back(self) -> None:
+        release_thread_team()  # and the engine's again
         with self._cond:
             self._loop_turn = False
             self._cond.notify_all()
