@@ -40,12 +40,29 @@ class LoraContext:
     training: dict[tuple[int, str], TrainableLora] = field(default_factory=dict)
 
 
-class SlotBank:
-    """One layer's adapter slots: a [S, R, in], b [S, out, R], scales [S] (fp32)."""
+def b_bank(num_slots: int, out_features: int, max_rank: int, device, dtype, rank_major: bool) -> torch.Tensor:
+    """A zeroed [S, out, R] B bank; `rank_major` (LoraBackend.rank_major_b): stored [S, R, out] and
+    returned as its transposed view, the layout the CPU kernel's expand reads fastest."""
+    if rank_major:
+        return torch.zeros(num_slots, max_rank, out_features, device=device, dtype=dtype).transpose(1, 2)
+    return torch.zeros(num_slots, out_features, max_rank, device=device, dtype=dtype)
 
-    def __init__(self, num_slots: int, max_rank: int, in_features: int, out_features: int, device, dtype):
+
+class SlotBank:
+    """One layer's adapter slots: a [S, R, in], b [S, out, R] (see b_bank), scales [S] (fp32)."""
+
+    def __init__(
+        self,
+        num_slots: int,
+        max_rank: int,
+        in_features: int,
+        out_features: int,
+        device,
+        dtype,
+        rank_major_b: bool = False,
+    ):
         self.a = torch.zeros(num_slots, max_rank, in_features, device=device, dtype=dtype)
-        self.b = torch.zeros(num_slots, out_features, max_rank, device=device, dtype=dtype)
+        self.b = b_bank(num_slots, out_features, max_rank, device, dtype, rank_major_b)
         self.scales = torch.zeros(num_slots, device=device, dtype=torch.float32)
 
     def write(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> None:
@@ -70,13 +87,22 @@ class SlotBank:
 
 class PackedSlotBank:
     """One fused projection's adapter slots: slice i's A in rows [i·R, i·R + r) of a [S, n·R, in],
-    its B in bs[i] [S, out_i, R], its scale in scales[i, S] (fp32)."""
+    its B in bs[i] [S, out_i, R] (see b_bank), its scale in scales[i, S] (fp32)."""
 
-    def __init__(self, out_sizes, num_slots: int, max_rank: int, in_features: int, device, dtype):
+    def __init__(
+        self,
+        out_sizes,
+        num_slots: int,
+        max_rank: int,
+        in_features: int,
+        device,
+        dtype,
+        rank_major_b: bool = False,
+    ):
         n = len(out_sizes)
         self.max_rank = max_rank
         self.a = torch.zeros(num_slots, n * max_rank, in_features, device=device, dtype=dtype)
-        self.bs = tuple(torch.zeros(num_slots, o, max_rank, device=device, dtype=dtype) for o in out_sizes)
+        self.bs = tuple(b_bank(num_slots, o, max_rank, device, dtype, rank_major_b) for o in out_sizes)
         self.scales = torch.zeros(n, num_slots, device=device, dtype=torch.float32)
 
     def write(self, slot: int, modules) -> None:
@@ -225,7 +251,10 @@ def make_lora_sites(
         if not picked:
             continue
         for layer in range(num_layers):
-            bank = PackedSlotBank([o for _, o, _ in picked], num_slots, max_rank, in_features, device, dtype)
+            bank = PackedSlotBank(
+                [o for _, o, _ in picked], num_slots, max_rank, in_features, device, dtype,
+                ctx.backend.rank_major_b,
+            )  # fmt: skip
             sites[(layer, proj)] = LoraSite(
                 layer, [n for n, _, _ in picked], [o for _, o, _ in picked], [f for _, _, f in picked],
                 in_features, bank, ctx,
@@ -247,8 +276,9 @@ def inject_multi_lora(model, target_modules, num_slots: int, max_rank: int) -> t
             for child_name, child in list(parent.named_children()):
                 if child_name in targets and isinstance(child, nn.Linear):
                     bank = SlotBank(
-                        num_slots, max_rank, child.in_features, child.out_features, param.device, param.dtype
-                    )
+                        num_slots, max_rank, child.in_features, child.out_features, param.device, param.dtype,
+                        ctx.backend.rank_major_b,
+                    )  # fmt: skip
                     module = MultiLoraLinear(child, (i, child_name), bank, ctx)
                     setattr(parent, child_name, module)
                     wrapped[(i, child_name)] = module

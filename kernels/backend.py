@@ -28,6 +28,9 @@ class LoraBackend(abc.ABC):
     plan_types: tuple[type[LoraPlan], ...] = (LoraPlan,)
     #: whether banks may be bf16 under fp32 x and y (else x, y and banks share one dtype)
     bf16_banks: bool = False
+    #: whether the layers should store B rank-major (storage [S, R, H_out], passed as the [S, H_out, R]
+    #: transposed view; any backend reads either, this is the one it is fastest on)
+    rank_major_b: bool = False
 
     @abc.abstractmethod
     def plan(self, token_slots: torch.Tensor, slot_ranks: torch.Tensor) -> LoraPlan:
@@ -137,6 +140,7 @@ class CpuBackend(LoraBackend):
 
     plan_types = (SegmentPlan,)
     bf16_banks = True  # fp32 x/y with bf16 banks (--weight-dtype bfloat16): widened as they are read
+    rank_major_b = True  # the C expand then sums along output rows, with no horizontal sums
 
     def __init__(self, strategy: str | None = None) -> None:
         self.strategy = strategy  # None: pick per batch; 'single' / 'segments' / 'bmm' to force one

@@ -247,7 +247,7 @@ def add_lora_packed_cpu(
     r_max = lora_a.shape[1] // n
     strategy = pick_cpu_strategy(batch, y, x, lora_a, lora_bs[0])
     if strategy == "native":
-        if all(b.is_contiguous() for b in lora_bs):
+        if lora_decode.one_layout(lora_bs):
             # one shrink over the packed bank, one expand per slice, in one C call; per-slot ranks honoured
             lora_decode.packed(
                 y, x, batch.token_slots, lora_a, lora_bs, batch.slot_ranks, scales, out_offsets

@@ -25,9 +25,20 @@ def usable(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch
         and x.stride(-1) == 1
         and y.stride(-1) == 1
         and lora_a.is_contiguous()
-        and lora_b.is_contiguous()
+        and b_layout(lora_b) is not None
         and _available()
     )
+
+
+def b_layout(lora_b: torch.Tensor) -> str | None:
+    """'' for a contiguous [S, H_out, R] bank, '_t' for the rank-major one the CPU backend keeps (storage
+    [S, R, H_out], seen through a transposed view: the expand then needs no horizontal sums), None for
+    any other layout (the kernel cannot read it)."""
+    if lora_b.is_contiguous():
+        return ""
+    if lora_b.transpose(1, 2).is_contiguous():
+        return "_t"
+    return None
 
 
 def shrink(x: torch.Tensor, slots: torch.Tensor, lora_a: torch.Tensor, slices: int, ranks: torch.Tensor):
@@ -59,16 +70,12 @@ def expand(
     scales: torch.Tensor,
 ) -> None:
     """ys[t] += scales[s_t] · B[s_t, :, :rank] · u[t, u_offset : u_offset + rank], in place.
-    ys: [T, H_out] (a column slice of y is fine); lora_b: [S, H_out, R]; scales: [S]."""
+    ys: [T, H_out] (a column slice of y is fine); lora_b: [S, H_out, R] (either b_layout); scales: [S]."""
     tokens, n = ys.shape
     r_max = lora_b.shape[2]
     slots, ranks = _i64(slots), _i64(ranks)
     scales = scales.to(torch.float32).contiguous()
-    fn = (
-        _library().hotlora_lora_expand_bf16
-        if lora_b.dtype == torch.bfloat16
-        else _library().hotlora_lora_expand
-    )
+    fn = getattr(_library(), "hotlora_lora_expand" + _suffix(lora_b))
     fn(
         u.data_ptr(), tokens, u.stride(0), u_offset, slots.data_ptr(), lora_b.data_ptr(), n, r_max,
         ranks.data_ptr(), scales.data_ptr(), ys.data_ptr(), ys.stride(0), _threads(tokens * n * r_max),
@@ -86,15 +93,15 @@ def packed(
     offsets: tuple[int, ...],
 ) -> None:
     """A fused projection's update in one call: `shrink` over the packed bank [S, n·R, H_in], then `expand`
-    of slice i into y's columns offsets[i]: (lora_bs[i]: [S, H_i, R]; scales: [n, S] float32)."""
+    of slice i into y's columns offsets[i]: (lora_bs[i]: [S, H_i, R], all of one b_layout; scales: [n, S]
+    float32)."""
     tokens, k = x.shape
     n, r_max = len(lora_bs), lora_bs[0].shape[2]
     pointers, outs, offs, total_out = _slice_table(lora_bs, offsets)
     slots, ranks = _i64(slots), _i64(ranks)
     scales = scales.to(torch.float32).contiguous()
     u = torch.empty(tokens, n * r_max, dtype=torch.float32)
-    lib = _library()
-    fn = lib.hotlora_lora_packed_bf16 if lora_a.dtype == torch.bfloat16 else lib.hotlora_lora_packed
+    fn = getattr(_library(), "hotlora_lora_packed" + _suffix(*lora_bs))
     fn(
         x.data_ptr(), tokens, x.stride(0), slots.data_ptr(), lora_a.data_ptr(), k, n, r_max,
         ranks.data_ptr(), u.data_ptr(), pointers.data_ptr(), outs.data_ptr(), offs.data_ptr(),
@@ -123,6 +130,19 @@ def _slice_table(lora_bs: tuple[torch.Tensor, ...], offsets: tuple[int, ...]):
     return table
 
 
+def one_layout(lora_bs: tuple[torch.Tensor, ...]) -> bool:
+    """Whether `packed` reads these B banks in one call (one b_layout the kernel knows)."""
+    layouts = {b_layout(b) for b in lora_bs}
+    return len(layouts) == 1 and None not in layouts
+
+
+def _suffix(*lora_bs: torch.Tensor) -> str:
+    """Which of the kernel's builds reads these B banks: layout, then bank dtype."""
+    if not one_layout(lora_bs):
+        raise ValueError(f"B banks of one layout expected, got strides {[b.stride() for b in lora_bs]}")
+    return b_layout(lora_bs[0]) + ("_bf16" if lora_bs[0].dtype == torch.bfloat16 else "")
+
+
 def _out_of_memory(tokens: int) -> None:
     # the kernels return -1 only when the heap cannot hold their table of token runs
     raise MemoryError(f"the LoRA kernel could not allocate its table of runs for {tokens} tokens")
@@ -145,15 +165,14 @@ def _available() -> bool:
 def _library() -> ctypes.CDLL:
     lib = native.library("lora_decode")
     p, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    for suffix in ("", "_bf16"):
-        shrink, expand = (
-            getattr(lib, "hotlora_lora_shrink" + suffix),
-            getattr(lib, "hotlora_lora_expand" + suffix),
-        )
+    for dtype in ("", "_bf16"):
+        shrink = getattr(lib, "hotlora_lora_shrink" + dtype)
         shrink.argtypes = [p, i64, i64, p, p, i64, i64, i64, i64, p, p, c_int]
-        expand.argtypes = [p, i64, i64, i64, p, p, i64, i64, p, p, p, i64, c_int]
-        shrink.restype = expand.restype = c_int
-        fused = getattr(lib, "hotlora_lora_packed" + suffix)
-        fused.argtypes = [p, i64, i64, p, p, i64, i64, i64, p, p, p, p, p, p, i64, p, i64, c_int, c_int]
-        fused.restype = c_int
+        shrink.restype = c_int
+        for layout in ("", "_t"):
+            expand = getattr(lib, "hotlora_lora_expand" + layout + dtype)
+            expand.argtypes = [p, i64, i64, i64, p, p, i64, i64, p, p, p, i64, c_int]
+            fused = getattr(lib, "hotlora_lora_packed" + layout + dtype)
+            fused.argtypes = [p, i64, i64, p, p, i64, i64, i64, p, p, p, p, p, p, i64, p, i64, c_int, c_int]
+            expand.restype = fused.restype = c_int
     return lib

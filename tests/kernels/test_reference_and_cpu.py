@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hotlora.kernels import CpuBackend, TorchReferenceBackend, get_backend
+from hotlora.kernels import CpuBackend, TorchReferenceBackend, get_backend, lora_decode
 from hotlora.kernels.cpu import choose_cpu_strategy, pick_cpu_strategy
 
 from .lora_cases import POPULARITY, assert_matches_reference, make_case, popularity_slots
@@ -54,10 +54,13 @@ def test_cpu_matches_reference_across_popularity(popularity, dtype, strategy):
     assert_matches_reference(result_of(CpuBackend(strategy), case), expected_of(case))
 
 
+@pytest.mark.parametrize("rank_major", [False, True], ids=["B contiguous", "B rank-major"])
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_cpu_decode_rows_in_any_order_with_base_only_rows(strategy):
+def test_cpu_decode_rows_in_any_order_with_base_only_rows(strategy, rank_major):
     slots = torch.tensor([3, -1, 0, 5, 3, -1, 1, 0, 2, 4, 3, -1])
     case = make_case(slots)
+    if rank_major:
+        case.lora_b = rank_major_copy(case.lora_b)
     got = result_of(CpuBackend(strategy), case)
     assert_matches_reference(got, expected_of(case))
     base_only = (slots == -1) | (slots == 4)  # slot 4 has rank 0
@@ -137,9 +140,19 @@ RUN_LAYOUTS = {
 }
 
 
+def rank_major_copy(b: torch.Tensor) -> torch.Tensor:
+    """The same B bank stored [S, R, H_out] and seen as [S, H_out, R] (CpuBackend.rank_major_b)."""
+    out = b.transpose(1, 2).contiguous().transpose(1, 2)
+    assert lora_decode.b_layout(out) == "_t" and torch.equal(out.nan_to_num(), b.nan_to_num())
+    return out
+
+
+@pytest.mark.parametrize("rank_major", [False, True], ids=["B contiguous", "B rank-major"])
 @pytest.mark.parametrize("layout", RUN_LAYOUTS)
-def test_native_walks_runs_of_tokens_as_the_reference(layout):
+def test_native_walks_runs_of_tokens_as_the_reference(layout, rank_major):
     case = make_case(RUN_LAYOUTS[layout])
+    if rank_major:  # its NaN padding past each slot's rank stays where it was: reading it would show
+        case.lora_b = rank_major_copy(case.lora_b)
     got = result_of(CpuBackend("native"), case)
     assert_matches_reference(got, expected_of(case))
     untouched = (case.token_slots == -1) | (case.token_slots == 4)  # slot 4 has rank 0
@@ -200,10 +213,13 @@ def test_dense_strategy_is_taken_and_matches_reference(slots, dtype):
 @pytest.mark.parametrize(
     "slots", [[0, 1, 1, -1, 3, 3, 3, 2], [2] * 6, list(range(5))], ids=["mixed", "one", "decode"]
 )
-def test_bf16_banks_under_fp32_activations_equal_the_widened_banks(strategy, slots):
+@pytest.mark.parametrize("rank_major", [False, True], ids=["B contiguous", "B rank-major"])
+def test_bf16_banks_under_fp32_activations_equal_the_widened_banks(strategy, slots, rank_major):
     # --weight-dtype bfloat16 stores the banks as the weights: every strategy reads them widened to fp32
     case = make_case(torch.tensor(slots))
     a16, b16 = case.lora_a.to(torch.bfloat16), case.lora_b.to(torch.bfloat16)
+    if rank_major:
+        b16 = rank_major_copy(b16)
     want = case.y.clone()
     ref = TorchReferenceBackend()
     ref.add_lora(want, case.x, a16.float(), b16.float(), case.scales, case.plan(ref))
