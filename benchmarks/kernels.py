@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from results_file import RESULTS, write_lines  # benchmarks/results_file.py
 
+from hotlora.adapters.lora_layers import b_bank
 from hotlora.kernels import CpuBackend, TorchReferenceBackend, get_backend
 
 HIDDEN, INTERMEDIATE, KV_DIM = 576, 1536, 192
@@ -54,6 +55,7 @@ def cases() -> list[Case]:
         Case("decode 32 rows, 8 adapters r16", torch.arange(32) % 8, rank16),
         Case("decode 32 rows, 32 adapters r4/8/16/64", torch.arange(32), mixed),
         Case("decode 32 rows, 32 adapters r64", torch.arange(32), torch.full((NUM_SLOTS,), 64)),
+        Case("prefill 32x14, 32 adapters r16", torch.arange(32).repeat_interleave(14), rank16),
         Case("prefill 8x128, 8 adapters r16", torch.arange(8).repeat_interleave(128), rank16),
         Case("prefill 8x128, 8 adapters r4/8/16/64", torch.arange(8).repeat_interleave(128), mixed),
         Case("prefill 8x128, 1 adapter r16", torch.zeros(1024, dtype=torch.int64), rank16),
@@ -92,9 +94,10 @@ def measure(case: Case, device: torch.device, backends: dict, dtype: torch.dtype
     num_tokens = case.token_slots.shape[0]
     slots = case.token_slots.to(device)
     layers = []
+    rank_major = get_backend(device).rank_major_b  # B laid out as a server's banks are on this device
     for h_in, h_out in MODULES.values():
         a = torch.zeros(NUM_SLOTS, R_MAX, h_in)
-        b = torch.zeros(NUM_SLOTS, h_out, R_MAX)
+        b = b_bank(NUM_SLOTS, h_out, R_MAX, "cpu", torch.float32, rank_major)
         for s, r in enumerate(case.slot_ranks.tolist()):
             a[s, :r] = torch.randn(r, h_in, generator=gen) * 0.05
             b[s, :, :r] = torch.randn(h_out, r, generator=gen) * 0.05
@@ -105,7 +108,7 @@ def measure(case: Case, device: torch.device, backends: dict, dtype: torch.dtype
                 w=(torch.randn(h_out, h_in, generator=gen) * 0.05).to(**to),
                 y=torch.zeros(num_tokens, h_out, **to),
                 a=a.to(**to),
-                b=b.to(**to),
+                b=b.to(**to),  # keeps the layout (preserve_format)
                 scales=torch.full((NUM_SLOTS,), 2.0, device=device),
             )
         )
