@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -34,9 +35,11 @@ def b_layout(lora_b: torch.Tensor) -> str | None:
     """'' for a contiguous [S, H_out, R] bank, '_t' for the rank-major one the CPU backend keeps (storage
     [S, R, H_out], seen through a transposed view: the expand then needs no horizontal sums), None for
     any other layout (the kernel cannot read it)."""
-    if lora_b.is_contiguous():
+    _, h, r = lora_b.shape
+    stride = lora_b.stride()
+    if stride == (h * r, r, 1) or lora_b.is_contiguous():  # strides first: a decode step asks ~500 times
         return ""
-    if lora_b.transpose(1, 2).is_contiguous():
+    if stride == (h * r, 1, h) or lora_b.transpose(1, 2).is_contiguous():
         return "_t"
     return None
 
@@ -96,38 +99,53 @@ def packed(
     of slice i into y's columns offsets[i]: (lora_bs[i]: [S, H_i, R], all of one b_layout; scales: [n, S]
     float32)."""
     tokens, k = x.shape
-    n, r_max = len(lora_bs), lora_bs[0].shape[2]
-    pointers, outs, offs, total_out = _slice_table(lora_bs, offsets)
-    slots, ranks = _i64(slots), _i64(ranks)
-    scales = scales.to(torch.float32).contiguous()
+    bound = _bound(lora_bs, offsets)
+    n, r_max = bound.slices, bound.r_max
+    slots, ranks, scales = _i64(slots), _i64(ranks), _f32(scales)
     u = torch.empty(tokens, n * r_max, dtype=torch.float32)
-    fn = getattr(_library(), "hotlora_lora_packed" + _suffix(*lora_bs))
-    fn(
+    bound.fn(
         x.data_ptr(), tokens, x.stride(0), slots.data_ptr(), lora_a.data_ptr(), k, n, r_max,
-        ranks.data_ptr(), u.data_ptr(), pointers.data_ptr(), outs.data_ptr(), offs.data_ptr(),
+        ranks.data_ptr(), u.data_ptr(), bound.pointers, bound.outs, bound.offsets,
         scales.data_ptr(), scales.shape[1], y.data_ptr(), y.stride(0),
-        _threads(tokens * n * r_max * k), _threads(tokens * total_out * r_max),
+        _threads(tokens * n * r_max * k), _threads(tokens * bound.total_out * r_max),
     ) and _out_of_memory(tokens)  # fmt: skip
 
 
-_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]] = {}
+@dataclass(frozen=True)
+class _Bound:
+    """What `packed` passes for one set of B banks, worked out once: the kernel build that reads them, and
+    the slices' addresses, output sizes and offsets as int64 arrays (kept alive here) with their pointers."""
+
+    fn: object
+    slices: int
+    r_max: int
+    total_out: int
+    arrays: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    pointers: int
+    outs: int
+    offsets: int
 
 
-def _slice_table(lora_bs: tuple[torch.Tensor, ...], offsets: tuple[int, ...]):
-    """The slices' bank addresses, output sizes and output offsets as int64 tensors, and the total output,
-    made once per set of banks (a server's banks live as long as it does)."""
-    key = (*(b.data_ptr() for b in lora_bs), *offsets)
-    table = _tables.get(key)
-    if table is None:
+_bound_sets: dict[tuple, _Bound] = {}
+
+
+def _bound(lora_bs: tuple[torch.Tensor, ...], offsets: tuple[int, ...]) -> _Bound:
+    # keyed by everything the entry depends on: memory a freed bank leaves can hold another of a new shape
+    key = (*((b.data_ptr(), b.shape, b.stride(), b.dtype) for b in lora_bs), *offsets)
+    bound = _bound_sets.get(key)
+    if bound is None:
         outs = [b.shape[1] for b in lora_bs]
-        table = (
+        arrays = (
             torch.tensor([b.data_ptr() for b in lora_bs], dtype=torch.int64),
             torch.tensor(outs, dtype=torch.int64),
             torch.tensor(offsets, dtype=torch.int64),
-            sum(outs),
         )
-        _tables[key] = table
-    return table
+        fn = getattr(_library(), "hotlora_lora_packed" + _suffix(*lora_bs))
+        bound = _Bound(
+            fn, len(lora_bs), lora_bs[0].shape[2], sum(outs), arrays, *(a.data_ptr() for a in arrays)
+        )
+        _bound_sets[key] = bound
+    return bound
 
 
 def one_layout(lora_bs: tuple[torch.Tensor, ...]) -> bool:
@@ -149,7 +167,11 @@ def _out_of_memory(tokens: int) -> None:
 
 
 def _i64(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.int64).contiguous()
+    return t if t.dtype == torch.int64 and t.is_contiguous() else t.to(torch.int64).contiguous()
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.to(torch.float32).contiguous()
 
 
 def _threads(work: int) -> int:
