@@ -26,8 +26,8 @@ from the benchmark. Per-slot ranks are honoured by slicing (``A[s, :r_s]``), nev
   bytes, not a gather per rank group (32 rows of ranks 4-64: 3.3x -> 1.2x the base linears, one thread),
   and a prefill of many adapters pays no dispatch per segment (32 prompts x 14 tokens: 2.8x faster).
 
-Decode with 32 distinct rank-16 adapters costs ~2x the base linears: 32 adapters' A and B hold more bytes
-than the base weight matrix, and decode is memory bound, so no strategy gets far below 1x there.
+Decode with 32 distinct rank-16 adapters reads more bytes than the base linears (32 adapters' A and B
+against one weight matrix), and decode is memory bound: those reads at the machine's bandwidth are its floor.
 """
 
 from __future__ import annotations
@@ -240,9 +240,10 @@ def add_lora_packed_cpu(
     out_offsets: tuple[int, ...],
 ) -> bool:
     """A fused projection's update with one shrink over the packed bank, where that is possible without
-    reading past the slots' ranks: every used slot at the bank's full rank R, and a decode batch on the
-    dense layout or a single adapter. Returns False (nothing done) otherwise: the caller then runs one
-    add_lora per slice, which honours per-slot ranks. See LoraBackend.add_lora_packed for the shapes."""
+    reading past the slots' ranks: the C kernel (which honours per-slot ranks), or every used slot at the
+    bank's full rank R with a single adapter or a decode batch on the dense layout. Returns False (nothing
+    done) otherwise: the caller then runs one add_lora per slice. See LoraBackend.add_lora_packed for the
+    shapes."""
     n = len(lora_bs)
     r_max = lora_a.shape[1] // n
     strategy = pick_cpu_strategy(batch, y, x, lora_a, lora_bs[0])

@@ -76,8 +76,7 @@ def expand(
     ys: [T, H_out] (a column slice of y is fine); lora_b: [S, H_out, R] (either b_layout); scales: [S]."""
     tokens, n = ys.shape
     r_max = lora_b.shape[2]
-    slots, ranks = _i64(slots), _i64(ranks)
-    scales = scales.to(torch.float32).contiguous()
+    slots, ranks, scales = _i64(slots), _i64(ranks), _f32(scales)
     fn = getattr(_library(), "hotlora_lora_expand" + _suffix(lora_b))
     fn(
         u.data_ptr(), tokens, u.stride(0), u_offset, slots.data_ptr(), lora_b.data_ptr(), n, r_max,
