@@ -14,6 +14,7 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 def write_section(title: str, section: str) -> None:
     """Replace the `## {title}` section of RESULTS.md with `section` (or append it)."""
     text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    section = section.rstrip("\n") + "\n\n"  # a blank line before the next section's heading
     pattern = re.compile(rf"^## {re.escape(title)}\n.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(text):
         text = pattern.sub(lambda _: section, text)
