@@ -29,6 +29,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         svc = self._service()
         name = description = None
         labels: list[str] = []
+        ended = False  # the request iterator ended (the client closed its side, or cancelled)
         try:
             # spooled to disk as it arrives, within --upload-buffer-bytes; removed whatever happens
             with svc.uploads.spool() as spool:
@@ -43,6 +44,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
                         if not chunk.filename:
                             raise InvalidArgument("an UploadChunk with data must name its `filename`")
                         spool.add(chunk.filename, chunk.data)
+                ended = True
                 if not context.is_active():
                     # grpc may end the request iterator normally when the client cancels: what arrived is
                     # not the client's whole upload, and it must never be stored
@@ -53,6 +55,12 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
                     current_tenant(), name, spool.read(), description=description or "", labels=labels
                 )
         except Exception as exc:
+            if ended and not isinstance(exc, Cancelled) and not context.is_active():
+                # a cancel ended the request iterator and grpc marked the call cancelled only after the
+                # check above (while the upload was validated): what failed was a cut-off upload, not the
+                # client's, and whoever cancelled sees no status anyway
+                self._observe_upload("cancelled")
+                raise Cancelled("the client cancelled the upload") from exc
             self._observe_upload(_reason(exc, context))
             raise
         self._observe_upload("ok")

@@ -210,6 +210,27 @@ def test_a_whole_upload_whose_client_cancelled_is_never_stored(server, tmp_path)
     assert "gone" not in {a.name for a in listed.adapters}
 
 
+class _LateCancel:
+    """A client that cancelled as its last chunk went out: the request iterator ends normally, and grpc
+    marks the call cancelled only a moment later (after the handler's first check)."""
+
+    def __init__(self):
+        self.checks = 0
+
+    def is_active(self) -> bool:
+        self.checks += 1
+        return self.checks == 1
+
+
+def test_a_cut_off_upload_whose_cancel_is_noticed_late_is_cancelled_not_invalid(server):
+    chunks = [
+        adapters_pb2.UploadChunk(name="cut-off"),
+        adapters_pb2.UploadChunk(filename="adapter_model.safetensors", data=b"x" * 1000),
+    ]
+    with pytest.raises(Cancelled, match="cancelled the upload"):
+        AdaptersServicer(server.state).UploadAdapter(iter(chunks), _LateCancel())
+
+
 def test_an_oversized_chunk_is_not_counted_internal(server, logged):
     chunks = [
         adapters_pb2.UploadChunk(name="oversized"),
