@@ -1,12 +1,14 @@
-// The multi-LoRA update of decode batches: every token has its own adapter slot, each read from the banks in
-// place (no gathered copies), each slot's own rank honoured.
+// The multi-LoRA update of batches of short segments (decode: every token its own adapter slot; a prefill
+// of many short prompts): each slot's rows read from the banks in place (no gathered copies), each slot's
+// own rank honoured.
 //
 //   shrink:  u[t, i*R + j] = A[s, i*R + j, :] . x[t]          for each slice i < slices, j < rank[s]
 //   expand:  y[t, n]      += scale[s] * sum_j B[s, n, j] * u[t, off + j]      for j < rank[s]
 // with s = slots[t] (-1: no adapter, skipped). A fused projection (q/k/v) shrinks once over its packed bank
 // and expands once per slice. At decode these reads are the whole cost (32 rank-16 adapters hold more bytes
-// than the base model), so the loops stream each adapter's rows once; the expand's per-output dot products
-// of length R come out 16 at a time from one transposing add tree instead of 16 scalar reductions.
+// than the base model), so the loops stream each adapter's rows once, per run of tokens on its slot. B comes
+// in two layouts: [S, n, R] contiguous, whose per-output dot products of length R come out 16 at a time from
+// one transposing add tree, and rank-major [S, R, n] (the CPU banks), summed along output rows.
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
