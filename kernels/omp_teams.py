@@ -16,6 +16,8 @@ import ctypes
 import functools
 import logging
 
+import torch  # noqa: F401  (loaded first: the libgomp looked for is the one torch runs on)
+
 log = logging.getLogger("hotlora.kernels")
 
 
@@ -45,8 +47,6 @@ def _pause():
 
 def _loaded_libgomp() -> str | None:
     """The libgomp this process has loaded (torch's own copy), by its path in /proc/self/maps."""
-    import torch  # noqa: F401  (loads the libgomp torch runs on, before we look for it)
-
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:
