@@ -137,11 +137,13 @@ class LoraSite:
         self.bank = bank
         self.ctx = ctx
 
-    def apply(self, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def apply(self, y: torch.Tensor, x: torch.Tensor, batch: LoraPlan | None = None) -> torch.Tensor:
         """y: [T, out] (the base projection of x: [T, in]); serving adapters in place, a fine-tune's LoRA
-        out of place (autograd). Returns the result."""
+        out of place (autograd). `batch`: the plan of this forward when the caller passes its own, else the
+        context's. Returns the result."""
         ctx = self.ctx
-        batch = ctx.batch
+        if batch is None:
+            batch = ctx.batch
         if batch is not None and batch.has_lora:
             b = self.bank
             ctx.backend.add_lora_packed(y, x, b.a, b.bs, b.scales, batch, self.offsets)
@@ -295,9 +297,11 @@ def set_batch(ctx: LoraContext, token_slots: list[int], slot_ranks: torch.Tensor
     ctx.batch = ctx.backend.plan(torch.tensor(token_slots, dtype=torch.long, device=device), slot_ranks)
 
 
-def set_graph_batch(
+def graph_batch(
     ctx: LoraContext, token_slots: torch.Tensor, slot_ranks: torch.Tensor, max_rank: int
-) -> None:
+) -> LoraPlan:
     """The plan of a static decode step from its slot buffer (token_slots: [T] int64, on slot_ranks' device),
-    through the backend's graph plan: the Triton one reads nothing back, so a captured graph stays valid."""
-    ctx.batch = ctx.backend.graph_plan(token_slots, slot_ranks, max_rank)
+    through the backend's graph plan, which reads nothing back: a captured CUDA graph or a compiled step
+    stays valid whatever the buffer and the slots hold later. The caller passes it to the forward
+    (StepInput.lora)."""
+    return ctx.backend.graph_plan(token_slots, slot_ranks, max_rank)

@@ -14,7 +14,7 @@ import torch
 from hotlora.adapters.cache import AdapterCache
 from hotlora.adapters.errors import FailedPrecondition
 from hotlora.adapters.head_features import HeadFeatures
-from hotlora.adapters.lora_layers import LoraContext, set_batch, set_graph_batch
+from hotlora.adapters.lora_layers import LoraContext, graph_batch, set_batch
 
 
 class SlotContents:
@@ -78,10 +78,11 @@ class MultiLoraRuntime:
     def begin_forward(self, token_slots: list[int]) -> None:
         set_batch(self.ctx, token_slots, self.slot_ranks, self.device)
 
-    def graph_plan(self, token_slots: torch.Tensor) -> None:
-        """The LoRA plan of a static decode step (runner.decode_graphs): built from the slot buffer without
-        reading it, so a captured graph stays valid whatever the buffer and the slots hold later."""
-        set_graph_batch(self.ctx, token_slots, self.slot_ranks_device, self.max_rank)
+    def graph_plan(self, token_slots: torch.Tensor):
+        """The LoRA plan of a static decode step (runner.decode_graphs), for its StepInput: built from the
+        slot buffer without reading it, so a captured graph stays valid whatever the buffer and the slots
+        hold later."""
+        return graph_batch(self.ctx, token_slots, self.slot_ranks_device, self.max_rank)
 
     def end_forward(self) -> None:
         self.ctx.batch = None

@@ -13,8 +13,9 @@ import abc
 
 import torch
 
+from . import lora_decode
 from .cpu import add_lora_cpu, add_lora_packed_cpu
-from .cpu_plan import SegmentPlan, plan_segments
+from .cpu_plan import SegmentPlan, SlotsPlan, plan_segments
 from .plan import LoraPlan, check_graph_plan_args, graph_slots_plan, plan_slots
 from .reference import add_lora_reference
 from .triton_plan import RowsPlan, SgmvPlan, plan_rows, plan_sgmv
@@ -138,7 +139,7 @@ class TorchReferenceBackend(LoraBackend):
 class CpuBackend(LoraBackend):
     """torch ops chosen by batch shape (kernels.cpu); runs on any device, tuned for CPU."""
 
-    plan_types = (SegmentPlan,)
+    plan_types = (SegmentPlan, SlotsPlan)
     bf16_banks = True  # fp32 x/y with bf16 banks (--weight-dtype bfloat16): widened as they are read
     rank_major_b = True  # the C expand then sums along output rows, with no horizontal sums
 
@@ -148,16 +149,21 @@ class CpuBackend(LoraBackend):
     def plan(self, token_slots, slot_ranks) -> SegmentPlan:
         return plan_segments(token_slots, slot_ranks)
 
-    def graph_plan(self, token_slots, slot_ranks, max_rank) -> SegmentPlan:
-        # no graphs on this path (the static step runs eagerly): the host read is free on CPU, so plan fully
+    def graph_plan(self, token_slots, slot_ranks, max_rank) -> SlotsPlan:
+        # slots only: a compiled decode step then traces no host read (the C kernel reads the slots)
         check_graph_plan_args(token_slots, slot_ranks, max_rank)
-        return plan_segments(token_slots, slot_ranks)
+        return SlotsPlan(token_slots, slot_ranks, token_slots.shape[0], max_rank, token_slots.shape[0] > 0)
 
     def add_lora(self, y, x, lora_a, lora_b, scales, batch, out_offset=0) -> None:
         self.check_plan(batch)
         if not batch.has_lora:
             return
         self.check(y, x, lora_a, lora_b, scales, batch, out_offset)
+        if isinstance(batch, SlotsPlan):
+            if self.strategy in (None, "native") and lora_decode.usable(y, x, lora_a, lora_b):
+                add_lora_cpu(y, x, lora_a, lora_b, scales, batch, out_offset, "native")
+                return
+            batch = batch.segments
         add_lora_cpu(y, x, lora_a, lora_b, scales, batch, out_offset, self.strategy)
 
     def add_lora_packed(self, y, x, lora_a, lora_bs, scales, batch, out_offsets) -> None:
@@ -165,6 +171,19 @@ class CpuBackend(LoraBackend):
         if not batch.has_lora:
             return
         r_max = self.check_packed(lora_a, lora_bs, scales, out_offsets)
+        if isinstance(batch, SlotsPlan):
+            if (
+                self.strategy is None
+                and lora_decode.usable(y, x, lora_a, lora_bs[0])
+                and lora_decode.one_layout(lora_bs)
+            ):
+                for i, (b, off) in enumerate(zip(lora_bs, out_offsets, strict=True)):  # as per slice
+                    self.check(y, x, lora_a[:, i * r_max : (i + 1) * r_max], b, scales[i], batch, off)
+                lora_decode.packed(
+                    y, x, batch.token_slots, lora_a, lora_bs, batch.slot_ranks, scales, out_offsets
+                )
+                return
+            batch = batch.segments
         if not add_lora_packed_cpu(y, x, lora_a, lora_bs, scales, batch, out_offsets):
             for i, (b, off) in enumerate(zip(lora_bs, out_offsets, strict=True)):
                 a = lora_a[:, i * r_max : (i + 1) * r_max]

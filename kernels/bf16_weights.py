@@ -7,7 +7,8 @@ fp32 GEMM). The C source is built on first use (kernels/native.py).
 
 At and above `WIDEN_ROWS` rows (long prefill chunks, where the GEMM is compute-bound and MKL's fp32 kernel is
 faster than this one), and whenever autograd needs a gradient through the product (on-line training), the
-weight is widened to fp32 and torch runs the GEMM.
+weight is widened to fp32 and torch runs the GEMM. While torch.compile traces it, the kernel runs as the
+custom op `torch.ops.hotlora.linear_bf16w` (no graph break at the ctypes call).
 """
 
 from __future__ import annotations
@@ -37,6 +38,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return F.linear(x, weight.float(), bias)
     if x.dtype != torch.float32 or weight.dtype != torch.bfloat16:
         raise TypeError(f"expected float32 x and bfloat16 weight, got {x.dtype} and {weight.dtype}")
+    if torch.compiler.is_compiling():
+        return _linear_op(x, weight, bias)
+    return _linear(x, weight, bias)
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    rows = x.numel() // x.shape[-1]
     n, k = weight.shape
     x2 = x.reshape(rows, k).contiguous()
     w = weight.contiguous()
@@ -55,6 +63,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if status != 0:
         raise MemoryError(f"bf16-weight linear: no scratch memory for {rows} x {k}")
     return y.view(*x.shape[:-1], n)
+
+
+@torch.library.custom_op("hotlora::linear_bf16w", mutates_args=(), device_types="cpu")
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _linear(x, weight, bias)
+
+
+@_linear_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
 def ensure_built() -> None:

@@ -8,6 +8,7 @@ own plans (kernels.triton_plan).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +73,17 @@ class SegmentPlan(LoraPlan):
     @property
     def num_segments(self) -> int:
         return len(self.segments)
+
+
+@dataclass(frozen=True)
+class SlotsPlan(LoraPlan):
+    """The CPU backend's graph plan (a static decode step, runner.decode_graphs): the slots only, nothing
+    read back to the host, so torch.compile traces the step without a host read or a graph break. The C
+    kernel reads the slots itself; the torch strategies take :attr:`segments`, built on first need."""
+
+    @functools.cached_property
+    def segments(self) -> SegmentPlan:
+        return plan_segments(self.token_slots, self.slot_ranks)
 
 
 def plan_segments(token_slots: torch.Tensor, slot_ranks: torch.Tensor) -> SegmentPlan:

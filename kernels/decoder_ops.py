@@ -1,5 +1,9 @@
 """RMSNorm, RoPE and the KV write of a decoder layer in one C call each (`csrc/decoder_ops.c`), for fp32 on
-CPUs that run hotlora's C kernels. The runner takes them when `available()`; its torch ops do the rest."""
+CPUs that run hotlora's C kernels. The runner takes them when `available()`; its torch ops do the rest.
+
+Each is also a torch custom op (`torch.ops.hotlora.*`, with a fake implementation for shapes), which the
+public function calls instead while torch.compile traces it: dynamo would otherwise break its graph at every
+ctypes call (runner.decode_graphs compiles the decode step)."""
 
 from __future__ import annotations
 
@@ -11,13 +15,24 @@ import torch
 from . import native
 
 
-@functools.cache
+@torch.compiler.assume_constant_result  # torch.compile takes the answer as is (no tracing into the build)
 def available() -> bool:
+    return _loads()
+
+
+@functools.cache
+def _loads() -> bool:
     return native.loads_or_warns(_library, "RMSNorm and RoPE run through torch")
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """LlamaRMSNorm of fp32 rows x [T, H] (rows may be strided)."""
+    if torch.compiler.is_compiling():
+        return _rms_norm_op(x, weight, eps)
+    return _rms_norm(x, weight, eps)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     rows, h = x.shape
     if x.stride(-1) != 1:
         x = x.contiguous()
@@ -33,6 +48,13 @@ def rope_(qkv: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: 
     cos, sin: [max_positions, head_dim] tables (sin unsigned, as transformers builds them)."""
     if head_dim > 512 or qkv.stride(-1) != 1:
         raise ValueError(f"RoPE kernel: head_dim {head_dim} > 512 or rows not contiguous")
+    if torch.compiler.is_compiling():
+        _rope_op(qkv, heads, head_dim, cos, sin, positions)
+        return
+    _rope(qkv, heads, head_dim, cos, sin, positions)
+
+
+def _rope(qkv, heads: int, head_dim: int, cos, sin, positions) -> None:
     rows = qkv.shape[0]
     pos = positions.to(torch.int64).contiguous()
     _library().hotlora_rope(
@@ -41,10 +63,18 @@ def rope_(qkv: torch.Tensor, heads: int, head_dim: int, cos: torch.Tensor, sin: 
     )  # fmt: skip
 
 
-def kv_write(
-    k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
-):
-    """k_pool/v_pool rows at `slots` = k/v [T, kv_heads, d] (views of one qkv row each: same row stride)."""
+def kv_write(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, pool: torch.Tensor, layer: int):
+    """Layer `layer` of a KV pool [layers, 2, blocks, block_size, kv_heads, d] (K at [layer, 0], V at
+    [layer, 1]): rows at `slots` = k/v [T, kv_heads, d] (views of one qkv row each: same row stride).
+    The whole pool is the argument, not K's and V's views of it: a compiled graph that saw two mutated views
+    of one tensor would copy the pool around every write."""
+    if torch.compiler.is_compiling():
+        _kv_write_op(k, v, slots, pool, layer)
+        return
+    _kv_write(k, v, slots, pool[layer, 0], pool[layer, 1])
+
+
+def _kv_write(k, v, slots, k_pool, v_pool) -> None:
     rows = k.shape[0]
     width = k.shape[1] * k.shape[2]
     slots = slots.to(torch.int64).contiguous()
@@ -58,6 +88,50 @@ def kv_write(
         k_pool.data_ptr(),
         v_pool.data_ptr(),
     )
+
+
+# ---- the same as custom ops, for torch.compile ----------------------------------------------------------
+@torch.library.custom_op("hotlora::rms_norm", mutates_args=(), device_types="cpu")
+def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _rms_norm(x, weight, eps)
+
+
+@_rms_norm_op.register_fake
+def _(x, weight, eps):
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+@torch.library.custom_op("hotlora::rope_", mutates_args=("qkv",), device_types="cpu")
+def _rope_op(
+    qkv: torch.Tensor,
+    heads: int,
+    head_dim: int,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    positions: torch.Tensor,
+) -> None:
+    _rope(qkv, heads, head_dim, cos, sin, positions)
+
+
+@_rope_op.register_fake
+def _(qkv, heads, head_dim, cos, sin, positions):
+    return None
+
+
+@torch.library.custom_op("hotlora::kv_write", mutates_args=("pool",), device_types="cpu")
+def _kv_write_op(
+    k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, pool: torch.Tensor, layer: int
+) -> None:
+    if k.stride()[1:] != v.stride()[1:] or k.stride(0) != v.stride(0) or k.stride(-1) != 1:
+        # a compiled graph may hand the op copies of k and v laid out differently: one row stride is
+        # what the C copy reads
+        k, v = k.contiguous(), v.contiguous()
+    _kv_write(k, v, slots, pool[layer, 0], pool[layer, 1])
+
+
+@_kv_write_op.register_fake
+def _(k, v, slots, pool, layer):
+    return None
 
 
 def _threads(work: int) -> int:

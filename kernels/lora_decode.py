@@ -4,7 +4,9 @@ activations on CPUs that run hotlora's C kernels; the banks fp32, or bf16 when t
 so (`--weight-dtype bfloat16`).
 
 Used by kernels.cpu for decode batches (one token per slot, where the adapters' bytes are the whole cost) and
-prefills of many adapters or few tokens (where torch would pay its dispatch per segment)."""
+prefills of many adapters or few tokens (where torch would pay its dispatch per segment). `packed` is also
+the custom op `torch.ops.hotlora.lora_packed`, which it calls while torch.compile traces it (a compiled
+decode step has no graph break at the ctypes call)."""
 
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ def usable(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch
         and y.stride(-1) == 1
         and lora_a.is_contiguous()
         and b_layout(lora_b) is not None
-        and _available()
+        and available()
     )
 
 
@@ -97,8 +99,15 @@ def packed(
     """A fused projection's update in one call: `shrink` over the packed bank [S, n·R, H_in], then `expand`
     of slice i into y's columns offsets[i]: (lora_bs[i]: [S, H_i, R], all of one b_layout; scales: [n, S]
     float32)."""
+    if torch.compiler.is_compiling():
+        _packed_op(y, x, slots, lora_a, list(lora_bs), ranks, scales, list(offsets))
+        return
+    _packed(y, x, slots, lora_a, lora_bs, ranks, scales, offsets)
+
+
+def _packed(y, x, slots, lora_a, lora_bs, ranks, scales, offsets) -> None:
     tokens, k = x.shape
-    bound = _bound(lora_bs, offsets)
+    bound = _bound(tuple(lora_bs), tuple(offsets))
     n, r_max = bound.slices, bound.r_max
     slots, ranks, scales = _i64(slots), _i64(ranks), _f32(scales)
     u = torch.empty(tokens, n * r_max, dtype=torch.float32)
@@ -108,6 +117,25 @@ def packed(
         scales.data_ptr(), scales.shape[1], y.data_ptr(), y.stride(0),
         _threads(tokens * n * r_max * k), _threads(tokens * bound.total_out * r_max),
     ) and _out_of_memory(tokens)  # fmt: skip
+
+
+@torch.library.custom_op("hotlora::lora_packed", mutates_args=("y",), device_types="cpu")
+def _packed_op(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    slots: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_bs: list[torch.Tensor],
+    ranks: torch.Tensor,
+    scales: torch.Tensor,
+    offsets: list[int],
+) -> None:
+    _packed(y, x, slots, lora_a, lora_bs, ranks, scales, offsets)
+
+
+@_packed_op.register_fake
+def _(y, x, slots, lora_a, lora_bs, ranks, scales, offsets):
+    return None
 
 
 @dataclass(frozen=True)
@@ -177,8 +205,13 @@ def _threads(work: int) -> int:
     return torch.get_num_threads() if work >= 1 << 16 else 1
 
 
+@torch.compiler.assume_constant_result  # torch.compile takes the answer as is (no tracing into the build)
+def available() -> bool:
+    return _loads()
+
+
 @functools.cache
-def _available() -> bool:
+def _loads() -> bool:
     return native.loads_or_warns(_library, "decode LoRA runs through torch")
 
 

@@ -1,5 +1,7 @@
 """Decode attention on the paged KV cache in one C call a layer (`csrc/paged_decode_attention.c`), for fp32 on
-CPUs that run hotlora's C kernels; the runner's torch path (gather, mask, SDPA) does the rest."""
+CPUs that run hotlora's C kernels; the runner's torch path (gather, mask, SDPA) does the rest. While
+torch.compile traces it, it runs as the custom op `torch.ops.hotlora.paged_decode_attention` (no graph
+break at the ctypes call)."""
 
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ def usable(q: torch.Tensor, k_pool: torch.Tensor) -> bool:
         and k_pool.dtype == torch.float32
         and q.stride(-1) == 1
         and k_pool.is_contiguous()
-        and _available()
+        and available()
     )
 
 
@@ -34,6 +36,13 @@ def decode(
 ) -> None:
     """q: [D, heads, d] (d contiguous); pools: [blocks, bs, kv_heads, d]; tables: [D, width] int64;
     lens: [D] int64 (keys each row sees, its own included); out: [D, heads, d] contiguous, written."""
+    if torch.compiler.is_compiling():
+        out.copy_(_decode_op(q, k_pool, v_pool, tables, lens, scale, window or 0))
+        return
+    _decode(q, k_pool, v_pool, tables, lens, scale, window, out)
+
+
+def _decode(q, k_pool, v_pool, tables, lens, scale: float, window: int | None, out) -> None:
     rows, heads, d = q.shape
     _, bs, kv_heads, _ = k_pool.shape
     tables = tables.contiguous()
@@ -61,8 +70,33 @@ def decode(
         raise MemoryError("paged decode attention: no scratch memory")
 
 
+@torch.library.custom_op("hotlora::paged_decode_attention", mutates_args=(), device_types="cpu")
+def _decode_op(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    tables: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+    window: int,
+) -> torch.Tensor:
+    out = q.new_empty(q.shape)
+    _decode(q, k_pool, v_pool, tables, lens, scale, window, out)
+    return out
+
+
+@_decode_op.register_fake
+def _(q, k_pool, v_pool, tables, lens, scale, window):
+    return q.new_empty(q.shape)
+
+
+@torch.compiler.assume_constant_result  # torch.compile takes the answer as is (no tracing into the build)
+def available() -> bool:
+    return _loads()
+
+
 @functools.cache
-def _available() -> bool:
+def _loads() -> bool:
     return native.loads_or_warns(_library, "decode attention runs through torch")
 
 

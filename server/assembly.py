@@ -15,7 +15,7 @@ from hotlora.adapters.service import AdapterService
 from hotlora.adapters.training.finetune_jobs import FineTuneManager
 from hotlora.server.adapters_setup import setup_adapters
 from hotlora.server.config import ServerConfig
-from hotlora.server.engine.runner.decode_graphs import StaticDecode
+from hotlora.server.engine.runner.decode_graphs import StaticDecode, compile_refusal
 from hotlora.server.engine.scheduler import Engine, EngineLimits
 from hotlora.server.frontend.inference import InferenceFrontend
 from hotlora.server.model_loading import LoadedModel, load_model
@@ -71,8 +71,15 @@ def assemble(config: ServerConfig, observer: Observer = NO_OBSERVER) -> Componen
 
 
 def _decode_graphs(cfg: ServerConfig, loaded: LoadedModel, runtime: MultiLoraRuntime) -> StaticDecode | None:
-    """CUDA graphs for decode steps: on a CUDA device, with hotlora's runner, unless --no-cuda-graphs."""
+    """Static decode steps: CUDA graphs on a CUDA device with hotlora's runner, unless --no-cuda-graphs;
+    torch.compile on CPU with --torch-compile (its warm-up starts here, in the background)."""
+    if cfg.torch_compile:
+        why = compile_refusal(loaded.runner_kind, loaded.model)
+        if why:
+            raise ValueError(f"--torch-compile: {why}")
+        decode = StaticDecode(loaded.model, capture=False, lora_plan=runtime.graph_plan, compile=True)
+        decode.start_warmup()
+        return decode
     if not cfg.cuda_graphs or loaded.device.type != "cuda" or loaded.runner_kind != "runner":
         return None
-    plan, done = runtime.graph_plan, runtime.end_forward
-    return StaticDecode(loaded.model, capture=True, lora_plan=plan, lora_done=done)
+    return StaticDecode(loaded.model, capture=True, lora_plan=runtime.graph_plan)

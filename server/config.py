@@ -85,6 +85,12 @@ class ServerConfig:
         "on CUDA, decode steps replay CUDA graphs captured per batch bucket (no effect on CPU, where eager "
         "execution is faster)",
     )
+    torch_compile: bool = _opt(
+        False,
+        "on CPU, decode steps run through torch.compile (inductor; hotlora's C kernels as custom ops), "
+        "compiled on a background thread after start-up while steps run eagerly; needs hotlora's runner in "
+        "float32. Off by default: on a 2-core CPU eager was measured faster (docs/engine.md)",
+    )
     max_batch_size: int = _opt(64, "running generation requests decoded together")
     max_queue: int = _opt(1024, "waiting requests, all tenants together")
     max_queue_per_tenant: int = _opt(256, "waiting requests of one tenant")
@@ -240,6 +246,12 @@ class ServerConfig:
             problems.append("--weight-dtype bfloat16 widens to fp32: it needs --dtype float32 (or auto)")
         elif self.weight_dtype == "bfloat16" and self.runner == "transformers":
             problems.append("--weight-dtype bfloat16 needs hotlora's runner, not --runner transformers")
+        if self.torch_compile and self.runner == "transformers":
+            problems.append("--torch-compile compiles hotlora's runner, not --runner transformers")
+        elif self.torch_compile and self.dtype in ("float16", "bfloat16"):
+            problems.append("--torch-compile needs --dtype float32 (or auto): hotlora's C kernels are fp32")
+        elif self.torch_compile and self.device.startswith("cuda"):
+            problems.append("--torch-compile is the CPU path: on CUDA, decode steps replay CUDA graphs")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             problems.append(f"--device must be auto, cpu or cuda[:N] (got {self.device!r})")
         if bool(self.tls_cert) != bool(self.tls_key):

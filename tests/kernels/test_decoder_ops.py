@@ -49,9 +49,11 @@ def test_kv_write_puts_each_rows_k_and_v_at_its_slot():
     qkv = torch.randn(rows, (3 + 2 * kv_heads) * d)
     k = qkv[:, 3 * d : (3 + kv_heads) * d].view(rows, kv_heads, d)
     v = qkv[:, (3 + kv_heads) * d :].view(rows, kv_heads, d)
-    k_pool, v_pool = torch.zeros(6, 4, kv_heads, d), torch.zeros(6, 4, kv_heads, d)
+    pool = torch.zeros(3, 2, 6, 4, kv_heads, d)  # [layers, K/V, blocks, block_size, kv_heads, d]
+    k_pool, v_pool = pool[1, 0], pool[1, 1]
     slots = torch.tensor([5, 0, 23, 9])
-    decoder_ops.kv_write(k, v, slots, k_pool, v_pool)
+    decoder_ops.kv_write(k, v, slots, pool, 1)
+    assert not pool[0].any() and not pool[2].any()  # the other layers untouched
     want_k, want_v = torch.zeros(24, kv_heads, d), torch.zeros(24, kv_heads, d)
     want_k[slots], want_v[slots] = k, v
     assert torch.equal(k_pool.view(24, kv_heads, d), want_k) and torch.equal(

@@ -114,11 +114,22 @@ def test_packed_rows_plan_on_triton(dtype):
     assert_matches_reference(run(backend, case, batch), case.expected())
 
 
-def test_packed_rows_plan_on_cpu_backend():
+@pytest.mark.parametrize("strategy", [None, "bmm", "segments"])
+def test_packed_rows_plan_on_cpu_backend(strategy):
+    # the CPU graph plan is the slots only (a compiled step reads nothing back): the C kernel takes them as
+    # they are; a torch strategy gets the full plan built from them
     case = make_packed([3, -1, 0, 5, 3, 1, 4, 2], [4, 8, 16, 2, 0, 12])
-    backend = CpuBackend()
+    backend = CpuBackend(strategy)
     batch = backend.graph_plan(case.slots, case.ranks.to(DEVICE), R)
     assert_matches_reference(run(backend, case, batch), case.expected())
+    y = case.y.clone()  # and one slice alone, through add_lora
+    backend.add_lora(y, case.x, case.a[:, :R], case.bs[0], case.scales[0], batch, case.offsets[0])
+    want = case.y.clone()
+    CpuBackend(strategy).add_lora(
+        want, case.x, case.a[:, :R], case.bs[0], case.scales[0], backend.plan(case.slots, case.ranks),
+        case.offsets[0],
+    )  # fmt: skip
+    assert torch.allclose(y, want, atol=1e-5) and not torch.equal(y, case.y)
 
 
 def test_packed_shapes_are_checked():

@@ -61,11 +61,11 @@ def test_the_torch_path_serves_what_the_kernel_does_not_take():
 def test_a_failed_build_leaves_decode_on_the_torch_path(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built there yet
     monkeypatch.setattr(native, "compiler", lambda: "false")  # a compiler that always fails
-    for fn in (native.library, native_decode._library, native_decode._available):
+    for fn in (native.library, native_decode._library, native_decode._loads):
         fn.cache_clear()
     try:
         assert not native_decode.usable(torch.randn(1, 4, 16), torch.randn(8, 4, 2, 16))
         assert "decode attention runs through torch" in caplog.text
     finally:
-        for fn in (native.library, native_decode._library, native_decode._available):
+        for fn in (native.library, native_decode._library, native_decode._loads):
             fn.cache_clear()

@@ -3,6 +3,7 @@ given hears the engine and the cache, and a failure part-way leaves no engine th
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import pytest
@@ -78,5 +79,48 @@ def test_a_bad_target_module_list_fails_before_an_engine_exists(tiny_model_dir, 
         model=str(tiny_model_dir), data_dir=str(tmp_path), device="cpu", http_port=-1, target_modules="nope"
     )
     with pytest.raises(ValueError, match="names no linear layer of this model"):
+        assemble(cfg)
+    assert _engine_threads() - before == set()
+
+
+def test_torch_compile_serves_at_once_and_compiled_afterwards(tiny_model_dir, tmp_path):
+    # --torch-compile: assembled without waiting for the compile (it runs on a background thread while
+    # steps decode eagerly); once it is in, decode steps run compiled and generate the same tokens
+    cfg = dataclasses.replace(_config(tiny_model_dir, tmp_path), torch_compile=True)
+    c = assemble(cfg)
+    try:
+        static = c.engine.static_decode
+        assert static is not None and static.compile
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+
+        def generate() -> tuple[list[int], list[int]]:
+            req, _ = c.frontend.start_generation(
+                "acme", GenerateInput(prompt="hello there", max_new_tokens=6), None
+            )
+            list(request_events(req))
+            ids = torch.tensor([req.prompt_ids])
+            with torch.no_grad():
+                ref = model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
+            return req.output_ids, ref[0, ids.shape[1] :].tolist()
+
+        got, want = generate()  # during the warm-up or after it: the same tokens either way
+        assert got == want
+        assert static.wait_compiled(timeout=900), static.warmup_error
+        compiled_calls = []
+        compiled = static._compiled
+        static._compiled = lambda *a: compiled_calls.append(1) or compiled(*a)
+        got, want = generate()
+        assert got == want and len(compiled_calls) == 5  # the decode steps after the first token
+    finally:
+        c.training.close()
+        c.engine.stop()
+        c.adapters.close()
+
+
+def test_torch_compile_refuses_a_model_it_cannot_compile(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(assembly, "compile_refusal", lambda kind, runner: "no C compiler here")
+    before = _engine_threads()
+    cfg = dataclasses.replace(_config(tiny_model_dir, tmp_path), torch_compile=True)
+    with pytest.raises(ValueError, match="--torch-compile: no C compiler here"):
         assemble(cfg)
     assert _engine_threads() - before == set()

@@ -61,6 +61,9 @@ def _no_hotlora_env(monkeypatch):
         (["--weight-dtype", "int4"], "--weight-dtype must be auto, float32 or bfloat16"),
         (["--weight-dtype", "bfloat16", "--dtype", "bfloat16"], "--weight-dtype bfloat16 widens to fp32"),
         (["--weight-dtype", "bfloat16", "--runner", "transformers"], "needs hotlora's runner"),
+        (["--torch-compile", "--runner", "transformers"], "--torch-compile compiles hotlora's runner"),
+        (["--torch-compile", "--dtype", "bfloat16"], "--torch-compile needs --dtype float32"),
+        (["--torch-compile", "--device", "cuda"], "--torch-compile is the CPU path"),
         (["--tls-cert", "/nonexistent.pem"], "--tls-cert and --tls-key go together"),
         (["--model", "/no/such/dir"], "--model must be a local model directory"),
         (

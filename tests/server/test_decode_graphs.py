@@ -132,9 +132,7 @@ def test_static_decode_with_adapters_equals_the_dynamic_engine(tiny_llama, tiny_
     runner = runner_from_model(tiny_llama)
     runtime, handles = _runtime(runner, 3)
     plain = _run_all(runner, tiny_tok, runtime, None, handles + [None])
-    static = CountingDecode(
-        runner, capture=False, lora_plan=runtime.graph_plan, lora_done=runtime.end_forward
-    )
+    static = CountingDecode(runner, capture=False, lora_plan=runtime.graph_plan)
     got = _run_all(runner, tiny_tok, runtime, static, handles + [None])
     assert static.rows
     assert got == plain
@@ -154,7 +152,56 @@ def test_cuda_graph_decode_equals_eager_with_adapters(tiny_llama, tiny_tok):
     runner = runner_from_model(model, dtype=torch.float32)
     runtime, handles = _runtime(runner, 3)
     eager = _run_all(runner, tiny_tok, runtime, None, handles + [None])
-    graphs = CountingDecode(runner, capture=True, lora_plan=runtime.graph_plan, lora_done=runtime.end_forward)
+    graphs = CountingDecode(runner, capture=True, lora_plan=runtime.graph_plan)
     got = _run_all(runner, tiny_tok, runtime, graphs, handles + [None])
     assert graphs.rows and all(b.graph is not None for b in graphs._buckets.values())
     assert got == eager
+
+
+def _compiled(runner, runtime=None) -> tuple[CountingDecode, list[int]]:
+    """A compiled static decode, warmed up, whose compiled calls are counted (rows of each)."""
+    plan = runtime.graph_plan if runtime is not None else None
+    static = CountingDecode(runner, capture=False, lora_plan=plan, compile=True)
+    static.start_warmup()
+    assert static.wait_compiled(timeout=900), static.warmup_error
+    calls: list[int] = []
+    compiled = static._compiled
+
+    def counted(*args):
+        calls.append(args[0].shape[0])
+        return compiled(*args)
+
+    static._compiled = counted
+    return static, calls
+
+
+def test_compiled_decode_with_adapters_gives_the_eager_tokens(tiny_llama, tiny_tok):
+    runner = runner_from_model(tiny_llama)
+    runtime, handles = _runtime(runner, 3)
+    eager = _run_all(runner, tiny_tok, runtime, None, handles + [None])
+    static, calls = _compiled(runner, runtime)
+    got = _run_all(runner, tiny_tok, runtime, static, handles + [None])
+    assert got == eager
+    # every decode step ran compiled: the single-row graph and the one of any wider bucket, none eagerly
+    assert len(calls) == len(static.rows) and {1, 4} <= set(calls) and static._fallbacks == 0
+
+
+def test_a_step_no_compiled_graph_covers_runs_eagerly(tiny_llama, tiny_tok):
+    runner = runner_from_model(tiny_llama)
+    eager = _run_all(runner, tiny_tok, None, None, None)
+    static, calls = _compiled(runner)
+
+    def needs_a_compile(*args):  # what dynamo raises under the "fail_on_recompile" stance
+        raise RuntimeError("Detected recompile when torch.compile stance is 'fail_on_recompile'. ...")
+
+    static._compiled = needs_a_compile
+    assert _run_all(runner, tiny_tok, None, static, None) == eager
+    assert static._fallbacks == len(static.rows) > 0
+
+
+def test_compiled_decode_waits_for_its_warmup_and_refuses_cuda(tiny_llama):
+    runner = runner_from_model(tiny_llama)
+    static = StaticDecode(runner, capture=False, compile=True)
+    assert not static.fits(1)  # not compiled yet: the engine decodes eagerly meanwhile
+    with pytest.raises(ValueError, match="CPU path"):
+        StaticDecode(runner, capture=True, compile=True)

@@ -71,7 +71,7 @@ class KVPool:
     def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [T, kv_heads, head_dim] of the step's tokens; slot_mapping: [T] pool positions."""
         if self._native and _rows_alike(k, v):
-            decoder_ops.kv_write(k, v, slot_mapping, self.k[layer], self.v[layer])
+            decoder_ops.kv_write(k, v, slot_mapping, self.data, layer)
             return
         self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
         self.v[layer].view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)

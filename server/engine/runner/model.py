@@ -43,6 +43,10 @@ class StepInput:
     token_ids: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
     attention: AttentionMetadata
+    # the step's LoRA plan (kernels' LoraPlan) when the caller holds it; None: the sites read the runtime's
+    # shared context (set by the engine). A static decode step passes its own, so that compiling one off the
+    # engine thread does not race the engine's steps for the shared one.
+    lora: object | None = None
 
 
 class _DecoderOutput:
@@ -109,7 +113,7 @@ class Runner(nn.Module):
                 q, k, v, pool.k[i], pool.v[i], meta, self.scale, self.spec.sliding_windows[i]
             )
 
-        return self._run(step.token_ids, step.positions, attend, taps, native)
+        return self._run(step.token_ids, step.positions, attend, taps, native, step.lora)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._lm_head(hidden)
@@ -159,6 +163,7 @@ class Runner(nn.Module):
         attend: Callable,
         taps: dict | None = None,
         native: bool = False,
+        lora=None,
     ) -> torch.Tensor:
         """`native`: RMSNorm and RoPE as hotlora's C ops, in place where torch would allocate: serving only,
         never under autograd."""
@@ -176,7 +181,7 @@ class Runner(nn.Module):
         qs, kvs = spec.q_size, spec.kv_size
         for i, layer in enumerate(w.layers):
             x = norm(h, layer.input_norm, eps)
-            qkv = self._project(i, "qkv", x, layer.qkv, layer.qkv_bias)
+            qkv = self._project(i, "qkv", x, layer.qkv, layer.qkv_bias, lora)
             # RoPE on q's and k's heads in one pass (the same products and sums as rotating each)
             if native:
                 decoder_ops.rope_(qkv, heads + kv_heads, d, self.rope_cos, self.rope_sin, positions)
@@ -186,18 +191,20 @@ class Runner(nn.Module):
             q, k = qk.split((heads, kv_heads), dim=1)
             v = qkv[:, qs + kvs :].view(t, kv_heads, d)
             a = attend(i, q, k, v)
-            h = h + self._project(i, "o", a, layer.o, layer.o_bias)
+            h = h + self._project(i, "o", a, layer.o, layer.o_bias, lora)
             x = norm(h, layer.post_norm, eps)
-            gate, up = self._project(i, "gate_up", x, layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-            h = h + self._project(i, "down", F.silu(gate) * up, layer.down, layer.down_bias)
+            gate, up = self._project(i, "gate_up", x, layer.gate_up, layer.gate_up_bias, lora).chunk(
+                2, dim=-1
+            )
+            h = h + self._project(i, "down", F.silu(gate) * up, layer.down, layer.down_bias, lora)
             if taps is not None and i + 1 in taps:  # an earlier layer a pooled text reads
                 taps[i + 1] = h
         return norm(h, w.norm, eps)
 
-    def _project(self, layer: int, name: str, x, weight, bias) -> torch.Tensor:
+    def _project(self, layer: int, name: str, x, weight, bias, lora) -> torch.Tensor:
         y = self.linear(x, weight, bias)
         site = self.sites.get((layer, name))
-        return y if site is None else site.apply(y, x)
+        return y if site is None else site.apply(y, x, lora)
 
     # ---- LoRA sites -------------------------------------------------------------------------------------
     def projection_shapes(self) -> dict[str, tuple[int, tuple[int, ...]]]:
