@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/engine.py            # full run (~4 min on 2 cores), updates RESULTS.md
     .venv/bin/python benchmarks/engine.py --quick    # one repeat, RESULTS.md untouched
-    .venv/bin/python benchmarks/engine.py --compile  # also eager vs torch.compile of the decode forward
-                                                     # (compiling takes minutes on 2 cores)
+    .venv/bin/python benchmarks/engine.py --compile  # also (5): decode throughput eager vs --torch-compile
+                                                     # (compiling takes a minute or two on 2 cores)
 
 In-process server (`--adapter-slots 32 --max-rank 16`), SmolLM2-135M-Instruct in the dtype `auto` picks on
 this machine, 32 rank-16 PEFT adapters on all seven linear layers (benchmarks/adapters.py writes them), all
@@ -15,7 +15,8 @@ through the real gRPC server. Figures, each a ratio measured in this one process
     the base model (wall time of the whole burst; the CPU path must not pay a loop per adapter);
 (3) time to first token of a 512-token prompt (1 new token, a prefix nobody has sent), and of a second
     prompt sharing its first 448 tokens (the prefix cache serves those); medians of 3 pairs;
-(4) KV cache bytes per held token, and the cache's capacity at the default `--kv-cache-bytes`.
+(4) KV cache bytes per held token, and the cache's capacity at the default `--kv-cache-bytes`;
+(5) with --compile: (1) again, alternating the eager engine and the compiled decode step of `--torch-compile`.
 
 The side-by-side comparison with vLLM and llama.cpp is ../shared/peers/compare.py (see RESULTS.md).
 """
@@ -39,6 +40,7 @@ from serving import cpu_name  # benchmarks/serving.py
 from adapters import chunks, peft_files, stream_all  # benchmarks/adapters.py
 from hotlora.server.app import HotloraServer
 from hotlora.server.config import ServerConfig
+from hotlora.server.engine.runner.decode_graphs import StaticDecode
 from hotlora.v1 import adapters_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc
 
 NEW_TOKENS = 32
@@ -79,42 +81,32 @@ def shared_tokens(tokenizer, a: list[int], b: list[int]) -> int:
     return n
 
 
-def compile_vs_eager(runner) -> tuple[dict[int, tuple[float, float]], float]:
-    """ms per decode forward (eager, torch.compile) at 1, 8, 32 rows, and the compile seconds."""
-    from hotlora.server.engine.runner.attention import AttentionMetadata, decode_mask
-    from hotlora.server.engine.runner.model import StepInput
-
-    bs = runner.kv_config.block_size
-
-    def step(n: int, context: int = 40) -> StepInput:
-        width = (context + bs) // bs
-        tables = torch.arange(n * width).view(n, width) + 1
-        lens = torch.full((n,), context + 1)
-        mapping = tables[:, context // bs] * bs + context % bs
-        meta = AttentionMetadata(n, tables, lens, (), mapping, decode_mask(lens, width * bs, None))
-        return StepInput(torch.randint(0, 1000, (n,)), torch.full((n,), context), meta)
-
-    def forward(s):
-        return runner.logits(runner(s))
-
-    def ms(fn, s, k: int = 20) -> float:
-        for _ in range(3):
-            fn(s)
-        t0 = time.perf_counter()
-        for _ in range(k):
-            fn(s)
-        return (time.perf_counter() - t0) / k * 1000
-
-    compiled = torch.compile(forward, dynamic=True)
+def compiled_vs_eager(server, stub, names: list[str], repeats: int):
+    """Decode throughput (1) with the engine's eager steps and with `--torch-compile`'s compiled ones,
+    alternated in this process: {(n, kind): (eager, compiled) tok/s}, and the warm-up's seconds."""
+    engine = server.state.engine
+    static = StaticDecode(engine.runner, capture=False, lora_plan=engine.runtime.graph_plan, compile=True)
+    t0 = time.perf_counter()
+    static.start_warmup()
+    if not static.wait_compiled(timeout=1800):
+        raise RuntimeError(f"the compile failed: {static.warmup_error}")
+    compile_s = time.perf_counter() - t0
     out = {}
-    with torch.inference_mode():
-        t0 = time.perf_counter()
-        for n in (1, 8, 32):
-            compiled(step(n))
-        compile_s = time.perf_counter() - t0
-        for n in (1, 8, 32):
-            s = step(n)
-            out[n] = (ms(forward, s), ms(compiled, s))
+    for n in (1, 8, 32):
+        for kind in ("base", "mixed"):
+            ads = [""] * n if kind == "base" else names[:n]
+            best = {None: 0.0, static: 0.0}
+            for _ in range(repeats):
+                for mode in best:
+                    engine.static_decode = mode  # read by the engine at each step
+                    wall, toks = stream_all(stub, ads, decode_prompts(n), NEW_TOKENS)
+                    best[mode] = max(best[mode], toks / wall)
+            engine.static_decode = None
+            out[(n, kind)] = (best[None], best[static])
+            print(
+                f"(5) N={n:2d} {kind:5s}: eager {best[None]:6.1f}, compiled {best[static]:6.1f} tok/s",
+                flush=True,
+            )
     return out, compile_s
 
 
@@ -122,7 +114,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one repeat, RESULTS.md untouched")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per figure; default 2")
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile (minutes)")
+    ap.add_argument(
+        "--compile", action="store_true", help="also (5): eager against --torch-compile (minutes)"
+    )
     args = ap.parse_args()
     repeats = args.repeats or (1 if args.quick else 2)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -227,12 +221,13 @@ def main() -> None:
 
             comp_lines: list[str] = []
             if args.compile:
-                timings, compile_s = compile_vs_eager(runner)
-                for n, (eager, compiled) in timings.items():
-                    line = f"decode forward, {n} rows: eager {eager:.1f} ms, torch.compile {compiled:.1f} ms"
-                    print(line)
-                    comp_lines.append(f"- {line} (compiled/eager {compiled / eager:.2f})")
-                comp_lines.append(f"- compiling the three shapes took {compile_s:.0f} s")
+                timings, compile_s = compiled_vs_eager(server, stub, names, repeats)
+                for (n, kind), (eager, compiled) in timings.items():
+                    comp_lines.append(
+                        f"| (5) decode, N={n} {kind} | {eager:.1f} / {compiled:.1f} tok/s "
+                        f"| compiled/eager **{compiled / eager:.2f}** |"
+                    )
+                comp_lines.append(f"\nThe background compile took {compile_s:.0f} s (two graphs).")
         finally:
             channel.close()
             server.shutdown(grace=1.0)
@@ -257,7 +252,15 @@ def main() -> None:
         *rows,
     ]
     if comp_lines:
-        section += ["", "torch.compile (inductor, `dynamic=True`) against eager, same process:", *comp_lines]
+        section += [
+            "",
+            "`--torch-compile` (the decode step through torch.compile, runner.decode_graphs) against the "
+            "eager engine, alternated in the same process, best of the repeats:",
+            "",
+            "| figure | eager / compiled | ratio |",
+            "|---|---|---|",
+            *comp_lines,
+        ]
     write_section("Engine", "\n".join(section) + "\n")
     print(f"wrote the Engine section of {RESULTS}")
 

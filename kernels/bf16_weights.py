@@ -19,7 +19,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from . import native
+from . import native, torch_ops
 from .native import Unavailable, unavailable_reason
 
 __all__ = ["WIDEN_ROWS", "Unavailable", "ensure_built", "linear", "unavailable_reason"]
@@ -65,14 +65,11 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return y.view(*x.shape[:-1], n)
 
 
-@torch.library.custom_op("hotlora::linear_bf16w", mutates_args=(), device_types="cpu")
-def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return _linear(x, weight, bias)
-
-
-@_linear_op.register_fake
-def _(x, weight, bias):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+_linear_op = torch_ops.define(  # for torch.compile (kernels/torch_ops.py)
+    "linear_bf16w(Tensor x, Tensor weight, Tensor? bias) -> Tensor",
+    _linear,
+    lambda x, weight, bias: x.new_empty(*x.shape[:-1], weight.shape[0]),
+)
 
 
 def ensure_built() -> None:

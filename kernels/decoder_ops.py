@@ -12,7 +12,7 @@ import functools
 
 import torch
 
-from . import native
+from . import native, torch_ops
 
 
 @torch.compiler.assume_constant_result  # torch.compile takes the answer as is (no tracing into the build)
@@ -90,38 +90,8 @@ def _kv_write(k, v, slots, k_pool, v_pool) -> None:
     )
 
 
-# ---- the same as custom ops, for torch.compile ----------------------------------------------------------
-@torch.library.custom_op("hotlora::rms_norm", mutates_args=(), device_types="cpu")
-def _rms_norm_op(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return _rms_norm(x, weight, eps)
-
-
-@_rms_norm_op.register_fake
-def _(x, weight, eps):
-    return x.new_empty(x.shape, dtype=torch.float32)
-
-
-@torch.library.custom_op("hotlora::rope_", mutates_args=("qkv",), device_types="cpu")
-def _rope_op(
-    qkv: torch.Tensor,
-    heads: int,
-    head_dim: int,
-    cos: torch.Tensor,
-    sin: torch.Tensor,
-    positions: torch.Tensor,
-) -> None:
-    _rope(qkv, heads, head_dim, cos, sin, positions)
-
-
-@_rope_op.register_fake
-def _(qkv, heads, head_dim, cos, sin, positions):
-    return None
-
-
-@torch.library.custom_op("hotlora::kv_write", mutates_args=("pool",), device_types="cpu")
-def _kv_write_op(
-    k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, pool: torch.Tensor, layer: int
-) -> None:
+# ---- the same as torch operators, for torch.compile (kernels/torch_ops.py) -------------------------------
+def _kv_write_layer(k, v, slots, pool, layer: int) -> None:
     if k.stride()[1:] != v.stride()[1:] or k.stride(0) != v.stride(0) or k.stride(-1) != 1:
         # a compiled graph may hand the op copies of k and v laid out differently: one row stride is
         # what the C copy reads
@@ -129,9 +99,21 @@ def _kv_write_op(
     _kv_write(k, v, slots, pool[layer, 0], pool[layer, 1])
 
 
-@_kv_write_op.register_fake
-def _(k, v, slots, pool, layer):
-    return None
+_rms_norm_op = torch_ops.define(
+    "rms_norm(Tensor x, Tensor weight, float eps) -> Tensor",
+    _rms_norm,
+    lambda x, weight, eps: x.new_empty(x.shape, dtype=torch.float32),
+)
+_rope_op = torch_ops.define(
+    "rope_(Tensor(a!) qkv, int heads, int head_dim, Tensor cos, Tensor sin, Tensor positions) -> ()",
+    _rope,
+    lambda *args: None,
+)
+_kv_write_op = torch_ops.define(
+    "kv_write(Tensor k, Tensor v, Tensor slots, Tensor(a!) pool, int layer) -> ()",
+    _kv_write_layer,
+    lambda *args: None,
+)
 
 
 def _threads(work: int) -> int:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import native
+from . import native, torch_ops
 
 
 def usable(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> bool:
@@ -119,23 +119,12 @@ def _packed(y, x, slots, lora_a, lora_bs, ranks, scales, offsets) -> None:
     ) and _out_of_memory(tokens)  # fmt: skip
 
 
-@torch.library.custom_op("hotlora::lora_packed", mutates_args=("y",), device_types="cpu")
-def _packed_op(
-    y: torch.Tensor,
-    x: torch.Tensor,
-    slots: torch.Tensor,
-    lora_a: torch.Tensor,
-    lora_bs: list[torch.Tensor],
-    ranks: torch.Tensor,
-    scales: torch.Tensor,
-    offsets: list[int],
-) -> None:
-    _packed(y, x, slots, lora_a, lora_bs, ranks, scales, offsets)
-
-
-@_packed_op.register_fake
-def _(y, x, slots, lora_a, lora_bs, ranks, scales, offsets):
-    return None
+_packed_op = torch_ops.define(  # for torch.compile (kernels/torch_ops.py)
+    "lora_packed(Tensor(a!) y, Tensor x, Tensor slots, Tensor lora_a, Tensor[] lora_bs, Tensor ranks, "
+    "Tensor scales, int[] offsets) -> ()",
+    _packed,
+    lambda *args: None,
+)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from . import native
+from . import native, torch_ops
 
 
 def usable(q: torch.Tensor, k_pool: torch.Tensor) -> bool:
@@ -70,24 +70,18 @@ def _decode(q, k_pool, v_pool, tables, lens, scale: float, window: int | None, o
         raise MemoryError("paged decode attention: no scratch memory")
 
 
-@torch.library.custom_op("hotlora::paged_decode_attention", mutates_args=(), device_types="cpu")
-def _decode_op(
-    q: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
-    tables: torch.Tensor,
-    lens: torch.Tensor,
-    scale: float,
-    window: int,
-) -> torch.Tensor:
+def _decode_new(q, k_pool, v_pool, tables, lens, scale: float, window: int) -> torch.Tensor:
     out = q.new_empty(q.shape)
     _decode(q, k_pool, v_pool, tables, lens, scale, window, out)
     return out
 
 
-@_decode_op.register_fake
-def _(q, k_pool, v_pool, tables, lens, scale, window):
-    return q.new_empty(q.shape)
+_decode_op = torch_ops.define(  # for torch.compile (kernels/torch_ops.py)
+    "paged_decode_attention(Tensor q, Tensor k_pool, Tensor v_pool, Tensor tables, Tensor lens, float scale, "
+    "int window) -> Tensor",
+    _decode_new,
+    lambda q, *args: q.new_empty(q.shape),
+)
 
 
 @torch.compiler.assume_constant_result  # torch.compile takes the answer as is (no tracing into the build)

@@ -19,8 +19,9 @@ C kernels are custom ops there (``torch.ops.hotlora.*``), so one graph covers th
 serves every bucket of two rows or more and every width (both marked dynamic), one more the single row.
 Compiling takes a minute or more on a 2-core machine, so it happens on a background thread
 (:meth:`StaticDecode.start_warmup`): the server is ready at once and decodes eagerly until the graphs are
-in; a step that would need a new compile afterwards runs eagerly instead. It is off by default because on
-the 2-core CPU it was measured slower than eager (benchmarks/engine.py --compile, RESULTS.md).
+in; a step that would need a new compile afterwards runs eagerly instead. It is off by default: on the
+2-core CPU it measured 0.89-1.03x the eager engine's throughput (benchmarks/engine.py --compile,
+docs/engine.md).
 
 Without either (CPU tests), the same static path runs eagerly: it is how the tests check that padding and
 bucketing change no output.
@@ -89,6 +90,9 @@ class _Bucket:
 # every width of 2 or more blocks (dynamo specialises sizes 0 and 1, so a width is padded to at least 2);
 # the single row has its own graph.
 WARMUP_BUCKETS = ((1, 2), (2, 2))
+# inductor: its own kernels here are small elementwise ones (residual adds, SiLU times up), cheaper on one
+# thread than waking a team for each; no size asserts between the ops (hundreds a step)
+COMPILE_OPTIONS = {"cpp.threads": 1, "size_asserts": False, "alignment_asserts": False}
 
 
 class StaticDecode:
@@ -119,7 +123,11 @@ class StaticDecode:
         self._pool = torch.cuda.graph_pool_handle() if capture else None  # one memory pool for all graphs
         self.compile = compile
         # compiled: the traced step, and whether its graphs are in (set by the warm-up thread)
-        self._compiled = torch.compile(self._forward, dynamic=False, fullgraph=True) if compile else None
+        self._compiled = (
+            torch.compile(self._forward, dynamic=False, fullgraph=True, options=COMPILE_OPTIONS)
+            if compile
+            else None
+        )
         self.compiled_ready = threading.Event()
         self._warmup_thread: threading.Thread | None = None
         self.warmup_error: BaseException | None = None
