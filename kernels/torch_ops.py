@@ -22,6 +22,10 @@ def define(schema: str, impl: Callable, fake: Callable) -> torch._ops.OpOverload
     """Register `torch.ops.hotlora.<name>` (schema as in native_functions.yaml: `Tensor(a!)` marks an argument
     written in place) with its CPU implementation and its fake; returns the operator."""
     name = schema.split("(", 1)[0]
+    if hasattr(torch.ops.hotlora, name):
+        # defined already by this source imported under another name (transformers probes for a top-level
+        # `kernels` package, which is this directory when the repository root is on sys.path)
+        return getattr(torch.ops.hotlora, name).default
     _LIB.define(schema)
     _LIB.impl(name, impl, "CPU")
     torch.library.register_fake(f"hotlora::{name}", fake, lib=_LIB)
