@@ -173,7 +173,7 @@ class CpuBackend(LoraBackend):
         r_max = self.check_packed(lora_a, lora_bs, scales, out_offsets)
         if isinstance(batch, SlotsPlan):
             if (
-                self.strategy is None
+                self.strategy in (None, "native")
                 and lora_decode.usable(y, x, lora_a, lora_bs[0])
                 and lora_decode.one_layout(lora_bs)
             ):

@@ -71,13 +71,16 @@ def kv_write(k: torch.Tensor, v: torch.Tensor, slots: torch.Tensor, pool: torch.
     if torch.compiler.is_compiling():
         _kv_write_op(k, v, slots, pool, layer)
         return
-    _kv_write(k, v, slots, pool[layer, 0], pool[layer, 1])
+    _kv_write(k, v, slots, pool, layer)
 
 
-def _kv_write(k, v, slots, k_pool, v_pool) -> None:
+def _kv_write(k, v, slots, pool, layer: int) -> None:
     rows = k.shape[0]
     width = k.shape[1] * k.shape[2]
     slots = slots.to(torch.int64).contiguous()
+    # K's and V's addresses from the strides: indexing pool[layer, 0] costs ~2 µs a view, 30 layers a step
+    k_pool = pool.data_ptr() + layer * pool.stride(0) * pool.element_size()
+    v_pool = k_pool + pool.stride(1) * pool.element_size()
     _library().hotlora_kv_write(
         k.data_ptr(),
         v.data_ptr(),
@@ -85,8 +88,8 @@ def _kv_write(k, v, slots, k_pool, v_pool) -> None:
         k.stride(0),
         width,
         slots.data_ptr(),
-        k_pool.data_ptr(),
-        v_pool.data_ptr(),
+        k_pool,
+        v_pool,
     )
 
 
@@ -96,7 +99,7 @@ def _kv_write_layer(k, v, slots, pool, layer: int) -> None:
         # a compiled graph may hand the op copies of k and v laid out differently: one row stride is
         # what the C copy reads
         k, v = k.contiguous(), v.contiguous()
-    _kv_write(k, v, slots, pool[layer, 0], pool[layer, 1])
+    _kv_write(k, v, slots, pool, layer)
 
 
 _rms_norm_op = torch_ops.define(
