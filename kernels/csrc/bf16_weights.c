@@ -31,13 +31,20 @@ AI void store_y(__m512 acc, float* y, const float* bias, int64_t n) {
   *y = _mm512_reduce_add_ps(acc) + (bias ? bias[n] : 0.0f);
 }
 
-// One row of x against NB rows of W read straight from memory.
+// One row of x against NB rows of W read straight from memory. `next`..`end`: the bytes the thread reads
+// after this tile (the next tile's rows, contiguous), prefetched as this one streams: eight interleaved rows
+// of ~1 KiB each are short streams the hardware prefetcher picks up late (measured: 1.4x on 3072 x 576).
 AI void tile_stream(const float* xd, const uint16_t* W, int64_t K, int64_t n0, int NB, float* y,
-                    const float* bias) {
+                    const float* bias, const char* next, const char* end) {
   __m512 acc[8];
   for (int j = 0; j < NB; j++) acc[j] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K; k += 32) {
     __m512 xe = _mm512_load_ps(xd + k), xo = _mm512_load_ps(xd + k + 16);
+    // NB rows of K bf16 are NB * K / 32 cache lines: NB lines per step of k covers the next tile
+    for (int j = 0; j < NB; j++) {
+      const char* line = next + ((k / 32) * NB + j) * 64;
+      if (line < end) _mm_prefetch(line, _MM_HINT_T0);
+    }
     for (int j = 0; j < NB; j++) {
       __m512 we, wo;
       load_w(W + (n0 + j) * K, k, K, &we, &wo);
@@ -85,20 +92,25 @@ AI void tile_widened(const float* xd, int64_t Kp, const float* wb, int64_t n0, i
   }
 
 static void block_one_row(const float* xd, const uint16_t* W, int64_t K, int64_t n0, int64_t nn, float* y,
-                          const float* bias) {
+                          const float* bias, const char* end) {
+  const char* next = (const char*)(W + (n0 + nn) * K);
   if (nn == 8) {
-    tile_stream(xd, W, K, n0, 8, y, bias);
+    tile_stream(xd, W, K, n0, 8, y, bias, next, end);
     return;
   }
-  for (int64_t j = 0; j < nn; j++) tile_stream(xd, W, K, n0 + j, 1, y, bias);
+  for (int64_t j = 0; j < nn; j++) tile_stream(xd, W, K, n0 + j, 1, y, bias, next, next);
 }
 
 static void block_rows(const float* xd, int64_t Kp, const uint16_t* W, int64_t K, int64_t n_start,
-                       int64_t nn, int64_t M, float* y, int64_t N, const float* bias, float* wb) {
+                       int64_t nn, int64_t M, float* y, int64_t N, const float* bias, float* wb,
+                       const char* end) {
   for (int64_t j0 = 0; j0 < nn; j0 += 4) {
     int64_t nb = nn - j0 < 4 ? nn - j0 : 4, n0 = n_start + j0;
+    const char* next = (const char*)(W + (n0 + nb) * K);  // the next block's rows, as in tile_stream
     for (int64_t j = 0; j < nb; j++)
       for (int64_t k = 0; k < K; k += 32) {
+        const char* line = next + (j * ((K + 31) / 32) + k / 32) * 64;
+        if (line < end) _mm_prefetch(line, _MM_HINT_T0);
         __m512 we, wo;
         load_w(W + (n0 + j) * K, k, K, &we, &wo);
         _mm512_store_ps(wb + j * Kp + k, we);
@@ -147,8 +159,8 @@ int hotlora_linear_bf16w(const float* x, int64_t M, int64_t K, const uint16_t* W
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < blocks; b++) {
       int64_t n0 = b * 8, nn = N - n0 < 8 ? N - n0 : 8;
-      if (M == 1) block_one_row(xd, W, K, n0, nn, y, bias);
-      else if (wb) block_rows(xd, Kp, W, K, n0, nn, M, y, N, bias, wb);
+      if (M == 1) block_one_row(xd, W, K, n0, nn, y, bias, (const char*)(W + N * K));
+      else if (wb) block_rows(xd, Kp, W, K, n0, nn, M, y, N, bias, wb, (const char*)(W + N * K));
     }
     free(wb);
   }
