@@ -14,7 +14,7 @@ import abc
 import torch
 
 from . import lora_decode
-from .cpu import add_lora_cpu, add_lora_packed_cpu
+from .cpu import NativePackedSite, add_lora_cpu, add_lora_packed_cpu
 from .cpu_plan import SegmentPlan, SlotsPlan, plan_segments
 from .plan import LoraPlan, check_graph_plan_args, graph_slots_plan, plan_slots
 from .reference import add_lora_reference
@@ -77,6 +77,12 @@ class LoraBackend(abc.ABC):
         r_max = self.check_packed(lora_a, lora_bs, scales, out_offsets)
         for i, (b, off) in enumerate(zip(lora_bs, out_offsets, strict=True)):
             self.add_lora(y, x, lora_a[:, i * r_max : (i + 1) * r_max], b, scales[i], batch, off)
+
+    def bind_packed(self, lora_a, lora_bs, scales, out_offsets):
+        """add_lora_packed for one site whose banks stay these tensors (written in place): returns
+        ``update(y, x, batch)``. A backend may work out once what depends only on the banks; this default
+        calls add_lora_packed each time."""
+        return lambda y, x, batch: self.add_lora_packed(y, x, lora_a, lora_bs, scales, batch, out_offsets)
 
     @staticmethod
     def check_packed(lora_a, lora_bs, scales, out_offsets) -> int:
@@ -166,19 +172,26 @@ class CpuBackend(LoraBackend):
             batch = batch.segments
         add_lora_cpu(y, x, lora_a, lora_b, scales, batch, out_offset, self.strategy)
 
+    def bind_packed(self, lora_a, lora_bs, scales, out_offsets):
+        general = super().bind_packed(lora_a, lora_bs, scales, out_offsets)
+        if self.strategy not in (None, "native") or not lora_decode.bindable(lora_a, lora_bs, scales):
+            return general
+        self.check_packed(lora_a, lora_bs, scales, out_offsets)
+        return NativePackedSite(general, lora_a, lora_bs, scales, out_offsets)
+
     def add_lora_packed(self, y, x, lora_a, lora_bs, scales, batch, out_offsets) -> None:
         self.check_plan(batch)
         if not batch.has_lora:
             return
         r_max = self.check_packed(lora_a, lora_bs, scales, out_offsets)
+        for i, (b, off) in enumerate(zip(lora_bs, out_offsets, strict=True)):  # as per slice
+            self.check(y, x, lora_a[:, i * r_max : (i + 1) * r_max], b, scales[i], batch, off)
         if isinstance(batch, SlotsPlan):
             if (
                 self.strategy in (None, "native")
                 and lora_decode.usable(y, x, lora_a, lora_bs[0])
                 and lora_decode.one_layout(lora_bs)
             ):
-                for i, (b, off) in enumerate(zip(lora_bs, out_offsets, strict=True)):  # as per slice
-                    self.check(y, x, lora_a[:, i * r_max : (i + 1) * r_max], b, scales[i], batch, off)
                 lora_decode.packed(
                     y, x, batch.token_slots, lora_a, lora_bs, batch.slot_ranks, scales, out_offsets
                 )
@@ -186,9 +199,9 @@ class CpuBackend(LoraBackend):
             batch = batch.segments
         if not add_lora_packed_cpu(y, x, lora_a, lora_bs, scales, batch, out_offsets):
             for i, (b, off) in enumerate(zip(lora_bs, out_offsets, strict=True)):
-                a = lora_a[:, i * r_max : (i + 1) * r_max]
-                self.check(y, x, a, b, scales[i], batch, off)
-                add_lora_cpu(y, x, a, b, scales[i], batch, off, self.strategy)
+                add_lora_cpu(
+                    y, x, lora_a[:, i * r_max : (i + 1) * r_max], b, scales[i], batch, off, self.strategy
+                )
 
 
 class TritonBackend(LoraBackend):

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from . import lora_decode
-from .cpu_plan import DenseLayout, SegmentPlan
+from .cpu_plan import DenseLayout, SegmentPlan, SlotsPlan
 
 # Mean tokens per segment at or above which one GEMM pair per segment beats gather + bmm.
 SEGMENT_MIN_MEAN_LEN = 4
@@ -111,15 +111,70 @@ def pick_cpu_strategy(batch: SegmentPlan, y, x, lora_a, lora_b) -> str:
     batches of many slots), of 'single' for a few tokens, and of 'segments' when they are short (prefill
     of many adapters), where it can run on these tensors."""
     strategy = choose_cpu_strategy(batch)
-    if strategy == "single":
-        wanted = x.shape[0] <= NATIVE_SINGLE_MAX_TOKENS
-    elif strategy == "segments":
-        wanted = batch.num_lora_tokens <= NATIVE_MAX_MEAN_SEGMENT * batch.num_segments
-    else:
-        wanted = strategy in ("dense", "bmm")
-    if wanted and lora_decode.usable(y, x, lora_a, lora_b):
+    if native_wanted(batch, strategy, x.shape[0]) and lora_decode.usable(y, x, lora_a, lora_b):
         return "native"
     return strategy
+
+
+def native_wanted(batch: SegmentPlan, strategy: str, tokens: int) -> bool:
+    """Whether the C kernel beats `strategy` (choose_cpu_strategy's pick) for this batch of `tokens` rows."""
+    if strategy == "single":
+        return tokens <= NATIVE_SINGLE_MAX_TOKENS
+    if strategy == "segments":
+        return batch.num_lora_tokens <= NATIVE_MAX_MEAN_SEGMENT * batch.num_segments
+    return strategy in ("dense", "bmm")
+
+
+class NativePackedSite:
+    """CpuBackend.bind_packed: one site's packed update through the C kernel, with what depends only on the
+    site's banks worked out once (lora_decode.PackedSite) and the path chosen once per plan (every site of a
+    step sees the same plan). A call the kernel does not take as it is -- another plan type, a plan whose
+    shape calls for a torch strategy, tensors of another dtype, shape or layout -- goes through `general`
+    (the backend's add_lora_packed, with its checks and its errors). Not for torch.compile to trace: it
+    would guard on the plan held here (LoraSite calls the backend directly while compiling)."""
+
+    def __init__(self, general, lora_a, lora_bs, scales, out_offsets) -> None:
+        self._general = general
+        self._site = lora_decode.PackedSite(lora_a, lora_bs, scales, out_offsets)
+        self._num_slots, self._r_max = lora_a.shape[0], lora_a.shape[1] // len(lora_bs)
+        self._plan = None
+        self._route = None  # for self._plan: (slots, ranks, tokens) for the kernel, or None
+
+    def __call__(self, y: torch.Tensor, x: torch.Tensor, batch) -> None:
+        if batch is not self._plan:  # holding the plan keeps its id from being reused by another
+            self._plan, self._route = batch, self._route_of(batch)
+        route, site = self._route, self._site
+        if (
+            route is None
+            or x.dtype != torch.float32
+            or y.dtype != torch.float32
+            or not (x.is_cpu and y.is_cpu)
+            or x.dim() != 2
+            or y.dim() != 2
+            or x.shape[0] != route[2]
+            or y.shape[0] != route[2]
+            or x.shape[1] != site.in_features
+            or y.shape[1] < site.out_features
+            or x.stride(1) != 1
+            or y.stride(1) != 1
+        ):
+            self._general(y, x, batch)
+            return
+        site(y, x, route[0], route[1])
+
+    def _route_of(self, batch) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+        if not isinstance(batch, (SegmentPlan, SlotsPlan)) or not batch.has_lora:
+            return None
+        if batch.slot_ranks.shape[0] != self._num_slots or batch.max_rank > self._r_max:
+            return None  # the general path says what is wrong
+        if isinstance(batch, SegmentPlan) and not native_wanted(
+            batch, choose_cpu_strategy(batch), batch.num_tokens
+        ):
+            return None
+        slots, ranks = batch.token_slots, batch.slot_ranks
+        if slots.dim() != 1 or slots.shape[0] != batch.num_tokens or not (slots.is_cpu and ranks.is_cpu):
+            return None
+        return slots.to(torch.int64).contiguous(), ranks.to(torch.int64).contiguous(), batch.num_tokens
 
 
 def _segment_update(

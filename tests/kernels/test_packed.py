@@ -153,3 +153,75 @@ def test_wrong_packed_layout_is_caught():
     )
     with pytest.raises(AssertionError):
         assert_matches_reference(y.cpu(), case.expected())
+
+
+BOUND_CASES = {
+    **CASES,
+    # one adapter, more rows than the C kernel takes for it: the bound site hands it to torch's GEMMs
+    "single long": ([1] * 40, [R, R]),
+}
+
+
+def rank_major(b: torch.Tensor) -> torch.Tensor:
+    """The same [S, H, R] bank stored [S, R, H] (the layout the CPU backend allocates)."""
+    return b.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CPU backend's bound sites")
+@pytest.mark.parametrize("name", BOUND_CASES)
+@pytest.mark.parametrize("layout", ["contiguous", "rank-major"])
+@pytest.mark.parametrize("banks", [torch.float32, torch.bfloat16], ids=str)
+def test_a_bound_site_gives_what_add_lora_packed_gives(name, layout, banks):
+    # bind_packed works out once what depends on the banks; every call, with either plan type and a plan
+    # changing between calls, must give exactly the unbound call's numbers
+    from hotlora.kernels import lora_decode
+    from hotlora.kernels.cpu import NativePackedSite
+
+    slots, ranks = BOUND_CASES[name]
+    case = make_packed(slots, ranks, pad=(3, 5))
+    bs = tuple((rank_major(b) if layout == "rank-major" else b).to(banks) for b in case.bs)
+    a = case.a.to(banks)
+    backend = CpuBackend()
+    bound = backend.bind_packed(a, bs, case.scales, case.offsets)
+    assert isinstance(bound, NativePackedSite) == lora_decode.available()
+    used = [s for s in dict.fromkeys(slots) if s >= 0 and ranks[s] > 0][:2]
+    other = make_packed([used[0], -1, used[-1], used[0]], ranks, pad=(3, 5), seed=1)  # x and y only
+    other_plan = backend.plan(other.slots, case.ranks)
+    for plan in (backend.plan(case.slots, case.ranks), backend.graph_plan(case.slots, case.ranks, R)):
+        want = case.y.clone()
+        backend.add_lora_packed(want, case.x, a, bs, case.scales, plan, case.offsets)
+        for _ in range(2):  # the plan's route is worked out on the first call and reused
+            got = case.y.clone()
+            bound(got, case.x, plan)
+            assert torch.equal(got, want)
+        # another plan (fewer slots in use) in between: its own route, not the last one's
+        got_other = other.y.clone()
+        bound(got_other, other.x, other_plan)
+        want_other = other.y.clone()
+        backend.add_lora_packed(want_other, other.x, a, bs, case.scales, other_plan, case.offsets)
+        assert torch.equal(got_other, want_other) and not torch.equal(got_other, other.y)
+    expected = case.y.clone()  # and the numbers are right: the reference on the banks as stored
+    add_lora_packed_reference(
+        expected, case.x, a.float(), tuple(b.float() for b in bs), case.scales, case.slots, case.ranks,
+        case.offsets,
+    )  # fmt: skip
+    assert_matches_reference(got, expected)
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CPU backend's bound sites")
+def test_a_bound_site_refuses_what_add_lora_packed_refuses():
+    case = make_packed([0, 1, -1], [R, R], pad=(3, 5))
+    backend = CpuBackend()
+    bound = backend.bind_packed(case.a, case.bs, case.scales, case.offsets)
+    plan = backend.plan(case.slots, case.ranks)
+    bound(case.y.clone(), case.x, plan)  # the plan's route is set
+    y = case.y.clone()
+    with pytest.raises(ValueError, match="x"):  # a row of the wrong width: the general path's error
+        bound(y, torch.randn(3, 31), plan)
+    with pytest.raises(ValueError):
+        bound(y.double(), case.x, plan)  # y of another dtype
+    with pytest.raises(ValueError, match="slots"):  # a plan built for another number of slots
+        bound(y, case.x, backend.plan(case.slots, torch.tensor([R, R, R])))
+    assert torch.equal(y, case.y)  # nothing written by any of them
+    with pytest.raises(ValueError, match="one output offset per B slice"):  # the banks, checked at binding
+        backend.bind_packed(case.a, case.bs, case.scales, case.offsets[:2])
