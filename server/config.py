@@ -89,7 +89,7 @@ class ServerConfig:
         False,
         "on CPU, decode steps run through torch.compile (inductor; hotlora's C kernels as custom ops), "
         "compiled on a background thread after start-up while steps run eagerly; needs hotlora's runner in "
-        "float32. Off by default: on a 2-core CPU it measured 0.88-1.04x eager (docs/engine.md)",
+        "float32. Off by default: on a 2-core CPU it measured 0.89-1.00x eager (docs/engine.md)",
     )
     max_batch_size: int = _opt(64, "running generation requests decoded together")
     max_queue: int = _opt(1024, "waiting requests, all tenants together")

@@ -20,7 +20,7 @@ serves every bucket of two rows or more and every width (both marked dynamic), o
 Compiling takes a minute or more on a 2-core machine, so it happens on a background thread
 (:meth:`StaticDecode.start_warmup`): the server is ready at once and decodes eagerly until the graphs are
 in; a step that would need a new compile afterwards runs eagerly instead. It is off by default: on the
-2-core CPU it measured 0.88-1.04x the eager engine's throughput (benchmarks/engine.py --compile,
+2-core CPU it measured 0.89-1.00x the eager engine's throughput (benchmarks/engine.py --compile,
 docs/engine.md).
 
 Without either (CPU tests), the same static path runs eagerly: it is how the tests check that padding and
