@@ -136,8 +136,7 @@ class LoraSite:
         self.in_features = in_features
         self.bank = bank
         self.ctx = ctx
-        self._update = None  # the backend's bound update of this bank (LoraBackend.bind_packed)
-        self._update_for: tuple = ()
+        self._bound: tuple | None = None  # (bank, backend, the backend's bind_packed update of that bank)
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, batch: LoraPlan | None = None) -> torch.Tensor:
         """y: [T, out] (the base projection of x: [T, in]); serving adapters in place, a fine-tune's LoRA
@@ -151,11 +150,10 @@ class LoraSite:
             if torch.compiler.is_compiling():  # traced as the backend's call, nothing of this object's state
                 backend.add_lora_packed(y, x, b.a, b.bs, b.scales, batch, self.offsets)
             else:
-                bound = self._update_for
-                if not bound or bound[0] is not b or bound[1] is not backend:
-                    self._update = backend.bind_packed(b.a, b.bs, b.scales, self.offsets)
-                    self._update_for = (b, backend)
-                self._update(y, x, batch)
+                bound = self._bound
+                if bound is None or bound[0] is not b or bound[1] is not backend:
+                    bound = self._bound = (b, backend, backend.bind_packed(b.a, b.bs, b.scales, self.offsets))
+                bound[2](y, x, batch)
         if ctx.training:
             for name, size, off in zip(self.names, self.out_sizes, self.offsets, strict=True):
                 t = ctx.training.get((self.layer, name))

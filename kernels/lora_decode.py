@@ -23,12 +23,19 @@ def usable(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch
     return (
         x.device.type == "cpu"
         and x.dtype == y.dtype == torch.float32
-        and lora_a.dtype == lora_b.dtype
-        and lora_a.dtype in (torch.float32, torch.bfloat16)  # bf16 banks: with --weight-dtype bfloat16
         and x.stride(-1) == 1
         and y.stride(-1) == 1
+        and _banks_readable(lora_a, (lora_b,))
+    )
+
+
+def _banks_readable(lora_a: torch.Tensor, lora_bs: tuple[torch.Tensor, ...]) -> bool:
+    # bf16 banks come with --weight-dtype bfloat16
+    return (
+        lora_a.dtype in (torch.float32, torch.bfloat16)
+        and all(b.dtype == lora_a.dtype for b in lora_bs)
         and lora_a.is_contiguous()
-        and b_layout(lora_b) is not None
+        and one_layout(lora_bs)
         and available()
     )
 
@@ -106,15 +113,20 @@ def packed(
 
 
 def _packed(y, x, slots, lora_a, lora_bs, ranks, scales, offsets) -> None:
-    tokens, k = x.shape
+    scales = _f32(scales)
     bound = _bound(tuple(lora_bs), tuple(offsets))
+    _run_packed(bound, lora_a.data_ptr(), scales.data_ptr(), scales.shape[1], y, x, _i64(slots), _i64(ranks))
+
+
+def _run_packed(bound: _Bound, a: int, scales: int, num_slots: int, y, x, slots, ranks) -> None:
+    """The packed kernel on x [T, k] (k: the A bank's in-features), y, int64 slots and ranks; `a` and
+    `scales` the addresses of the A bank and the [n, num_slots] fp32 scales."""
+    tokens, k = x.shape
     n, r_max = bound.slices, bound.r_max
-    slots, ranks, scales = _i64(slots), _i64(ranks), _f32(scales)
     u = torch.empty(tokens, n * r_max, dtype=torch.float32)
     bound.fn(
-        x.data_ptr(), tokens, x.stride(0), slots.data_ptr(), lora_a.data_ptr(), k, n, r_max,
-        ranks.data_ptr(), u.data_ptr(), bound.pointers, bound.outs, bound.offsets,
-        scales.data_ptr(), scales.shape[1], y.data_ptr(), y.stride(0),
+        x.data_ptr(), tokens, x.stride(0), slots.data_ptr(), a, k, n, r_max, ranks.data_ptr(), u.data_ptr(),
+        bound.pointers, bound.outs, bound.offsets, scales, num_slots, y.data_ptr(), y.stride(0),
         _threads(tokens * n * r_max * k), _threads(tokens * bound.total_out * r_max),
     ) and _out_of_memory(tokens)  # fmt: skip
 
@@ -144,18 +156,9 @@ class PackedSite:
         self.in_features = lora_a.shape[2]
         self.out_features = max(off + b.shape[1] for b, off in zip(lora_bs, offsets, strict=True))
         self._a, self._scales, self._num_slots = lora_a.data_ptr(), scales.data_ptr(), scales.shape[1]
-        self._shrink_work = self._bound.slices * self._bound.r_max * self.in_features
-        self._expand_work = self._bound.total_out * self._bound.r_max
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor) -> None:
-        b, tokens = self._bound, x.shape[0]
-        u = torch.empty(tokens, b.slices * b.r_max, dtype=torch.float32)
-        b.fn(
-            x.data_ptr(), tokens, x.stride(0), slots.data_ptr(), self._a, self.in_features, b.slices, b.r_max,
-            ranks.data_ptr(), u.data_ptr(), b.pointers, b.outs, b.offsets, self._scales, self._num_slots,
-            y.data_ptr(), y.stride(0), _threads(tokens * self._shrink_work),
-            _threads(tokens * self._expand_work),
-        ) and _out_of_memory(tokens)  # fmt: skip
+        _run_packed(self._bound, self._a, self._scales, self._num_slots, y, x, slots, ranks)
 
 
 @dataclass(frozen=True)
@@ -199,13 +202,10 @@ def bindable(lora_a: torch.Tensor, lora_bs: tuple[torch.Tensor, ...], scales: to
     """Whether a PackedSite can be built on these banks (what `usable` asks of them, and fp32 scales)."""
     return (
         lora_a.device.type == "cpu"
-        and lora_a.dtype in (torch.float32, torch.bfloat16)
-        and all(b.dtype == lora_a.dtype and b.device.type == "cpu" for b in lora_bs)
-        and lora_a.is_contiguous()
+        and all(b.device.type == "cpu" for b in lora_bs)
         and scales.dtype == torch.float32
         and scales.is_contiguous()
-        and one_layout(lora_bs)
-        and available()
+        and _banks_readable(lora_a, tuple(lora_bs))
     )
 
 
