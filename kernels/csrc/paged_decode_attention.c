@@ -2,9 +2,17 @@
 //
 // torch needs ~10 ops a layer for this (gather each row's blocks into a padded copy, mask, SDPA with grouped
 // query heads, copy out); between the weight streams of a decode step each op pays ~10-30 us of cold
-// dispatch, which at one row is more than the arithmetic. Here it is one call a layer, parallel over
-// (row, kv head) pairs; each pair scores its group of query heads against the row's keys, takes the softmax
-// (max subtracted, as SDPA does) and sums the values. fp32 throughout.
+// dispatch, which at one row is more than the arithmetic. Here it is one call a layer, parallel over rows;
+// each task scores every query head of its row against its keys, takes the softmax (max subtracted, as SDPA
+// does) and sums the values. Fewer rows than ~2 a thread are cut into spans of keys whose softmaxes are then
+// merged by their maxima and sums (as flash-decoding does), so one long row keeps every core busy.
+// fp32 throughout.
+//
+// What keeps it at the memory's pace (it was ~2x under it at 8-32 rows): a position's keys of every kv head
+// are read together (a task per kv head read a third of each position, a stride that streams poorly), the
+// blocks are walked with a cursor (no division per key), sixteen scores are summed at once (sums16.h), exp
+// runs sixteen lanes at a time, and the values are summed a tile of 16 positions at a time with each head's
+// output in registers, divided by the softmax's sum once at the end.
 //
 // q: [D] rows with strides (q_row, q_head) over [heads, d] (d contiguous); pools: [blocks, bs, kvh, d]
 // contiguous; tables: [D, width] block ids; lens: [D] tokens each row sees (its own included); window: keys
@@ -14,15 +22,25 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-static inline float dot(const float* a, const float* b, int64_t d) {
+#include "sums16.h"
+
+// The fewest keys a span of a split row holds: shorter, the merge costs more than the balance gains.
+#define MIN_SPAN 64
+
+static inline __mmask16 tail_mask(int64_t n) {  // the first min(n, 16) lanes
+  return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1);
+}
+
+// The sixteen lanes of a . b before they are added (d contiguous floats each).
+static inline __m512 dot_lanes(const float* a, const float* b, int64_t d) {
   __m512 acc = _mm512_setzero_ps();
   int64_t i = 0;
   for (; i + 16 <= d; i += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc);
   if (i < d) {
-    __mmask16 m = (__mmask16)((1u << (d - i)) - 1);
+    __mmask16 m = tail_mask(d - i);
     acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
   }
-  return _mm512_reduce_add_ps(acc);
+  return acc;
 }
 
 static inline void axpy(float a, const float* x, float* y, int64_t d) {  // y += a x
@@ -31,8 +49,100 @@ static inline void axpy(float a, const float* x, float* y, int64_t d) {  // y +=
   for (; i + 16 <= d; i += 16)
     _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, _mm512_loadu_ps(x + i), _mm512_loadu_ps(y + i)));
   if (i < d) {
-    __mmask16 m = (__mmask16)((1u << (d - i)) - 1);
-    _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i)));
+    __mmask16 m = tail_mask(d - i);
+    __m512 sum = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(m, x + i), _mm512_maskz_loadu_ps(m, y + i));
+    _mm512_mask_storeu_ps(y + i, m, sum);
+  }
+}
+
+// e^x in sixteen lanes (Cephes' expf: x = n ln2 + r, |r| <= ln2/2, a degree-7 polynomial in r, times 2^n),
+// within ~2 ulp of expf for the arguments softmax gives it (<= 0); below -100 it is 0 or a denormal, as
+// expf's is.
+static inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-100.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// The pool as one row's task reads it.
+typedef struct {
+  const float *k, *v;  // [blocks, bs, kv_heads, d]
+  const int64_t* table;  // the row's block ids
+  int64_t bs, kv_heads, group;  // group: query heads per kv head
+} row_keys;
+
+// One task: keys [lo, hi) of one row, every query head (q: the row, heads q_head apart). Leaves each head's
+// maximum score in top[h], its sum of exp(score - top) in sum[h] and the values weighted by those exps in
+// o[h * d ..]. scores: room for heads * (hi - lo) floats. Inlined into a call per common d (see below).
+static inline __attribute__((always_inline)) void attend_span(
+    const float* q, int64_t q_head, int64_t heads, int64_t d, row_keys keys, int64_t lo, int64_t hi,
+    float scale, float* scores, float* top, float* sum, float* o) {
+  const int64_t* table = keys.table;
+  int64_t n = hi - lo, bs = keys.bs, group = keys.group, token = keys.kv_heads * d;
+  const float* at[16];  // offsets of a tile's positions in the pools
+  int64_t block = lo / bs, slot = lo % bs;  // a cursor over the row's blocks: no division per key
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    int64_t count = n - j0 < 16 ? n - j0 : 16;
+    for (int64_t j = 0; j < count; j++) {
+      at[j] = keys.k + (table[block] * bs + slot) * token;
+      if (++slot == bs) slot = 0, block++;
+    }
+    for (int64_t h = 0; h < heads; h++) {
+      const float* qh = q + h * q_head;
+      int64_t kv = (h / group) * d;
+      __m512 lanes[16];
+      for (int64_t j = 0; j < 16; j++)
+        lanes[j] = j < count ? dot_lanes(qh, at[j] + kv, d) : _mm512_setzero_ps();
+      __m512 s = _mm512_mul_ps(reduce16(lanes), _mm512_set1_ps(scale));
+      _mm512_mask_storeu_ps(scores + h * n + j0, tail_mask(count), s);
+    }
+  }
+  for (int64_t h = 0; h < heads; h++) {
+    float* s = scores + h * n;
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = 0; j < n; j += 16)
+      m = _mm512_max_ps(m, _mm512_mask_loadu_ps(m, tail_mask(n - j), s + j));
+    float t = _mm512_reduce_max_ps(m);
+    __m512 tv = _mm512_set1_ps(t), acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; j += 16) {
+      __mmask16 k = tail_mask(n - j);
+      __m512 e = _mm512_maskz_mov_ps(k, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j), tv)));
+      _mm512_mask_storeu_ps(s + j, k, e);
+      acc = _mm512_add_ps(acc, e);
+    }
+    top[h] = t;
+    sum[h] = _mm512_reduce_add_ps(acc);
+  }
+  // values a tile at a time: each 16-float piece of a head's output stays in a register over the tile
+  block = lo / bs, slot = lo % bs;
+  for (int64_t i = 0; i < heads * d; i++) o[i] = 0.0f;
+  for (int64_t j0 = 0; j0 < n; j0 += 16) {
+    int64_t count = n - j0 < 16 ? n - j0 : 16;
+    for (int64_t j = 0; j < count; j++) {
+      at[j] = keys.v + (table[block] * bs + slot) * token;
+      if (++slot == bs) slot = 0, block++;
+    }
+    for (int64_t h = 0; h < heads; h++) {
+      const float* p = scores + h * n + j0;
+      int64_t kv = (h / group) * d;
+      for (int64_t i = 0; i < d; i += 16) {
+        __mmask16 k = tail_mask(d - i);
+        __m512 acc = _mm512_maskz_loadu_ps(k, o + h * d + i);
+        for (int64_t j = 0; j < count; j++)
+          acc = _mm512_fmadd_ps(_mm512_set1_ps(p[j]), _mm512_maskz_loadu_ps(k, at[j] + kv + i), acc);
+        _mm512_mask_storeu_ps(o + h * d + i, k, acc);
+      }
+    }
   }
 }
 
@@ -40,44 +150,86 @@ int hotlora_paged_decode_attention(const float* q, int64_t rows, int64_t heads, 
                                    int64_t q_head, const float* k_pool, const float* v_pool, int64_t bs,
                                    int64_t kv_heads, const int64_t* tables, int64_t width, const int64_t* lens,
                                    int64_t window, float scale, float* out, int threads) {
-  int64_t group = heads / kv_heads, tasks = rows * kv_heads;
+  int64_t group = heads / kv_heads, longest = 1;
+  for (int64_t r = 0; r < rows; r++) {
+    int64_t n = window > 0 && lens[r] > window ? window : lens[r];
+    longest = n > longest ? n : longest;
+  }
+  // Split rows into spans of keys only while there are fewer rows than ~2 per thread.
+  int64_t spans = 1;
+  if (threads > 1 && rows < 2 * threads) {
+    spans = (2 * threads + rows - 1) / rows;
+    int64_t most = (longest + MIN_SPAN - 1) / MIN_SPAN;
+    spans = spans < most ? spans : most;
+  }
+  int64_t span = (longest + spans - 1) / spans, tasks = rows * spans, part_floats = heads * (d + 2);
+  // per task: each head's maximum, sum and weighted values (kept apart only when rows are split)
+  float* parts = spans > 1 ? malloc((size_t)(tasks * part_floats) * sizeof(float)) : NULL;
+  if (spans > 1 && !parts) return -1;
   int failed = 0;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
   for (int64_t task = 0; task < tasks; task++) {
-    int64_t r = task / kv_heads, g = task % kv_heads;
-    int64_t len = lens[r], first = window > 0 && len > window ? len - window : 0, n = len - first;
-    float* scores = malloc((size_t)(group * (n > 0 ? n : 1)) * sizeof(float));
+    int64_t r = task / spans, part = task % spans;
+    int64_t len = lens[r], first = window > 0 && len > window ? len - window : 0;
+    int64_t lo = first + part * span, hi = lo + span < len ? lo + span : len;
+    float* part_top = parts ? parts + task * part_floats : NULL;
+    float* part_sum = parts ? part_top + heads : NULL;
+    float* o = parts ? part_sum + heads : out + r * heads * d;
+    if (lo >= hi) {  // a row shorter than the longest: this span of it is empty
+      for (int64_t h = 0; h < heads; h++) part_top[h] = -INFINITY, part_sum[h] = 0.0f;
+      continue;
+    }
+    // the span's scores, then each head's maximum and sum
+    float* scores = malloc((size_t)(heads * (hi - lo + 2)) * sizeof(float));
     if (!scores) {
 #pragma omp atomic write
       failed = 1;
       continue;
     }
-    const int64_t* table = tables + r * width;
-    for (int64_t j = 0; j < n; j++) {
-      int64_t pos = first + j;
-      const float* key = k_pool + ((table[pos / bs] * bs + pos % bs) * kv_heads + g) * d;
-      for (int64_t h = 0; h < group; h++) {
-        const float* qh = q + r * q_row + (g * group + h) * q_head;
-        scores[h * n + j] = dot(qh, key, d) * scale;
-      }
-    }
-    for (int64_t h = 0; h < group; h++) {
-      float* s = scores + h * n;
-      float top = -INFINITY, sum = 0.0f;
-      for (int64_t j = 0; j < n; j++) top = s[j] > top ? s[j] : top;
-      for (int64_t j = 0; j < n; j++) {
-        s[j] = expf(s[j] - top);
-        sum += s[j];
-      }
-      float* o = out + (r * heads + g * group + h) * d;
-      for (int64_t i = 0; i < d; i++) o[i] = 0.0f;
-      for (int64_t j = 0; j < n; j++) {
-        int64_t pos = first + j;
-        const float* value = v_pool + ((table[pos / bs] * bs + pos % bs) * kv_heads + g) * d;
-        axpy(s[j] / sum, value, o, d);
+    float *top = scores + heads * (hi - lo), *sum = top + heads;
+    const float* qr = q + r * q_row;
+    row_keys keys = {k_pool, v_pool, tables + r * width, bs, kv_heads, group};
+    // the common head sizes compiled apart: with d known the compiler unrolls the 16-float pieces (1.7x)
+    if (d == 64)
+      attend_span(qr, q_head, heads, 64, keys, lo, hi, scale, scores, top, sum, o);
+    else if (d == 128)
+      attend_span(qr, q_head, heads, 128, keys, lo, hi, scale, scores, top, sum, o);
+    else
+      attend_span(qr, q_head, heads, d, keys, lo, hi, scale, scores, top, sum, o);
+    for (int64_t h = 0; h < heads; h++) {
+      if (parts) {
+        part_top[h] = top[h], part_sum[h] = sum[h];
+      } else {
+        float inv = 1.0f / sum[h];
+        for (int64_t i = 0; i < d; i++) o[h * d + i] *= inv;
       }
     }
     free(scores);
   }
+  if (parts && !failed) {
+    // merge a row's spans: rescale each to the largest maximum, add, divide by the rescaled sums
+#pragma omp parallel for num_threads(threads)
+    for (int64_t r = 0; r < rows; r++) {
+      for (int64_t h = 0; h < heads; h++) {
+        float* o = out + (r * heads + h) * d;
+        float t = -INFINITY, total = 0.0f;
+        for (int64_t p = 0; p < spans; p++) {
+          float pt = parts[(r * spans + p) * part_floats + h];
+          t = pt > t ? pt : t;
+        }
+        for (int64_t i = 0; i < d; i++) o[i] = 0.0f;
+        for (int64_t p = 0; p < spans; p++) {
+          const float* base = parts + (r * spans + p) * part_floats;
+          if (base[heads + h] == 0.0f) continue;  // an empty span
+          float w = expf(base[h] - t);
+          total += w * base[heads + h];
+          axpy(w, base + 2 * heads + h * d, o, d);
+        }
+        float inv = 1.0f / total;
+        for (int64_t i = 0; i < d; i++) o[i] *= inv;
+      }
+    }
+  }
+  free(parts);
   return failed ? -1 : 0;
 }

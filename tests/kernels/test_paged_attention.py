@@ -32,8 +32,8 @@ def _torch_path(q, k_pool, v_pool, tables, lens, scale, window):
 
 @pytest.mark.parametrize(
     "heads, kv_heads, d",
-    [(9, 3, 64), (4, 4, 32), (8, 1, 24), (6, 2, 80)],
-    ids=["gqa3", "mha", "mqa-tail", "d80"],
+    [(9, 3, 64), (4, 4, 32), (8, 1, 24), (6, 2, 80), (8, 2, 128)],
+    ids=["gqa3", "mha", "mqa-tail", "d80", "d128"],
 )
 @pytest.mark.parametrize("window", [None, 5])
 def test_decode_kernel_equals_sdpa_on_the_gathered_blocks(heads, kv_heads, d, window):
@@ -49,6 +49,35 @@ def test_decode_kernel_equals_sdpa_on_the_gathered_blocks(heads, kv_heads, d, wi
     out = torch.empty(5, heads, d)
     native_decode.decode(q, k_pool, v_pool, tables, lens, d**-0.5, window, out)
     torch.testing.assert_close(out, _torch_path(q, k_pool, v_pool, tables, lens, d**-0.5, window))
+
+
+@pytest.mark.parametrize(
+    "heads, kv_heads, d", [(9, 3, 64), (6, 2, 80), (8, 2, 128)], ids=["d64", "d80", "d128"]
+)
+@pytest.mark.parametrize("lens", [[1000], [300, 37], [70, 700, 5]], ids=["one", "two", "three"])
+@pytest.mark.parametrize("window", [None, 100])
+@pytest.mark.parametrize("threads", [2, 4])
+def test_long_rows_split_across_threads_merge_to_the_same_attention(
+    heads, kv_heads, d, lens, window, threads
+):
+    """With fewer rows than ~2 per thread the kernel cuts each row's keys into spans and merges their
+    softmaxes (a shorter row's later spans are empty): the same attention as one softmax over all keys."""
+    g = torch.Generator().manual_seed(len(lens) * 1000 + d)
+    blocks, bs = 200, 16
+    width = max(lens) // bs + 1
+    k_pool = torch.randn(blocks, bs, kv_heads, d, generator=g)
+    v_pool = torch.randn(blocks, bs, kv_heads, d, generator=g)
+    tables = torch.stack([torch.randperm(blocks - 1, generator=g)[:width] + 1 for _ in lens])
+    q = torch.randn(len(lens), heads, d, generator=g) * 3  # peaked softmaxes: the spans' maxima differ
+    out = torch.empty(len(lens), heads, d)
+    lens_t = torch.tensor(lens)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        native_decode.decode(q, k_pool, v_pool, tables, lens_t, d**-0.5, window, out)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(out, _torch_path(q, k_pool, v_pool, tables, lens_t, d**-0.5, window))
 
 
 def test_the_torch_path_serves_what_the_kernel_does_not_take():
