@@ -49,6 +49,8 @@ def load_runner(
     spec = ModelSpec.from_config(config)
     stored = _checked_storage(dtype, weight_dtype or dtype, device)
     weights = build_weights(spec, safetensors_getter(model_dir), dtype, device, stored)
+    if weights.into_huge_pages():
+        log.info("weights: %.0f MiB in memory advised for 2 MiB pages", weights.nbytes / 2**20)
     runner = _assemble(spec, weights, config, dtype, device, kv_bytes, block_size)
     runner.generation_config = _generation_config(model_dir)
     return runner

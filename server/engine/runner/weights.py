@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import huge_pages
 from .spec import ModelSpec
 
 Getter = Callable[[str], torch.Tensor | None]
@@ -41,12 +42,37 @@ class RunnerWeights:
     lm_head: torch.Tensor  # [V, H]; the embedding itself when the model ties them
 
     def tensors(self) -> list[torch.Tensor]:
-        out = [self.embed, self.norm]
+        return [getattr(owner, name) for owner, name in self._fields()]
+
+    def _fields(self) -> list[tuple[object, str]]:
+        """(owner, attribute) of every tensor, each once (a tied LM head is the embedding)."""
+        out = [(self, "embed"), (self, "norm")]
         if self.lm_head is not self.embed:
-            out.append(self.lm_head)
+            out.append((self, "lm_head"))
         for layer in self.layers:
-            out += [t for t in vars(layer).values() if t is not None]
+            out += [(layer, name) for name, t in vars(layer).items() if t is not None]
         return out
+
+    def into_huge_pages(self) -> bool:
+        """Move every tensor into one CPU buffer backed by 2 MiB pages (`huge_pages.py`: a decode step's
+        walk through the matrices then misses the TLB once per 2 MiB, not per 4 KiB), one tensor at a time
+        so the peak is the model plus one tensor. False, with nothing moved, off the CPU or where Linux does
+        not offer huge pages."""
+        fields = self._fields()
+        if self.embed.device.type != "cpu":
+            return False
+        buf = huge_pages.buffer(sum(huge_pages.room(getattr(owner, name)) for owner, name in fields))
+        if buf is None:
+            return False
+        tied = self.lm_head is self.embed
+        offset = 0
+        for owner, name in fields:
+            t = getattr(owner, name)
+            setattr(owner, name, huge_pages.place(buf, offset, t))
+            offset += huge_pages.room(t)
+        if tied:
+            self.lm_head = self.embed
+        return True
 
     @property
     def compute_dtype(self) -> torch.dtype:
