@@ -175,8 +175,11 @@ int hotlora_paged_decode_attention(const float* q, int64_t rows, int64_t heads, 
     float* part_top = parts ? parts + task * part_floats : NULL;
     float* part_sum = parts ? part_top + heads : NULL;
     float* o = parts ? part_sum + heads : out + r * heads * d;
-    if (lo >= hi) {  // a row shorter than the longest: this span of it is empty
-      for (int64_t h = 0; h < heads; h++) part_top[h] = -INFINITY, part_sum[h] = 0.0f;
+    if (lo >= hi) {  // a span past the end of a shorter row; or a row of no keys, which gets zeros
+      if (parts)
+        for (int64_t h = 0; h < heads; h++) part_top[h] = -INFINITY, part_sum[h] = 0.0f;
+      else
+        for (int64_t i = 0; i < heads * d; i++) o[i] = 0.0f;
       continue;
     }
     // the span's scores, then each head's maximum and sum
@@ -225,7 +228,7 @@ int hotlora_paged_decode_attention(const float* q, int64_t rows, int64_t heads, 
           total += w * base[heads + h];
           axpy(w, base + 2 * heads + h * d, o, d);
         }
-        float inv = 1.0f / total;
+        float inv = total > 0.0f ? 1.0f / total : 0.0f;  // 0: a row of no keys
         for (int64_t i = 0; i < d; i++) o[i] *= inv;
       }
     }

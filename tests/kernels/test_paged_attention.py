@@ -80,6 +80,25 @@ def test_long_rows_split_across_threads_merge_to_the_same_attention(
     torch.testing.assert_close(out, _torch_path(q, k_pool, v_pool, tables, lens_t, d**-0.5, window))
 
 
+@pytest.mark.parametrize("threads", [1, 4])
+def test_a_row_of_no_keys_gets_zeros_and_leaves_the_others_alone(threads):
+    g = torch.Generator().manual_seed(7)
+    k_pool, v_pool = torch.randn(2, 40, 16, 3, 64, generator=g)
+    tables = torch.stack([torch.randperm(39, generator=g)[:20] + 1 for _ in range(2)])
+    lens = torch.tensor([0, 300])
+    q = torch.randn(2, 9, 64, generator=g)
+    out = torch.full((2, 9, 64), float("nan"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        native_decode.decode(q, k_pool, v_pool, tables, lens, 0.125, None, out)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(out[0], torch.zeros(9, 64))
+    want = _torch_path(q[1:], k_pool, v_pool, tables[1:], lens[1:], 0.125, None)
+    torch.testing.assert_close(out[1:], want)
+
+
 def test_the_torch_path_serves_what_the_kernel_does_not_take():
     q = torch.randn(2, 4, 16)
     pool = torch.randn(8, 4, 2, 16)
