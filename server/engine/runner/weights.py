@@ -56,8 +56,8 @@ class RunnerWeights:
     def into_huge_pages(self) -> bool:
         """Move every tensor into one CPU buffer backed by 2 MiB pages (`huge_pages.py`: a decode step's
         walk through the matrices then misses the TLB once per 2 MiB, not per 4 KiB), one tensor at a time
-        so the peak is the model plus one tensor. False, with nothing moved, off the CPU or where Linux does
-        not offer huge pages."""
+        so the peak is about the model plus one tensor. False, with nothing moved, off the CPU or where
+        Linux does not offer huge pages."""
         fields = self._fields()
         if self.embed.device.type != "cpu":
             return False
