@@ -81,22 +81,37 @@ typedef struct {
   int64_t bs, kv_heads, group;  // group: query heads per kv head
 } row_keys;
 
+// A walk over one row's positions, block by block: no division per key.
+typedef struct {
+  int64_t block, slot;  // index into the row's table, position in that block
+} cursor;
+
+static inline cursor cursor_at(int64_t position, int64_t bs) {
+  return (cursor){position / bs, position % bs};
+}
+
+// The offsets in `pool` (K's or V's: the same places in both) of the next `count` positions; the cursor
+// moves past them. `token`: floats a position holds (kv_heads * d).
+static inline void next_tile(cursor* c, const float* pool, row_keys keys, int64_t token, int64_t count,
+                             const float** at) {
+  for (int64_t j = 0; j < count; j++) {
+    at[j] = pool + (keys.table[c->block] * keys.bs + c->slot) * token;
+    if (++c->slot == keys.bs) c->slot = 0, c->block++;
+  }
+}
+
 // One task: keys [lo, hi) of one row, every query head (q: the row, heads q_head apart). Leaves each head's
 // maximum score in top[h], its sum of exp(score - top) in sum[h] and the values weighted by those exps in
 // o[h * d ..]. scores: room for heads * (hi - lo) floats. Inlined into a call per common d (see below).
 static inline __attribute__((always_inline)) void attend_span(
     const float* q, int64_t q_head, int64_t heads, int64_t d, row_keys keys, int64_t lo, int64_t hi,
     float scale, float* scores, float* top, float* sum, float* o) {
-  const int64_t* table = keys.table;
-  int64_t n = hi - lo, bs = keys.bs, group = keys.group, token = keys.kv_heads * d;
-  const float* at[16];  // offsets of a tile's positions in the pools
-  int64_t block = lo / bs, slot = lo % bs;  // a cursor over the row's blocks: no division per key
+  int64_t n = hi - lo, group = keys.group, token = keys.kv_heads * d;
+  const float* at[16];  // a tile's positions in the pool
+  cursor c = cursor_at(lo, keys.bs);
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     int64_t count = n - j0 < 16 ? n - j0 : 16;
-    for (int64_t j = 0; j < count; j++) {
-      at[j] = keys.k + (table[block] * bs + slot) * token;
-      if (++slot == bs) slot = 0, block++;
-    }
+    next_tile(&c, keys.k, keys, token, count, at);
     for (int64_t h = 0; h < heads; h++) {
       const float* qh = q + h * q_head;
       int64_t kv = (h / group) * d;
@@ -124,14 +139,11 @@ static inline __attribute__((always_inline)) void attend_span(
     sum[h] = _mm512_reduce_add_ps(acc);
   }
   // values a tile at a time: each 16-float piece of a head's output stays in a register over the tile
-  block = lo / bs, slot = lo % bs;
+  c = cursor_at(lo, keys.bs);
   for (int64_t i = 0; i < heads * d; i++) o[i] = 0.0f;
   for (int64_t j0 = 0; j0 < n; j0 += 16) {
     int64_t count = n - j0 < 16 ? n - j0 : 16;
-    for (int64_t j = 0; j < count; j++) {
-      at[j] = keys.v + (table[block] * bs + slot) * token;
-      if (++slot == bs) slot = 0, block++;
-    }
+    next_tile(&c, keys.v, keys, token, count, at);
     for (int64_t h = 0; h < heads; h++) {
       const float* p = scores + h * n + j0;
       int64_t kv = (h / group) * d;
