@@ -162,6 +162,7 @@ int hotlora_paged_decode_attention(const float* q, int64_t rows, int64_t heads, 
                                    int64_t q_head, const float* k_pool, const float* v_pool, int64_t bs,
                                    int64_t kv_heads, const int64_t* tables, int64_t width, const int64_t* lens,
                                    int64_t window, float scale, float* out, int threads) {
+  if (rows <= 0) return 0;
   int64_t group = heads / kv_heads, longest = 1;
   for (int64_t r = 0; r < rows; r++) {
     int64_t n = window > 0 && lens[r] > window ? window : lens[r];
