@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from results_file import RESULTS, write_lines
 
 from hotlora.kernels import bf16_weights
-from kernels import machine  # benchmarks/kernels.py
+from kernels import cpu_kernel_args, machine  # benchmarks/kernels.py
 
 HIDDEN, INTERMEDIATE, QKV, LAYERS, VOCAB = 576, 1536, 960, 30, 49152
 
@@ -54,16 +54,8 @@ def measure(rows: int, weights32, weights16, repeats: int) -> tuple[float, float
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--rows", default="1,2,4,8,16,32,128", help="rows of x (decode: the batch size)")
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    why = bf16_weights.unavailable_reason()
-    if why is not None:
-        raise SystemExit(f"the kernel cannot run here: {why}")
-    torch.manual_seed(0)
+    args = cpu_kernel_args(parser, bf16_weights.unavailable_reason())
     weights32 = [torch.randn(n, k) * 0.05 for n, k in shapes()]
     weights16 = [w.to(torch.bfloat16) for w in weights32]
     bytes32 = sum(w.nbytes for w in weights32)

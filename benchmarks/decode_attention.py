@@ -27,7 +27,7 @@ from hotlora.kernels import native
 from hotlora.kernels import paged_attention as kernel
 from hotlora.server.engine.runner import attention
 from hotlora.server.engine.runner.attention import AttentionMetadata
-from kernels import machine  # benchmarks/kernels.py
+from kernels import cpu_kernel_args, machine  # benchmarks/kernels.py
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS, BLOCK = 9, 3, 64, 30, 16
 POOL_BYTES = 2 << 30
@@ -75,16 +75,9 @@ def stream_rate(nbytes: int, repeats: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    why = native.unavailable_reason()
-    if why is not None:
-        raise SystemExit(f"the kernel cannot run here: {why}")
-    torch.manual_seed(0)
+    args = cpu_kernel_args(
+        argparse.ArgumentParser(description=__doc__.splitlines()[0]), native.unavailable_reason()
+    )
     per_block = 2 * LAYERS * BLOCK * KV_HEADS * HEAD_DIM * 4
     pool = torch.randn(LAYERS, 2, POOL_BYTES // per_block, BLOCK, KV_HEADS, HEAD_DIM)
     stream = stream_rate(1 << 30, args.repeats)

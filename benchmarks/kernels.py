@@ -143,6 +143,21 @@ def machine() -> str:
     return text
 
 
+def cpu_kernel_args(parser: argparse.ArgumentParser, why_not: str | None) -> argparse.Namespace:
+    """What a CPU kernel benchmark (bf16_weights.py, decode_attention.py) starts with: `--threads` and
+    `--repeats` parsed with the script's own flags, torch's threads set, torch seeded; exits when the kernel
+    cannot run here (`why_not`: its unavailable reason, None when it can)."""
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if why_not is not None:
+        raise SystemExit(f"the kernel cannot run here: {why_not}")
+    torch.manual_seed(0)
+    return args
+
+
 def run_device(device: torch.device, dtype: torch.dtype) -> list[str]:
     fast = "cpu path" if device.type == "cpu" else "triton"
     backends = {fast: get_backend(device), "reference": TorchReferenceBackend()}
