@@ -164,7 +164,16 @@ def load_model(
             f"--weight-dtype {weight_dtype} needs hotlora's runner, and {name} cannot use it: {why}"
         )
     if why is None:
-        model = load_runner(path, config, dt, dev, kv_cache_bytes, kv_block_size, weight_dtype=stored)
+        model = load_runner(
+            path,
+            config,
+            dt,
+            dev,
+            kv_cache_bytes,
+            kv_block_size,
+            weight_dtype=stored,
+            pack_exact_blocks=weight_dtype == "auto",
+        )
         kind = "runner"
     else:
         from hotlora.server.engine.runner.hf_runner import HFRunner

@@ -15,9 +15,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
-#include "sums16.h"
-
-#define AI static inline __attribute__((always_inline))
+#include "widened_tiles.h"
 
 AI void load_w(const uint16_t* row, int64_t k, int64_t K, __m512* we, __m512* wo) {
   __m512i v;
@@ -25,10 +23,6 @@ AI void load_w(const uint16_t* row, int64_t k, int64_t K, __m512* we, __m512* wo
   else v = _mm512_maskz_loadu_epi16((__mmask32)((1ull << (K - k)) - 1), row + k);
   *we = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
   *wo = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32((int)0xFFFF0000)));
-}
-
-AI void store_y(__m512 acc, float* y, const float* bias, int64_t n) {
-  *y = _mm512_reduce_add_ps(acc) + (bias ? bias[n] : 0.0f);
 }
 
 // One row of x against NB rows of W read straight from memory. `next`..`end`: the bytes the thread reads
@@ -55,42 +49,6 @@ AI void tile_stream(const float* xd, const uint16_t* W, int64_t K, int64_t n0, i
   for (int j = 0; j < NB; j++) store_y(acc[j], y + n0 + j, bias, n0 + j);
 }
 
-// MB rows of x against NB rows of W already widened into wb (same even/odd layout as xd).
-AI void tile_widened(const float* xd, int64_t Kp, const float* wb, int64_t n0, int64_t m0, int MB, int NB,
-                     float* y, int64_t N, const float* bias) {
-  __m512 acc[4][4];
-  for (int i = 0; i < MB; i++)
-    for (int j = 0; j < NB; j++) acc[i][j] = _mm512_setzero_ps();
-  for (int64_t k = 0; k < Kp; k += 16) {
-    __m512 xv[4];
-    for (int i = 0; i < MB; i++) xv[i] = _mm512_load_ps(xd + (m0 + i) * Kp + k);
-    for (int j = 0; j < NB; j++) {
-      __m512 w = _mm512_load_ps(wb + j * Kp + k);
-      for (int i = 0; i < MB; i++) acc[i][j] = _mm512_fmadd_ps(xv[i], w, acc[i][j]);
-    }
-  }
-  if (MB == 4 && NB == 4) {  // the common tile: its 16 sums in one transposing tree, no scalar reductions
-    __m512 sums = reduce16(&acc[0][0]);  // acc[i][j] in row-major order: lane 4 i + j
-    float out[16];
-    _mm512_storeu_ps(out, sums);
-    for (int i = 0; i < 4; i++)
-      for (int j = 0; j < 4; j++) y[(m0 + i) * N + n0 + j] = out[i * 4 + j] + (bias ? bias[n0 + j] : 0.0f);
-    return;
-  }
-  for (int i = 0; i < MB; i++)
-    for (int j = 0; j < NB; j++) store_y(acc[i][j], y + (m0 + i) * N + n0 + j, bias, n0 + j);
-}
-
-// The constant MB/NB arguments let the compiler keep each variant's accumulators in registers.
-#define WIDENED(MB, NB, WB, N0) tile_widened(xd, Kp, WB, N0, m0, MB, NB, y, N, bias)
-#define BY_MB(NB, WB, N0)                                                                                   \
-  switch (mb) {                                                                                             \
-    case 4: WIDENED(4, NB, WB, N0); break;                                                                  \
-    case 3: WIDENED(3, NB, WB, N0); break;                                                                  \
-    case 2: WIDENED(2, NB, WB, N0); break;                                                                  \
-    default: WIDENED(1, NB, WB, N0);                                                                        \
-  }
-
 static void block_one_row(const float* xd, const uint16_t* W, int64_t K, int64_t n0, int64_t nn, float* y,
                           const float* bias, const char* end) {
   const char* next = (const char*)(W + (n0 + nn) * K);
@@ -116,16 +74,7 @@ static void block_rows(const float* xd, int64_t Kp, const uint16_t* W, int64_t K
         _mm512_store_ps(wb + j * Kp + k, we);
         _mm512_store_ps(wb + j * Kp + k + 16, wo);
       }
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      int64_t mb = M - m0 < 4 ? M - m0 : 4;
-      if (nb == 4) {
-        BY_MB(4, wb, n0)
-      } else {
-        for (int64_t j = 0; j < nb; j++) {
-          BY_MB(1, wb + j * Kp, n0 + j)
-        }
-      }
-    }
+    rows_on_widened(xd, Kp, wb, n0, nb, M, y, N, bias);
   }
 }
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hotlora.kernels import bf16_weights, decoder_ops, lora_decode, native
+from hotlora.kernels import bf16_weights, block_weights, decoder_ops, lora_decode, native
 from hotlora.kernels import paged_attention as native_decode
 
 pytestmark = pytest.mark.skipif(
@@ -79,6 +79,17 @@ def test_lora_packed_op_adds_in_place():
     torch.ops.hotlora.lora_packed(got, *args[1:])
     lora_decode.packed(want, x, slots, a, tuple(bs), ranks, scales, (0, outs[0]))
     assert torch.equal(got, want) and not torch.equal(got, y)
+
+
+def test_block_weight_linear_op():
+    from tests.kernels.test_block_weights import gguf_values
+
+    packed = block_weights.pack(gguf_values(torch.randn(40, 64, generator=_gen(1)) * 0.1, "Q4_1"))
+    x = torch.randn(3, 64, generator=_gen())
+    bias = torch.randn(40, generator=_gen(2))
+    torch.library.opcheck(block_weights._linear_op, (x, packed, bias), test_utils=CHECKS)
+    got = torch.ops.hotlora.linear_blocks(x, packed, bias)
+    assert torch.equal(got, block_weights.linear(x, packed, bias))
 
 
 def test_bf16_weight_linear_op():

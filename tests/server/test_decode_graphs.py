@@ -14,10 +14,12 @@ import torch
 from hotlora.adapters.lora_layers import make_lora_sites
 from hotlora.adapters.runtime import MultiLoraRuntime, SlotContents
 from hotlora.adapters.weights import LoraModule, LoraWeights
+from hotlora.kernels import block_weights
 from hotlora.server.engine.runner import runner_from_model
 from hotlora.server.engine.runner.decode_graphs import BATCH_BUCKETS, StaticDecode, batch_bucket, width_bucket
 from hotlora.server.engine.runner.model import FUSED
 from hotlora.server.engine.scheduler import Engine
+from tests.kernels.test_block_weights import gguf_values
 
 from .test_engine import finish, gen_req, hf_greedy
 
@@ -184,6 +186,25 @@ def test_compiled_decode_with_adapters_gives_the_eager_tokens(tiny_llama, tiny_t
     assert got == eager
     # every decode step ran compiled: the single-row graph and the one of any wider bucket, none eagerly
     assert len(calls) == len(static.rows) and {1, 4} <= set(calls) and static._fallbacks == 0
+
+
+@pytest.mark.skipif(block_weights.unavailable_reason() is not None, reason="no block-weight kernel here")
+def test_compiled_decode_on_weights_kept_in_blocks_gives_the_eager_tokens(tiny_llama, tiny_tok):
+    # a checkpoint of GGUF values (as the default model's): the matrices and the embedding lookup run as
+    # hotlora's operators inside the compiled graph
+    model = copy.deepcopy(tiny_llama)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.copy_(gguf_values(p, "Q8_0" if "embed" in name else "Q4_1"))
+    runner = runner_from_model(model, pack_exact_blocks=True)
+    assert runner.w.packed_matrices[0] == runner.w.packed_matrices[1] > 0
+    runtime, handles = _runtime(runner, 3)
+    eager = _run_all(runner, tiny_tok, runtime, None, handles + [None])
+    static, calls = _compiled(runner, runtime)
+    got = _run_all(runner, tiny_tok, runtime, static, handles + [None])
+    assert got == eager
+    assert len(calls) == len(static.rows) and static._fallbacks == 0
 
 
 def test_a_step_no_compiled_graph_covers_runs_eagerly(tiny_llama, tiny_tok):

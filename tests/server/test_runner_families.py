@@ -12,10 +12,11 @@ import logging
 import pytest
 import torch
 
-from hotlora.kernels import bf16_weights
+from hotlora.kernels import bf16_weights, block_weights
 from hotlora.server.engine.runner import runner_from_model
 from hotlora.server.engine.scheduler import Engine
 from hotlora.server.model_loading import load_model
+from tests.kernels.test_block_weights import gguf_values
 from tests.tiny import TINY_SIZES, tiny_tokenizer
 
 from .test_engine import finish, gen_req, hf_greedy, ids_of
@@ -61,11 +62,19 @@ def _qwen3_not_covered():
     return Qwen3Config(**COMMON)
 
 
-def _model_dir(tmp_path, config):
+def _model_dir(tmp_path, config, gguf: bool = False):
+    """A random model of `config` saved as a model directory; `gguf`: with the values a checkpoint
+    dequantized from a GGUF file holds (Q4_1 projections, a Q8_0 embedding and LM head, as the default
+    model's)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
+    if gguf:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.ndim == 2:
+                    p.copy_(gguf_values(p, "Q8_0" if "embed" in name or "lm_head" in name else "Q4_1"))
     path = tmp_path / config.model_type
     model.save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
@@ -100,6 +109,27 @@ def test_fp32_greedy_equals_generate_for_each_family(tmp_path, make_config):
     got = _greedy_through_engine(loaded.model, tok, PROMPTS)
     for prompt, out in zip(PROMPTS, got, strict=True):
         assert out == hf_greedy(model, tok, prompt, NEW_TOKENS), prompt
+
+
+@pytest.mark.skipif(block_weights.unavailable_reason() is not None, reason="no block-weight kernel here")
+@EACH_FAMILY
+def test_gguf_dequantized_weights_are_kept_as_blocks_and_decode_as_generate(tmp_path, make_config):
+    # the blocks are read back as the very fp32 values and multiplied in fp32: greedy tokens stay equal to
+    # transformers' on the same checkpoint, as with the matrices kept in fp32 (--weight-dtype float32)
+    model, path = _model_dir(tmp_path, make_config(), gguf=True)
+    loaded = load_model(str(path), str(tmp_path / "cache"), device="cpu", dtype="float32")
+    runner = loaded.model
+    packed, matrices = runner.w.packed_matrices
+    # every matrix (the embedding, four a layer, an LM head of its own); the norms and biases stay fp32
+    assert packed == matrices == 1 + 4 * len(runner.w.layers) + (runner.w.lm_head is not runner.w.embed)
+    assert runner.w.layers[0].qkv.dtype == torch.uint8 and runner.w.embed.dtype == torch.int8
+    assert runner.dtype == torch.float32 and runner.w.stored_dtype == torch.float32
+    tok = loaded.tokenizer
+    want = [hf_greedy(model, tok, p, NEW_TOKENS) for p in PROMPTS]
+    assert _greedy_through_engine(runner, tok, PROMPTS) == want
+    unpacked = load_model(str(path), str(tmp_path / "cache"), "cpu", "float32", weight_dtype="float32").model
+    assert unpacked.w.packed_matrices[0] == 0
+    assert _greedy_through_engine(unpacked, tok, PROMPTS) == want
 
 
 def _round_matrices_to_bf16(model) -> None:

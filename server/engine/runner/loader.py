@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from hotlora.kernels import bf16_weights
+from hotlora.kernels import bf16_weights, block_weights
+from hotlora.kernels.native import loads_or_warns
 
 from .kv_cache import KVCacheConfig, KVPool
 from .model import Runner
@@ -42,13 +43,16 @@ def load_runner(
     kv_bytes: int,
     block_size: int = 16,
     weight_dtype: torch.dtype | None = None,
+    pack_exact_blocks: bool = False,
 ) -> Runner:
     """`config`: the directory's transformers config (raises runner.spec.Unsupported for other families).
     `weight_dtype`: how the projection and embedding weights are stored, when not in `dtype` (see
-    `_checked_storage`)."""
+    `_checked_storage`). `pack_exact_blocks`: keep the fp32 matrices that hold exactly GGUF block
+    values as those blocks (`_packs`, `build_weights`)."""
     spec = ModelSpec.from_config(config)
     stored = _checked_storage(dtype, weight_dtype or dtype, device)
-    weights = build_weights(spec, safetensors_getter(model_dir), dtype, device, stored)
+    pack = _packs(pack_exact_blocks, dtype, stored, device)
+    weights = build_weights(spec, safetensors_getter(model_dir), dtype, device, stored, pack)
     if weights.into_huge_pages():
         log.info("weights: %.0f MiB in memory advised for 2 MiB pages", weights.nbytes / 2**20)
     runner = _assemble(spec, weights, config, dtype, device, kv_bytes, block_size)
@@ -63,6 +67,7 @@ def runner_from_model(
     block_size: int = 16,
     device=None,
     weight_dtype: torch.dtype | None = None,
+    pack_exact_blocks: bool = False,
 ) -> Runner:
     """A runner on a transformers model's weights (fused copies; the model itself is left as it is)."""
     spec = ModelSpec.from_config(model.config)
@@ -70,7 +75,8 @@ def runner_from_model(
     dtype = dtype or param.dtype
     device = torch.device(device) if device is not None else param.device
     stored = _checked_storage(dtype, weight_dtype or dtype, device)
-    weights = build_weights(spec, module_getter(model), dtype, device, stored)
+    pack = _packs(pack_exact_blocks, dtype, stored, device)
+    weights = build_weights(spec, module_getter(model), dtype, device, stored, pack)
     runner = _assemble(spec, weights, model.config, dtype, device, kv_bytes, block_size)
     runner.generation_config = getattr(model, "generation_config", None)
     return runner
@@ -92,6 +98,14 @@ def _checked_storage(dtype: torch.dtype, stored: torch.dtype, device: torch.devi
     return stored
 
 
+def _packs(asked: bool, dtype: torch.dtype, stored: torch.dtype, device) -> bool:
+    """Blocks are for fp32 weights under fp32 compute on a CPU that runs their kernel (built now, at
+    start-up, not in the first step); elsewhere the matrices stay as they are."""
+    if not (asked and dtype == stored == torch.float32 and torch.device(device).type == "cpu"):
+        return False
+    return loads_or_warns(block_weights.ensure_built, "fp32 weights stay unpacked")
+
+
 def _assemble(spec, weights, config, dtype, device, kv_bytes, block_size) -> Runner:
     bytes_per_token = spec.kv_bytes_per_token * torch.empty(0, dtype=dtype).element_size()
     kv = KVCacheConfig.for_bytes(kv_bytes, bytes_per_token, block_size=block_size)
@@ -99,6 +113,15 @@ def _assemble(spec, weights, config, dtype, device, kv_bytes, block_size) -> Run
     runner = Runner(spec, weights, config, pool)
     runner.kv_config = kv
     stored = weights.stored_dtype
+    packed, matrices = weights.packed_matrices
+    if packed:
+        log.info(
+            "weights: %d of %d matrices hold exactly GGUF Q4_1/Q8_0 block values (a dequantized GGUF "
+            "checkpoint): kept as those blocks (%.0f MiB), read back as the same fp32 numbers",
+            packed,
+            matrices,
+            weights.nbytes / 2**20,
+        )
     log.info(
         "runner: %s, %d layers, %s on %s, weights %.0f MiB, KV cache %d blocks x %d tokens (%d B/token)",
         spec.family,

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hotlora.kernels import bf16_weights, decoder_ops
+from hotlora.kernels import bf16_weights, block_weights, decoder_ops
 
 from .attention import AttentionMetadata, dense_attention, paged_attention
 from .kv_cache import KVPool
@@ -168,7 +168,10 @@ class Runner(nn.Module):
         """`native`: RMSNorm and RoPE as hotlora's C ops, in place where torch would allocate: serving only,
         never under autograd."""
         spec, w = self.spec, self.w
-        h = F.embedding(token_ids, w.embed).to(self.dtype)
+        if block_weights.is_packed(w.embed):
+            h = block_weights.embedding(token_ids, w.embed)
+        else:
+            h = F.embedding(token_ids, w.embed).to(self.dtype)
         eps, heads, kv_heads, d = spec.rms_norm_eps, spec.num_heads, spec.num_kv_heads, spec.head_dim
         norm = decoder_ops.rms_norm if native else _rms_norm
         if not native:
@@ -219,10 +222,19 @@ class Runner(nn.Module):
 
 
 def _linear_for(weights: RunnerWeights) -> Callable:
-    """F.linear, or the bf16-weight kernel when the matrices are stored narrower than the compute dtype."""
+    """F.linear, or the bf16-weight kernel when the matrices are stored narrower than the compute dtype, or
+    one that picks by each matrix when some are kept in blocks (kernels/block_weights.py)."""
+    if weights.packed_matrices[0]:
+        return _by_storage
     if weights.stored_dtype == weights.compute_dtype:
         return F.linear
     return bf16_weights.linear
+
+
+def _by_storage(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    if block_weights.is_packed(weight):
+        return block_weights.linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 class _LmHead(nn.Module):

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from hotlora.kernels import block_weights
+
 from . import huge_pages
 from .spec import ModelSpec
 
@@ -80,8 +82,16 @@ class RunnerWeights:
 
     @property
     def stored_dtype(self) -> torch.dtype:
-        """How the matrices are kept: the compute dtype, or bf16 under fp32 (--weight-dtype bfloat16)."""
-        return self.embed.dtype
+        """The float dtype the matrices not kept in blocks are in: the compute dtype, or bf16 under fp32
+        (--weight-dtype bfloat16)."""
+        floats = [t.dtype for t in self.tensors() if t.dim() == 2 and t.is_floating_point()]
+        return floats[0] if floats else self.compute_dtype
+
+    @property
+    def packed_matrices(self) -> tuple[int, int]:
+        """(matrices kept in blocks, matrices in all) -- see `build_weights`' `pack_exact_blocks`."""
+        mats = [t for t in self.tensors() if t.dim() == 2]
+        return sum(block_weights.is_packed(t) for t in mats), len(mats)
 
     @property
     def nbytes(self) -> int:
@@ -89,13 +99,23 @@ class RunnerWeights:
 
 
 def build_weights(
-    spec: ModelSpec, get: Getter, dtype: torch.dtype, device, stored: torch.dtype | None = None
+    spec: ModelSpec,
+    get: Getter,
+    dtype: torch.dtype,
+    device,
+    stored: torch.dtype | None = None,
+    pack_exact_blocks: bool = False,
 ) -> RunnerWeights:
     """Fuse and cast, layer by layer. `get(name)` returns a checkpoint tensor by its transformers name
     (`model.layers.0.self_attn.q_proj.weight`, ...) or None when the checkpoint has no such tensor.
     `stored`: the dtype of the projection matrices, the embedding and the LM head when narrower than the
-    compute `dtype` (bf16 widened by the kernel); norms and biases are always in `dtype`."""
+    compute `dtype` (bf16 widened by the kernel); norms and biases are always in `dtype`.
+    `pack_exact_blocks` (fp32 on a CPU): each matrix (projections, embedding, LM head) whose fp32 values
+    are exactly those of GGUF Q4_1 or Q8_0 blocks (a checkpoint dequantized from a GGUF file) is kept as
+    those blocks (kernels/block_weights.py), the others as they are; the values read back are the same fp32
+    numbers."""
     stored = stored or dtype
+    pack = pack_exact_blocks and stored == dtype == torch.float32 and torch.device(device).type == "cpu"
 
     def need(name: str) -> torch.Tensor:
         t = get(name)
@@ -106,13 +126,18 @@ def build_weights(
     def cast(t: torch.Tensor | None, to: torch.dtype = dtype) -> torch.Tensor | None:
         return None if t is None else t.to(device=device, dtype=to).contiguous()
 
+    def packed(t: torch.Tensor) -> torch.Tensor:
+        blocks = block_weights.pack(t) if pack else None
+        return t if blocks is None else blocks
+
     def matrix(name: str) -> torch.Tensor:
-        return cast(need(name), stored)
+        return packed(cast(need(name), stored))
 
     def fused(prefix: str, names: tuple[str, ...], kind: str) -> torch.Tensor:
-        return cast(
+        t = cast(
             torch.cat([need(f"{prefix}.{n}.{kind}") for n in names], 0), stored if kind == "weight" else dtype
         )
+        return packed(t) if kind == "weight" else t
 
     layers = []
     for i in range(spec.num_layers):
@@ -134,7 +159,7 @@ def build_weights(
         )
     embed = matrix("model.embed_tokens.weight")
     head = get("lm_head.weight")
-    lm_head = embed if spec.tie_word_embeddings or head is None else cast(head, stored)
+    lm_head = embed if spec.tie_word_embeddings or head is None else packed(cast(head, stored))
     return RunnerWeights(embed=embed, layers=layers, norm=cast(need("model.norm.weight")), lm_head=lm_head)
 
 

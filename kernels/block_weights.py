@@ -1,0 +1,198 @@
+"""fp32 activations times weights kept in blocks of 32 small integers with a scale, for checkpoints whose
+fp32 weights *are* such values: a model dequantized from a GGUF file holds in every run of 32 weights of a
+row only the values of its block -- d * q + m (q in 0..15) for Q4_1, d * q (q in -127..127) for Q8_0, d and
+m fp16. The default model is one (Q4_1 projections, a Q8_0 embedding and tied LM head).
+
+`pack` finds that out from the fp32 matrix itself and keeps the blocks (a uint8 tensor for Q4_1, int8 for
+Q8_0: 0.19 and 0.28 of the fp32 bytes); it returns None unless every block gives back the exact fp32 values,
+so nothing is ever rounded. `csrc/block_weights.c` widens each block in registers to those very fp32 values
+and runs the products and sums of an fp32 GEMM (in another order) while reading a fraction of the bytes: a
+decode step is bound by them.
+
+At and above `WIDEN_ROWS` rows (long prefill chunks, compute-bound: MKL's fp32 GEMM is faster), and whenever
+autograd needs a gradient through the product (on-line training), the matrix is widened to fp32 and torch
+runs the GEMM. While torch.compile traces them, the kernel and the embedding lookup run as the operators
+`torch.ops.hotlora.linear_blocks` and `widen_block_rows`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from . import native, torch_ops
+from .native import Unavailable, unavailable_reason
+
+__all__ = [
+    "FORMATS",
+    "Unavailable",
+    "embedding",
+    "ensure_built",
+    "in_features",
+    "is_packed",
+    "linear",
+    "pack",
+    "unavailable_reason",
+    "widen",
+]
+
+BLOCK = 32  # weights per block
+# packed dtype -> (name, the C kernel's format id, bytes per block: q, then fp32 d (and m))
+FORMATS = {torch.uint8: ("Q4_1", 0, 24), torch.int8: ("Q8_0", 1, 36)}
+WIDEN_ROWS = 256  # as bf16_weights.WIDEN_ROWS
+PARALLEL_FROM = 1 << 16  # as bf16_weights.PARALLEL_FROM
+_TINY = torch.finfo(torch.float32).tiny  # d of a constant block is 0: its q are 0
+_CHECK_ROWS = 64  # rows tried first, so a matrix of other values is turned down at little cost
+
+
+def is_packed(t: torch.Tensor) -> bool:
+    return t.dtype in FORMATS
+
+
+def in_features(packed: torch.Tensor) -> int:
+    return packed.shape[1] // FORMATS[packed.dtype][2] * BLOCK
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """The fp32 matrix [N, K] as Q4_1 blocks (uint8 [N, K / 32 * 24]) or else Q8_0 blocks (int8
+    [N, K / 32 * 36]), or None unless every block's 32 values are exactly such a block's -- then
+    `widen(pack(w))` equals w."""
+    if weight.dtype != torch.float32 or weight.dim() != 2 or weight.shape[1] % BLOCK or weight.numel() == 0:
+        return None
+    w = weight.contiguous().view(weight.shape[0], -1, BLOCK)
+    if not torch.isfinite(w[:_CHECK_ROWS]).all():
+        return None
+    for blocks in (_q4_1, _q8_0):
+        if blocks(w[:_CHECK_ROWS]) is not None:
+            parts = blocks(w)
+            if parts is not None:
+                return _layout(*parts)
+    return None
+
+
+def _q4_1(w: torch.Tensor) -> tuple | None:
+    """(q uint8 [N, nb, 32], d, m fp32 [N, nb]) with fl(d * q + m) == w, or None."""
+    lo, hi = w.amin(-1), w.amax(-1)
+    # q = 0 and q = 15 both occur in a block GGUF quantized (its minimum and maximum): m is the block's
+    # minimum and d its span over 15, rounded to fp16; the check turns down any block where that is wrong
+    m = lo.to(torch.float16).float()
+    d = ((hi - lo) / 15).to(torch.float16).float()
+    if not torch.equal(m, lo):
+        return None
+    d_, m_ = d.unsqueeze(-1), m.unsqueeze(-1)
+    q = torch.where(d_ > 0, torch.round((w - m_) / d_.clamp_min(_TINY)), 0)
+    q = q.clamp_(0, 15)
+    if not torch.equal(q * d_ + m_, w):  # d * q is exact in fp32; + m: the one rounding the file had
+        return None
+    q = q.to(torch.uint8)
+    return (q[..., :16] | (q[..., 16:] << 4), d, m)
+
+
+def _q8_0(w: torch.Tensor) -> tuple | None:
+    """(q int8 [N, nb, 32], d fp32 [N, nb]) with d * q == w, or None."""
+    d = (w.abs().amax(-1) / 127).to(torch.float16).float()  # q = +-127 occurs: the block's largest magnitude
+    d_ = d.unsqueeze(-1)
+    q = torch.where(d_ > 0, torch.round(w / d_.clamp_min(_TINY)), 0).clamp_(-127, 127)
+    if not torch.equal(q * d_, w):
+        return None
+    return (q.to(torch.int8), d)
+
+
+def _layout(q: torch.Tensor, *scales: torch.Tensor) -> torch.Tensor:
+    """One row of bytes per matrix row: every block's q, then each scale's fp32 values (csrc layout)."""
+    n = q.shape[0]
+    parts = [q.reshape(n, -1)] + [s.contiguous().view(q.dtype).view(n, -1) for s in scales]
+    return torch.cat(parts, dim=1).contiguous()
+
+
+def widen(packed: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The fp32 matrix [N, K] a packed one holds (only `rows`, int64 indices, when given)."""
+    k, fmt = in_features(packed), FORMATS[packed.dtype][1]
+    idx = None if rows is None else rows.to(torch.int64).contiguous()
+    n = packed.shape[0] if idx is None else idx.numel()
+    if idx is not None and n and (int(idx.min()) < 0 or int(idx.max()) >= packed.shape[0]):
+        raise IndexError(f"row index out of range for {packed.shape[0]} rows")
+    out = torch.empty(n, k, dtype=torch.float32)
+    threads = torch.get_num_threads() if n * k >= PARALLEL_FROM else 1
+    _library().hotlora_widen_blocks(
+        packed.data_ptr(), fmt, k, None if idx is None else idx.data_ptr(), n, out.data_ptr(), threads
+    )
+    return out
+
+
+def embedding(ids: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """`F.embedding(ids, widen(packed))`, widening only the rows asked for."""
+    rows = ids.reshape(-1)
+    out = _widen_rows_op(packed, rows) if torch.compiler.is_compiling() else widen(packed, rows)
+    return out.view(*ids.shape, -1)
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, widen(packed), bias)` for fp32 `x` [..., K] and a packed matrix."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if rows >= WIDEN_ROWS or rows == 0 or (x.requires_grad and torch.is_grad_enabled()):
+        return F.linear(x, widen(packed), bias)
+    if x.dtype != torch.float32 or packed.dtype not in FORMATS or x.shape[-1] != in_features(packed):
+        raise TypeError(
+            f"expected float32 x of {in_features(packed)} features and a packed matrix, "
+            f"got {x.dtype} x of {x.shape[-1]} and {packed.dtype}"
+        )
+    if torch.compiler.is_compiling():
+        return _linear_op(x, packed, bias)
+    return _linear(x, packed, bias)
+
+
+def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    n, k = packed.shape[0], in_features(packed)
+    flat = x.dim() == 2 and x.is_contiguous()
+    x2 = x if flat else x.reshape(-1, k).contiguous()
+    rows = x2.shape[0]
+    b = None if bias is None else bias.float().contiguous()
+    y = torch.empty(rows, n, dtype=torch.float32)
+    status = _library().hotlora_linear_blocks(
+        x2.data_ptr(),
+        rows,
+        k,
+        packed.data_ptr(),
+        FORMATS[packed.dtype][1],
+        n,
+        y.data_ptr(),
+        None if b is None else b.data_ptr(),
+        torch.get_num_threads() if rows * n * k >= PARALLEL_FROM else 1,
+    )
+    if status != 0:
+        raise MemoryError(f"block-weight linear: no scratch memory for {rows} x {k}")
+    return y if flat else y.view(*x.shape[:-1], n)
+
+
+_linear_op = torch_ops.define(  # for torch.compile (kernels/torch_ops.py)
+    "linear_blocks(Tensor x, Tensor packed, Tensor? bias) -> Tensor",
+    _linear,
+    lambda x, packed, bias: x.new_empty(*x.shape[:-1], packed.shape[0]),
+)
+
+
+_widen_rows_op = torch_ops.define(
+    "widen_block_rows(Tensor packed, Tensor rows) -> Tensor",
+    widen,
+    lambda packed, rows: packed.new_empty(rows.shape[0], in_features(packed), dtype=torch.float32),
+)
+
+
+def ensure_built() -> None:
+    """Build and load the kernel now; raises Unavailable with the reason."""
+    _library()
+
+
+@functools.cache
+def _library() -> ctypes.CDLL:
+    lib = native.library("block_weights")
+    ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.hotlora_linear_blocks.argtypes = [ptr, i64, i64, ptr, c_int, i64, ptr, ptr, c_int]
+    lib.hotlora_linear_blocks.restype = ctypes.c_int
+    lib.hotlora_widen_blocks.argtypes = [ptr, c_int, i64, ptr, i64, ptr, c_int]
+    lib.hotlora_widen_blocks.restype = None
+    return lib
