@@ -144,7 +144,7 @@ def machine() -> str:
 
 
 def cpu_kernel_args(parser: argparse.ArgumentParser, why_not: str | None) -> argparse.Namespace:
-    """What a CPU kernel benchmark (bf16_weights.py, decode_attention.py) starts with: `--threads` and
+    """What a CPU kernel benchmark (weight_storage.py, decode_attention.py) starts with: `--threads` and
     `--repeats` parsed with the script's own flags, torch's threads set, torch seeded; exits when the kernel
     cannot run here (`why_not`: its unavailable reason, None when it can)."""
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
