@@ -20,21 +20,15 @@ import torch
 import torch.nn.functional as F
 
 from . import native, torch_ops
+from .narrow_linear import WIDEN_ROWS, on_rows, torch_runs
 from .native import Unavailable, unavailable_reason
 
 __all__ = ["WIDEN_ROWS", "Unavailable", "ensure_built", "linear", "unavailable_reason"]
 
-# Rows of x from which torch's fp32 GEMM on a widened copy beats the kernel (one thread, SmolLM2 shapes:
-# 1.07x the kernel's speed at 128 rows, 0.62x at 512).
-WIDEN_ROWS = 256
-# Below this many multiply-adds one thread does it: waking a second one costs more than it saves.
-PARALLEL_FROM = 1 << 16
-
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, weight.float(), bias)` for fp32 `x` [..., K] and a bf16 `weight` [N, K]."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if rows >= WIDEN_ROWS or rows == 0 or (x.requires_grad and torch.is_grad_enabled()):
+    if torch_runs(x):
         return F.linear(x, weight.float(), bias)
     if x.dtype != torch.float32 or weight.dtype != torch.bfloat16:
         raise TypeError(f"expected float32 x and bfloat16 weight, got {x.dtype} and {weight.dtype}")
@@ -45,25 +39,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     n, k = weight.shape
-    flat = x.dim() == 2 and x.is_contiguous()  # the runner's rows: no reshape (~1 µs each, ~120 a step)
-    x2 = x if flat else x.reshape(-1, k).contiguous()
-    rows = x2.shape[0]
     w = weight if weight.is_contiguous() else weight.contiguous()
-    b = None if bias is None else bias.float().contiguous()
-    y = torch.empty(rows, n, dtype=torch.float32)
-    status = _library().hotlora_linear_bf16w(
-        x2.data_ptr(),
-        rows,
-        k,
-        w.data_ptr(),
-        n,
-        y.data_ptr(),
-        None if b is None else b.data_ptr(),
-        torch.get_num_threads() if rows * n * k >= PARALLEL_FROM else 1,
-    )
-    if status != 0:
-        raise MemoryError(f"bf16-weight linear: no scratch memory for {rows} x {k}")
-    return y if flat else y.view(*x.shape[:-1], n)
+    fn, wp = _library().hotlora_linear_bf16w, w.data_ptr()
+
+    def kernel(xp, rows, yp, bp, threads):
+        return fn(xp, rows, k, wp, n, yp, bp, threads)
+
+    return on_rows(x, n, k, bias, kernel, "bf16-weight linear")
 
 
 _linear_op = torch_ops.define(  # for torch.compile (kernels/torch_ops.py)

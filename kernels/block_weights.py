@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native, torch_ops
+from .narrow_linear import PARALLEL_FROM, WIDEN_ROWS, on_rows, torch_runs
 from .native import Unavailable, unavailable_reason
 
 __all__ = [
@@ -37,13 +38,12 @@ __all__ = [
     "pack",
     "unavailable_reason",
     "widen",
+    "WIDEN_ROWS",
 ]
 
 BLOCK = 32  # weights per block
 # packed dtype -> (name, the C kernel's format id, bytes per block: q, then fp32 d (and m))
 FORMATS = {torch.uint8: ("Q4_1", 0, 24), torch.int8: ("Q8_0", 1, 36)}
-WIDEN_ROWS = 256  # as bf16_weights.WIDEN_ROWS
-PARALLEL_FROM = 1 << 16  # as bf16_weights.PARALLEL_FROM
 _TINY = torch.finfo(torch.float32).tiny  # d of a constant block is 0: its q are 0
 _CHECK_ROWS = 64  # rows tried first, so a matrix of other values is turned down at little cost
 
@@ -132,8 +132,7 @@ def embedding(ids: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """`F.linear(x, widen(packed), bias)` for fp32 `x` [..., K] and a packed matrix."""
-    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if rows >= WIDEN_ROWS or rows == 0 or (x.requires_grad and torch.is_grad_enabled()):
+    if torch_runs(x):
         return F.linear(x, widen(packed), bias)
     if x.dtype != torch.float32 or packed.dtype not in FORMATS or x.shape[-1] != in_features(packed):
         raise TypeError(
@@ -146,26 +145,13 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    n, k = packed.shape[0], in_features(packed)
-    flat = x.dim() == 2 and x.is_contiguous()
-    x2 = x if flat else x.reshape(-1, k).contiguous()
-    rows = x2.shape[0]
-    b = None if bias is None else bias.float().contiguous()
-    y = torch.empty(rows, n, dtype=torch.float32)
-    status = _library().hotlora_linear_blocks(
-        x2.data_ptr(),
-        rows,
-        k,
-        packed.data_ptr(),
-        FORMATS[packed.dtype][1],
-        n,
-        y.data_ptr(),
-        None if b is None else b.data_ptr(),
-        torch.get_num_threads() if rows * n * k >= PARALLEL_FROM else 1,
-    )
-    if status != 0:
-        raise MemoryError(f"block-weight linear: no scratch memory for {rows} x {k}")
-    return y if flat else y.view(*x.shape[:-1], n)
+    n, k, fmt = packed.shape[0], in_features(packed), FORMATS[packed.dtype][1]
+    fn, w = _library().hotlora_linear_blocks, packed.data_ptr()
+
+    def kernel(xp, rows, yp, bp, threads):
+        return fn(xp, rows, k, w, fmt, n, yp, bp, threads)
+
+    return on_rows(x, n, k, bias, kernel, "block-weight linear")
 
 
 _linear_op = torch_ops.define(  # for torch.compile (kernels/torch_ops.py)

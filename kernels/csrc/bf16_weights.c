@@ -78,6 +78,23 @@ static void block_rows(const float* xd, int64_t Kp, const uint16_t* W, int64_t K
   }
 }
 
+typedef struct {
+  const float* xd;
+  int64_t Kp;
+  const uint16_t* W;
+  int64_t K, M, N;
+  float* y;
+  const float* bias;
+} Call;
+
+static void tile(int64_t t, float* wb, const void* ctx) {
+  const Call* c = ctx;
+  int64_t n0 = t * 8, nn = c->N - n0 < 8 ? c->N - n0 : 8;
+  const char* end = (const char*)(c->W + c->N * c->K);
+  if (c->M == 1) block_one_row(c->xd, c->W, c->K, n0, nn, c->y, c->bias, end);
+  else block_rows(c->xd, c->Kp, c->W, c->K, n0, nn, c->M, c->y, c->N, c->bias, wb, end);
+}
+
 // Returns 0, or -1 when scratch memory could not be had (y is then undefined).
 int hotlora_linear_bf16w(const float* x, int64_t M, int64_t K, const uint16_t* W, int64_t N, float* y,
                          const float* bias, int threads) {
@@ -96,23 +113,8 @@ int hotlora_linear_bf16w(const float* x, int64_t M, int64_t K, const uint16_t* W
       _mm512_store_ps(xd + m * Kp + k, _mm512_permutex2var_ps(a, even, b));
       _mm512_store_ps(xd + m * Kp + k + 16, _mm512_permutex2var_ps(a, odd, b));
     }
-  int64_t blocks = (N + 7) / 8;
-  int failed = 0;
-#pragma omp parallel num_threads(threads)
-  {
-    float* wb = M > 1 ? aligned_alloc(64, (size_t)(4 * Kp) * sizeof(float)) : NULL;
-    if (M > 1 && !wb) {
-#pragma omp atomic write
-      failed = 1;
-    }
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < blocks; b++) {
-      int64_t n0 = b * 8, nn = N - n0 < 8 ? N - n0 : 8;
-      if (M == 1) block_one_row(xd, W, K, n0, nn, y, bias, (const char*)(W + N * K));
-      else if (wb) block_rows(xd, Kp, W, K, n0, nn, M, y, N, bias, wb, (const char*)(W + N * K));
-    }
-    free(wb);
-  }
+  Call call = {xd, Kp, W, K, M, N, y, bias};
+  int status = over_tiles((N + 7) / 8, M, Kp, threads, tile, &call);
   free(xd);
-  return failed ? -1 : 0;
+  return status;
 }

@@ -117,6 +117,25 @@ AI void row_block(const float* x, const float* xd, int64_t M, int64_t K, const u
   }
 }
 
+typedef struct {
+  const float *x, *xd;
+  int64_t M, K;
+  const uint8_t* W;
+  int64_t N;
+  float* y;
+  const float* bias;
+} Call;
+
+static void tile_q4_1(int64_t t, float* wb, const void* ctx) {
+  const Call* c = ctx;
+  row_block(c->x, c->xd, c->M, c->K, c->W, c->N, t * 8, Q4_1, c->y, c->bias, wb);
+}
+
+static void tile_q8_0(int64_t t, float* wb, const void* ctx) {
+  const Call* c = ctx;
+  row_block(c->x, c->xd, c->M, c->K, c->W, c->N, t * 8, Q8_0, c->y, c->bias, wb);
+}
+
 // fmt: Q4_1 or Q8_0; K: a multiple of 32. Returns 0, -1 when scratch memory could not be had (y is then
 // undefined), -2 for a K or fmt it does not take.
 int hotlora_linear_blocks(const float* x, int64_t M, int64_t K, const uint8_t* W, int fmt, int64_t N,
@@ -128,25 +147,10 @@ int hotlora_linear_blocks(const float* x, int64_t M, int64_t K, const uint8_t* W
     if (!xd) return -1;
     for (int64_t i = 0; i < M * K; i++) xd[i] = x[i];
   }
-  int64_t tiles = (N + 7) / 8;
-  int failed = 0;
-#pragma omp parallel num_threads(threads)
-  {
-    float* wb = M > 1 ? aligned_alloc(64, (size_t)(4 * K) * sizeof(float)) : NULL;
-    if (M > 1 && !wb) {
-#pragma omp atomic write
-      failed = 1;
-    }
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < tiles; t++) {
-      if (M > 1 && !wb) continue;
-      if (fmt == Q4_1) row_block(x, xd, M, K, W, N, t * 8, Q4_1, y, bias, wb);
-      else row_block(x, xd, M, K, W, N, t * 8, Q8_0, y, bias, wb);
-    }
-    free(wb);
-  }
+  Call call = {x, xd, M, K, W, N, y, bias};
+  int status = over_tiles((N + 7) / 8, M, K, threads, fmt == Q4_1 ? tile_q4_1 : tile_q8_0, &call);
   free(xd);
-  return failed ? -1 : 0;
+  return status;
 }
 
 // out[i, K] = the fp32 row rows[i] of W (all N rows in order when rows is NULL): torch's GEMM on long

@@ -5,6 +5,7 @@
 #pragma once
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "sums16.h"
 
@@ -63,4 +64,27 @@ AI void rows_on_widened(const float* xd, int64_t Kp, const float* wb, int64_t n0
       }
     }
   }
+}
+
+// The threads' share of a GEMM: tile(t, wb, ctx) for every t < tiles (8 rows of W each) on `threads` OpenMP
+// threads (libgomp, the pool torch has loaded), statically, so each thread's tiles are contiguous and a
+// tile's prefetches of the next one read what the same thread uses next. With several rows of x (M > 1)
+// each thread has its own buffer wb of 4 * Kp floats. Returns 0, or -1 when a buffer could not be had (y is
+// then undefined).
+typedef void (*tile_fn)(int64_t t, float* wb, const void* ctx);
+AI int over_tiles(int64_t tiles, int64_t M, int64_t Kp, int threads, tile_fn tile, const void* ctx) {
+  int failed = 0;
+#pragma omp parallel num_threads(threads)
+  {
+    float* wb = M > 1 ? aligned_alloc(64, (size_t)(4 * Kp) * sizeof(float)) : NULL;
+    if (M > 1 && !wb) {
+#pragma omp atomic write
+      failed = 1;
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tiles; t++)
+      if (M == 1 || wb) tile(t, wb, ctx);
+    free(wb);
+  }
+  return failed ? -1 : 0;
 }
