@@ -102,6 +102,31 @@ def test_long_chunks_three_d_input_and_autograd_take_torch_on_the_widened_matrix
     torch.testing.assert_close(a.grad, b.grad)
 
 
+def test_long_chunks_on_matrices_in_turn_each_get_their_own_widened_weights():
+    # the widened copy goes into a scratch buffer: a matrix widened after another, a larger one after a
+    # smaller, one past the scratch's size stay exact; another thread (a training loop beside the engine)
+    # writes into a scratch of its own
+    import threading
+
+    mats = [_matrix(48, 64, "Q4_1"), _matrix(300, 96, "Q8_0", seed=1), _matrix(7, 32, "Q4_1", seed=2)]
+    big = _matrix(block_weights.SCRATCH_FLOATS // 64 + 1, 64, "Q8_0", seed=3)
+    rows = block_weights.WIDEN_ROWS
+    for w in [*mats, big, *mats]:
+        x = torch.randn(rows, w.shape[1])
+        got = block_weights.linear(x, block_weights.pack(w))
+        torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-5)
+    theirs = []
+
+    def other():
+        block_weights.linear(torch.randn(rows, 64), block_weights.pack(mats[0]))
+        theirs.append(block_weights._scratch.buf.data_ptr())
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join()
+    assert theirs and theirs[0] != block_weights._scratch.buf.data_ptr()
+
+
 def test_a_wrong_input_is_turned_down_with_the_shapes():
     packed = block_weights.pack(_matrix(8, 64, "Q8_0"))
     with pytest.raises(TypeError, match="64 features"):
