@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -75,7 +76,11 @@ class LocalBlobStore(BlobStore):
     def put(self, data: bytes) -> str:
         digest = sha256_hex(data)
         path = self._path(digest)
-        if path.is_file() and path.stat().st_size == len(data):
+        try:  # one stat: a concurrent delete of the same blob may remove it between two looks
+            have = path.stat()
+        except FileNotFoundError:
+            have = None
+        if have is not None and stat.S_ISREG(have.st_mode) and have.st_size == len(data):
             return digest
         path.parent.mkdir(exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TMP_PREFIX)
