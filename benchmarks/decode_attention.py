@@ -16,18 +16,15 @@ Writes the figures, with date and machine, into the ``## Decode attention`` sect
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import time
 
 import torch
-from results_file import RESULTS, write_lines
 
 from hotlora.kernels import native
 from hotlora.kernels import paged_attention as kernel
 from hotlora.server.engine.runner import attention
 from hotlora.server.engine.runner.attention import AttentionMetadata
-from kernels import cpu_kernel_args, machine  # benchmarks/kernels.py
+from kernels import cpu_kernel_args, kernel_table  # benchmarks/kernels.py
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS, BLOCK = 9, 3, 64, 30, 16
 POOL_BYTES = 2 << 30
@@ -81,34 +78,26 @@ def main() -> None:
     per_block = 2 * LAYERS * BLOCK * KV_HEADS * HEAD_DIM * 4
     pool = torch.randn(LAYERS, 2, POOL_BYTES // per_block, BLOCK, KV_HEADS, HEAD_DIM)
     stream = stream_rate(1 << 30, args.repeats)
-    now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    lines = [
-        f"Measured {now} on {machine()} by `benchmarks/decode_attention.py`"
-        f" (load average at start: {os.getloadavg()[0]:.1f}).",
-        "",
+    about = (
         f"One decode step's attention over all {LAYERS} layers of SmolLM2-135M ({HEADS} query heads over "
         f"{KV_HEADS} kv heads of {HEAD_DIM}), an fp32 pool of {POOL_BYTES >> 30} GiB, a row's next block "
         f"`rows` blocks on (handed out in turn as the rows grow); best of {args.repeats} interleaved runs. "
-        f"Memory: torch reads {stream / 1e9:.1f} GB/s from cold tensors in this process.",
-        "",
-        "| rows | keys per row | torch path ms | kernel ms | speed-up | kernel K/V GB/s | of memory's |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    print("\n".join(lines), flush=True)
-    with torch.inference_mode():
+        f"Memory: torch reads {stream / 1e9:.1f} GB/s from cold tensors in this process."
+    )
+
+    def rows_measured():
         for rows, keys in CASES:
             fns = {path: step(rows, keys, pool, path) for path in ("torch", "kernel")}
             t = best_of(fns, args.repeats)
             kv_bytes = LAYERS * rows * keys * KV_HEADS * HEAD_DIM * 2 * 4
             rate = kv_bytes / t["kernel"]
-            row = (
+            yield (
                 f"| {rows} | {keys} | {t['torch'] * 1e3:.2f} | {t['kernel'] * 1e3:.2f} | "
                 f"**{t['torch'] / t['kernel']:.1f}×** | {rate / 1e9:.1f} | {rate / stream:.0%} |"
             )
-            lines.append(row)
-            print(row, flush=True)
-    write_lines("Decode attention", lines)
-    print(f"\nwritten to {RESULTS}")
+
+    header = "| rows | keys per row | torch path ms | kernel ms | speed-up | kernel K/V GB/s | of memory's |"
+    kernel_table("Decode attention", "decode_attention.py", about, header, rows_measured())
 
 
 if __name__ == "__main__":

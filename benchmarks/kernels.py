@@ -18,6 +18,7 @@ import platform
 import re
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -156,6 +157,28 @@ def cpu_kernel_args(parser: argparse.ArgumentParser, why_not: str | None) -> arg
         raise SystemExit(f"the kernel cannot run here: {why_not}")
     torch.manual_seed(0)
     return args
+
+
+def kernel_table(section: str, script: str, about: str, header: str, rows: Iterator[str]) -> None:
+    """A CPU kernel benchmark's table (weight_storage.py, decode_attention.py): dated and described, printed
+    row by row as `rows` measures them (under inference_mode), then written into RESULTS.md's `section`."""
+    now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    lines = [
+        f"Measured {now} on {machine()} by `benchmarks/{script}`"
+        f" (load average at start: {os.getloadavg()[0]:.1f}).",
+        "",
+        about,
+        "",
+        header,
+        "|" + "---|" * (header.count("|") - 1),
+    ]
+    print("\n".join(lines), flush=True)
+    with torch.inference_mode():
+        for row in rows:
+            lines.append(row)
+            print(row, flush=True)
+    write_lines(section, lines)
+    print(f"\nwritten to {RESULTS}")
 
 
 def run_device(device: torch.device, dtype: torch.dtype) -> list[str]:

@@ -16,18 +16,15 @@ Writes the figures, with date and machine, into the ``## Weight storage`` sectio
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from gguf import GGMLQuantizationType, quants
-from results_file import RESULTS, write_lines
 
 from hotlora.kernels import bf16_weights, block_weights
-from kernels import cpu_kernel_args, machine  # benchmarks/kernels.py
+from kernels import cpu_kernel_args, kernel_table  # benchmarks/kernels.py
 
 HIDDEN, INTERMEDIATE, QKV, LAYERS, VOCAB = 576, 1536, 960, 30, 49152
 
@@ -77,33 +74,25 @@ def main() -> None:
         "bf16": [(w.to(torch.bfloat16), w.shape[1]) for w in fp32],
     }
     nbytes = {name: sum(w.nbytes for w, _ in ws) for name, ws in stores.items()}
-    now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
-    lines = [
-        f"Measured {now} on {machine()} by `benchmarks/weight_storage.py`"
-        f" (load average at start: {os.getloadavg()[0]:.1f}).",
-        "",
+    about = (
         f"The {len(fp32)} matrices of one SmolLM2-135M decode step, of GGUF Q4_1/Q8_0 values as the default "
         f"model's: fp32 `F.linear` ({nbytes['fp32'] / 2**20:.0f} MiB) against hotlora's kernels on the same "
         f"weights kept as GGUF blocks ({nbytes['blocks'] / 2**20:.0f} MiB, the same numbers) and stored in "
-        f"bf16 ({nbytes['bf16'] / 2**20:.0f} MiB, rounded); best of {args.repeats} interleaved runs.",
-        "",
-        "| rows | fp32 ms | blocks ms | speed-up | blocks GB/s | bf16 ms | speed-up |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    print("\n".join(lines), flush=True)
-    with torch.inference_mode():
+        f"bf16 ({nbytes['bf16'] / 2**20:.0f} MiB, rounded); best of {args.repeats} interleaved runs."
+    )
+
+    def rows_measured():
         for rows in (int(r) for r in args.rows.split(",")):
             t = measure(rows, stores, args.repeats)
             gbs = nbytes["blocks"] / t["blocks"] / 1e9
             ms = {name: f"{v * 1e3:.1f}" for name, v in t.items()}
-            row = (
+            yield (
                 f"| {rows} | {ms['fp32']} | {ms['blocks']} | **{t['fp32'] / t['blocks']:.2f}×** | {gbs:.1f}"
                 f" | {ms['bf16']} | {t['fp32'] / t['bf16']:.2f}× |"
             )
-            lines.append(row)
-            print(row, flush=True)
-    write_lines("Weight storage", lines)
-    print(f"\nwritten to {RESULTS}")
+
+    header = "| rows | fp32 ms | blocks ms | speed-up | blocks GB/s | bf16 ms | speed-up |"
+    kernel_table("Weight storage", "weight_storage.py", about, header, rows_measured())
 
 
 if __name__ == "__main__":

@@ -110,12 +110,11 @@ def build_weights(
     (`model.layers.0.self_attn.q_proj.weight`, ...) or None when the checkpoint has no such tensor.
     `stored`: the dtype of the projection matrices, the embedding and the LM head when narrower than the
     compute `dtype` (bf16 widened by the kernel); norms and biases are always in `dtype`.
-    `pack_exact_blocks` (fp32 on a CPU): each matrix (projections, embedding, LM head) whose fp32 values
-    are exactly those of GGUF Q4_1 or Q8_0 blocks (a checkpoint dequantized from a GGUF file) is kept as
-    those blocks (kernels/block_weights.py), the others as they are; the values read back are the same fp32
-    numbers."""
+    `pack_exact_blocks` (the loader's `_packs` decides: fp32 on a CPU that runs the kernel): each matrix
+    (projections, embedding, LM head) whose fp32 values are exactly those of GGUF Q4_1 or Q8_0 blocks (a
+    checkpoint dequantized from a GGUF file) is kept as those blocks (kernels/block_weights.py), the others
+    as they are; the values read back are the same fp32 numbers."""
     stored = stored or dtype
-    pack = pack_exact_blocks and stored == dtype == torch.float32 and torch.device(device).type == "cpu"
 
     def need(name: str) -> torch.Tensor:
         t = get(name)
@@ -127,7 +126,7 @@ def build_weights(
         return None if t is None else t.to(device=device, dtype=to).contiguous()
 
     def packed(t: torch.Tensor) -> torch.Tensor:
-        blocks = block_weights.pack(t) if pack else None
+        blocks = block_weights.pack(t) if pack_exact_blocks else None
         return t if blocks is None else blocks
 
     def matrix(name: str) -> torch.Tensor:
