@@ -50,6 +50,10 @@ class Model:
     # committed while a delete of every version of that name was in flight: the delete may or may not
     # have removed them (the server orders the two; the clients cannot see which came first)
     ambiguous: dict[tuple[str, int], dict[str, bytes]] = field(default_factory=dict)
+    # how many deletes of every version of a name have started: an upload whose flight overlaps one is
+    # ambiguous even when the delete is acknowledged first (the server may have committed the upload
+    # before the delete ran, and answered it after)
+    whole_deletes_started: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -125,6 +129,8 @@ def _client(
                 with model.lock:
                     model.pending_deletes.append(ref)
                     n, _, v = ref.partition("@")
+                    if not v:
+                        model.whole_deletes_started[n] = model.whole_deletes_started.get(n, 0) + 1
                     before = {k for k in model.committed if k[0] == n and (not v or k[1] == int(v))}
                 try:
                     adapters.DeleteAdapter(common_pb2.AdapterRef(name=ref), timeout=10)
@@ -146,6 +152,8 @@ def _client(
                 entry = (name, files)
                 with model.lock:
                     model.pending_uploads.append(entry)
+                    deletes_before = model.whole_deletes_started.get(name, 0)
+                    overlaps = name in model.pending_deletes  # a whole-name delete already in flight
                 try:
                     out = adapters.UploadAdapter(_upload_iter(name, files), timeout=30)
                 except grpc.RpcError:
@@ -154,7 +162,8 @@ def _client(
                     raise
                 with model.lock:
                     model.pending_uploads.remove(entry)
-                    model.committed[(name, out.version)] = files
+                    overlaps |= model.whole_deletes_started.get(name, 0) != deletes_before
+                    (model.ambiguous if overlaps else model.committed)[(name, out.version)] = files
                 counts["uploads"] += 1
     except grpc.RpcError:
         if not stop.is_set():
