@@ -12,7 +12,7 @@ import logging
 import pytest
 import torch
 
-from hotlora.kernels import bf16_weights, block_weights
+from hotlora.kernels import bf16_weights, block_weights, native, prefill_attention
 from hotlora.server.engine.runner import runner_from_model
 from hotlora.server.engine.scheduler import Engine
 from hotlora.server.model_loading import load_model
@@ -109,6 +109,25 @@ def test_fp32_greedy_equals_generate_for_each_family(tmp_path, make_config):
     got = _greedy_through_engine(loaded.model, tok, PROMPTS)
     for prompt, out in zip(PROMPTS, got, strict=True):
         assert out == hf_greedy(model, tok, prompt, NEW_TOKENS), prompt
+
+
+@pytest.mark.skipif(native.unavailable_reason() is not None, reason="no C kernels here")
+@EACH_FAMILY
+def test_fp32_greedy_equals_generate_with_heads_the_prefill_kernel_takes(tmp_path, make_config, monkeypatch):
+    # head size 64, the default model's: every prompt's prefill runs through hotlora's C attention kernel
+    config = make_config()
+    config.head_dim = 64
+    model, path = _model_dir(tmp_path, config)
+    model.generation_config.eos_token_id = None  # the engine's requests ignore EOS; generate must too
+    chunks = []
+    kernel = prefill_attention.attend
+    monkeypatch.setattr(prefill_attention, "attend", lambda q, *a: chunks.append(len(q)) or kernel(q, *a))
+    loaded = load_model(str(path), str(tmp_path / "cache"), device="cpu", dtype="float32")
+    tok = loaded.tokenizer
+    got = _greedy_through_engine(loaded.model, tok, PROMPTS)
+    for prompt, out in zip(PROMPTS, got, strict=True):
+        assert out == hf_greedy(model, tok, prompt, NEW_TOKENS), prompt
+    assert chunks  # the prompts' prefills, each layer
 
 
 @pytest.mark.skipif(block_weights.unavailable_reason() is not None, reason="no block-weight kernel here")

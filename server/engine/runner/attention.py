@@ -1,11 +1,13 @@
-"""Attention over the paged KV cache: torch ops (SDPA underneath), and one C kernel for decode rows.
+"""Attention over the paged KV cache: torch ops (SDPA underneath), and C kernels for decode rows and prefills.
 
 A step's tokens are one flat batch: first the *decode* rows (one new token each, whatever their context), then
 the *prefill* chunks (several new tokens of one sequence, possibly after context already in the cache). The
 decode rows share one call that reads their blocks in place (hotlora's C kernel, fp32 on CPU:
 `kernels/paged_attention.py`) or else one SDPA over their gathered blocks; each prefill chunk runs its own
-(causal within the chunk, lower-right aligned after its context). Sliding-window layers mask keys more than
-`window - 1` positions behind the query, as transformers' sliding-window mask does.
+(causal within the chunk, lower-right aligned after its context): hotlora's C kernel where it applies (fp32
+on CPU, head size a multiple of 64, no autograd: `kernels/prefill_attention.py`), SDPA otherwise.
+Sliding-window layers mask keys more than `window - 1` positions behind the query, as transformers'
+sliding-window mask does.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from hotlora.kernels import paged_attention as native_decode
+from hotlora.kernels import prefill_attention as native_prefill
 
 
 @dataclass(frozen=True)
@@ -81,24 +84,33 @@ def paged_attention(
         out[:nd] = o.squeeze(2)
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.length)
-        qs = q[rows].transpose(0, 1)  # [heads, L, d]
         if span.context == 0:
-            ks, vs = k[rows].transpose(0, 1), v[rows].transpose(0, 1)
+            ks, vs = k[rows], v[rows]
         else:  # the chunk attends to its cached context too: gather it (the chunk's own K/V included)
             total = span.context + span.length
-            ks = _gather(k_pool, span.block_table, total).transpose(0, 1)
-            vs = _gather(v_pool, span.block_table, total).transpose(0, 1)
-        gqa = ks.shape[0] != heads
-        # 4-D inputs: with 3-D ones torch's CPU SDPA falls back to its math path (the scores materialised,
-        # 4-10x slower at 512 tokens); 4-D ones take the flash kernel, as transformers' calls do
-        qs, ks, vs = qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0)
-        if window is None and span.context == 0:
-            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
-        else:
-            mask = _chunk_mask(span.context, span.length, window, q.device)
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
-        out[rows] = o[0].transpose(0, 1)
+            ks, vs = _gather(k_pool, span.block_table, total), _gather(v_pool, span.block_table, total)
+        o = _prefill(q[rows], ks, vs, span.context, scale, window)
+        if span.length == num_tokens:  # the step's only chunk: its output is the step's
+            return o.reshape(num_tokens, heads * d)
+        out[rows] = o
     return out.view(num_tokens, heads * d)
+
+
+def _prefill(q, k, v, context: int, scale: float, window: int | None) -> torch.Tensor:
+    """q: [L, heads, d] at positions context ..; k, v: [context + L, kv_heads, d] -> [L, heads, d]."""
+    if native_prefill.usable(q, k, v):
+        return native_prefill.attend(q, k, v, context, scale, window)
+    qs, ks, vs = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, L, d]
+    gqa = ks.shape[0] != qs.shape[0]
+    # 4-D inputs: with 3-D ones torch's CPU SDPA falls back to its math path (the scores materialised,
+    # 4-10x slower at 512 tokens); 4-D ones take the flash kernel, as transformers' calls do
+    qs, ks, vs = qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0)
+    if window is None and context == 0:
+        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        mask = _chunk_mask(context, q.shape[0], window, q.device)
+        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return o[0].transpose(0, 1)
 
 
 def _gather(pool: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
