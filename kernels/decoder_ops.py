@@ -1,5 +1,6 @@
-"""RMSNorm, RoPE and the KV write of a decoder layer in one C call each (`csrc/decoder_ops.c`), for fp32 on
-CPUs that run hotlora's C kernels. The runner takes them when `available()`; its torch ops do the rest.
+"""RMSNorm, RoPE, the KV write and the MLP's activation of a decoder layer in one C call each
+(`csrc/decoder_ops.c`), for fp32 on CPUs that run hotlora's C kernels. The runner takes them when
+`available()`; its torch ops do the rest.
 
 Each is also a torch custom op (`torch.ops.hotlora.*`, with a fake implementation for shapes), which the
 public function calls instead while torch.compile traces it: dynamo would otherwise break its graph at every
@@ -39,6 +40,24 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     out = torch.empty(rows, h, dtype=torch.float32)
     _library().hotlora_rms_norm(
         x.data_ptr(), rows, h, x.stride(0), weight.data_ptr(), eps, out.data_ptr(), _threads(rows * h)
+    )
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """`F.silu(gate) * up` of fp32 rows gate_up [T, 2 * I] = [gate | up] (rows may be strided) -> [T, I]."""
+    if torch.compiler.is_compiling():
+        return _silu_mul_op(gate_up)
+    return _silu_mul(gate_up)
+
+
+def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    rows, width = gate_up.shape
+    if gate_up.stride(-1) != 1:
+        gate_up = gate_up.contiguous()
+    out = torch.empty(rows, width // 2, dtype=torch.float32)
+    _library().hotlora_silu_mul(
+        gate_up.data_ptr(), rows, width // 2, gate_up.stride(0), out.data_ptr(), _threads(rows * width)
     )
     return out
 
@@ -107,6 +126,11 @@ _rms_norm_op = torch_ops.define(
     _rms_norm,
     lambda x, weight, eps: x.new_empty(x.shape, dtype=torch.float32),
 )
+_silu_mul_op = torch_ops.define(
+    "silu_mul(Tensor gate_up) -> Tensor",
+    _silu_mul,
+    lambda gate_up: gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2, dtype=torch.float32),
+)
 _rope_op = torch_ops.define(
     "rope_(Tensor(a!) qkv, int heads, int head_dim, Tensor cos, Tensor sin, Tensor positions) -> ()",
     _rope,
@@ -130,6 +154,7 @@ def _library() -> ctypes.CDLL:
     lib.hotlora_rms_norm.argtypes = [p, i64, i64, i64, p, ctypes.c_float, p, c_int]
     lib.hotlora_rope.argtypes = [p, i64, i64, i64, i64, p, p, p, c_int]
     lib.hotlora_kv_write.argtypes = [p, p, i64, i64, i64, p, p, p]
-    for fn in (lib.hotlora_rms_norm, lib.hotlora_rope, lib.hotlora_kv_write):
+    lib.hotlora_silu_mul.argtypes = [p, i64, i64, i64, p, c_int]
+    for fn in (lib.hotlora_rms_norm, lib.hotlora_rope, lib.hotlora_kv_write, lib.hotlora_silu_mul):
         fn.restype = c_int
     return lib

@@ -27,6 +27,12 @@ def test_rms_norm_op():
     assert torch.equal(torch.ops.hotlora.rms_norm(x, w, 1e-5), decoder_ops.rms_norm(x, w, 1e-5))
 
 
+def test_silu_mul_op():
+    gate_up = torch.randn(5, 2 * 96, generator=_gen())
+    torch.library.opcheck(decoder_ops._silu_mul_op, (gate_up,), test_utils=CHECKS)
+    assert torch.equal(torch.ops.hotlora.silu_mul(gate_up), decoder_ops.silu_mul(gate_up))
+
+
 def test_rope_op_rotates_in_place():
     heads, d = 3, 16
     qkv = torch.randn(4, 5 * d, generator=_gen())

@@ -59,3 +59,18 @@ def test_kv_write_puts_each_rows_k_and_v_at_its_slot():
     assert torch.equal(k_pool.view(24, kv_heads, d), want_k) and torch.equal(
         v_pool.view(24, kv_heads, d), want_v
     )
+
+
+@pytest.mark.parametrize("inter", [1536, 40, 7])
+def test_silu_mul_equals_the_runners_torch_ops(inter):
+    g = torch.Generator().manual_seed(inter)
+    wide = torch.randn(9, 2 * inter + 3, generator=g) * 6  # past |x| = 10: both tails of the sigmoid
+    gate_up = wide[:, 1 : 1 + 2 * inter]  # strided rows, as a slice of a wider output can be
+    gate, up = gate_up.chunk(2, dim=-1)
+    want = torch.nn.functional.silu(gate) * up
+    # e^-x within ~2 ulp of torch's: the product within a few ulp
+    torch.testing.assert_close(decoder_ops.silu_mul(gate_up), want, rtol=2e-6, atol=1e-7)
+    huge = torch.tensor([[-200.0, 200.0, 0.0, -0.0, 88.0, -88.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    torch.testing.assert_close(
+        decoder_ops.silu_mul(huge), torch.nn.functional.silu(huge[:, :6]) * huge[:, 6:], rtol=2e-6, atol=0
+    )

@@ -86,7 +86,7 @@ class Runner(nn.Module):
         self.dtype = weights.compute_dtype
         self.device = weights.embed.device
         self.linear = _linear_for(weights)
-        # the C ops for RMSNorm and RoPE: fp32 on a CPU where hotlora's kernels run
+        # the C ops for RMSNorm, RoPE and the activation: fp32 on a CPU where hotlora's kernels run
         self._native_ops = (
             self.device.type == "cpu" and self.dtype == torch.float32 and decoder_ops.available()
         )
@@ -165,8 +165,8 @@ class Runner(nn.Module):
         native: bool = False,
         lora=None,
     ) -> torch.Tensor:
-        """`native`: RMSNorm and RoPE as hotlora's C ops, in place where torch would allocate: serving only,
-        never under autograd."""
+        """`native`: RMSNorm, RoPE and the MLP's activation as hotlora's C ops, in place where torch would
+        allocate: serving only, never under autograd."""
         spec, w = self.spec, self.w
         if block_weights.is_packed(w.embed):
             h = block_weights.embedding(token_ids, w.embed)
@@ -196,10 +196,13 @@ class Runner(nn.Module):
             a = attend(i, q, k, v)
             h = h + self._project(i, "o", a, layer.o, layer.o_bias, lora)
             x = norm(h, layer.post_norm, eps)
-            gate, up = self._project(i, "gate_up", x, layer.gate_up, layer.gate_up_bias, lora).chunk(
-                2, dim=-1
-            )
-            h = h + self._project(i, "down", F.silu(gate) * up, layer.down, layer.down_bias, lora)
+            gate_up = self._project(i, "gate_up", x, layer.gate_up, layer.gate_up_bias, lora)
+            if native:
+                act = decoder_ops.silu_mul(gate_up)
+            else:
+                gate, up = gate_up.chunk(2, dim=-1)
+                act = F.silu(gate) * up
+            h = h + self._project(i, "down", act, layer.down, layer.down_bias, lora)
             if taps is not None and i + 1 in taps:  # an earlier layer a pooled text reads
                 taps[i + 1] = h
         return norm(h, w.norm, eps)
