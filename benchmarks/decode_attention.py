@@ -16,7 +16,6 @@ Writes the figures, with date and machine, into the ``## Decode attention`` sect
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
@@ -24,7 +23,7 @@ from hotlora.kernels import native
 from hotlora.kernels import paged_attention as kernel
 from hotlora.server.engine.runner import attention
 from hotlora.server.engine.runner.attention import AttentionMetadata
-from kernels import cpu_kernel_args, kernel_table  # benchmarks/kernels.py
+from kernels import best_of, cpu_kernel_args, kernel_table  # benchmarks/kernels.py
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS, BLOCK = 9, 3, 64, 30, 16
 POOL_BYTES = 2 << 30
@@ -52,16 +51,6 @@ def step(rows: int, keys: int, pool: torch.Tensor, path: str):
             attention.native_decode.usable = use_kernel
 
     return run
-
-
-def best_of(fns: dict, repeats: int) -> dict[str, float]:
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t)
-    return best
 
 
 def stream_rate(nbytes: int, repeats: int) -> float:

@@ -159,6 +159,18 @@ def cpu_kernel_args(parser: argparse.ArgumentParser, why_not: str | None) -> arg
     return args
 
 
+def best_of(fns: dict, repeats: int) -> dict[str, float]:
+    """Each callable's best wall time in seconds over `repeats` rounds, the callables interleaved in a round
+    (a CPU kernel benchmark's A/B: a slow moment of the machine hits every side alike)."""
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t)
+    return best
+
+
 def kernel_table(section: str, script: str, about: str, header: str, rows: Iterator[str]) -> None:
     """A CPU kernel benchmark's table (weight_storage.py, decode_attention.py): dated and described, printed
     row by row as `rows` measures them (under inference_mode), then written into RESULTS.md's `section`."""

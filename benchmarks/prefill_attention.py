@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 
 import torch
-from decode_attention import best_of  # benchmarks/decode_attention.py
 
 from hotlora.kernels import native
 from hotlora.kernels import prefill_attention as kernel
 from hotlora.server.engine.runner import attention
-from kernels import cpu_kernel_args, kernel_table  # benchmarks/kernels.py
+from kernels import best_of, cpu_kernel_args, kernel_table  # benchmarks/kernels.py
 
 HEADS, KV_HEADS, HEAD_DIM, LAYERS = 9, 3, 64, 30
 CASES = [(64, 0), (128, 0), (512, 0), (2048, 0), (64, 448), (512, 1536)]

@@ -16,7 +16,7 @@ Writes the figures, with date and machine, into the ``## Weight storage`` sectio
 from __future__ import annotations
 
 import argparse
-import time
+import functools
 
 import numpy as np
 import torch
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from gguf import GGMLQuantizationType, quants
 
 from hotlora.kernels import bf16_weights, block_weights
-from kernels import cpu_kernel_args, kernel_table  # benchmarks/kernels.py
+from kernels import best_of, cpu_kernel_args, kernel_table  # benchmarks/kernels.py
 
 HIDDEN, INTERMEDIATE, QKV, LAYERS, VOCAB = 576, 1536, 960, 30, 49152
 
@@ -50,13 +50,7 @@ def measure(rows: int, stores: dict, repeats: int) -> dict[str, float]:
         for w, k in stores[name]:
             linear(xs[k], w)
 
-    best = dict.fromkeys(stores, float("inf"))
-    for _ in range(repeats):
-        for name in best:
-            t = time.perf_counter()
-            run(name)
-            best[name] = min(best[name], time.perf_counter() - t)
-    return best
+    return best_of({name: functools.partial(run, name) for name in stores}, repeats)
 
 
 def main() -> None:

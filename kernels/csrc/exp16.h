@@ -1,11 +1,11 @@
-// e^x in sixteen lanes, for hotlora's attention kernels (included by them; kernels/native.py hashes it with
-// each source).
+// e^x in sixteen lanes, for hotlora's attention kernels and the MLP's activation (included by their sources;
+// kernels/native.py hashes it with each).
 #pragma once
 #include <immintrin.h>
 
 // e^x in sixteen lanes (Cephes' expf: x = n ln2 + r, |r| <= ln2/2, a degree-7 polynomial in r, times 2^n),
-// within ~2 ulp of expf for the arguments softmax gives it (<= 0); below -100 it is 0 or a denormal, as
-// expf's is.
+// within ~2 ulp of expf for the arguments softmax (<= 0) and silu (-x) give it; below -100 it is 0 or a
+// denormal, as expf's is, and past ~88.7 it is inf.
 static inline __m512 exp16(__m512 x) {
   x = _mm512_max_ps(x, _mm512_set1_ps(-100.0f));
   __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
