@@ -225,3 +225,57 @@ def test_a_bound_site_refuses_what_add_lora_packed_refuses():
     assert torch.equal(y, case.y)  # nothing written by any of them
     with pytest.raises(ValueError, match="one output offset per B slice"):  # the banks, checked at binding
         backend.bind_packed(case.a, case.bs, case.scales, case.offsets[:2])
+
+
+# The C kernel's two ways of sharing a call between threads, at sizes where it runs on more than one: whole
+# runs of tokens a thread, in slot order (decode; many short prompts), or each run's rows and outputs split
+# over the threads (a prefill on few adapters). Slices of 300, 128 and 17 outputs: full blocks of the
+# rank-major expand (128 outputs), a tail of 44 (a partial last vector) and a lone short one.
+SPLIT_OUTS = (300, 128, 17)
+SPLIT_CASES = {
+    "decode, slots out of order": [7, -1, 3, 0, 5, 2, 6, 1, 4, 3, 6, 0],
+    "many short prompts": [5] * 3 + [1] * 4 + [-1] * 2 + [0] * 5 + [6] * 2 + [3] * 3,
+    "one long prompt and a short one": [2] * 20 + [6] * 5,  # 3 runs (at most 16 tokens a run): split
+}
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CPU kernel")
+@pytest.mark.parametrize("name", SPLIT_CASES)
+@pytest.mark.parametrize("layout", ["contiguous", "rank-major"])
+@pytest.mark.parametrize("banks", [torch.float32, torch.bfloat16], ids=str)
+def test_the_c_kernel_splits_work_either_way_and_matches_the_reference(name, layout, banks):
+    from hotlora.kernels import lora_decode
+
+    if not lora_decode.available():
+        pytest.skip("no C kernel here")
+    slots = torch.tensor(SPLIT_CASES[name])
+    ranks = torch.tensor([16, 4, 16, 8, 0, 16, 12, 16])  # slot 4 empty: its tokens get nothing
+    gen = torch.Generator().manual_seed(3)
+    h_in, n = 256, len(SPLIT_OUTS)  # enough work for the kernel to take both threads
+    a = torch.randn(len(ranks), n * R, h_in, generator=gen) * 0.2
+    bs = [torch.randn(len(ranks), h, R, generator=gen) * 0.2 for h in SPLIT_OUTS]
+    for s, r in enumerate(ranks.tolist()):  # NaN past each slot's rank: reading it shows up
+        a[s].view(n, R, h_in)[:, r:] = float("nan")
+        for b in bs:
+            b[s, :, r:] = float("nan")
+    a = a.to(banks)
+    bs = tuple((rank_major(b) if layout == "rank-major" else b).to(banks) for b in bs)
+    scales = torch.rand(n, len(ranks), generator=gen) + 0.5
+    x = torch.randn(len(slots), h_in, generator=gen)
+    y0 = torch.randn(len(slots), 4 + sum(SPLIT_OUTS) + 3, generator=gen)  # padded: columns 4.. are the slices
+    offsets = tuple(4 + sum(SPLIT_OUTS[:i]) for i in range(n))
+    expected = y0.clone()
+    add_lora_packed_reference(
+        expected, x, a.float(), tuple(b.float() for b in bs), scales, slots, ranks, offsets
+    )
+    for threads in (1, 2):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            got = y0.clone()
+            lora_decode.packed(got, x, slots, a, bs, ranks, scales, offsets)
+        finally:
+            torch.set_num_threads(before)
+        assert_matches_reference(got, expected)
+        assert torch.equal(got[slots == -1], y0[slots == -1]) and torch.equal(got[slots == 4], y0[slots == 4])
+        assert torch.equal(got[:, :4], y0[:, :4]) and torch.equal(got[:, -3:], y0[:, -3:])
