@@ -146,7 +146,7 @@ class CpuBackend(LoraBackend):
     """torch ops chosen by batch shape (kernels.cpu); runs on any device, tuned for CPU."""
 
     plan_types = (SegmentPlan, SlotsPlan)
-    bf16_banks = True  # fp32 x/y with bf16 banks (--weight-dtype bfloat16): widened as they are read
+    bf16_banks = True  # fp32 x/y with bf16 banks (--adapter-dtype bfloat16): widened as they are read
     rank_major_b = True  # the C expand then sums along output rows, with no horizontal sums
 
     def __init__(self, strategy: str | None = None) -> None:

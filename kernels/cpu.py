@@ -186,7 +186,7 @@ def _segment_update(
     slot: int,
     rank: int,
 ) -> None:
-    # ys: [n, H_out] view, xs: [n, H_in]; bf16 banks (--weight-dtype bfloat16) widen one slot's rows
+    # ys: [n, H_out] view, xs: [n, H_in]; bf16 banks (--adapter-dtype bfloat16) widen one slot's rows
     v = torch.mm(xs, lora_a[slot, :rank].to(xs.dtype).T)  # [n, r]
     ys.addmm_(v, lora_b[slot, :, :rank].to(xs.dtype).T, alpha=scale)
 

@@ -1,7 +1,7 @@
 """The CPU path's multi-LoRA update of batches of short segments in C (`csrc/lora_decode.c`): each run of
 tokens on one slot reads its adapter from the banks in place, once, per-slot ranks honoured, for fp32
-activations on CPUs that run hotlora's C kernels; the banks fp32, or bf16 when the model's weights are stored
-so (`--weight-dtype bfloat16`).
+activations on CPUs that run hotlora's C kernels; the banks fp32, or bf16 (`--adapter-dtype bfloat16`, and
+its default under `--weight-dtype bfloat16`), widened as they are read.
 
 Used by kernels.cpu for decode batches (one token per slot, where the adapters' bytes are the whole cost) and
 prefills of many adapters or few tokens (where torch would pay its dispatch per segment). `packed` is also
@@ -30,7 +30,7 @@ def usable(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch
 
 
 def _banks_readable(lora_a: torch.Tensor, lora_bs: tuple[torch.Tensor, ...]) -> bool:
-    # bf16 banks come with --weight-dtype bfloat16
+    # bf16 banks: --adapter-dtype bfloat16 (by default under --weight-dtype bfloat16)
     return (
         lora_a.dtype in (torch.float32, torch.bfloat16)
         and all(b.dtype == lora_a.dtype for b in lora_bs)

@@ -27,7 +27,7 @@ def check_add_lora_args(
     bf16_banks: bool = False,
 ) -> None:
     """Shapes and dtypes of one add_lora call (see LoraBackend.add_lora). `bf16_banks`: the backend also
-    takes bf16 banks with fp32 x and y (the CPU path, for --weight-dtype bfloat16)."""
+    takes bf16 banks with fp32 x and y (the CPU path, for --adapter-dtype bfloat16)."""
     if x.dim() != 2 or y.dim() != 2:
         raise ValueError(f"x and y must be 2-D [T, H], got x {tuple(x.shape)} and y {tuple(y.shape)}")
     if lora_a.dim() != 3 or lora_b.dim() != 3:

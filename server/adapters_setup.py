@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from hotlora.adapters.lora_layers import LoraContext, inject_multi_lora, make_lora_sites
 from hotlora.adapters.observer import AdapterObserver
@@ -13,10 +16,12 @@ from hotlora.adapters.service import AdapterService
 from hotlora.adapters.store.s3_blob_store import S3Options
 from hotlora.adapters.store.shared_stores import StoreConfig, default_replica_id, open_registry
 from hotlora.adapters.store.upload_spool import UploadBudget, UploadSpooler
+from hotlora.kernels import lora_decode, native
 from hotlora.server.config import ServerConfig
 from hotlora.server.engine.runner import FUSED
 from hotlora.server.model_loading import LoadedModel
 
+log = logging.getLogger("hotlora.adapters")
 UPLOADS_DIR = "uploads-in-flight"  # under --data-dir: spools of uploads not yet stored
 
 
@@ -34,6 +39,28 @@ class AdapterSide:
     """The PEFT module names adapters may target on this model, sorted."""
 
 
+def bank_dtype(asked: str, compute: torch.dtype, stored: torch.dtype, device: torch.device) -> torch.dtype:
+    """The LoRA banks' dtype for --adapter-dtype `asked`: auto stores them as the base weights are stored
+    (bf16 under --weight-dtype bfloat16, read widened); narrower than the compute dtype only as bf16 under
+    fp32 on a CPU whose LoRA kernel widens them as it reads (elsewhere every call would convert a bank)."""
+    if asked == "auto":
+        return stored
+    want = getattr(torch, asked)
+    if want == compute:
+        return want
+    if want == torch.bfloat16 and compute == torch.float32 and torch.device(device).type == "cpu":
+        if not lora_decode.available():
+            raise ValueError(
+                "--adapter-dtype bfloat16 needs hotlora's C LoRA kernel, which cannot run here: "
+                f"{native.unavailable_reason() or 'it did not build (see the warning logged)'}"
+            )
+        return want
+    raise ValueError(
+        f"--adapter-dtype {asked} under {str(compute).removeprefix('torch.')} compute on {device}: banks "
+        "narrower than the compute are bf16 under fp32 on a CPU only"
+    )
+
+
 def setup_adapters(cfg: ServerConfig, loaded: LoadedModel, observer: AdapterObserver) -> AdapterSide:
     base = loaded.base
     targets = [t for t in cfg.target_module_list if t in base.linear_shapes]
@@ -46,7 +73,6 @@ def setup_adapters(cfg: ServerConfig, loaded: LoadedModel, observer: AdapterObse
     if loaded.runner_kind == "runner":
         shapes = runner.projection_shapes()
         layout = {proj: (shapes[proj][0], FUSED[proj], shapes[proj][1]) for proj in FUSED}
-        # the banks are stored as the base weights are: bf16 under --weight-dtype bfloat16, read widened
         ctx, by_key = make_lora_sites(
             layout,
             base.num_layers,
@@ -54,11 +80,25 @@ def setup_adapters(cfg: ServerConfig, loaded: LoadedModel, observer: AdapterObse
             cfg.adapter_slots,
             cfg.max_rank,
             loaded.device,
-            runner.w.stored_dtype,
+            bank_dtype(cfg.adapter_dtype, loaded.dtype, runner.w.stored_dtype, loaded.device),
         )
         runner.sites = by_key
         sites = list(by_key.values())
-    else:  # the transformers path: wrap its nn.Linear layers
+        per_slot = sum(site.nbytes_per_slot for site in sites)
+        log.info(
+            "adapter banks: %d slots x rank %d in %s, %.1f MiB a slot, %.0f MiB in all",
+            cfg.adapter_slots,
+            cfg.max_rank,
+            str(sites[0].bank.a.dtype).removeprefix("torch.") if sites else "-",
+            per_slot / 2**20,
+            per_slot * cfg.adapter_slots / 2**20,
+        )
+    else:  # the transformers path: wrap its nn.Linear layers, banks in the model's dtype
+        if cfg.adapter_dtype not in ("auto", str(loaded.dtype).removeprefix("torch.")):
+            raise ValueError(
+                f"--adapter-dtype {cfg.adapter_dtype} needs hotlora's runner, and {loaded.name} is served "
+                "through the transformers path"
+            )
         ctx, wrapped = inject_multi_lora(runner.model, targets, cfg.adapter_slots, cfg.max_rank)
         runner.lora_ctx = ctx
         sites = list(wrapped.values())

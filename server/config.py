@@ -70,6 +70,15 @@ class ServerConfig:
         "step reads; numerics are those of the bf16-rounded weights)",
         choices=("auto", "float32", "bfloat16"),
     )
+    adapter_dtype: str = _opt(
+        "auto",
+        "how the adapters' LoRA banks are stored (as vLLM's --lora-dtype): auto (as the base weights: the "
+        "--dtype, bf16 under --weight-dtype bfloat16) | float32 (needs fp32 compute: adapters exact on "
+        "bf16-stored base weights) | bfloat16: under fp32 compute on a CPU with AVX-512, banks in bf16 "
+        "widened to fp32 by the LoRA kernel (half the bytes a many-adapter decode step reads, and twice the "
+        "adapters a GiB holds; numerics are those of the bf16-rounded A and B)",
+        choices=("auto", "float32", "bfloat16"),
+    )
     runner: str = _opt(
         "auto",
         "auto (hotlora's runner for Llama, Mistral and Qwen2; transformers for other families) "
@@ -249,6 +258,14 @@ class ServerConfig:
             problems.append("--weight-dtype bfloat16 widens to fp32: it needs --dtype float32 (or auto)")
         elif self.weight_dtype == "bfloat16" and self.runner == "transformers":
             problems.append("--weight-dtype bfloat16 needs hotlora's runner, not --runner transformers")
+        if self.adapter_dtype not in ("auto", "float32", "bfloat16"):
+            problems.append(f"--adapter-dtype must be auto, float32 or bfloat16 (got {self.adapter_dtype!r})")
+        elif self.adapter_dtype != "auto" and self.runner == "transformers":
+            problems.append("--adapter-dtype needs hotlora's runner, not --runner transformers")
+        elif self.adapter_dtype == "float32" and self.dtype in ("float16", "bfloat16"):
+            problems.append(f"--adapter-dtype float32 needs fp32 compute, not --dtype {self.dtype}")
+        elif self.adapter_dtype == "bfloat16" and self.dtype == "float16":
+            problems.append("--adapter-dtype bfloat16 needs fp32 or bf16 compute, not --dtype float16")
         if self.torch_compile and self.runner == "transformers":
             problems.append("--torch-compile compiles hotlora's runner, not --runner transformers")
         elif self.torch_compile and self.dtype in ("float16", "bfloat16"):

@@ -51,12 +51,24 @@ def upload_chunks(name: str, directory: Path, labels=(), chunk=4096):
             yield adapters_pb2.UploadChunk(filename=fname, data=data[off : off + chunk])
 
 
-def peft_greedy(adapter_dir: Path, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+def round_lora_to_bf16(model) -> None:
+    """The adapter's A and B rounded to bf16 and back, as --adapter-dtype bfloat16 serves them."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(p.to(torch.bfloat16).float())
+
+
+def peft_greedy(
+    adapter_dir: Path, prompt_ids: list[int], max_new_tokens: int, lora_bf16: bool = False
+) -> list[int]:
     from peft import PeftModel
 
     from tests.tiny import build_tiny_llama
 
     model = PeftModel.from_pretrained(build_tiny_llama(), str(adapter_dir)).eval()
+    if lora_bf16:
+        round_lora_to_bf16(model)
     with torch.no_grad():
         out = model.generate(
             input_ids=torch.tensor([prompt_ids]),

@@ -8,6 +8,7 @@ import grpc
 import pytest
 import torch
 
+from hotlora.kernels import lora_decode
 from hotlora.v1 import adapters_pb2, common_pb2, inference_pb2
 from tests.server.adapter_utils import make_peft_adapter, make_seq_cls_adapter, peft_greedy, upload_chunks
 from tests.server.harness import running_server
@@ -149,3 +150,60 @@ def test_export_is_byte_identical(server, adapter_dirs, tmp_path):
         files[c.filename] = files.get(c.filename, b"") + c.data
     for fname in ("adapter_config.json", "adapter_model.safetensors"):
         assert files[fname] == (d / fname).read_bytes()
+
+
+def _peft_cls_probs(adapter_dir, texts, lora_bf16: bool) -> list[torch.Tensor]:
+    from peft import PeftModel
+    from transformers import LlamaForSequenceClassification
+
+    from tests.server.adapter_utils import round_lora_to_bf16
+    from tests.tiny import tiny_llama_config
+
+    torch.manual_seed(0)
+    base = LlamaForSequenceClassification(tiny_llama_config(num_labels=3)).eval()
+    base.model.load_state_dict(build_tiny_llama().model.state_dict())
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    if lora_bf16:
+        round_lora_to_bf16(model)
+    tok = tiny_tokenizer()
+    with torch.no_grad():
+        return [model(torch.tensor([tok(t)["input_ids"]])).logits.softmax(-1)[0] for t in texts]
+
+
+@pytest.mark.skipif(not lora_decode.available(), reason="bf16 banks are read by the C LoRA kernel")
+def test_bf16_adapter_banks_serve_as_peft_on_the_bf16_rounded_adapters(
+    tiny_model_dir, adapter_dirs, tmp_path
+):
+    # --adapter-dtype bfloat16 under fp32 compute: banks hold A and B rounded to bf16 (half the bytes a
+    # many-adapter decode step reads); the numbers are PEFT's on those rounded weights, not on the file's
+    with running_server(
+        tiny_model_dir,
+        tmp_path / "data",
+        adapter_slots=3,
+        max_rank=16,
+        dtype="float32",
+        adapter_dtype="bfloat16",
+    ) as run:
+        sites = run.state.loaded.model.sites.values()
+        assert {s.bank.a.dtype for s in sites} == {torch.bfloat16}
+        tok = tiny_tokenizer()
+        for name, d in adapter_dirs.items():
+            run.adapters.UploadAdapter(upload_chunks(name, d))
+        jobs = [(name, p) for name in adapter_dirs for p in PROMPTS]
+        with cf.ThreadPoolExecutor(len(jobs)) as pool:  # more adapters than slots, in one mixed batch
+            results = dict(zip(jobs, pool.map(lambda j: _gen(run, j[1], j[0]), jobs), strict=True))
+        for (name, p), resp in results.items():
+            want = peft_greedy(adapter_dirs[name], tok(p)["input_ids"], NEW, lora_bf16=True)
+            assert list(resp.token_ids) == want, f"{name} {p!r} differs from PEFT on bf16-rounded A and B"
+
+        d = make_seq_cls_adapter(tmp_path / "cls")
+        run.adapters.UploadAdapter(upload_chunks("sentiment", d, labels=["neg", "neu", "pos"]))
+        texts = ["good movie", "bad", "it was fine I guess"]
+        resp = run.inference.Classify(
+            inference_pb2.ClassifyRequest(adapter="sentiment", texts=texts), timeout=60
+        )
+    rounded, exact = _peft_cls_probs(d, texts, lora_bf16=True), _peft_cls_probs(d, texts, lora_bf16=False)
+    for r, want, unrounded in zip(resp.results, rounded, exact, strict=True):
+        got = torch.tensor([s.score for s in r.scores])
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+        assert (got - unrounded).abs().max() > 1e-5  # the rounding shows: the banks really are bf16

@@ -124,3 +124,33 @@ def test_torch_compile_refuses_a_model_it_cannot_compile(tiny_model_dir, tmp_pat
     with pytest.raises(ValueError, match="--torch-compile: no C compiler here"):
         assemble(cfg)
     assert _engine_threads() - before == set()
+
+
+def test_adapter_banks_narrower_than_the_compute_are_bf16_under_fp32_on_a_cpu_only():
+    from hotlora.kernels import lora_decode
+    from hotlora.server.adapters_setup import bank_dtype
+
+    f32, bf16, cpu = torch.float32, torch.bfloat16, torch.device("cpu")
+    assert bank_dtype("auto", f32, bf16, cpu) == bf16  # as the weights are stored (--weight-dtype bfloat16)
+    assert bank_dtype("auto", f32, f32, cpu) == f32
+    assert bank_dtype("float32", f32, bf16, cpu) == f32  # exact adapters on bf16-stored base weights
+    assert bank_dtype("bfloat16", bf16, bf16, torch.device("cuda")) == bf16  # the compute dtype itself
+    if lora_decode.available():
+        assert bank_dtype("bfloat16", f32, f32, cpu) == bf16
+    with pytest.raises(ValueError, match="bf16 under fp32 on a CPU only"):
+        bank_dtype("bfloat16", f32, f32, torch.device("cuda"))
+    with pytest.raises(ValueError, match="--adapter-dtype float32 under bfloat16 compute"):
+        bank_dtype("float32", bf16, bf16, cpu)
+
+
+def test_adapter_dtype_on_a_model_served_through_transformers_fails_at_start(tmp_path):
+    from tests.server.test_runner_families import _model_dir, _qwen3_not_covered
+
+    _, path = _model_dir(tmp_path, _qwen3_not_covered())
+    before = _engine_threads()
+    cfg = ServerConfig(
+        model=str(path), data_dir=str(tmp_path / "data"), device="cpu", http_port=-1, adapter_dtype="bfloat16"
+    )
+    with pytest.raises(ValueError, match="--adapter-dtype bfloat16 needs hotlora's runner"):
+        assemble(cfg)
+    assert _engine_threads() - before == set()

@@ -61,6 +61,16 @@ def _no_hotlora_env(monkeypatch):
         (["--weight-dtype", "int4"], "--weight-dtype must be auto, float32 or bfloat16"),
         (["--weight-dtype", "bfloat16", "--dtype", "bfloat16"], "--weight-dtype bfloat16 widens to fp32"),
         (["--weight-dtype", "bfloat16", "--runner", "transformers"], "needs hotlora's runner"),
+        (["--adapter-dtype", "float16"], "--adapter-dtype must be auto, float32 or bfloat16"),
+        (
+            ["--adapter-dtype", "bfloat16", "--runner", "transformers"],
+            "--adapter-dtype needs hotlora's runner",
+        ),
+        (["--adapter-dtype", "float32", "--dtype", "bfloat16"], "--adapter-dtype float32 needs fp32 compute"),
+        (
+            ["--adapter-dtype", "bfloat16", "--dtype", "float16"],
+            "--adapter-dtype bfloat16 needs fp32 or bf16",
+        ),
         (["--torch-compile", "--runner", "transformers"], "--torch-compile compiles hotlora's runner"),
         (["--torch-compile", "--dtype", "bfloat16"], "--torch-compile needs --dtype float32"),
         (["--torch-compile", "--device", "cuda"], "--torch-compile is the CPU path"),
