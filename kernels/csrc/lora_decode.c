@@ -154,17 +154,19 @@ AI void prefetch_row(const void* p, int64_t bytes) {
 
 // The expand over a rank-major B (the CPU banks' layout: storage [S, R, n], row j holding every output's
 // weight for rank j, seen by torch as a [S, n, R] view): d = sum_j u[t, j] * B[s, j, :], then y[t] +=
-// scale * d, summed per output lane in j order (no horizontal sums). A block of TV * 16 outputs is summed
-// in registers over the slot's r rows (a sum kept in memory paid a load and a store per row and 16 outputs),
-// and each row's bytes for the next block are asked for as this block reads them: r short streams at once
-// are more than the hardware prefetcher follows. One piece, block blk; its rows stay in L1 across the
-// piece's tokens.
+// scale * d, summed per output lane in j order (no horizontal sums). One piece, outputs TCHUNK * c .. of
+// it: up to JG rows at a time are summed into TV * 16 outputs held in registers (a sum kept in memory paid
+// a load and a store per row and 16 outputs), d carrying the sums from one group of rows to the next; a
+// group's rows are read as JG streams at once, few enough for the hardware prefetcher to follow, each row's
+// next block asked for as this one is read. The chunk's rows stay in cache for the piece's later tokens.
 #define TV 8
+#define JG 16
+#define TCHUNK 512
 #define EXPAND_T_BLOCK(T, LOAD, NV, LAST_MASK)                                                                \
   {                                                                                                           \
     __m512 acc[TV];                                                                                           \
-    for (int v = 0; v < (NV); v++) acc[v] = _mm512_setzero_ps();                                              \
-    for (int64_t j = 0; j < r; j++) {                                                                         \
+    for (int v = 0; v < (NV); v++) acc[v] = j0 ? _mm512_load_ps(d + q0 + 16 * v) : _mm512_setzero_ps();       \
+    for (int64_t j = j0; j < j1; j++) {                                                                       \
       __m512 uj = _mm512_set1_ps(ut[j]);                                                                      \
       const T* row = bs + j * n + q0;                                                                         \
       if (ahead)                                                                                              \
@@ -176,31 +178,39 @@ AI void prefetch_row(const void* p, int64_t bytes) {
     for (int v = 0; v < (NV); v++) {                                                                          \
       __mmask16 m = v == (NV) - 1 ? (LAST_MASK) : 0xFFFF;                                                     \
       float* o = yt + q0 + 16 * v;                                                                            \
-      _mm512_mask_storeu_ps(o, m, _mm512_fmadd_ps(scale, acc[v], _mm512_maskz_loadu_ps(m, o)));               \
+      if (j1 < r) _mm512_store_ps(d + q0 + 16 * v, acc[v]);                                                   \
+      else _mm512_mask_storeu_ps(o, m, _mm512_fmadd_ps(scale, acc[v], _mm512_maskz_loadu_ps(m, o)));          \
     }                                                                                                         \
   }
 #define DEFINE_EXPAND_T_PIECE(NAME, T, LOAD)                                                                  \
   AI void NAME(const float* u, int64_t u_row, int64_t u_off, const T* b, int64_t n, int64_t r_max,           \
-               int64_t blk, int64_t t0, int64_t t1, int64_t s, int64_t r, float scale_, float* y,             \
+               int64_t c, int64_t t0, int64_t t1, int64_t s, int64_t r, float scale_, float* y,               \
                int64_t y_row) {                                                                               \
-    int64_t q0 = blk * TV * 16, nn = n - q0 < TV * 16 ? n - q0 : TV * 16;                                     \
-    const T* bs = b + s * r_max * n;                                                                          \
+    int64_t n0 = c * TCHUNK, nn = n - n0 < TCHUNK ? n - n0 : TCHUNK;                                          \
+    const T* bs = b + s * r_max * n + n0;                                                                     \
     __m512 scale = _mm512_set1_ps(scale_);                                                                    \
-    int nv = (int)((nn + 15) / 16);                                                                           \
-    __mmask16 last = nn % 16 ? (__mmask16)((1u << (nn % 16)) - 1) : 0xFFFF;                                   \
+    float d[TCHUNK] __attribute__((aligned(64)));                                                             \
     for (int64_t t = t0; t < t1; t++) {                                                                       \
       const float* ut = u + t * u_row + u_off;                                                                \
-      float* yt = y + t * y_row;                                                                              \
-      int ahead = t == t0 && q0 + TV * 16 < n;                                                                \
-      switch (nv) { /* a constant count of registers per case */                                              \
-        case 8: EXPAND_T_BLOCK(T, LOAD, 8, last) break;                                                       \
-        case 7: EXPAND_T_BLOCK(T, LOAD, 7, last) break;                                                       \
-        case 6: EXPAND_T_BLOCK(T, LOAD, 6, last) break;                                                       \
-        case 5: EXPAND_T_BLOCK(T, LOAD, 5, last) break;                                                       \
-        case 4: EXPAND_T_BLOCK(T, LOAD, 4, last) break;                                                       \
-        case 3: EXPAND_T_BLOCK(T, LOAD, 3, last) break;                                                       \
-        case 2: EXPAND_T_BLOCK(T, LOAD, 2, last) break;                                                       \
-        default: EXPAND_T_BLOCK(T, LOAD, 1, last)                                                             \
+      float* yt = y + t * y_row + n0;                                                                         \
+      for (int64_t j0 = 0; j0 < r; j0 += JG) {                                                                \
+        int64_t j1 = r - j0 < JG ? r : j0 + JG;                                                               \
+        for (int64_t q0 = 0; q0 < nn; q0 += TV * 16) {                                                        \
+          int64_t left = nn - q0;                                                                             \
+          int nv = left >= TV * 16 ? TV : (int)((left + 15) / 16);                                            \
+          __mmask16 last = left >= TV * 16 || left % 16 == 0 ? 0xFFFF : (__mmask16)((1u << (left % 16)) - 1); \
+          int ahead = t == t0 && q0 + TV * 16 < nn;                                                           \
+          switch (nv) { /* a constant count of registers per case */                                          \
+            case 8: EXPAND_T_BLOCK(T, LOAD, 8, last) break;                                                   \
+            case 7: EXPAND_T_BLOCK(T, LOAD, 7, last) break;                                                   \
+            case 6: EXPAND_T_BLOCK(T, LOAD, 6, last) break;                                                   \
+            case 5: EXPAND_T_BLOCK(T, LOAD, 5, last) break;                                                   \
+            case 4: EXPAND_T_BLOCK(T, LOAD, 4, last) break;                                                   \
+            case 3: EXPAND_T_BLOCK(T, LOAD, 3, last) break;                                                   \
+            case 2: EXPAND_T_BLOCK(T, LOAD, 2, last) break;                                                   \
+            default: EXPAND_T_BLOCK(T, LOAD, 1, last)                                                         \
+          }                                                                                                   \
+        }                                                                                                     \
       }                                                                                                       \
     }                                                                                                         \
   }
@@ -213,8 +223,8 @@ DEFINE_EXPAND_T_PIECE(expand_t_piece, float, load_f32)
 DEFINE_EXPAND_T_PIECE(expand_t_piece_bf16, uint16_t, load_bf16)
 #define BLOCK_expand_piece 16
 #define BLOCK_expand_piece_bf16 16
-#define BLOCK_expand_t_piece (TV * 16)
-#define BLOCK_expand_t_piece_bf16 (TV * 16)
+#define BLOCK_expand_t_piece TCHUNK
+#define BLOCK_expand_t_piece_bf16 TCHUNK
 
 // Every piece's shrink (SHRINK_PIECE for each slice), then each slice's expand (EXPAND_PIECE for each
 // block of outputs), where t1 - t0 = the piece's tokens.
