@@ -229,9 +229,9 @@ def test_a_bound_site_refuses_what_add_lora_packed_refuses():
 
 # The C kernel's two ways of sharing a call between threads, at sizes where it runs on more than one: whole
 # runs of tokens a thread, in slot order (decode; many short prompts), or each run's rows and outputs split
-# over the threads (a prefill on few adapters). Slices of 300, 128 and 17 outputs: full blocks of the
-# rank-major expand (128 outputs), a tail of 44 (a partial last vector) and a lone short one.
-SPLIT_OUTS = (300, 128, 17)
+# over the threads (a prefill on few adapters). Slices of 600, 128 and 17 outputs: the rank-major expand's
+# chunks of 512 outputs and blocks of 128 whole and cut (a chunk of 88: 5 whole vectors and 8 lanes).
+SPLIT_OUTS = (600, 128, 17)
 SPLIT_CASES = {
     "decode, slots out of order": [7, -1, 3, 0, 5, 2, 6, 1, 4, 3, 6, 0],
     "many short prompts": [5] * 3 + [1] * 4 + [-1] * 2 + [0] * 5 + [6] * 2 + [3] * 3,
