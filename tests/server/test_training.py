@@ -47,22 +47,22 @@ def _classify(run, ref, texts=TEXTS):
     return [{s.label: s.score for s in r.scores} for r in resp.results]
 
 
-def _peft_probs(adapter_dir, labels, texts=TEXTS, bf16_matrices: bool = False):
-    """PEFT's class probabilities; `bf16_matrices`: as --weight-dtype bfloat16 serves them."""
+def _peft_probs(adapter_dir, labels, texts=TEXTS, bf16_base: bool = False, bf16_lora: bool = False):
+    """PEFT's class probabilities; `bf16_base`: the base's matrices as --weight-dtype bfloat16 stores them;
+    `bf16_lora`: the adapter's A and B as bf16 banks hold them (the head stays fp32)."""
     from peft import PeftModel
     from transformers import LlamaForSequenceClassification
 
+    from tests.server.adapter_utils import round_lora_to_bf16
+
     base = LlamaForSequenceClassification(tiny_llama_config(num_labels=len(labels))).eval()
     state = build_tiny_llama().model.state_dict()
-    if bf16_matrices:  # what --weight-dtype bfloat16 stores: matrices rounded to bf16, norms in fp32
+    if bf16_base:  # what --weight-dtype bfloat16 stores: matrices rounded to bf16, norms in fp32
         state = {k: v.to(torch.bfloat16).float() if v.ndim == 2 else v for k, v in state.items()}
     base.model.load_state_dict(state)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
-    if bf16_matrices:  # and the adapters' A and B, in bf16 banks like the weights (the head stays fp32)
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if "lora_" in name:
-                    p.copy_(p.to(torch.bfloat16).float())
+    if bf16_lora:
+        round_lora_to_bf16(model)
     tok = tiny_tokenizer()
     out = []
     with torch.no_grad():
@@ -96,19 +96,29 @@ def test_job_learns_a_separable_task_is_served_at_once_and_matches_peft(server, 
         assert s == pytest.approx(e, abs=1e-4)
 
 
+# (server options, base rounded to bf16, adapter rounded to bf16): bf16 banks come by default with bf16
+# weights, or alone with --adapter-dtype bfloat16; --adapter-dtype float32 keeps them exact on bf16 weights
+BF16_STORAGE = {
+    "bf16 weights": (dict(weight_dtype="bfloat16"), True, True),
+    "bf16 banks": (dict(adapter_dtype="bfloat16"), False, True),
+    "bf16 weights, fp32 banks": (dict(weight_dtype="bfloat16", adapter_dtype="float32"), True, False),
+}
+
+
 @pytest.mark.skipif(bf16_weights.unavailable_reason() is not None, reason="no bf16-weight kernel here")
-def test_a_server_with_bf16_stored_weights_trains_and_serves_as_peft_on_those_weights(
-    tiny_model_dir, tmp_path
-):
-    # training runs through the runner with autograd (the widened-weight path), serving through the kernel
-    with running_server(tiny_model_dir, tmp_path / "data", weight_dtype="bfloat16", dtype="float32") as run:
-        req = seq_cls("marker-bf16w", marker_examples(80, seed=1), method=training_pb2.METHOD_LORA)
+@pytest.mark.parametrize("storage", BF16_STORAGE)
+def test_a_server_storing_bf16_trains_and_serves_as_peft_on_what_it_stores(storage, tiny_model_dir, tmp_path):
+    # training runs through the runner with autograd (the widened-weight path) and fp32 LoRA weights;
+    # serving reads the weights and the banks as stored
+    options, bf16_base, bf16_lora = BF16_STORAGE[storage]
+    with running_server(tiny_model_dir, tmp_path / "data", dtype="float32", **options) as run:
+        req = seq_cls("marker-bf16", marker_examples(80, seed=1), method=training_pb2.METHOD_LORA)
         _, job = watch(run.training, run.training.CreateFineTune(req, timeout=30).id)
         assert job.state == training_pb2.JOB_STATE_SUCCEEDED, job.error
         assert job.metrics.validation_metric >= 0.9 > job.metrics.baseline_metric
-        served = _classify(run, "marker-bf16w")
-        out = _export(run, "marker-bf16w", tmp_path / "out")
-    expected = _peft_probs(out, ["no", "yes"], bf16_matrices=True)
+        served = _classify(run, "marker-bf16")
+        out = _export(run, "marker-bf16", tmp_path / "out")
+    expected = _peft_probs(out, ["no", "yes"], bf16_base=bf16_base, bf16_lora=bf16_lora)
     for s, e in zip(served, expected, strict=True):
         assert s == pytest.approx(e, abs=1e-4)
 
