@@ -142,7 +142,7 @@ class NativePackedSite:
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor, batch) -> None:
         if batch is not self._plan:  # holding the plan keeps its id from being reused by another
-            self._plan, self._route = batch, self._route_of(batch)
+            self._plan, self._route = batch, _shared_route(batch, self._num_slots, self._r_max)
         route, site = self._route, self._site
         if (
             route is None
@@ -162,19 +162,38 @@ class NativePackedSite:
             return
         site(y, x, route[0], route[1])
 
-    def _route_of(self, batch) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-        if not isinstance(batch, (SegmentPlan, SlotsPlan)) or not batch.has_lora:
-            return None
-        if batch.slot_ranks.shape[0] != self._num_slots or batch.max_rank > self._r_max:
-            return None  # the general path says what is wrong
-        if isinstance(batch, SegmentPlan) and not native_wanted(
-            batch, choose_cpu_strategy(batch), batch.num_tokens
-        ):
-            return None
-        slots, ranks = batch.token_slots, batch.slot_ranks
-        if slots.dim() != 1 or slots.shape[0] != batch.num_tokens or not (slots.is_cpu and ranks.is_cpu):
-            return None
-        return slots.to(torch.int64).contiguous(), ranks.to(torch.int64).contiguous(), batch.num_tokens
+
+# The last plan's route, for the bank shape it was worked out for: every site of a step sees the same plan
+# and banks of one slot count and rank, so the route is worked out once a step, not at each of ~120 sites.
+# Holding the plan keeps its id from being reused by another.
+_last_route: tuple = (None, 0, 0, None)
+
+
+def _shared_route(batch, num_slots: int, r_max: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    global _last_route
+    plan, slot_count, rank, route = _last_route
+    if plan is batch and slot_count == num_slots and rank == r_max:
+        return route
+    route = _route_of(batch, num_slots, r_max)
+    _last_route = (batch, num_slots, r_max, route)  # one tuple: a reader on another thread sees old or new
+    return route
+
+
+def _route_of(batch, num_slots: int, r_max: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """(slots, ranks, tokens) for the kernel, int64 and contiguous, or None: the plan is not one the kernel
+    takes as it is for banks of `num_slots` slots of rank `r_max` (the general path then runs it)."""
+    if not isinstance(batch, (SegmentPlan, SlotsPlan)) or not batch.has_lora:
+        return None
+    if batch.slot_ranks.shape[0] != num_slots or batch.max_rank > r_max:
+        return None  # the general path says what is wrong
+    if isinstance(batch, SegmentPlan) and not native_wanted(
+        batch, choose_cpu_strategy(batch), batch.num_tokens
+    ):
+        return None
+    slots, ranks = batch.token_slots, batch.slot_ranks
+    if slots.dim() != 1 or slots.shape[0] != batch.num_tokens or not (slots.is_cpu and ranks.is_cpu):
+        return None
+    return slots.to(torch.int64).contiguous(), ranks.to(torch.int64).contiguous(), batch.num_tokens
 
 
 def _segment_update(
