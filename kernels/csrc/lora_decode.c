@@ -250,7 +250,7 @@ static int by_key(const void* a, const void* b) {
   return (x > y) - (x < y);
 }
 static int64_t* slot_order(const int64_t* slots, const int64_t* starts, int64_t pieces) {
-  int64_t* order = malloc(pieces * sizeof(int64_t));
+  int64_t* order = malloc((pieces ? pieces : 1) * sizeof(int64_t));  // malloc(0) may give NULL
   if (!order) return NULL;
   for (int64_t p = 0; p < pieces; p++) order[p] = (slots[starts[p]] + 1) << 32 | p;
   qsort(order, pieces, sizeof(int64_t), by_key);

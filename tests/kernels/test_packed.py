@@ -279,3 +279,15 @@ def test_the_c_kernel_splits_work_either_way_and_matches_the_reference(name, lay
         assert_matches_reference(got, expected)
         assert torch.equal(got[slots == -1], y0[slots == -1]) and torch.equal(got[slots == 4], y0[slots == 4])
         assert torch.equal(got[:, :4], y0[:, :4]) and torch.equal(got[:, -3:], y0[:, -3:])
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="the CPU kernel")
+def test_the_c_kernel_takes_a_call_with_no_tokens():
+    from hotlora.kernels import lora_decode
+
+    if not lora_decode.available():
+        pytest.skip("no C kernel here")
+    case = make_packed([0, 1], [R, R])
+    y = torch.empty(0, case.y.shape[1])
+    lora_decode.packed(y, case.x[:0], case.slots[:0], case.a, case.bs, case.ranks, case.scales, case.offsets)
+    assert y.shape == (0, case.y.shape[1])
