@@ -127,23 +127,20 @@ def native_wanted(batch: SegmentPlan, strategy: str, tokens: int) -> bool:
 
 class NativePackedSite:
     """CpuBackend.bind_packed: one site's packed update through the C kernel, with what depends only on the
-    site's banks worked out once (lora_decode.PackedSite) and the path chosen once per plan (every site of a
-    step sees the same plan). A call the kernel does not take as it is -- another plan type, a plan whose
-    shape calls for a torch strategy, tensors of another dtype, shape or layout -- goes through `general`
-    (the backend's add_lora_packed, with its checks and its errors). Not for torch.compile to trace: it
-    would guard on the plan held here (LoraSite calls the backend directly while compiling)."""
+    site's banks worked out once (lora_decode.PackedSite) and the path chosen once per plan (_shared_route:
+    every site of a step sees the same plan). A call the kernel does not take as it is -- another plan type,
+    a plan whose shape calls for a torch strategy, tensors of another dtype, shape or layout -- goes through
+    `general` (the backend's add_lora_packed, with its checks and its errors). Not for torch.compile to
+    trace: it would guard on the plan _shared_route holds (LoraSite calls the backend directly while
+    compiling)."""
 
     def __init__(self, general, lora_a, lora_bs, scales, out_offsets) -> None:
         self._general = general
         self._site = lora_decode.PackedSite(lora_a, lora_bs, scales, out_offsets)
         self._num_slots, self._r_max = lora_a.shape[0], lora_a.shape[1] // len(lora_bs)
-        self._plan = None
-        self._route = None  # for self._plan: (slots, ranks, tokens) for the kernel, or None
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor, batch) -> None:
-        if batch is not self._plan:  # holding the plan keeps its id from being reused by another
-            self._plan, self._route = batch, _shared_route(batch, self._num_slots, self._r_max)
-        route, site = self._route, self._site
+        route, site = _shared_route(batch, self._num_slots, self._r_max), self._site
         if (
             route is None
             or x.dtype != torch.float32

@@ -73,14 +73,9 @@ def setup_adapters(cfg: ServerConfig, loaded: LoadedModel, observer: AdapterObse
     if loaded.runner_kind == "runner":
         shapes = runner.projection_shapes()
         layout = {proj: (shapes[proj][0], FUSED[proj], shapes[proj][1]) for proj in FUSED}
+        banks = bank_dtype(cfg.adapter_dtype, loaded.dtype, runner.w.stored_dtype, loaded.device)
         ctx, by_key = make_lora_sites(
-            layout,
-            base.num_layers,
-            targets,
-            cfg.adapter_slots,
-            cfg.max_rank,
-            loaded.device,
-            bank_dtype(cfg.adapter_dtype, loaded.dtype, runner.w.stored_dtype, loaded.device),
+            layout, base.num_layers, targets, cfg.adapter_slots, cfg.max_rank, loaded.device, banks
         )
         runner.sites = by_key
         sites = list(by_key.values())
@@ -89,7 +84,7 @@ def setup_adapters(cfg: ServerConfig, loaded: LoadedModel, observer: AdapterObse
             "adapter banks: %d slots x rank %d in %s, %.1f MiB a slot, %.0f MiB in all",
             cfg.adapter_slots,
             cfg.max_rank,
-            str(sites[0].bank.a.dtype).removeprefix("torch.") if sites else "-",
+            str(banks).removeprefix("torch."),
             per_slot / 2**20,
             per_slot * cfg.adapter_slots / 2**20,
         )

@@ -82,11 +82,6 @@ def test_upload_then_every_adapter_matches_peft_in_one_mixed_batch(server, adapt
 
 
 def test_seq_cls_adapter_probabilities_match_peft(server, tmp_path):
-    from peft import PeftModel
-    from transformers import LlamaForSequenceClassification
-
-    from tests.tiny import tiny_llama_config
-
     d = make_seq_cls_adapter(tmp_path / "cls")
     labels = ["neg", "neu", "pos"]
     a = server.adapters.UploadAdapter(upload_chunks("sentiment", d, labels=labels))
@@ -96,14 +91,7 @@ def test_seq_cls_adapter_probabilities_match_peft(server, tmp_path):
         inference_pb2.ClassifyRequest(adapter="sentiment", texts=texts), timeout=60
     )
 
-    torch.manual_seed(0)
-    base = LlamaForSequenceClassification(tiny_llama_config(num_labels=3)).eval()
-    base.model.load_state_dict(build_tiny_llama().model.state_dict())
-    model = PeftModel.from_pretrained(base, str(d)).eval()
-    tok = tiny_tokenizer()
-    for text, r in zip(texts, resp.results, strict=True):
-        with torch.no_grad():
-            probs = model(torch.tensor([tok(text)["input_ids"]])).logits.softmax(-1)[0]
+    for r, probs in zip(resp.results, _peft_cls_probs(d, texts, lora_bf16=False), strict=True):
         got = torch.tensor([s.score for s in r.scores])
         assert [s.label for s in r.scores] == labels
         torch.testing.assert_close(got, probs, atol=1e-4, rtol=1e-4)
