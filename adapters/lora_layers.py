@@ -165,6 +165,20 @@ class LoraSite:
                 y = y.index_add(1, cols, delta.to(y.dtype))
         return y
 
+    def rows_ahead(self, x: torch.Tensor, batch: LoraPlan | None = None):
+        """What `apply` will read from the banks for this x and plan (kernels/rows_ahead.py), for the base
+        product of x to ask for while it computes; None when the backend's update has no such list (or
+        while torch.compile traces)."""
+        if batch is None:
+            batch = self.ctx.batch
+        if batch is None or not batch.has_lora or torch.compiler.is_compiling():
+            return None
+        bound = self._bound
+        if bound is None or bound[0] is not self.bank or bound[1] is not self.ctx.backend:
+            return None  # bound at the first apply: a step's first call goes without
+        ahead = getattr(bound[2], "ahead", None)
+        return None if ahead is None else ahead(x, batch)
+
     def install(self, slot: int, weights) -> None:
         mods = []
         for name in self.names:

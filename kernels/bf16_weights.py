@@ -22,28 +22,35 @@ import torch.nn.functional as F
 from . import native, torch_ops
 from .narrow_linear import WIDEN_ROWS, on_rows, torch_runs
 from .native import Unavailable, unavailable_reason
+from .rows_ahead import Ahead, addresses
 
 __all__ = ["WIDEN_ROWS", "Unavailable", "ensure_built", "linear", "unavailable_reason"]
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, weight.float(), bias)` for fp32 `x` [..., K] and a bf16 `weight` [N, K]."""
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, ahead: Ahead | None = None
+) -> torch.Tensor:
+    """`F.linear(x, weight.float(), bias)` for fp32 `x` [..., K] and a bf16 `weight` [N, K]; `ahead`: the
+    rows a LoRA update reads next, asked for while the kernel computes (kernels/rows_ahead.py)."""
     if torch_runs(x):
         return F.linear(x, weight.float(), bias)
     if x.dtype != torch.float32 or weight.dtype != torch.bfloat16:
         raise TypeError(f"expected float32 x and bfloat16 weight, got {x.dtype} and {weight.dtype}")
     if torch.compiler.is_compiling():
         return _linear_op(x, weight, bias)
-    return _linear(x, weight, bias)
+    return _linear(x, weight, bias, ahead)
 
 
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ahead: Ahead | None = None
+) -> torch.Tensor:
     n, k = weight.shape
     w = weight if weight.is_contiguous() else weight.contiguous()
     fn, wp = _library().hotlora_linear_bf16w, w.data_ptr()
+    banks, slots = addresses(ahead)
 
     def kernel(xp, rows, yp, bp, threads):
-        return fn(xp, rows, k, wp, n, yp, bp, threads)
+        return fn(xp, rows, k, wp, n, yp, bp, threads, banks, slots)
 
     return on_rows(x, n, k, bias, kernel, "bf16-weight linear")
 
@@ -65,6 +72,6 @@ def _library() -> ctypes.CDLL:
     lib = native.library("bf16_weights")
     fn = lib.hotlora_linear_bf16w
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int]
+    fn.argtypes = [ptr, i64, i64, ptr, i64, ptr, ptr, ctypes.c_int, ptr, ptr]
     fn.restype = ctypes.c_int
     return lib

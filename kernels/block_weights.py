@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from . import native, torch_ops
 from .narrow_linear import PARALLEL_FROM, WIDEN_ROWS, on_rows, torch_runs
 from .native import Unavailable, unavailable_reason
+from .rows_ahead import Ahead, addresses
 
 __all__ = [
     "FORMATS",
@@ -150,8 +151,11 @@ def embedding(ids: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return out.view(*ids.shape, -1)
 
 
-def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, widen(packed), bias)` for fp32 `x` [..., K] and a packed matrix."""
+def linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None, ahead: Ahead | None = None
+) -> torch.Tensor:
+    """`F.linear(x, widen(packed), bias)` for fp32 `x` [..., K] and a packed matrix; `ahead`: the rows a
+    LoRA update reads next, asked for while the kernel computes (kernels/rows_ahead.py)."""
     if torch_runs(x):
         kept = x.requires_grad and torch.is_grad_enabled()  # autograd keeps the weight for the backward
         return F.linear(x, widen(packed) if kept else _widen_into_scratch(packed), bias)
@@ -162,15 +166,18 @@ def linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = No
         )
     if torch.compiler.is_compiling():
         return _linear_op(x, packed, bias)
-    return _linear(x, packed, bias)
+    return _linear(x, packed, bias, ahead)
 
 
-def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, ahead: Ahead | None = None
+) -> torch.Tensor:
     n, k, fmt = packed.shape[0], in_features(packed), FORMATS[packed.dtype][1]
     fn, w = _library().hotlora_linear_blocks, packed.data_ptr()
+    banks, slots = addresses(ahead)
 
     def kernel(xp, rows, yp, bp, threads):
-        return fn(xp, rows, k, w, fmt, n, yp, bp, threads)
+        return fn(xp, rows, k, w, fmt, n, yp, bp, threads, banks, slots)
 
     return on_rows(x, n, k, bias, kernel, "block-weight linear")
 
@@ -198,8 +205,10 @@ def ensure_built() -> None:
 def _library() -> ctypes.CDLL:
     lib = native.library("block_weights")
     ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.hotlora_linear_blocks.argtypes = [ptr, i64, i64, ptr, c_int, i64, ptr, ptr, c_int]
+    lib.hotlora_linear_blocks.argtypes = [ptr, i64, i64, ptr, c_int, i64, ptr, ptr, c_int, ptr, ptr]
     lib.hotlora_linear_blocks.restype = ctypes.c_int
     lib.hotlora_widen_blocks.argtypes = [ptr, c_int, i64, ptr, i64, ptr, c_int]
     lib.hotlora_widen_blocks.restype = None
+    lib.hotlora_ahead_lines.argtypes = [ptr, ptr, i64, i64, ptr, i64]  # for tests of csrc/rows_ahead.h
+    lib.hotlora_ahead_lines.restype = i64
     return lib

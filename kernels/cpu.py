@@ -36,6 +36,7 @@ import torch
 
 from . import lora_decode
 from .cpu_plan import DenseLayout, SegmentPlan, SlotsPlan
+from .rows_ahead import Ahead, StepSlots
 
 # Mean tokens per segment at or above which one GEMM pair per segment beats gather + bmm.
 SEGMENT_MIN_MEAN_LEN = 4
@@ -159,14 +160,25 @@ class NativePackedSite:
             return
         site(y, x, route[0], route[1])
 
+    def ahead(self, x: torch.Tensor, batch) -> Ahead | None:
+        """What this update will read for `batch`, for the base product of x before it to prefetch
+        (kernels/rows_ahead.py); None when the kernel will not run it, or for a single row (the base
+        product then streams its own weights: nothing to overlap)."""
+        route = _shared_route(batch, self._num_slots, self._r_max)
+        if route is None or route[3] is None or x.dim() != 2 or x.shape[0] != route[2]:
+            return None
+        return Ahead(self._site.banks_ahead, route[3])
+
 
 # The last plan's route, for the bank shape it was worked out for: every site of a step sees the same plan
 # and banks of one slot count and rank, so the route is worked out once a step, not at each of ~120 sites.
 # Holding the plan keeps its id from being reused by another.
 _last_route: tuple = (None, 0, 0, None)
 
+Route = tuple[torch.Tensor, torch.Tensor, int, StepSlots | None]
 
-def _shared_route(batch, num_slots: int, r_max: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+
+def _shared_route(batch, num_slots: int, r_max: int) -> Route | None:
     global _last_route
     plan, slot_count, rank, route = _last_route
     if plan is batch and slot_count == num_slots and rank == r_max:
@@ -176,9 +188,10 @@ def _shared_route(batch, num_slots: int, r_max: int) -> tuple[torch.Tensor, torc
     return route
 
 
-def _route_of(batch, num_slots: int, r_max: int) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-    """(slots, ranks, tokens) for the kernel, int64 and contiguous, or None: the plan is not one the kernel
-    takes as it is for banks of `num_slots` slots of rank `r_max` (the general path then runs it)."""
+def _route_of(batch, num_slots: int, r_max: int) -> Route | None:
+    """(slots, ranks, tokens, the slots read in order) for the kernel, int64 and contiguous, or None: the
+    plan is not one the kernel takes as it is for banks of `num_slots` slots of rank `r_max` (the general
+    path then runs it). The slots read are worked out for several tokens only (NativePackedSite.ahead)."""
     if not isinstance(batch, (SegmentPlan, SlotsPlan)) or not batch.has_lora:
         return None
     if batch.slot_ranks.shape[0] != num_slots or batch.max_rank > r_max:
@@ -190,7 +203,8 @@ def _route_of(batch, num_slots: int, r_max: int) -> tuple[torch.Tensor, torch.Te
     slots, ranks = batch.token_slots, batch.slot_ranks
     if slots.dim() != 1 or slots.shape[0] != batch.num_tokens or not (slots.is_cpu and ranks.is_cpu):
         return None
-    return slots.to(torch.int64).contiguous(), ranks.to(torch.int64).contiguous(), batch.num_tokens
+    slots, ranks = slots.to(torch.int64).contiguous(), ranks.to(torch.int64).contiguous()
+    return slots, ranks, batch.num_tokens, StepSlots(slots, ranks) if batch.num_tokens > 1 else None
 
 
 def _segment_update(

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from . import native, torch_ops
+from .rows_ahead import SiteBanks
 
 
 def usable(y: torch.Tensor, x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor) -> bool:
@@ -156,6 +157,7 @@ class PackedSite:
         self.in_features = lora_a.shape[2]
         self.out_features = max(off + b.shape[1] for b, off in zip(lora_bs, offsets, strict=True))
         self._a, self._scales, self._num_slots = lora_a.data_ptr(), scales.data_ptr(), scales.shape[1]
+        self.banks_ahead = SiteBanks(lora_a, tuple(lora_bs))  # for the base product before it to prefetch
 
     def __call__(self, y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor) -> None:
         _run_packed(self._bound, self._a, self._scales, self._num_slots, y, x, slots, ranks)

@@ -61,7 +61,7 @@ static void block_one_row(const float* xd, const uint16_t* W, int64_t K, int64_t
 
 static void block_rows(const float* xd, int64_t Kp, const uint16_t* W, int64_t K, int64_t n_start,
                        int64_t nn, int64_t M, float* y, int64_t N, const float* bias, float* wb,
-                       const char* end) {
+                       const char* end, Ahead* ahead) {
   for (int64_t j0 = 0; j0 < nn; j0 += 4) {
     int64_t nb = nn - j0 < 4 ? nn - j0 : 4, n0 = n_start + j0;
     const char* next = (const char*)(W + (n0 + nb) * K);  // the next block's rows, as in tile_stream
@@ -74,7 +74,7 @@ static void block_rows(const float* xd, int64_t Kp, const uint16_t* W, int64_t K
         _mm512_store_ps(wb + j * Kp + k, we);
         _mm512_store_ps(wb + j * Kp + k + 16, wo);
       }
-    rows_on_widened(xd, Kp, wb, n0, nb, M, y, N, bias);
+    rows_on_widened(xd, Kp, wb, n0, nb, M, y, N, bias, ahead);
   }
 }
 
@@ -87,17 +87,18 @@ typedef struct {
   const float* bias;
 } Call;
 
-static void tile(int64_t t, float* wb, const void* ctx) {
+static void tile(int64_t t, float* wb, Ahead* ahead, const void* ctx) {
   const Call* c = ctx;
   int64_t n0 = t * 8, nn = c->N - n0 < 8 ? c->N - n0 : 8;
   const char* end = (const char*)(c->W + c->N * c->K);
   if (c->M == 1) block_one_row(c->xd, c->W, c->K, n0, nn, c->y, c->bias, end);
-  else block_rows(c->xd, c->Kp, c->W, c->K, n0, nn, c->M, c->y, c->N, c->bias, wb, end);
+  else block_rows(c->xd, c->Kp, c->W, c->K, n0, nn, c->M, c->y, c->N, c->bias, wb, end, ahead);
 }
 
-// Returns 0, or -1 when scratch memory could not be had (y is then undefined).
+// banks, slots: the bytes to ask for on the way (rows_ahead.h), or NULL. Returns 0, or -1 when scratch
+// memory could not be had (y is then undefined).
 int hotlora_linear_bf16w(const float* x, int64_t M, int64_t K, const uint16_t* W, int64_t N, float* y,
-                         const float* bias, int threads) {
+                         const float* bias, int threads, const BankRegions* banks, const SlotsAhead* slots) {
   int64_t Kp = (K + 31) / 32 * 32;
   float* xd = aligned_alloc(64, (size_t)(M * Kp) * sizeof(float));
   if (!xd) return -1;
@@ -114,7 +115,7 @@ int hotlora_linear_bf16w(const float* x, int64_t M, int64_t K, const uint16_t* W
       _mm512_store_ps(xd + m * Kp + k + 16, _mm512_permutex2var_ps(a, odd, b));
     }
   Call call = {xd, Kp, W, K, M, N, y, bias};
-  int status = over_tiles((N + 7) / 8, M, Kp, threads, tile, &call);
+  int status = over_tiles((N + 7) / 8, M, Kp, threads, tile, &call, banks, slots);
   free(xd);
   return status;
 }

@@ -96,7 +96,7 @@ AI void widen_row(const uint8_t* W, int64_t nb, int64_t n, int fmt, float* out, 
 
 // The 8 (or fewer, at the end) rows of W from n0, against every row of x.
 AI void row_block(const float* x, const float* xd, int64_t M, int64_t K, const uint8_t* W, int64_t N,
-                  int64_t n0, int fmt, float* y, const float* bias, float* wb) {
+                  int64_t n0, int fmt, float* y, const float* bias, float* wb, Ahead* ahead) {
   int64_t nb = K / QK, nn = N - n0 < 8 ? N - n0 : 8;
   if (M == 1) {
     const char* next = (const char*)(W + (n0 + nn) * nb * block_bytes(fmt));
@@ -113,7 +113,7 @@ AI void row_block(const float* x, const float* xd, int64_t M, int64_t K, const u
       const char* ahead = later < N ? (const char*)(W + later * nb * block_bytes(fmt)) : NULL;
       widen_row(W, nb, n0 + j0 + j, fmt, wb + j * K, ahead);
     }
-    rows_on_widened(xd, K, wb, n0 + j0, rows, M, y, N, bias);
+    rows_on_widened(xd, K, wb, n0 + j0, rows, M, y, N, bias, ahead);
   }
 }
 
@@ -126,20 +126,22 @@ typedef struct {
   const float* bias;
 } Call;
 
-static void tile_q4_1(int64_t t, float* wb, const void* ctx) {
+static void tile_q4_1(int64_t t, float* wb, Ahead* ahead, const void* ctx) {
   const Call* c = ctx;
-  row_block(c->x, c->xd, c->M, c->K, c->W, c->N, t * 8, Q4_1, c->y, c->bias, wb);
+  row_block(c->x, c->xd, c->M, c->K, c->W, c->N, t * 8, Q4_1, c->y, c->bias, wb, ahead);
 }
 
-static void tile_q8_0(int64_t t, float* wb, const void* ctx) {
+static void tile_q8_0(int64_t t, float* wb, Ahead* ahead, const void* ctx) {
   const Call* c = ctx;
-  row_block(c->x, c->xd, c->M, c->K, c->W, c->N, t * 8, Q8_0, c->y, c->bias, wb);
+  row_block(c->x, c->xd, c->M, c->K, c->W, c->N, t * 8, Q8_0, c->y, c->bias, wb, ahead);
 }
 
-// fmt: Q4_1 or Q8_0; K: a multiple of 32. Returns 0, -1 when scratch memory could not be had (y is then
-// undefined), -2 for a K or fmt it does not take.
+// fmt: Q4_1 or Q8_0; K: a multiple of 32; banks, slots: the bytes to ask for on the way (rows_ahead.h), or
+// NULL. Returns 0, -1 when scratch memory could not be had (y is then undefined), -2 for a K or fmt it does
+// not take.
 int hotlora_linear_blocks(const float* x, int64_t M, int64_t K, const uint8_t* W, int fmt, int64_t N,
-                          float* y, const float* bias, int threads) {
+                          float* y, const float* bias, int threads, const BankRegions* banks,
+                          const SlotsAhead* slots) {
   if (K % QK || (fmt != Q4_1 && fmt != Q8_0)) return -2;
   float* xd = NULL;  // several rows: x copied to 64-byte-aligned rows for widened_tiles' aligned loads
   if (M > 1) {
@@ -148,9 +150,27 @@ int hotlora_linear_blocks(const float* x, int64_t M, int64_t K, const uint8_t* W
     for (int64_t i = 0; i < M * K; i++) xd[i] = x[i];
   }
   Call call = {x, xd, M, K, W, N, y, bias};
-  int status = over_tiles((N + 7) / 8, M, K, threads, fmt == Q4_1 ? tile_q4_1 : tile_q8_0, &call);
+  int status = over_tiles((N + 7) / 8, M, K, threads, fmt == Q4_1 ? tile_q4_1 : tile_q8_0, &call, banks, slots);
   free(xd);
   return status;
+}
+
+// For tests of rows_ahead.h: the addresses of the lines `tiles` tiles of `steps` inner steps each ask for,
+// tile by tile, as over_tiles' tiles do; at most cap written to out. Returns how many there were.
+int64_t hotlora_ahead_lines(const BankRegions* banks, const SlotsAhead* slots, int64_t tiles, int64_t steps,
+                            int64_t* out, int64_t cap) {
+  int64_t n = 0, total = ahead_total(banks, slots);
+  for (int64_t t = 0; t < tiles; t++) {
+    Ahead a = {0};
+    ahead_tile(&a, banks, slots, total, t, tiles, steps);
+    for (int64_t k = 0; k < steps; k++)
+      for (int j = 0; j < a.per; j++) {
+        const char* p = ahead_next(&a);
+        if (p && n < cap) out[n] = (int64_t)(intptr_t)p;
+        n += p != NULL;
+      }
+  }
+  return n;
 }
 
 // out[i, K] = the fp32 row rows[i] of W (all N rows in order when rows is NULL): torch's GEMM on long

@@ -208,9 +208,14 @@ class Runner(nn.Module):
         return norm(h, w.norm, eps)
 
     def _project(self, layer: int, name: str, x, weight, bias, lora) -> torch.Tensor:
-        y = self.linear(x, weight, bias)
         site = self.sites.get((layer, name))
-        return y if site is None else site.apply(y, x, lora)
+        if site is None:
+            return self.linear(x, weight, bias)
+        if self.linear is F.linear:
+            y = self.linear(x, weight, bias)
+        else:  # hotlora's weight kernels prefetch the adapters' rows the update reads next
+            y = self.linear(x, weight, bias, site.rows_ahead(x, lora))
+        return site.apply(y, x, lora)
 
     # ---- LoRA sites -------------------------------------------------------------------------------------
     def projection_shapes(self) -> dict[str, tuple[int, tuple[int, ...]]]:
@@ -234,9 +239,9 @@ def _linear_for(weights: RunnerWeights) -> Callable:
     return bf16_weights.linear
 
 
-def _by_storage(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def _by_storage(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, ahead=None):
     if block_weights.is_packed(weight):
-        return block_weights.linear(x, weight, bias)
+        return block_weights.linear(x, weight, bias, ahead)
     return F.linear(x, weight, bias)
 
 
