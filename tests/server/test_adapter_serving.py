@@ -8,7 +8,8 @@ import grpc
 import pytest
 import torch
 
-from hotlora.kernels import lora_decode
+from hotlora.adapters.lora_layers import LoraSite
+from hotlora.kernels import bf16_weights, lora_decode
 from hotlora.v1 import adapters_pb2, common_pb2, inference_pb2
 from tests.server.adapter_utils import make_peft_adapter, make_seq_cls_adapter, peft_greedy, upload_chunks
 from tests.server.harness import running_server
@@ -195,3 +196,48 @@ def test_bf16_adapter_banks_serve_as_peft_on_the_bf16_rounded_adapters(
         got = torch.tensor([s.score for s in r.scores])
         torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
         assert (got - unrounded).abs().max() > 1e-5  # the rounding shows: the banks really are bf16
+
+
+@pytest.mark.skipif(
+    bf16_weights.unavailable_reason() is not None or not lora_decode.available(),
+    reason="hotlora's C kernels cannot run here",
+)
+def test_the_base_product_prefetches_the_adapters_rows_and_no_token_changes(
+    tiny_model_dir, adapter_dirs, tmp_path, monkeypatch
+):
+    # with weights stored in bf16 the base products run hotlora's weight kernel, which asks for the rows
+    # the adapters' update reads next while it computes (kernels/rows_ahead.py): in a mixed decode batch
+    # it gets them, for every adapter of the batch, and the tokens are those of a run without them
+    asked: list[tuple[int, int]] = []
+    real = bf16_weights._linear
+
+    def spy(x, weight, bias, ahead=None):
+        if ahead is not None:
+            asked.append((x.shape[0], ahead.slots.count))
+        return real(x, weight, bias, ahead)
+
+    monkeypatch.setattr(bf16_weights, "_linear", spy)
+    with running_server(
+        tiny_model_dir,
+        tmp_path / "data",
+        adapter_slots=4,
+        max_rank=16,
+        dtype="float32",
+        weight_dtype="bfloat16",
+    ) as run:
+        for name, d in adapter_dirs.items():
+            run.adapters.UploadAdapter(upload_chunks(name, d))
+        jobs = [(name, p) for name in adapter_dirs for p in PROMPTS]
+
+        def tokens():
+            with cf.ThreadPoolExecutor(len(jobs)) as pool:
+                return [list(r.token_ids) for r in pool.map(lambda j: _gen(run, j[1], j[0]), jobs)]
+
+        with_rows_ahead = tokens()
+        assert asked and all(rows >= 2 for rows, _ in asked)  # one row streams its own weights: none asked
+        assert max(count for _, count in asked) >= 2  # a step on several adapters names each of them
+        monkeypatch.setattr(LoraSite, "rows_ahead", lambda self, x, batch=None: None)
+        asked.clear()
+        without = tokens()
+        assert not asked
+    assert with_rows_ahead == without
