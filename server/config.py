@@ -57,7 +57,8 @@ class ServerConfig:
     device: str = _opt("auto", "auto | cpu | cuda[:N]", choices=("auto", "cpu", "cuda"))
     dtype: str = _opt(
         "auto",
-        "auto (bf16 on CUDA and on CPUs with avx512_bf16 or AMX, fp32 elsewhere) "
+        "auto (bf16 on CUDA and on CPUs with avx512_bf16 or AMX, fp32 elsewhere and for a checkpoint of "
+        "exact GGUF blocks on a CPU) "
         "| float32 | float16 | bfloat16",
     )
     weight_dtype: str = _opt(

@@ -114,13 +114,14 @@ def resolve_device(device: str):
     return dev
 
 
-def resolve_dtype(dtype: str, device):
+def resolve_dtype(dtype: str, device, model_dir=None):
+    """`model_dir`: the checkpoint hotlora's runner will serve, for `auto` to look at (runner.auto_dtype)."""
     import torch
 
     if dtype == "auto":
         from hotlora.server.engine.runner import auto_dtype
 
-        return auto_dtype(device)
+        return auto_dtype(device, model_dir)
     return getattr(torch, dtype)
 
 
@@ -145,8 +146,6 @@ def load_model(
     path = Path(model_dir) if model_dir else prepare_default_model(cache_dir)
     name = path.name if model_dir else DEFAULT_MODEL_NAME
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
-    stored = dt if weight_dtype == "auto" else getattr(torch, weight_dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -159,6 +158,9 @@ def load_model(
             ModelSpec.from_config(config)
         except Unsupported as exc:
             why = str(exc)
+    # GGUF blocks are kept only by the runner, and only when the weights' storage is left to it
+    dt = resolve_dtype(dtype, dev, path if why is None and weight_dtype == "auto" else None)
+    stored = dt if weight_dtype == "auto" else getattr(torch, weight_dtype)
     if stored != dt and why is not None:
         raise ValueError(
             f"--weight-dtype {weight_dtype} needs hotlora's runner, and {name} cannot use it: {why}"

@@ -226,3 +226,22 @@ def test_the_bf16_tolerance_catches_a_broken_runner(tiny_llama, tiny_tok):
     got = _greedy_through_engine(runner, tiny_tok, PROMPTS)
     worst = min(_top1_agreement(tiny_llama, tiny_tok, p, out) for p, out in zip(PROMPTS, got, strict=True))
     assert worst < BF16_TOP1_AGREEMENT
+
+
+@pytest.mark.skipif(block_weights.unavailable_reason() is not None, reason="no block-weight kernel here")
+def test_auto_dtype_keeps_a_gguf_checkpoint_in_fp32_blocks_on_a_bf16_cpu(tmp_path, monkeypatch):
+    # on a CPU with avx512_bf16 `auto` computes in bf16, except for a checkpoint whose weights are exact
+    # GGUF blocks: fp32 there reads fewer bytes (the blocks) and rounds nothing
+    from hotlora.server.engine.runner import loader
+
+    monkeypatch.setattr(loader, "cpu_has_fast_bf16", lambda: True)
+    _, gguf = _model_dir(tmp_path / "gguf", _llama3_rope(), gguf=True)
+    _, plain = _model_dir(tmp_path / "plain", _llama3_rope())
+    cpu = torch.device("cpu")
+    assert loader.auto_dtype(cpu, gguf) == torch.float32
+    assert loader.auto_dtype(cpu, plain) == torch.bfloat16 and loader.auto_dtype(cpu) == torch.bfloat16
+    loaded = load_model(str(gguf), str(tmp_path / "cache"), device="cpu")
+    assert loaded.dtype == torch.float32 and loaded.model.w.packed_matrices[0] > 0
+    assert load_model(str(plain), str(tmp_path / "cache"), device="cpu").dtype == torch.bfloat16
+    monkeypatch.setattr(loader, "cpu_has_fast_bf16", lambda: False)
+    assert loader.auto_dtype(cpu, plain) == torch.float32
