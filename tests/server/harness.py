@@ -28,6 +28,9 @@ class Running:
 @contextlib.contextmanager
 def running_server(model_dir, data_dir, load: bool = True, **overrides):
     overrides.setdefault("http_port", -1)  # the HTTP door only where a test asks for it (http_port=0)
+    # the tests hold the server to fp32 numbers (PEFT's, transformers'): --dtype auto would compute the tiny
+    # random models in bf16 on a CPU with avx512_bf16; a test of bf16 or of auto asks for it
+    overrides.setdefault("dtype", "float32")
     cfg = ServerConfig(
         model=str(model_dir), port=0, metrics_port=0, data_dir=str(data_dir), grace_seconds=2.0, **overrides
     )

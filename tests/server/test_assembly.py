@@ -31,7 +31,10 @@ class Recorder(NoObserver):
 
 
 def _config(tiny_model_dir, tmp_path) -> ServerConfig:
-    return ServerConfig(model=str(tiny_model_dir), data_dir=str(tmp_path), device="cpu", http_port=-1)
+    # fp32: the tests compare with transformers' fp32 numbers (auto is bf16 on an avx512_bf16 CPU)
+    return ServerConfig(
+        model=str(tiny_model_dir), data_dir=str(tmp_path), device="cpu", dtype="float32", http_port=-1
+    )
 
 
 def _engine_threads() -> set[threading.Thread]:
@@ -149,7 +152,12 @@ def test_adapter_dtype_on_a_model_served_through_transformers_fails_at_start(tmp
     _, path = _model_dir(tmp_path, _qwen3_not_covered())
     before = _engine_threads()
     cfg = ServerConfig(
-        model=str(path), data_dir=str(tmp_path / "data"), device="cpu", http_port=-1, adapter_dtype="bfloat16"
+        model=str(path),
+        data_dir=str(tmp_path / "data"),
+        device="cpu",
+        dtype="float32",
+        http_port=-1,
+        adapter_dtype="bfloat16",
     )
     with pytest.raises(ValueError, match="--adapter-dtype bfloat16 needs hotlora's runner"):
         assemble(cfg)
