@@ -11,6 +11,7 @@ import logging
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hotlora.kernels import bf16_weights, block_weights, native, prefill_attention
 from hotlora.server.engine.runner import runner_from_model
@@ -245,3 +246,49 @@ def test_auto_dtype_keeps_a_gguf_checkpoint_in_fp32_blocks_on_a_bf16_cpu(tmp_pat
     assert load_model(str(plain), str(tmp_path / "cache"), device="cpu").dtype == torch.bfloat16
     monkeypatch.setattr(loader, "cpu_has_fast_bf16", lambda: False)
     assert loader.auto_dtype(cpu, plain) == torch.float32
+
+
+@pytest.mark.skipif(block_weights.unavailable_reason() is not None, reason="no block-weight kernel here")
+def test_long_prefill_products_in_bf16_stay_within_the_bf16_tolerance(tmp_path, monkeypatch):
+    # --dtype auto on a bf16-capable CPU serves a GGUF-block checkpoint in fp32 with the GEMMs of long
+    # prefill chunks in bf16 arithmetic: they run there, and the greedy tokens after a long prompt keep to
+    # the tolerance the bf16 runner is held to
+    from hotlora.kernels.narrow_linear import WIDEN_ROWS
+
+    model, path = _model_dir(tmp_path, _llama3_rope(), gguf=True)
+    loaded = load_model(str(path), str(tmp_path / "cache"), device="cpu", dtype="float32")
+    runner, tok = loaded.model, loaded.tokenizer
+    assert runner.long_products_in_bf16()
+    rows: list[int] = []
+    real = block_weights.long_product_bf16
+    monkeypatch.setattr(
+        block_weights, "long_product_bf16", lambda x, w, b: rows.append(x.shape[0]) or real(x, w, b)
+    )
+    prompts = [" ".join(["the quick brown fox jumps over the lazy dog"] * 7), PROMPTS[2]]
+    assert len(ids_of(tok, prompts[0])) >= WIDEN_ROWS
+    got = _greedy_through_engine(runner, tok, prompts, n=16)
+    assert rows and min(rows) >= WIDEN_ROWS  # only the long chunks' products
+    for prompt, out in zip(prompts, got, strict=True):
+        assert _top1_agreement(model, tok, prompt, out) >= BF16_TOP1_AGREEMENT, prompt
+
+
+@pytest.mark.skipif(block_weights.unavailable_reason() is not None, reason="no block-weight kernel here")
+def test_a_long_product_in_bf16_is_the_bf16_product_of_the_blocks():
+    from hotlora.kernels.narrow_linear import WIDEN_ROWS
+    from tests.kernels.test_block_weights import _matrix
+
+    w = _matrix(96, 64, "Q4_1")
+    packed, g = block_weights.pack(w), torch.Generator().manual_seed(5)
+    x, bias = torch.randn(WIDEN_ROWS + 3, 64, generator=g), torch.randn(96, generator=g)
+    got = block_weights.linear(x, packed, bias, long_in_bf16=True)
+    want = F.linear(x.bfloat16(), w.bfloat16()).float() + bias
+    assert torch.equal(got, want) and not torch.equal(got, block_weights.linear(x, packed, bias))
+    torch.testing.assert_close(got, block_weights.linear(x, packed, bias), rtol=2e-2, atol=2e-2)
+    short = x[:8]  # decode rows and short chunks stay fp32 on the blocks
+    assert torch.equal(
+        block_weights.linear(short, packed, bias, long_in_bf16=True),
+        block_weights.linear(short, packed, bias),
+    )
+    x.requires_grad_(True)  # and so does a product autograd differentiates (on-line training)
+    assert block_weights.linear(x, packed, bias, long_in_bf16=True).dtype == torch.float32
+    torch.testing.assert_close(block_weights.linear(x, packed, bias, long_in_bf16=True), F.linear(x, w, bias))

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hotlora.kernels import bf16_weights, block_weights, decoder_ops
+from hotlora.kernels.narrow_linear import torch_runs
 
 from .attention import AttentionMetadata, dense_attention, paged_attention
 from .kv_cache import KVPool
@@ -207,6 +208,17 @@ class Runner(nn.Module):
                 taps[i + 1] = h
         return norm(h, w.norm, eps)
 
+    def long_products_in_bf16(self) -> bool:
+        """Run the GEMMs of long prefill chunks (WIDEN_ROWS rows and more; torch's GEMM on the widened
+        matrix) in bf16 arithmetic, decode and short chunks staying in fp32 on the blocks: --dtype auto on a
+        CPU with avx512_bf16 or AMX serving a checkpoint of GGUF blocks in fp32 (runner.auto_dtype), whose
+        512-token prefill is otherwise bound by fp32 arithmetic. Returns whether it applies (fp32 weights
+        kept as blocks)."""
+        if self.linear is not _by_storage:
+            return False
+        self.linear = self._lm_head._linear = _by_storage_long_in_bf16
+        return True
+
     def _project(self, layer: int, name: str, x, weight, bias, lora) -> torch.Tensor:
         site = self.sites.get((layer, name))
         if site is None:
@@ -242,6 +254,15 @@ def _linear_for(weights: RunnerWeights) -> Callable:
 def _by_storage(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, ahead=None):
     if block_weights.is_packed(weight):
         return block_weights.linear(x, weight, bias, ahead)
+    return F.linear(x, weight, bias)
+
+
+def _by_storage_long_in_bf16(x: torch.Tensor, weight: torch.Tensor, bias=None, ahead=None):
+    """_by_storage, with long chunks' products in bf16 arithmetic (Runner.long_products_in_bf16)."""
+    if block_weights.is_packed(weight):
+        return block_weights.linear(x, weight, bias, ahead, long_in_bf16=True)
+    if torch_runs(x) and not (x.requires_grad and torch.is_grad_enabled()) and x.numel():
+        return block_weights.long_product_bf16(x, weight, bias)
     return F.linear(x, weight, bias)
 
 
