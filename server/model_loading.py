@@ -178,9 +178,9 @@ def load_model(
         )
         kind = "runner"
         # auto chose fp32 on a bf16-capable CPU for the blocks' sake: long prefill GEMMs still run in bf16
-        from hotlora.server.engine.runner import cpu_has_fast_bf16
+        from hotlora.server.engine.runner import loader
 
-        fast_bf16 = dev.type == "cpu" and dt == torch.float32 and cpu_has_fast_bf16()
+        fast_bf16 = dev.type == "cpu" and dt == torch.float32 and loader.cpu_has_fast_bf16()
         if dtype == "auto" and fast_bf16 and model.long_products_in_bf16():
             from hotlora.kernels.narrow_linear import WIDEN_ROWS
 

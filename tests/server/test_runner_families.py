@@ -234,6 +234,7 @@ def test_auto_dtype_keeps_a_gguf_checkpoint_in_fp32_blocks_on_a_bf16_cpu(tmp_pat
     # on a CPU with avx512_bf16 `auto` computes in bf16, except for a checkpoint whose weights are exact
     # GGUF blocks: fp32 there reads fewer bytes (the blocks) and rounds nothing
     from hotlora.server.engine.runner import loader
+    from hotlora.server.engine.runner import model as model_module
 
     monkeypatch.setattr(loader, "cpu_has_fast_bf16", lambda: True)
     _, gguf = _model_dir(tmp_path / "gguf", _llama3_rope(), gguf=True)
@@ -243,6 +244,9 @@ def test_auto_dtype_keeps_a_gguf_checkpoint_in_fp32_blocks_on_a_bf16_cpu(tmp_pat
     assert loader.auto_dtype(cpu, plain) == torch.bfloat16 and loader.auto_dtype(cpu) == torch.bfloat16
     loaded = load_model(str(gguf), str(tmp_path / "cache"), device="cpu")
     assert loaded.dtype == torch.float32 and loaded.model.w.packed_matrices[0] > 0
+    assert loaded.model.linear is model_module._by_storage_long_in_bf16  # long prefill products in bf16
+    asked = load_model(str(gguf), str(tmp_path / "cache"), device="cpu", dtype="float32")
+    assert asked.model.linear is model_module._by_storage  # --dtype float32: every product in fp32
     assert load_model(str(plain), str(tmp_path / "cache"), device="cpu").dtype == torch.bfloat16
     monkeypatch.setattr(loader, "cpu_has_fast_bf16", lambda: False)
     assert loader.auto_dtype(cpu, plain) == torch.float32
