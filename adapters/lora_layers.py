@@ -150,10 +150,7 @@ class LoraSite:
             if torch.compiler.is_compiling():  # traced as the backend's call, nothing of this object's state
                 backend.add_lora_packed(y, x, b.a, b.bs, b.scales, batch, self.offsets)
             else:
-                bound = self._bound
-                if bound is None or bound[0] is not b or bound[1] is not backend:
-                    bound = self._bound = (b, backend, backend.bind_packed(b.a, b.bs, b.scales, self.offsets))
-                bound[2](y, x, batch)
+                self._update()(y, x, batch)
         if ctx.training:
             for name, size, off in zip(self.names, self.out_sizes, self.offsets, strict=True):
                 t = ctx.training.get((self.layer, name))
@@ -173,11 +170,15 @@ class LoraSite:
             batch = self.ctx.batch
         if batch is None or not batch.has_lora or torch.compiler.is_compiling():
             return None
-        bound = self._bound
-        if bound is None or bound[0] is not self.bank or bound[1] is not self.ctx.backend:
-            return None  # bound at the first apply: a step's first call goes without
-        ahead = getattr(bound[2], "ahead", None)
+        ahead = getattr(self._update(), "ahead", None)
         return None if ahead is None else ahead(x, batch)
+
+    def _update(self):
+        """The backend's bind_packed update of this site's bank, bound again when either was replaced."""
+        b, backend, bound = self.bank, self.ctx.backend, self._bound
+        if bound is None or bound[0] is not b or bound[1] is not backend:
+            bound = self._bound = (b, backend, backend.bind_packed(b.a, b.bs, b.scales, self.offsets))
+        return bound[2]
 
     def install(self, slot: int, weights) -> None:
         mods = []

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native, torch_ops
-from .narrow_linear import PARALLEL_FROM, WIDEN_ROWS, on_rows, torch_runs
+from .narrow_linear import PARALLEL_FROM, WIDEN_ROWS, long_chunk, on_rows, torch_runs
 from .native import Unavailable, unavailable_reason
 from .rows_ahead import Ahead, addresses
 
@@ -161,10 +161,10 @@ def linear(
     """`F.linear(x, widen(packed), bias)` for fp32 `x` [..., K] and a packed matrix; `ahead`: the rows a
     LoRA update reads next, asked for while the kernel computes (kernels/rows_ahead.py); `long_in_bf16`:
     a long chunk's product (torch's GEMM) in bf16 arithmetic (`long_product_bf16`)."""
+    if long_in_bf16 and long_chunk(x):
+        return long_product_bf16(x, _widen_into_scratch(packed), bias)
     if torch_runs(x):
         kept = x.requires_grad and torch.is_grad_enabled()  # autograd keeps the weight for the backward
-        if long_in_bf16 and not kept and x.numel():
-            return long_product_bf16(x, _widen_into_scratch(packed), bias)
         return F.linear(x, widen(packed) if kept else _widen_into_scratch(packed), bias)
     if x.dtype != torch.float32 or packed.dtype not in FORMATS or x.shape[-1] != in_features(packed):
         raise TypeError(

@@ -22,6 +22,13 @@ def torch_runs(x: torch.Tensor) -> bool:
     return rows >= WIDEN_ROWS or rows == 0 or (x.requires_grad and torch.is_grad_enabled())
 
 
+def long_chunk(x: torch.Tensor) -> bool:
+    """Whether x is a long prefill chunk's rows (WIDEN_ROWS or more) whose product autograd does not keep:
+    where `block_weights.long_product_bf16` may serve."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    return rows >= WIDEN_ROWS and not (x.requires_grad and torch.is_grad_enabled())
+
+
 def on_rows(x: torch.Tensor, n: int, k: int, bias: torch.Tensor | None, kernel: Callable, what: str):
     """y [..., n] = kernel over x's rows: `kernel(x_ptr, rows, y_ptr, bias_ptr or None, threads)` returns
     the C function's status (0, or -1 when it had no scratch memory)."""

@@ -58,14 +58,15 @@ class SiteBanks:
 
 class StepSlots:
     """The slots a step's update reads, in the order the kernel takes them (ascending slot: its pieces are
-    sorted so), those of rank 0 and base rows left out; holds the arrays its structure points into."""
+    sorted so), those of rank 0 and base rows left out; holds the arrays its structure points into.
+    token_slots, slot_ranks: int64, as the kernel route's."""
 
     def __init__(self, token_slots: torch.Tensor, slot_ranks: torch.Tensor):
         used = torch.unique(token_slots[token_slots >= 0])  # sorted
         ranks = slot_ranks[used]
         keep = ranks > 0
-        self._slot = used[keep].to(torch.int64).contiguous()
-        self._rank = ranks[keep].to(torch.int64).contiguous()
+        self._slot = used[keep].contiguous()  # int64, as the route's slots and ranks
+        self._rank = ranks[keep].contiguous()
         self._struct = SlotsAhead(self._slot.shape[0], self._slot.data_ptr(), self._rank.data_ptr())
         self.address = ctypes.addressof(self._struct)
         self.count = int(self._slot.shape[0])

@@ -175,16 +175,9 @@ def load_model(
             kv_block_size,
             weight_dtype=stored,
             pack_exact_blocks=weight_dtype == "auto",
+            auto_dtype=dtype == "auto",
         )
         kind = "runner"
-        # auto chose fp32 on a bf16-capable CPU for the blocks' sake: long prefill GEMMs still run in bf16
-        from hotlora.server.engine.runner import loader
-
-        fast_bf16 = dev.type == "cpu" and dt == torch.float32 and loader.cpu_has_fast_bf16()
-        if dtype == "auto" and fast_bf16 and model.long_products_in_bf16():
-            from hotlora.kernels.narrow_linear import WIDEN_ROWS
-
-            log.info("--dtype auto: prefill chunks of %d rows and more multiply in bf16", WIDEN_ROWS)
     else:
         from hotlora.server.engine.runner.hf_runner import HFRunner
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from hotlora.kernels import bf16_weights, block_weights
+from hotlora.kernels.narrow_linear import WIDEN_ROWS
 from hotlora.kernels.native import loads_or_warns
 
 from .kv_cache import KVCacheConfig, KVPool
@@ -69,11 +70,13 @@ def load_runner(
     block_size: int = 16,
     weight_dtype: torch.dtype | None = None,
     pack_exact_blocks: bool = False,
+    auto_dtype: bool = False,
 ) -> Runner:
     """`config`: the directory's transformers config (raises runner.spec.Unsupported for other families).
     `weight_dtype`: how the projection and embedding weights are stored, when not in `dtype` (see
     `_checked_storage`). `pack_exact_blocks`: keep the fp32 matrices that hold exactly GGUF block
-    values as those blocks (`_packs`, `build_weights`)."""
+    values as those blocks (`_packs`, `build_weights`). `auto_dtype`: `dtype` is what --dtype auto chose;
+    fp32 there on a bf16-capable CPU (for the blocks' sake) still multiplies long prefill chunks in bf16."""
     spec = ModelSpec.from_config(config)
     stored = _checked_storage(dtype, weight_dtype or dtype, device)
     pack = _packs(pack_exact_blocks, dtype, stored, device)
@@ -82,6 +85,9 @@ def load_runner(
         log.info("weights: %.0f MiB in memory advised for 2 MiB pages", weights.nbytes / 2**20)
     runner = _assemble(spec, weights, config, dtype, device, kv_bytes, block_size)
     runner.generation_config = _generation_config(model_dir)
+    fast_bf16 = torch.device(device).type == "cpu" and dtype == torch.float32 and cpu_has_fast_bf16()
+    if auto_dtype and fast_bf16 and runner.long_products_in_bf16():
+        log.info("--dtype auto: prefill chunks of %d rows and more multiply in bf16", WIDEN_ROWS)
     return runner
 
 

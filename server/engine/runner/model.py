@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hotlora.kernels import bf16_weights, block_weights, decoder_ops
-from hotlora.kernels.narrow_linear import torch_runs
+from hotlora.kernels.narrow_linear import long_chunk
 
 from .attention import AttentionMetadata, dense_attention, paged_attention
 from .kv_cache import KVPool
@@ -261,7 +261,7 @@ def _by_storage_long_in_bf16(x: torch.Tensor, weight: torch.Tensor, bias=None, a
     """_by_storage, with long chunks' products in bf16 arithmetic (Runner.long_products_in_bf16)."""
     if block_weights.is_packed(weight):
         return block_weights.linear(x, weight, bias, ahead, long_in_bf16=True)
-    if torch_runs(x) and not (x.requires_grad and torch.is_grad_enabled()) and x.numel():
+    if long_chunk(x):
         return block_weights.long_product_bf16(x, weight, bias)
     return F.linear(x, weight, bias)
 
