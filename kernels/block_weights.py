@@ -11,7 +11,8 @@ decode step is bound by them.
 
 At and above `WIDEN_ROWS` rows (long prefill chunks, compute-bound: MKL's fp32 GEMM is faster), and whenever
 autograd needs a gradient through the product (on-line training), the matrix is widened to fp32 and torch
-runs the GEMM. While torch.compile traces them, the kernel and the embedding lookup run as the operators
+runs the GEMM (for --dtype auto on a bf16-capable CPU, a long chunk's is widened straight to bf16 for a
+bf16 GEMM). While torch.compile traces them, the kernel and the embedding lookup run as the operators
 `torch.ops.hotlora.linear_blocks` and `widen_block_rows`.
 """
 
@@ -144,6 +145,28 @@ def _widen_into_scratch(packed: torch.Tensor) -> torch.Tensor:
     return widen(packed, out=buf[: n * k].view(n, k))
 
 
+def widen_bf16(packed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`widen(packed).to(torch.bfloat16)` in one pass (into `out` when given: contiguous bf16 [N, K])."""
+    n, k = packed.shape[0], in_features(packed)
+    out = torch.empty(n, k, dtype=torch.bfloat16) if out is None else out
+    threads = torch.get_num_threads() if n * k >= PARALLEL_FROM else 1
+    _library().hotlora_widen_blocks_bf16(
+        packed.data_ptr(), FORMATS[packed.dtype][1], k, n, out.data_ptr(), threads
+    )
+    return out
+
+
+def _widen_bf16_into_scratch(packed: torch.Tensor) -> torch.Tensor:
+    """widen_bf16(packed), in this thread's bf16 scratch when it fits: valid until the thread's next call."""
+    n, k = packed.shape[0], in_features(packed)
+    if n * k > SCRATCH_FLOATS:
+        return widen_bf16(packed)
+    buf = getattr(_scratch, "bf16", None)
+    if buf is None:
+        buf = _scratch.bf16 = torch.empty(SCRATCH_FLOATS, dtype=torch.bfloat16)
+    return widen_bf16(packed, out=buf[: n * k].view(n, k))
+
+
 def embedding(ids: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """`F.embedding(ids, widen(packed))`, widening only the rows asked for."""
     rows = ids.reshape(-1)
@@ -162,7 +185,7 @@ def linear(
     LoRA update reads next, asked for while the kernel computes (kernels/rows_ahead.py); `long_in_bf16`:
     a long chunk's product (torch's GEMM) in bf16 arithmetic (`long_product_bf16`)."""
     if long_in_bf16 and long_chunk(x):
-        return long_product_bf16(x, _widen_into_scratch(packed), bias)
+        return long_product_bf16(x, _widen_bf16_into_scratch(packed), bias)
     if torch_runs(x):
         kept = x.requires_grad and torch.is_grad_enabled()  # autograd keeps the weight for the backward
         return F.linear(x, widen(packed) if kept else _widen_into_scratch(packed), bias)
@@ -177,10 +200,11 @@ def linear(
 
 
 def long_product_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`F.linear(x, weight, bias)` with x and the fp32 weight rounded to bf16 and summed in fp32 by oneDNN,
-    the product rounded to bf16, then the bias added in fp32: on a CPU with avx512_bf16 or AMX a long
-    prefill chunk's GEMM at twice fp32's arithmetic (the default model's 512-token prefill on an AMD EPYC:
-    gate_up 12.2 -> 4.7 ms). The numbers are bf16's (the runner's bf16 tolerance), for --dtype auto only."""
+    """`F.linear(x, weight, bias)` with x and the weight rounded to bf16 (a block matrix's comes widened
+    straight to bf16, `widen_bf16`) and summed in fp32 by oneDNN, the product rounded to bf16, then the bias
+    added in fp32: on a CPU with avx512_bf16 or AMX a long prefill chunk's GEMM at twice fp32's arithmetic
+    (the default model's 512-token prefill on an AMD EPYC: gate_up 12.2 -> 4.7 ms). The numbers are bf16's
+    (the runner's bf16 tolerance), for --dtype auto only."""
     y = F.linear(x.to(torch.bfloat16), weight.to(torch.bfloat16)).float()
     return y if bias is None else y.add_(bias)
 
@@ -225,6 +249,8 @@ def _library() -> ctypes.CDLL:
     lib.hotlora_linear_blocks.restype = ctypes.c_int
     lib.hotlora_widen_blocks.argtypes = [ptr, c_int, i64, ptr, i64, ptr, c_int]
     lib.hotlora_widen_blocks.restype = None
+    lib.hotlora_widen_blocks_bf16.argtypes = [ptr, c_int, i64, i64, ptr, c_int]
+    lib.hotlora_widen_blocks_bf16.restype = None
     lib.hotlora_ahead_lines.argtypes = [ptr, ptr, i64, i64, ptr, i64]  # for tests of csrc/rows_ahead.h
     lib.hotlora_ahead_lines.restype = i64
     return lib

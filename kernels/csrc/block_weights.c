@@ -19,6 +19,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "bf16_round.h"
 #include "widened_tiles.h"
 
 #define QK 32
@@ -183,5 +184,23 @@ void hotlora_widen_blocks(const uint8_t* W, int fmt, int64_t K, const int64_t* r
     int64_t r = rows ? rows[i] : i;
     if (fmt == Q4_1) widen_row(W, nb, r, Q4_1, out + i * K, NULL);
     else widen_row(W, nb, r, Q8_0, out + i * K, NULL);
+  }
+}
+
+// out[N, K] (bf16) = W rounded to bf16 in one pass: the weight a long prefill chunk's bf16 GEMM reads
+// (block_weights.long_product_bf16), without an fp32 copy written and read again (a third of the bytes).
+void hotlora_widen_blocks_bf16(const uint8_t* W, int fmt, int64_t K, int64_t n, uint16_t* out, int threads) {
+  int64_t nb = K / QK;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t i = 0; i < n; i++) {
+    Row r = row_at(W, nb, i, fmt);
+    uint16_t* o = out + i * K;
+    for (int64_t b = 0; b < nb; b++) {
+      __m512 lo, hi;
+      if (fmt == Q4_1) widen_block(r, b, Q4_1, &lo, &hi);
+      else widen_block(r, b, Q8_0, &lo, &hi);
+      _mm256_storeu_si256((__m256i*)(o + b * QK), round_to_bf16(lo));
+      _mm256_storeu_si256((__m256i*)(o + b * QK + 16), round_to_bf16(hi));
+    }
   }
 }

@@ -52,6 +52,29 @@ def test_a_gguf_matrix_packs_into_its_blocks_and_widens_back_to_the_same_numbers
         block_weights.embedding(torch.tensor([200]), packed)
 
 
+@pytest.mark.parametrize("kind", ["Q4_1", "Q8_0"])
+def test_blocks_widen_straight_to_bf16_as_torch_rounds_the_fp32_values(kind):
+    w = _matrix(70, 576, kind, seed=2)
+    packed = block_weights.pack(w)
+    want = w.bfloat16()
+    assert torch.equal(block_weights.widen_bf16(packed).view(torch.int16), want.view(torch.int16))
+    out = torch.empty(70, 576, dtype=torch.bfloat16)
+    assert block_weights.widen_bf16(packed, out=out) is out and torch.equal(out, want)
+
+
+def test_widening_to_bf16_rounds_ties_to_even():
+    # a block of m = 1 and d = 2^-8 holds 1 + q / 256: for odd q the fp32 value lies halfway between two bf16
+    # numbers (low 16 bits 0x8000); torch rounds those to the even one, and so must the kernel
+    q = torch.arange(32, dtype=torch.float32).remainder(16)
+    w = (1 + q / 256).repeat(4, 2)
+    assert (w.view(torch.int32) & 0xFFFF).eq(0x8000).sum() == 4 * 2 * 16  # the ties are there
+    packed = block_weights.pack(w)
+    assert packed is not None and packed.dtype == torch.uint8
+    got = block_weights.widen_bf16(packed)
+    assert torch.equal(got.view(torch.int16), w.bfloat16().view(torch.int16))
+    assert not torch.equal(got.float(), w)  # rounded, not truncated copies of fp32 that happen to fit
+
+
 def test_matrices_of_other_values_are_not_packed():
     w = _matrix(70, 64, "Q4_1")
     assert block_weights.pack(torch.randn(70, 64)) is None  # plain fp32

@@ -47,6 +47,41 @@ def test_prefill_kernel_equals_sdpa(heads, kv_heads, d, length, context, window)
     torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
 
 
+def _bf16_reference(q, k, v, context, scale, window):
+    """The float64 path on q, k, v rounded to bf16 (the kernel's operands), the probabilities unrounded."""
+    q, k, v = (t.bfloat16().double() for t in (q, k, v))
+    return _prefill(q, k, v, context, scale, window).float()
+
+
+@pytest.mark.skipif(not native_prefill.bf16_available(), reason="no avx512_bf16 here")
+@pytest.mark.parametrize(
+    "heads, kv_heads, d", [(9, 3, 64), (8, 1, 64), (8, 2, 128)], ids=["gqa3", "mqa", "d128"]
+)
+@pytest.mark.parametrize("length, context", [(512, 0), (37, 0), (65, 0), (100, 300)], ids=lambda v: str(v))
+@pytest.mark.parametrize("window", [None, 50])
+def test_prefill_kernel_in_bf16_equals_the_float64_path_on_bf16_operands(
+    heads, kv_heads, d, length, context, window
+):
+    q, k, v = _views(length, context, heads, kv_heads, d, seed=heads * 1000 + length + context)
+    with torch.no_grad():
+        got = native_prefill.attend(q, k, v, context, d**-0.5, window, bf16=True)
+        fp32 = native_prefill.attend(q, k, v, context, d**-0.5, window)
+    want = _bf16_reference(q, k, v, context, d**-0.5, window)
+    # what is left is the probabilities' rounding to bf16 (8 bits) before they weigh the values (|v| ~ 2)
+    torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
+    assert (got - want).abs().mean() < 1e-3
+    assert not torch.equal(got, fp32)  # bf16 arithmetic did run
+    # against fp32 the difference is mostly q's and k's rounding (scores of a sharp softmax, |s| up to ~15)
+    assert (got - fp32).abs().mean() < 1e-2
+
+
+def test_bf16_attention_is_refused_without_avx512_bf16(monkeypatch):
+    q, k, v = _views(20, 0, 4, 2, 64, seed=5)
+    monkeypatch.setattr(native_prefill, "bf16_available", lambda: False)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="avx512_bf16"):
+        native_prefill.attend(q, k, v, 0, 0.125, None, bf16=True)
+
+
 def test_a_window_of_one_sees_only_its_own_key():
     q, k, v = _views(70, 10, 4, 2, 64, seed=3)
     with torch.no_grad():

@@ -255,11 +255,13 @@ def test_auto_dtype_keeps_a_gguf_checkpoint_in_fp32_blocks_on_a_bf16_cpu(tmp_pat
 @pytest.mark.skipif(block_weights.unavailable_reason() is not None, reason="no block-weight kernel here")
 def test_long_prefill_products_in_bf16_stay_within_the_bf16_tolerance(tmp_path, monkeypatch):
     # --dtype auto on a bf16-capable CPU serves a GGUF-block checkpoint in fp32 with the GEMMs of long
-    # prefill chunks in bf16 arithmetic: they run there, and the greedy tokens after a long prompt keep to
-    # the tolerance the bf16 runner is held to
+    # prefill chunks, and their attention where the CPU has avx512_bf16, in bf16 arithmetic: they run there,
+    # and the greedy tokens after a long prompt keep to the tolerance the bf16 runner is held to
     from hotlora.kernels.narrow_linear import WIDEN_ROWS
 
-    model, path = _model_dir(tmp_path, _llama3_rope(), gguf=True)
+    config = _llama3_rope()
+    config.head_dim = 64  # the C prefill attention's head sizes (the default model's)
+    model, path = _model_dir(tmp_path, config, gguf=True)
     loaded = load_model(str(path), str(tmp_path / "cache"), device="cpu", dtype="float32")
     runner, tok = loaded.model, loaded.tokenizer
     assert runner.long_products_in_bf16()
@@ -268,10 +270,21 @@ def test_long_prefill_products_in_bf16_stay_within_the_bf16_tolerance(tmp_path, 
     monkeypatch.setattr(
         block_weights, "long_product_bf16", lambda x, w, b: rows.append(x.shape[0]) or real(x, w, b)
     )
+    attended: list[tuple[int, bool]] = []
+    kernel = prefill_attention.attend
+    monkeypatch.setattr(
+        prefill_attention, "attend", lambda q, *a: attended.append((len(q), a[-1])) or kernel(q, *a)
+    )
     prompts = [" ".join(["the quick brown fox jumps over the lazy dog"] * 7), PROMPTS[2]]
     assert len(ids_of(tok, prompts[0])) >= WIDEN_ROWS
     got = _greedy_through_engine(runner, tok, prompts, n=16)
     assert rows and min(rows) >= WIDEN_ROWS  # only the long chunks' products
+    in_bf16 = {length for length, bf16 in attended if bf16}
+    assert {length for length, _ in attended} - in_bf16  # short chunks attend in fp32
+    if prefill_attention.bf16_available():
+        assert in_bf16 and min(in_bf16) >= WIDEN_ROWS  # long ones in bf16, on a CPU that has it
+    else:
+        assert not in_bf16
     for prompt, out in zip(prompts, got, strict=True):
         assert _top1_agreement(model, tok, prompt, out) >= BF16_TOP1_AGREEMENT, prompt
 

@@ -5,7 +5,8 @@ the *prefill* chunks (several new tokens of one sequence, possibly after context
 decode rows share one call that reads their blocks in place (hotlora's C kernel, fp32 on CPU:
 `kernels/paged_attention.py`) or else one SDPA over their gathered blocks; each prefill chunk runs its own
 (causal within the chunk, lower-right aligned after its context): hotlora's C kernel where it applies (fp32
-on CPU, head size a multiple of 64, no autograd: `kernels/prefill_attention.py`), SDPA otherwise.
+on CPU, head size a multiple of 64, no autograd: `kernels/prefill_attention.py`; in bf16 arithmetic for
+chunks of WIDEN_ROWS tokens and more when the runner multiplies those in bf16), SDPA otherwise.
 Sliding-window layers mask keys more than `window - 1` positions behind the query, as transformers'
 sliding-window mask does.
 """
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 
 from hotlora.kernels import paged_attention as native_decode
 from hotlora.kernels import prefill_attention as native_prefill
+from hotlora.kernels.narrow_linear import WIDEN_ROWS
 
 
 @dataclass(frozen=True)
@@ -57,9 +59,11 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     window: int | None,
+    long_in_bf16: bool = False,
 ) -> torch.Tensor:
     """q: [T, heads, d]; k, v: [T, kv_heads, d] (already written to the pools);
-    pools: [blocks, bs, kv_heads, d]. Returns [T, heads * d]."""
+    pools: [blocks, bs, kv_heads, d]. Returns [T, heads * d]. `long_in_bf16`: prefill chunks of WIDEN_ROWS
+    tokens and more in bf16 arithmetic where the C kernel has it (Runner.long_products_in_bf16)."""
     num_tokens, heads, d = q.shape
     out = q.new_empty(num_tokens, heads, d)
     nd = meta.num_decode
@@ -89,17 +93,20 @@ def paged_attention(
         else:  # the chunk attends to its cached context too: gather it (the chunk's own K/V included)
             total = span.context + span.length
             ks, vs = _gather(k_pool, span.block_table, total), _gather(v_pool, span.block_table, total)
-        o = _prefill(q[rows], ks, vs, span.context, scale, window)
+        o = _prefill(q[rows], ks, vs, span.context, scale, window, long_in_bf16)
         if span.length == num_tokens:  # the step's only chunk: its output is the step's
             return o.reshape(num_tokens, heads * d)
         out[rows] = o
     return out.view(num_tokens, heads * d)
 
 
-def _prefill(q, k, v, context: int, scale: float, window: int | None) -> torch.Tensor:
+def _prefill(
+    q, k, v, context: int, scale: float, window: int | None, long_in_bf16: bool = False
+) -> torch.Tensor:
     """q: [L, heads, d] at positions context ..; k, v: [context + L, kv_heads, d] -> [L, heads, d]."""
     if native_prefill.usable(q, k, v):
-        return native_prefill.attend(q, k, v, context, scale, window)
+        bf16 = long_in_bf16 and q.shape[0] >= WIDEN_ROWS and native_prefill.bf16_available()
+        return native_prefill.attend(q, k, v, context, scale, window, bf16)
     qs, ks, vs = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, L, d]
     gqa = ks.shape[0] != qs.shape[0]
     # 4-D inputs: with 3-D ones torch's CPU SDPA falls back to its math path (the scores materialised,

@@ -99,6 +99,7 @@ class Runner(nn.Module):
         for i, t in enumerate(weights.tensors()):
             self.register_parameter(f"w{i}", nn.Parameter(t, requires_grad=False))
         self._lm_head = _LmHead(weights.lm_head, self.linear)
+        self._long_attention_in_bf16 = False  # long_products_in_bf16
 
     # ---- the serving forward ----------------------------------------------------------------------------
     def forward(self, step: StepInput, taps: dict | None = None) -> torch.Tensor:
@@ -111,8 +112,10 @@ class Runner(nn.Module):
         def attend(i: int, q, k, v):
             pool.write(i, meta.slot_mapping, k, v)
             return paged_attention(
-                q, k, v, pool.k[i], pool.v[i], meta, self.scale, self.spec.sliding_windows[i]
+                q, k, v, pool.k[i], pool.v[i], meta, self.scale, self.spec.sliding_windows[i], long_in_bf16
             )
+
+        long_in_bf16 = self._long_attention_in_bf16
 
         return self._run(step.token_ids, step.positions, attend, taps, native, step.lora)
 
@@ -210,13 +213,14 @@ class Runner(nn.Module):
 
     def long_products_in_bf16(self) -> bool:
         """Run the GEMMs of long prefill chunks (WIDEN_ROWS rows and more; torch's GEMM on the widened
-        matrix) in bf16 arithmetic, decode and short chunks staying in fp32 on the blocks: --dtype auto on a
-        CPU with avx512_bf16 or AMX serving a checkpoint of GGUF blocks in fp32 (runner.auto_dtype), whose
-        512-token prefill is otherwise bound by fp32 arithmetic. Returns whether it applies (fp32 weights
-        kept as blocks)."""
+        matrix) and those chunks' attention (where its C kernel has bf16) in bf16 arithmetic, decode and
+        short chunks staying in fp32 on the blocks: --dtype auto on a CPU with avx512_bf16 or AMX serving a
+        checkpoint of GGUF blocks in fp32 (runner.auto_dtype), whose 512-token prefill is otherwise bound by
+        fp32 arithmetic. Returns whether it applies (fp32 weights kept as blocks)."""
         if self.linear is not _by_storage:
             return False
         self.linear = self._lm_head._linear = _by_storage_long_in_bf16
+        self._long_attention_in_bf16 = True
         return True
 
     def _project(self, layer: int, name: str, x, weight, bias, lora) -> torch.Tensor:
