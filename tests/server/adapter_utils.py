@@ -60,13 +60,14 @@ def round_lora_to_bf16(model) -> None:
 
 
 def peft_greedy(
-    adapter_dir: Path, prompt_ids: list[int], max_new_tokens: int, lora_bf16: bool = False
+    adapter_dir: Path, prompt_ids: list[int], max_new_tokens: int, lora_bf16: bool = False, base=None
 ) -> list[int]:
+    """`base`: a function building the base model (the tiny Llama by default)."""
     from peft import PeftModel
 
     from tests.tiny import build_tiny_llama
 
-    model = PeftModel.from_pretrained(build_tiny_llama(), str(adapter_dir)).eval()
+    model = PeftModel.from_pretrained((base or build_tiny_llama)(), str(adapter_dir)).eval()
     if lora_bf16:
         round_lora_to_bf16(model)
     with torch.no_grad():

@@ -46,10 +46,12 @@ def server(tiny_model_dir, tmp_path_factory):
         yield run
 
 
-def _gen(run, prompt, adapter=""):
+def _gen(run, prompt, adapter="", ignore_eos=False):
     return run.inference.Generate(
         inference_pb2.GenerateRequest(
-            prompt=prompt, adapter=adapter, params=common_pb2.SamplingParams(max_new_tokens=NEW)
+            prompt=prompt,
+            adapter=adapter,
+            params=common_pb2.SamplingParams(max_new_tokens=NEW, ignore_eos=ignore_eos),
         ),
         timeout=60,
     )
@@ -157,6 +159,49 @@ def _peft_cls_probs(adapter_dir, texts, lora_bf16: bool) -> list[torch.Tensor]:
     tok = tiny_tokenizer()
     with torch.no_grad():
         return [model(torch.tensor([tok(t)["input_ids"]])).logits.softmax(-1)[0] for t in texts]
+
+
+def _gguf_tiny_llama():
+    from tests.kernels.test_block_weights import gguf_values
+
+    model = build_tiny_llama()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.copy_(gguf_values(p, "Q8_0" if "embed" in name or "lm_head" in name else "Q4_1"))
+    return model
+
+
+@pytest.mark.skipif(not lora_decode.available(), reason="bf16 banks are read by the C LoRA kernel")
+def test_auto_on_a_bf16_cpu_keeps_gguf_blocks_exact_and_serves_adapters_from_bf16_banks(
+    adapter_dirs, tmp_path, monkeypatch
+):
+    # --dtype auto on a CPU with avx512_bf16 keeps a GGUF checkpoint's blocks in fp32 (exact) and stores the
+    # adapters' banks in bf16, as under bf16 compute: short prompts (no bf16 products) give PEFT's tokens on
+    # that very checkpoint with A and B rounded to bf16; --dtype float32 keeps fp32 banks
+    from hotlora.server.engine.runner import loader
+
+    monkeypatch.setattr(loader, "cpu_has_fast_bf16", lambda: True)
+    path = tmp_path / "gguf"
+    _gguf_tiny_llama().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    with running_server(path, tmp_path / "data", adapter_slots=3, max_rank=16, dtype="auto") as run:
+        runner = run.state.loaded.model
+        assert run.state.loaded.dtype == torch.float32 and runner.w.packed_matrices[0] > 0
+        assert {s.bank.a.dtype for s in runner.sites.values()} == {torch.bfloat16}
+        tok = tiny_tokenizer()
+        for name, d in adapter_dirs.items():
+            run.adapters.UploadAdapter(upload_chunks(name, d))
+        jobs = [(name, p) for name in adapter_dirs for p in PROMPTS]
+        with cf.ThreadPoolExecutor(len(jobs)) as pool:  # PEFT's generate below goes past EOS: so do these
+            results = dict(zip(jobs, pool.map(lambda j: _gen(run, j[1], j[0], True), jobs), strict=True))
+    for (name, p), resp in results.items():
+        want = peft_greedy(
+            adapter_dirs[name], tok(p)["input_ids"], NEW, lora_bf16=True, base=_gguf_tiny_llama
+        )
+        assert list(resp.token_ids) == want, f"{name} {p!r} differs from PEFT on the blocks, bf16 A and B"
+    with running_server(path, tmp_path / "data2", adapter_slots=3, max_rank=16, dtype="float32") as run:
+        assert {s.bank.a.dtype for s in run.state.loaded.model.sites.values()} == {torch.float32}
 
 
 @pytest.mark.skipif(not lora_decode.available(), reason="bf16 banks are read by the C LoRA kernel")

@@ -140,6 +140,10 @@ def test_adapter_banks_narrower_than_the_compute_are_bf16_under_fp32_on_a_cpu_on
     assert bank_dtype("bfloat16", bf16, bf16, torch.device("cuda")) == bf16  # the compute dtype itself
     if lora_decode.available():
         assert bank_dtype("bfloat16", f32, f32, cpu) == bf16
+        # --dtype auto keeping GGUF blocks in fp32 on a bf16-capable CPU: bf16 banks unless asked otherwise
+        assert bank_dtype("auto", f32, f32, cpu, auto_bf16=True) == bf16
+        assert bank_dtype("float32", f32, f32, cpu, auto_bf16=True) == f32
+    assert bank_dtype("auto", bf16, bf16, torch.device("cuda"), auto_bf16=True) == bf16
     with pytest.raises(ValueError, match="bf16 under fp32 on a CPU only"):
         bank_dtype("bfloat16", f32, f32, torch.device("cuda"))
     with pytest.raises(ValueError, match="--adapter-dtype float32 under bfloat16 compute"):

@@ -99,7 +99,9 @@ class Runner(nn.Module):
         for i, t in enumerate(weights.tensors()):
             self.register_parameter(f"w{i}", nn.Parameter(t, requires_grad=False))
         self._lm_head = _LmHead(weights.lm_head, self.linear)
-        self._long_attention_in_bf16 = False  # long_products_in_bf16
+        # --dtype auto's fp32 blocks on a bf16-capable CPU, with bf16 where it is faster
+        # (long_products_in_bf16; the adapter banks read it too: server/adapters_setup.bank_dtype)
+        self.auto_bf16 = False
 
     # ---- the serving forward ----------------------------------------------------------------------------
     def forward(self, step: StepInput, taps: dict | None = None) -> torch.Tensor:
@@ -115,7 +117,7 @@ class Runner(nn.Module):
                 q, k, v, pool.k[i], pool.v[i], meta, self.scale, self.spec.sliding_windows[i], long_in_bf16
             )
 
-        long_in_bf16 = self._long_attention_in_bf16
+        long_in_bf16 = self.auto_bf16
 
         return self._run(step.token_ids, step.positions, attend, taps, native, step.lora)
 
@@ -220,7 +222,7 @@ class Runner(nn.Module):
         if self.linear is not _by_storage:
             return False
         self.linear = self._lm_head._linear = _by_storage_long_in_bf16
-        self._long_attention_in_bf16 = True
+        self.auto_bf16 = True
         return True
 
     def _project(self, layer: int, name: str, x, weight, bias, lora) -> torch.Tensor:
