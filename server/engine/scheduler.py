@@ -317,8 +317,8 @@ class Engine:
 
     # ---- one step ---------------------------------------------------------------------
     def _step(self, decode: list[Seq], prefill: list[tuple[Seq, int]]) -> None:
-        self.runner.pool.zero_blocks(self.blocks.take_fresh())
         batch = StepBatch.build(decode, prefill, self.block_size, self.device)
+        self.runner.pool.zero_blocks(self.blocks.take_fresh(), batch.mapping)
         taps: dict = {}  # earlier layers' states that pooling texts read (PoolingWork.taps)
         t0 = time.perf_counter()
         if not prefill and self.static_decode is not None and self.static_decode.fits(len(decode)):

@@ -72,8 +72,21 @@ def test_garbage_in_unused_cache_memory_never_reaches_an_output(engines, tiny_ll
     eng = engines()
     eng.runner.pool.data.fill_(float("nan"))
     eng.runner.pool.zero_blocks([0])
-    for text in ("zzz", "a", "b x"):
+    # prompts that end inside a block, and ones that fill their blocks whole (those are written, not
+    # zeroed, and the next block is handed out by a decode step)
+    texts = ["zzz", "a", "b x"] + ["q" * (n - len(ids_of(tiny_tok, ""))) for n in (31, 32, 33, 48)]
+    for text in texts:
         assert run(eng, greedy(tiny_tok, text, 40)) == hf_greedy(tiny_llama, tiny_tok, text, 40)
+
+
+def test_a_fresh_block_the_step_fills_whole_is_written_not_zeroed(engines):
+    pool = engines().runner.pool
+    bs = pool.block_size
+    pool.data.fill_(float("nan"))
+    written = list(range(5 * bs, 6 * bs)) + [6 * bs, 6 * bs + 1]  # block 5 whole, block 6 in part
+    pool.zero_blocks([5, 6, 7], written)
+    assert pool.k[0][5].isnan().all()  # the step writes every position of it
+    assert (pool.k[0][6] == 0).all() and (pool.v[1][7] == 0).all()  # masked tails must be finite
 
 
 def test_prefix_hit_gives_identical_output_and_skips_the_cached_tokens(engines, tiny_llama, tiny_tok):
