@@ -66,9 +66,10 @@ class ServerConfig:
         "auto (the --dtype; under fp32 on a CPU with AVX-512, each matrix whose fp32 values are exactly "
         "those of GGUF Q4_1 or Q8_0 blocks, as a checkpoint dequantized from a GGUF file holds (the default "
         "model is one), is kept as those blocks and read back as the same numbers: 0.19-0.28 of the bytes) "
-        "| float32 (every matrix as fp32) | bfloat16: on a CPU with AVX-512 and --dtype float32, the base "
-        "model's weights stored in bf16 and widened to fp32 by hotlora's kernel (half the bytes a decode "
-        "step reads; numerics are those of the bf16-rounded weights)",
+        "| float32 (every matrix as fp32, and fp32 compute under --dtype auto) | bfloat16: on a CPU with "
+        "AVX-512 and --dtype float32, the base model's weights stored in bf16 and widened to fp32 by "
+        "hotlora's kernel (half the bytes a decode step reads; numerics are those of the bf16-rounded "
+        "weights)",
         choices=("auto", "float32", "bfloat16"),
     )
     adapter_dtype: str = _opt(

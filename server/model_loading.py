@@ -160,6 +160,8 @@ def load_model(
             why = str(exc)
     # GGUF blocks are kept only by the runner, and only when the weights' storage is left to it
     dt = resolve_dtype(dtype, dev, path if why is None and weight_dtype == "auto" else None)
+    if dtype == "auto" and weight_dtype == "float32":  # fp32 matrices asked for: only fp32 compute reads them
+        dt = torch.float32
     stored = dt if weight_dtype == "auto" else getattr(torch, weight_dtype)
     if stored != dt and why is not None:
         raise ValueError(

@@ -248,6 +248,9 @@ def test_auto_dtype_keeps_a_gguf_checkpoint_in_fp32_blocks_on_a_bf16_cpu(tmp_pat
     asked = load_model(str(gguf), str(tmp_path / "cache"), device="cpu", dtype="float32")
     assert asked.model.linear is model_module._by_storage  # --dtype float32: every product in fp32
     assert load_model(str(plain), str(tmp_path / "cache"), device="cpu").dtype == torch.bfloat16
+    # fp32 matrices asked for (--weight-dtype float32): auto computes in fp32, the only dtype that reads them
+    kept = load_model(str(plain), str(tmp_path / "cache"), device="cpu", weight_dtype="float32")
+    assert kept.dtype == kept.model.w.stored_dtype == torch.float32
     monkeypatch.setattr(loader, "cpu_has_fast_bf16", lambda: False)
     assert loader.auto_dtype(cpu, plain) == torch.float32
 
