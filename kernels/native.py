@@ -32,11 +32,19 @@ class Unavailable(RuntimeError):
     """This machine cannot run the C kernels; the message says why."""
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (avx512f, avx512_bf16, ...), or None where unreadable."""
+    try:
+        return frozenset(Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split())
+    except (OSError, IndexError):
+        return None
+
+
 def unavailable_reason() -> str | None:
     """None when the C kernels can run here; otherwise what is missing."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
-    except (OSError, IndexError):
+    flags = cpu_flags()
+    if flags is None:
         return "the CPU's flags cannot be read from /proc/cpuinfo"
     missing = [f for f in NEEDED_CPU_FLAGS if f not in flags]
     if missing:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from pathlib import Path
 
 import torch
 
@@ -72,11 +71,7 @@ def available() -> bool:
 @functools.cache
 def bf16_available() -> bool:
     """The kernel runs here and the CPU has avx512_bf16 (its dot products)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
-    except (OSError, IndexError):
-        return False
-    return "avx512_bf16" in flags and available()
+    return "avx512_bf16" in (native.cpu_flags() or ()) and available()
 
 
 @functools.cache

@@ -9,7 +9,7 @@ import torch
 
 from hotlora.kernels import bf16_weights, block_weights
 from hotlora.kernels.narrow_linear import WIDEN_ROWS
-from hotlora.kernels.native import loads_or_warns
+from hotlora.kernels.native import cpu_flags, loads_or_warns
 
 from .kv_cache import KVCacheConfig, KVPool
 from .model import Runner
@@ -22,10 +22,7 @@ log = logging.getLogger("hotlora.runner")
 def cpu_has_fast_bf16() -> bool:
     """avx512_bf16 or AMX: oneDNN's bf16 GEMMs beat fp32 there. Without them it emulates bf16 and is
     several times slower than fp32 (measured on an avx512 Xeon without avx512_bf16: 5-7x at 512 rows)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 2)[1].split("\n", 1)[0].split()
-    except (OSError, IndexError):
-        return False
+    flags = cpu_flags() or ()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
