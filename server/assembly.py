@@ -33,6 +33,13 @@ class Components:
     training: FineTuneManager
 
 
+def _fp32_only(cfg: ServerConfig) -> str | None:
+    """The setting asked for that reads fp32 only, which `--dtype auto` then honours (load_model)."""
+    if cfg.adapter_dtype == "float32":
+        return "--adapter-dtype float32"
+    return "--torch-compile" if cfg.torch_compile else None
+
+
 def assemble(config: ServerConfig, observer: Observer = NO_OBSERVER) -> Components:
     """Load the model and build everything that needs it; `observer` hears the cache, the engine and jobs."""
     cfg = config
@@ -45,6 +52,7 @@ def assemble(config: ServerConfig, observer: Observer = NO_OBSERVER) -> Componen
         kv_block_size=cfg.kv_block_size,
         runner=cfg.runner,
         weight_dtype=cfg.weight_dtype,
+        fp32_for=_fp32_only(cfg),
     )
     if not cfg.prefix_caching:
         loaded.model.kv_config = dataclasses.replace(loaded.model.kv_config, prefix_caching=False)

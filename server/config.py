@@ -76,8 +76,8 @@ class ServerConfig:
         "auto",
         "how the adapters' LoRA banks are stored (as vLLM's --lora-dtype): auto (as the base weights: the "
         "--dtype, bf16 under --weight-dtype bfloat16; bf16 where --dtype auto keeps GGUF blocks in fp32 on a "
-        "bf16-capable CPU) | float32 (needs fp32 compute: adapters exact on "
-        "bf16-stored base weights) | bfloat16: under fp32 compute on a CPU with AVX-512, banks in bf16 "
+        "bf16-capable CPU) | float32 (needs fp32 compute, which --dtype auto then is: adapters exact, also "
+        "on bf16-stored base weights) | bfloat16: under fp32 compute on a CPU with AVX-512, banks in bf16 "
         "widened to fp32 by the LoRA kernel (half the bytes a many-adapter decode step reads, and twice the "
         "adapters a GiB holds; numerics are those of the bf16-rounded A and B)",
         choices=("auto", "float32", "bfloat16"),

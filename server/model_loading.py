@@ -134,8 +134,11 @@ def load_model(
     kv_block_size: int = 16,
     runner: str = "auto",
     weight_dtype: str = "auto",
+    fp32_for: str | None = None,
 ) -> LoadedModel:
-    """The runner on the model's safetensors, or the transformers path for a family it does not cover."""
+    """The runner on the model's safetensors, or the transformers path for a family it does not cover.
+    `fp32_for`: a setting that reads fp32 only (--adapter-dtype float32, --torch-compile): `auto` is fp32
+    then, as for --weight-dtype float32."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub at run time
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -160,7 +163,9 @@ def load_model(
             why = str(exc)
     # GGUF blocks are kept only by the runner, and only when the weights' storage is left to it
     dt = resolve_dtype(dtype, dev, path if why is None and weight_dtype == "auto" else None)
-    if dtype == "auto" and weight_dtype == "float32":  # fp32 matrices asked for: only fp32 compute reads them
+    fp32_for = "--weight-dtype float32" if weight_dtype == "float32" else fp32_for
+    if dtype == "auto" and fp32_for and dt != torch.float32:  # what was asked for reads fp32 only
+        log.info("--dtype auto: float32, which %s needs", fp32_for)
         dt = torch.float32
     stored = dt if weight_dtype == "auto" else getattr(torch, weight_dtype)
     if stored != dt and why is not None:

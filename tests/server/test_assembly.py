@@ -150,6 +150,23 @@ def test_adapter_banks_narrower_than_the_compute_are_bf16_under_fp32_on_a_cpu_on
         bank_dtype("float32", bf16, bf16, cpu)
 
 
+def test_auto_computes_in_fp32_where_a_setting_reads_fp32_only(tiny_model_dir, tmp_path, monkeypatch):
+    # on a CPU with avx512_bf16 auto is bf16 for the tiny (plain fp32) model; --adapter-dtype float32 asks
+    # for exact fp32 banks, which bf16 compute cannot take: auto is fp32 then, and the server starts
+    from hotlora.server.engine.runner import loader
+
+    monkeypatch.setattr(loader, "cpu_has_fast_bf16", lambda: True)
+    cfg = dataclasses.replace(_config(tiny_model_dir, tmp_path), dtype="auto", adapter_dtype="float32")
+    c = assemble(cfg)
+    try:
+        assert c.engine.runner.dtype == torch.float32
+        assert {s.bank.a.dtype for s in c.engine.runner.sites.values()} == {torch.float32}
+    finally:
+        c.training.close()
+        c.engine.stop()
+        c.adapters.close()
+
+
 def test_adapter_dtype_on_a_model_served_through_transformers_fails_at_start(tmp_path):
     from tests.server.test_runner_families import _model_dir, _qwen3_not_covered
 

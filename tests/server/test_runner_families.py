@@ -251,6 +251,11 @@ def test_auto_dtype_keeps_a_gguf_checkpoint_in_fp32_blocks_on_a_bf16_cpu(tmp_pat
     # fp32 matrices asked for (--weight-dtype float32): auto computes in fp32, the only dtype that reads them
     kept = load_model(str(plain), str(tmp_path / "cache"), device="cpu", weight_dtype="float32")
     assert kept.dtype == kept.model.w.stored_dtype == torch.float32
+    # and so for a setting that reads fp32 only (--adapter-dtype float32, --torch-compile)
+    asked = load_model(str(plain), str(tmp_path / "cache"), device="cpu", fp32_for="--adapter-dtype float32")
+    assert asked.dtype == torch.float32
+    blocks = load_model(str(gguf), str(tmp_path / "cache"), device="cpu", fp32_for="--torch-compile")
+    assert blocks.model.linear is model_module._by_storage_long_in_bf16  # already fp32: auto's own choices
     monkeypatch.setattr(loader, "cpu_has_fast_bf16", lambda: False)
     assert loader.auto_dtype(cpu, plain) == torch.float32
 
