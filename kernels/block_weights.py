@@ -134,17 +134,6 @@ def widen(
     return out
 
 
-def _widen_into_scratch(packed: torch.Tensor) -> torch.Tensor:
-    """widen(packed), in this thread's scratch when it fits: valid until the thread's next call."""
-    n, k = packed.shape[0], in_features(packed)
-    if n * k > SCRATCH_FLOATS:
-        return widen(packed)
-    buf = getattr(_scratch, "buf", None)
-    if buf is None:
-        buf = _scratch.buf = torch.empty(SCRATCH_FLOATS, dtype=torch.float32)
-    return widen(packed, out=buf[: n * k].view(n, k))
-
-
 def widen_bf16(packed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """`widen(packed).to(torch.bfloat16)` in one pass (into `out` when given: contiguous bf16 [N, K])."""
     n, k = packed.shape[0], in_features(packed)
@@ -156,15 +145,17 @@ def widen_bf16(packed: torch.Tensor, out: torch.Tensor | None = None) -> torch.T
     return out
 
 
-def _widen_bf16_into_scratch(packed: torch.Tensor) -> torch.Tensor:
-    """widen_bf16(packed), in this thread's bf16 scratch when it fits: valid until the thread's next call."""
+def _widen_into_scratch(packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """widen(packed), or widen_bf16(packed) for bf16, in this thread's scratch of that dtype when it fits:
+    valid until the thread's next call."""
+    fn = widen_bf16 if dtype == torch.bfloat16 else widen
     n, k = packed.shape[0], in_features(packed)
     if n * k > SCRATCH_FLOATS:
-        return widen_bf16(packed)
-    buf = getattr(_scratch, "bf16", None)
-    if buf is None:
-        buf = _scratch.bf16 = torch.empty(SCRATCH_FLOATS, dtype=torch.bfloat16)
-    return widen_bf16(packed, out=buf[: n * k].view(n, k))
+        return fn(packed)
+    bufs = _scratch.__dict__.setdefault("bufs", {})
+    if dtype not in bufs:
+        bufs[dtype] = torch.empty(SCRATCH_FLOATS, dtype=dtype)
+    return fn(packed, out=bufs[dtype][: n * k].view(n, k))
 
 
 def embedding(ids: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
@@ -185,7 +176,7 @@ def linear(
     LoRA update reads next, asked for while the kernel computes (kernels/rows_ahead.py); `long_in_bf16`:
     a long chunk's product (torch's GEMM) in bf16 arithmetic (`long_product_bf16`)."""
     if long_in_bf16 and long_chunk(x):
-        return long_product_bf16(x, _widen_bf16_into_scratch(packed), bias)
+        return long_product_bf16(x, _widen_into_scratch(packed, torch.bfloat16), bias)
     if torch_runs(x):
         kept = x.requires_grad and torch.is_grad_enabled()  # autograd keeps the weight for the backward
         return F.linear(x, widen(packed) if kept else _widen_into_scratch(packed), bias)

@@ -138,16 +138,18 @@ def test_long_chunks_on_matrices_in_turn_each_get_their_own_widened_weights():
         x = torch.randn(rows, w.shape[1])
         got = block_weights.linear(x, block_weights.pack(w))
         torch.testing.assert_close(got, F.linear(x, w), rtol=1e-5, atol=1e-5)
+        in_bf16 = block_weights.linear(x, block_weights.pack(w), long_in_bf16=True)  # its own bf16 scratch
+        assert torch.equal(in_bf16, F.linear(x.bfloat16(), w.bfloat16()).float())
     theirs = []
 
     def other():
         block_weights.linear(torch.randn(rows, 64), block_weights.pack(mats[0]))
-        theirs.append(block_weights._scratch.buf.data_ptr())
+        theirs.append(block_weights._scratch.bufs[torch.float32].data_ptr())
 
     thread = threading.Thread(target=other)
     thread.start()
     thread.join()
-    assert theirs and theirs[0] != block_weights._scratch.buf.data_ptr()
+    assert theirs and theirs[0] != block_weights._scratch.bufs[torch.float32].data_ptr()
 
 
 def test_a_wrong_input_is_turned_down_with_the_shapes():
