@@ -165,17 +165,19 @@ class NativePackedSite:
         (kernels/rows_ahead.py); None when the kernel will not run it, or for a single row (the base
         product then streams its own weights: nothing to overlap)."""
         route = _shared_route(batch, self._num_slots, self._r_max)
-        if route is None or route[3] is None or x.dim() != 2 or x.shape[0] != route[2]:
+        if route is None or route[2] < 2 or x.dim() != 2 or x.shape[0] != route[2]:
             return None
-        return Ahead(self._site.banks_ahead, route[3])
+        return Ahead(self._site.banks_ahead, _step_slots(route))
 
 
 # The last plan's route, for the bank shape it was worked out for: every site of a step sees the same plan
 # and banks of one slot count and rank, so the route is worked out once a step, not at each of ~120 sites.
 # Holding the plan keeps its id from being reused by another.
 _last_route: tuple = (None, 0, 0, None)
+# The slots the last route reads, worked out on a weight kernel's first ask (none ask on most paths).
+_last_slots: tuple = (None, None)
 
-Route = tuple[torch.Tensor, torch.Tensor, int, StepSlots | None]
+Route = tuple[torch.Tensor, torch.Tensor, int]
 
 
 def _shared_route(batch, num_slots: int, r_max: int) -> Route | None:
@@ -188,10 +190,18 @@ def _shared_route(batch, num_slots: int, r_max: int) -> Route | None:
     return route
 
 
+def _step_slots(route: Route) -> StepSlots:
+    global _last_slots
+    seen, slots = _last_slots
+    if seen is not route:
+        slots = StepSlots(route[0], route[1])
+        _last_slots = (route, slots)  # one tuple, as _last_route
+    return slots
+
+
 def _route_of(batch, num_slots: int, r_max: int) -> Route | None:
-    """(slots, ranks, tokens, the slots read in order) for the kernel, int64 and contiguous, or None: the
-    plan is not one the kernel takes as it is for banks of `num_slots` slots of rank `r_max` (the general
-    path then runs it). The slots read are worked out for several tokens only (NativePackedSite.ahead)."""
+    """(slots, ranks, tokens) for the kernel, int64 and contiguous, or None: the plan is not one the kernel
+    takes as it is for banks of `num_slots` slots of rank `r_max` (the general path then runs it)."""
     if not isinstance(batch, (SegmentPlan, SlotsPlan)) or not batch.has_lora:
         return None
     if batch.slot_ranks.shape[0] != num_slots or batch.max_rank > r_max:
@@ -203,8 +213,7 @@ def _route_of(batch, num_slots: int, r_max: int) -> Route | None:
     slots, ranks = batch.token_slots, batch.slot_ranks
     if slots.dim() != 1 or slots.shape[0] != batch.num_tokens or not (slots.is_cpu and ranks.is_cpu):
         return None
-    slots, ranks = slots.to(torch.int64).contiguous(), ranks.to(torch.int64).contiguous()
-    return slots, ranks, batch.num_tokens, StepSlots(slots, ranks) if batch.num_tokens > 1 else None
+    return slots.to(torch.int64).contiguous(), ranks.to(torch.int64).contiguous(), batch.num_tokens
 
 
 def _segment_update(

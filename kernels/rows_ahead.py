@@ -4,7 +4,8 @@ memory bus idle, and the update after it only streams its adapters' rows; the bl
 (`block_weights.linear`, `bf16_weights.linear`, argument `ahead`) prefetch those rows into L2 on the way.
 
 `SiteBanks` describes one site's banks (fixed while they live: kernels.lora_decode.PackedSite builds it),
-`StepSlots` one step's slots (shared by its ~120 sites: kernels.cpu's route builds it); an `Ahead` pairs
+`StepSlots` one step's slots (shared by its ~120 sites: kernels.cpu works it out once a step, on the
+first ask); an `Ahead` pairs
 them for one call."""
 
 from __future__ import annotations

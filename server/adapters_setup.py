@@ -48,10 +48,8 @@ def bank_dtype(
     base; banks read half the bytes, the default model's 32-adapter decode 0.71 -> 0.80 of the base's);
     narrower than the compute dtype only as bf16 under fp32 on a CPU whose LoRA kernel widens them as it
     reads (elsewhere every call would convert a bank)."""
-    if asked == "auto":
-        if auto_bf16 and compute == torch.float32 and torch.device(device).type == "cpu":
-            return torch.bfloat16 if lora_decode.available() else stored
-        return stored
+    if asked == "auto":  # auto_bf16: fp32 compute on a CPU, where bf16 banks are read widened
+        return torch.bfloat16 if auto_bf16 and lora_decode.available() else stored
     want = getattr(torch, asked)
     if want == compute:
         return want
@@ -97,7 +95,7 @@ def setup_adapters(cfg: ServerConfig, loaded: LoadedModel, observer: AdapterObse
             per_slot / 2**20,
             per_slot * cfg.adapter_slots / 2**20,
             " (--dtype auto on a bf16-capable CPU; --adapter-dtype float32 for exact adapters)"
-            if banks != loaded.dtype and cfg.adapter_dtype == "auto"
+            if banks != runner.w.stored_dtype and cfg.adapter_dtype == "auto"
             else "",
         )
     else:  # the transformers path: wrap its nn.Linear layers, banks in the model's dtype

@@ -57,6 +57,17 @@ def _gen(run, prompt, adapter="", ignore_eos=False):
     )
 
 
+def _all_at_once(run, jobs, ignore_eos=False) -> dict:
+    """(adapter, prompt) -> the Generate response, every job in flight at once (one mixed batch)."""
+    with cf.ThreadPoolExecutor(len(jobs)) as pool:
+        return dict(zip(jobs, pool.map(lambda j: _gen(run, j[1], j[0], ignore_eos), jobs), strict=True))
+
+
+def _upload_all(run, adapter_dirs) -> None:
+    for name, d in adapter_dirs.items():
+        run.adapters.UploadAdapter(upload_chunks(name, d))
+
+
 def test_upload_then_every_adapter_matches_peft_in_one_mixed_batch(server, adapter_dirs):
     tok = tiny_tokenizer()
     for name, d in adapter_dirs.items():
@@ -74,9 +85,7 @@ def test_upload_then_every_adapter_matches_peft_in_one_mixed_batch(server, adapt
         )
         expected[("", p)] = out[0, len(ids) :].tolist()
     # every adapter (more than the 3 device slots) and the base model, all in flight at once
-    jobs = [(name, p) for name in [*adapter_dirs, ""] for p in PROMPTS]
-    with cf.ThreadPoolExecutor(len(jobs)) as pool:
-        results = dict(zip(jobs, pool.map(lambda j: _gen(server, j[1], j[0]), jobs), strict=True))
+    results = _all_at_once(server, [(name, p) for name in [*adapter_dirs, ""] for p in PROMPTS])
     for job, resp in results.items():
         assert list(resp.token_ids) == expected[job], f"{job} differs from PEFT"
         assert resp.adapter == (f"{job[0]}@1" if job[0] else "")
@@ -190,11 +199,9 @@ def test_auto_on_a_bf16_cpu_keeps_gguf_blocks_exact_and_serves_adapters_from_bf1
         assert run.state.loaded.dtype == torch.float32 and runner.w.packed_matrices[0] > 0
         assert {s.bank.a.dtype for s in runner.sites.values()} == {torch.bfloat16}
         tok = tiny_tokenizer()
-        for name, d in adapter_dirs.items():
-            run.adapters.UploadAdapter(upload_chunks(name, d))
-        jobs = [(name, p) for name in adapter_dirs for p in PROMPTS]
-        with cf.ThreadPoolExecutor(len(jobs)) as pool:  # PEFT's generate below goes past EOS: so do these
-            results = dict(zip(jobs, pool.map(lambda j: _gen(run, j[1], j[0], True), jobs), strict=True))
+        _upload_all(run, adapter_dirs)
+        # PEFT's generate below goes past EOS: so do these
+        results = _all_at_once(run, [(name, p) for name in adapter_dirs for p in PROMPTS], ignore_eos=True)
     for (name, p), resp in results.items():
         want = peft_greedy(
             adapter_dirs[name], tok(p)["input_ids"], NEW, lora_bf16=True, base=_gguf_tiny_llama
@@ -221,11 +228,9 @@ def test_bf16_adapter_banks_serve_as_peft_on_the_bf16_rounded_adapters(
         sites = run.state.loaded.model.sites.values()
         assert {s.bank.a.dtype for s in sites} == {torch.bfloat16}
         tok = tiny_tokenizer()
-        for name, d in adapter_dirs.items():
-            run.adapters.UploadAdapter(upload_chunks(name, d))
-        jobs = [(name, p) for name in adapter_dirs for p in PROMPTS]
-        with cf.ThreadPoolExecutor(len(jobs)) as pool:  # more adapters than slots, in one mixed batch
-            results = dict(zip(jobs, pool.map(lambda j: _gen(run, j[1], j[0]), jobs), strict=True))
+        _upload_all(run, adapter_dirs)
+        # more adapters than slots, in one mixed batch
+        results = _all_at_once(run, [(name, p) for name in adapter_dirs for p in PROMPTS])
         for (name, p), resp in results.items():
             want = peft_greedy(adapter_dirs[name], tok(p)["input_ids"], NEW, lora_bf16=True)
             assert list(resp.token_ids) == want, f"{name} {p!r} differs from PEFT on bf16-rounded A and B"
@@ -270,13 +275,11 @@ def test_the_base_product_prefetches_the_adapters_rows_and_no_token_changes(
         dtype="float32",
         weight_dtype="bfloat16",
     ) as run:
-        for name, d in adapter_dirs.items():
-            run.adapters.UploadAdapter(upload_chunks(name, d))
+        _upload_all(run, adapter_dirs)
         jobs = [(name, p) for name in adapter_dirs for p in PROMPTS]
 
         def tokens():
-            with cf.ThreadPoolExecutor(len(jobs)) as pool:
-                return [list(r.token_ids) for r in pool.map(lambda j: _gen(run, j[1], j[0]), jobs)]
+            return [list(r.token_ids) for r in _all_at_once(run, jobs).values()]
 
         with_rows_ahead = tokens()
         assert asked and all(rows >= 2 for rows, _ in asked)  # one row streams its own weights: none asked

@@ -114,10 +114,8 @@ class Runner(nn.Module):
         def attend(i: int, q, k, v):
             pool.write(i, meta.slot_mapping, k, v)
             return paged_attention(
-                q, k, v, pool.k[i], pool.v[i], meta, self.scale, self.spec.sliding_windows[i], long_in_bf16
+                q, k, v, pool.k[i], pool.v[i], meta, self.scale, self.spec.sliding_windows[i], self.auto_bf16
             )
-
-        long_in_bf16 = self.auto_bf16
 
         return self._run(step.token_ids, step.positions, attend, taps, native, step.lora)
 
