@@ -3,12 +3,13 @@ Registered by hotlora.clients.cli; torch is imported only when a command runs.""
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
 
 from hotlora.server.config import add_config_arguments, config_from_args
+from hotlora.server.flags import add_flags
+from hotlora.server.fleet.app import FleetConfig, fleet_config_from
 
 
 def register_commands(subparsers) -> None:
@@ -27,28 +28,7 @@ def register_commands(subparsers) -> None:
         "to replicas that hold them (multiplexing). Takes every `serve` flag for the replicas.",
     )
     add_config_arguments(fleet)
-    fleet.add_argument("--replicas", type=int, default=int(os.environ.get("HOTLORA_REPLICAS", "2")))
-    fleet.add_argument(
-        "--replica-cpus", type=float, default=float(os.environ.get("HOTLORA_REPLICA_CPUS", "1"))
-    )
-    fleet.add_argument(
-        "--max-adapters-per-replica",
-        type=int,
-        default=int(os.environ.get("HOTLORA_MAX_ADAPTERS_PER_REPLICA", "32")),
-        help="adapter versions one replica is routed as holding (Ray Serve multiplexing)",
-    )
-    fleet.add_argument("--grpc-port", type=int, default=int(os.environ.get("HOTLORA_GRPC_PORT", "9000")))
-    fleet.add_argument(
-        "--ray-http-port",
-        type=int,
-        default=int(os.environ.get("HOTLORA_RAY_HTTP_PORT", "8000")),
-        help="port of Ray Serve's HTTP proxy: the fleet's OpenAI-compatible HTTP door",
-    )
-    fleet.add_argument(
-        "--ray-http-host",
-        default=os.environ.get("HOTLORA_RAY_HTTP_HOST", "127.0.0.1"),
-        help="address Ray Serve's HTTP proxy binds (loopback by default; 0.0.0.0 for other machines)",
-    )
+    add_flags(fleet, FleetConfig)
     fleet.set_defaults(func=_serve_fleet)
     prep = subparsers.add_parser(
         "prepare-model",
@@ -86,26 +66,15 @@ def _serve(args) -> int:
 
 
 def _serve_fleet(args) -> int:
-    cfg = _config(args)
-    if cfg is None:
-        return 2
-    from hotlora.server.fleet.app import FleetConfig, start_serve
-    from hotlora.server.logs import setup_logging
-
-    setup_logging(cfg.log_level, cfg.log_format)
     try:
-        fleet = FleetConfig(
-            cfg,
-            args.replicas,
-            args.replica_cpus,
-            args.max_adapters_per_replica,
-            args.grpc_port,
-            args.ray_http_port,
-            args.ray_http_host,
-        )
+        fleet = fleet_config_from(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from hotlora.server.fleet.app import start_serve
+    from hotlora.server.logs import setup_logging
+
+    setup_logging(fleet.server.log_level, fleet.server.log_format)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

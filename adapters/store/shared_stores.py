@@ -11,8 +11,8 @@ from pathlib import Path
 
 from hotlora.adapters.store.registry import AdapterRegistry
 from hotlora.adapters.store.s3_blob_store import S3Options
+from hotlora.adapters.store.store_urls import check_store_urls
 
-POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 FLEET_INSTALL_HINT = "install the fleet extra: pip install 'hotlora[fleet]'"
 
 
@@ -38,22 +38,6 @@ class StoreConfig:
     @property
     def shared(self) -> bool:
         return bool(self.registry)
-
-
-def check_store_urls(registry: str, blob_store: str) -> list[str]:
-    problems = []
-    if registry and not registry.startswith(POSTGRES_SCHEMES):
-        problems.append(f"--registry must be empty (SQLite) or postgresql://... (got {registry!r})")
-    if blob_store and not blob_store.startswith("s3://"):
-        problems.append(
-            f"--blob-store must be empty (a local directory) or s3://bucket/prefix (got {blob_store!r})"
-        )
-    if bool(registry) != bool(blob_store):
-        problems.append(
-            "--registry postgresql://... and --blob-store s3://... go together: replicas sharing one must "
-            "share the other (a local SQLite file or blob directory is seen by one process only)"
-        )
-    return problems
 
 
 def default_replica_id() -> str:

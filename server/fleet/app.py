@@ -10,34 +10,44 @@ deploy/k8s/ use."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass
 
-from hotlora.server.config import ServerConfig
+from pydantic import model_validator
+
+from hotlora.server.config import ServerConfig, config_from_args
+from hotlora.server.flags import config_class, config_from, flag
 
 GRPC_SERVICER = "hotlora.v1.inference_pb2_grpc.add_InferenceServicer_to_server"
 APP_NAME = "hotlora"
 
 
-@dataclass(frozen=True)
+@config_class(frozen=True)
 class FleetConfig:
-    server: ServerConfig
-    """What every replica serves (its --port/--host are the replicas' own loopback ports)."""
-    replicas: int = 2
-    """Ray Serve replicas, each holding the base model."""
-    replica_cpus: float = 1.0
-    """CPUs Ray reserves for one replica."""
-    max_adapters_per_replica: int = 32
-    """Adapter versions one replica is routed as holding (Ray Serve's multiplexing LRU)."""
-    grpc_port: int = 9000
-    """Port of Ray Serve's gRPC proxy (it binds every interface)."""
-    ray_http_port: int = 8000
-    """Port of Ray Serve's HTTP proxy: the fleet's OpenAI-compatible HTTP door (docs/http.md)."""
-    ray_http_host: str = "127.0.0.1"
-    """Address Ray Serve's HTTP proxy binds (loopback unless asked: `0.0.0.0` serves other machines)."""
+    """`serve-fleet`'s own flags (declared once, as `hotlora serve`'s are; server/flags.py), beside the
+    ServerConfig every replica serves (its --port/--host are the replicas' own loopback ports)."""
 
-    def __post_init__(self):
+    server: ServerConfig
+    replicas: int = flag(2, "Ray Serve replicas, each holding the base model", ge=1)
+    replica_cpus: float = flag(1.0, "CPUs Ray reserves for one replica", gt=0)
+    max_adapters_per_replica: int = flag(
+        32, "adapter versions one replica is routed as holding (Ray Serve multiplexing)", ge=1
+    )
+    grpc_port: int = flag(9000, "port of Ray Serve's gRPC proxy (it binds every interface)", ge=1, le=65535)
+    ray_http_port: int = flag(
+        8000,
+        "port of Ray Serve's HTTP proxy: the fleet's OpenAI-compatible HTTP door (docs/http.md)",
+        ge=1,
+        le=65535,
+    )
+    ray_http_host: str = flag(
+        "127.0.0.1",
+        "address Ray Serve's HTTP proxy binds (loopback by default; 0.0.0.0 for other machines)",
+        min_length=1,
+        must="an address (127.0.0.1, 0.0.0.0, ...)",
+    )
+
+    @model_validator(mode="after")
+    def _check_together(self):
         problems = []
         if not self.server.registry or not self.server.blob_store:
             problems.append(
@@ -48,19 +58,17 @@ class FleetConfig:
                 "serve-fleet listens on every interface (Ray Serve's gRPC proxy binds [::]): "
                 "give --tokens-file"
             )
-        if self.replicas < 1 or self.max_adapters_per_replica < 1:
-            problems.append("--replicas and --max-adapters-per-replica must be at least 1")
-        if self.replica_cpus <= 0:
-            problems.append(f"--replica-cpus must be more than 0 (got {self.replica_cpus})")
-        for flag, port in (("--grpc-port", self.grpc_port), ("--ray-http-port", self.ray_http_port)):
-            if not 1 <= port <= 65535:
-                problems.append(f"{flag} must be 1..65535 (got {port})")
-        if not self.ray_http_host:
-            problems.append("--ray-http-host must name an address (127.0.0.1, 0.0.0.0, ...)")
         if self.grpc_port == self.ray_http_port:
             problems.append(f"--grpc-port and --ray-http-port must differ (both {self.grpc_port})")
         if problems:
-            raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
+            raise ValueError("\n".join(problems))
+        return self
+
+
+def fleet_config_from(args=None, environ=None) -> FleetConfig:
+    """The replicas' ServerConfig and the fleet's own flags from one command line and environment
+    (flag > HOTLORA_<FLAG> > default). Raises ConfigError naming each bad flag."""
+    return config_from(FleetConfig, args, environ, server=config_from_args(args, environ))
 
 
 def build_app(fleet: FleetConfig):
@@ -97,20 +105,6 @@ def start_serve(fleet: FleetConfig) -> None:
 
 
 def app_from_env(args: dict | None = None):
-    """For `serve run` / a RayService: the replicas' settings from HOTLORA_* variables (as for
-    `hotlora serve`), the fleet's from HOTLORA_REPLICAS, HOTLORA_MAX_ADAPTERS_PER_REPLICA, ..."""
-    from hotlora.server.config import ServerConfig, _convert
-
-    kwargs = {}
-    for f in dataclasses.fields(ServerConfig):
-        raw = os.environ.get("HOTLORA_" + f.name.upper())
-        if raw is not None:
-            kwargs[f.name] = _convert(f.name, f.type, raw)
-    fleet = FleetConfig(
-        ServerConfig(**kwargs),
-        replicas=int(os.environ.get("HOTLORA_REPLICAS", "2")),
-        replica_cpus=float(os.environ.get("HOTLORA_REPLICA_CPUS", "1")),
-        max_adapters_per_replica=int(os.environ.get("HOTLORA_MAX_ADAPTERS_PER_REPLICA", "32")),
-        ray_http_host=os.environ.get("HOTLORA_RAY_HTTP_HOST", "127.0.0.1"),
-    )
-    return build_app(fleet)
+    """For `serve run` / a RayService: the replicas' settings from HOTLORA_* variables and the fleet's
+    (HOTLORA_REPLICAS, HOTLORA_MAX_ADAPTERS_PER_REPLICA, ...), read as `hotlora serve-fleet` reads them."""
+    return build_app(fleet_config_from())
