@@ -7,6 +7,7 @@ installed. A gRPC error prints one line on stderr, `error: <STATUS>: <details>`,
 from __future__ import annotations
 
 import argparse
+import difflib
 import sys
 from collections.abc import Callable, Sequence
 
@@ -19,6 +20,45 @@ from hotlora.clients._common import ClientError
 
 class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that refuses a mistyped option or command before parsing, with the closest real one
+    ("did you mean --adapter?"). Checked first because argparse would take the word after a mistyped
+    option as a positional argument: `generate --adaptr NAME PROMPT` would send NAME as the prompt.
+    Each (sub)command checks its own words, up to the word of its subcommand."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        problem = self._unknown_word(args)
+        if problem:
+            self.error(problem)
+        return super().parse_known_args(args, namespace)
+
+    def _unknown_word(self, args: list[str]) -> str | None:
+        options = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+        commands = [
+            name for a in self._actions if isinstance(a, argparse._SubParsersAction) for name in a.choices
+        ]
+        for arg in args:
+            if arg == "--" or arg in commands:
+                return None  # the rest is positional, or the subcommand's to check
+            if commands and not arg.startswith("-"):
+                return f"unknown command {arg!r}" + _suggestion(
+                    arg, commands, f"; choose from {', '.join(commands)}"
+                )
+            if not arg.startswith("--") or " " in arg:
+                continue  # a value, a short option, or a text argparse reads as positional
+            name = arg.split("=", 1)[0]
+            if name in options or (self.allow_abbrev and any(o.startswith(name) for o in options)):
+                continue
+            return f"unrecognized option {name}" + _suggestion(name, options, f" (see {self.prog} --help)")
+        return None
+
+
+def _suggestion(word: str, known: Sequence[str], otherwise: str) -> str:
+    close = difflib.get_close_matches(word, known, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else otherwise
 
 
 def _add(sub: argparse._SubParsersAction, name: str, help: str, func: Callable, parents=(), **kw):
@@ -201,7 +241,7 @@ def _add_finetune(sub: argparse._SubParsersAction, conn: argparse.ArgumentParser
 
 def build_parser() -> argparse.ArgumentParser:
     """The whole `hotlora` parser; environment defaults are read now (call it per run)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="hotlora",
         description="hotlora: one resident base model serving and fine-tuning many tenants' LoRA adapters.",
         epilog=cmd.ENV_HELP,
