@@ -16,6 +16,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 log = logging.getLogger("hotlora.kernels")
@@ -78,6 +79,8 @@ def library(name: str) -> ctypes.CDLL:
         # built beside the target, then renamed: a process building at the same time never loads half a file
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
+        started = time.monotonic()
+        log.info("building the C kernel %s (once: kept in %s)", name, target.parent)
         try:
             done = subprocess.run(
                 [compiler(), *FLAGS[:-1], "-o", tmp, str(source_path), FLAGS[-1]],
@@ -88,6 +91,7 @@ def library(name: str) -> ctypes.CDLL:
             if done.returncode != 0:
                 raise Unavailable(f"building {source_path.name} failed:\n{done.stderr.strip()}")
             os.replace(tmp, target)
+            log.info("built the C kernel %s in %.2f s", name, time.monotonic() - started)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

@@ -29,8 +29,10 @@ from hotlora.server.frontend.auth import TokenAuthenticator
 from hotlora.server.frontend.inference import InferenceFrontend
 from hotlora.server.http.door import HttpDoor
 from hotlora.server.http.server import HttpServer
+from hotlora.server.logs import startup_phase
 from hotlora.server.metrics import Metrics
 from hotlora.server.model_loading import LoadedModel
+from hotlora.server.port_binding import PortUnavailable, bind_port
 from hotlora.server.registry_health import RegistryHealth
 from hotlora.server.rpc.adapters_service import AdaptersServicer
 from hotlora.server.rpc.admission import RpcAdmission, RpcLimits
@@ -138,29 +140,62 @@ class HotloraServer:
 
     # ---- lifecycle ----------------------------------------------------------------
     def bind(self) -> int:
+        """Bind the metrics, HTTP and gRPC ports (each may be 0: a free one). Raises PortUnavailable naming
+        the port and its flag, with nothing left bound."""
         cfg = self.config
-        address = f"{cfg.host}:{cfg.port}"
-        if cfg.tls_cert:
-            with open(cfg.tls_key, "rb") as f:
-                key = f.read()
-            with open(cfg.tls_cert, "rb") as f:
-                cert = f.read()
-            ca = open(cfg.tls_client_ca, "rb").read() if cfg.tls_client_ca else None
-            creds = grpc.ssl_server_credentials(
-                [(key, cert)], root_certificates=ca, require_client_auth=bool(ca)
-            )
-            self.port = self.grpc.add_secure_port(address, creds)
-        else:
-            self.port = self.grpc.add_insecure_port(address)
-        if not self.port:
-            raise RuntimeError(f"could not bind the gRPC port {address}")
-        if self.metrics is not None:
-            self.metrics_port = self.metrics.start_http(cfg.metrics_host or cfg.host, cfg.metrics_port)
-        if cfg.http_port >= 0:
-            door = HttpDoor(self.state, self.auth, self.admission, self.metrics)
-            self.http = HttpServer(door.app, cfg.http_host or cfg.host, cfg.http_port)
-            self.http_port = self.http.port
+        with startup_phase("ports") as phase:
+            try:
+                if self.metrics is not None:
+                    host = cfg.metrics_host or cfg.host
+                    self.metrics_port = bind_port(
+                        "Prometheus metrics", "--metrics-port", host, cfg.metrics_port,
+                        lambda: self.metrics.start_http(host, cfg.metrics_port), can_be_off=True,
+                    )  # fmt: skip
+                if cfg.http_port >= 0:
+                    door = HttpDoor(self.state, self.auth, self.admission, self.metrics)
+                    host = cfg.http_host or cfg.host
+                    self.http = bind_port(
+                        "the OpenAI-compatible HTTP door", "--http-port", host, cfg.http_port,
+                        lambda: HttpServer(door.app, host, cfg.http_port), can_be_off=True,
+                    )  # fmt: skip
+                    self.http_port = self.http.port
+                # last: an unstarted gRPC server cannot give its port back (stop() is a no-op before start)
+                self.port = bind_port("gRPC", "--port", cfg.host, cfg.port, self._add_grpc_port)
+            except PortUnavailable:
+                self._unbind()
+                raise
+            phase.note = self._ports_line()
         return self.port
+
+    def _add_grpc_port(self) -> int:
+        cfg = self.config
+        address = f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"
+        if not cfg.tls_cert:
+            return self.grpc.add_insecure_port(address)
+        with open(cfg.tls_key, "rb") as f:
+            key = f.read()
+        with open(cfg.tls_cert, "rb") as f:
+            cert = f.read()
+        ca = open(cfg.tls_client_ca, "rb").read() if cfg.tls_client_ca else None
+        creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=bool(ca))
+        return self.grpc.add_secure_port(address, creds)
+
+    def _unbind(self) -> None:
+        """Release what `bind` bound before a port failed (an in-process caller may try again)."""
+        if self.metrics is not None:
+            self.metrics.stop_http()
+        if self.http is not None:
+            self.http.sock.close()
+        self.port = self.metrics_port = self.http = self.http_port = None
+
+    def _ports_line(self) -> str:
+        cfg = self.config
+        ports = [f"gRPC on {cfg.host}:{self.port}"]
+        if self.metrics_port is not None:
+            ports.append(f"metrics on {cfg.metrics_host or cfg.host}:{self.metrics_port}")
+        if self.http_port is not None:
+            ports.append(f"HTTP on {cfg.http_host or cfg.host}:{self.http_port}")
+        return ", ".join(ports)
 
     def start(self) -> None:
         if self.port is None:
@@ -178,7 +213,7 @@ class HotloraServer:
     def load(self) -> None:
         """Load the model and everything that needs it, then report SERVING."""
         t0 = time.monotonic()
-        components = assemble(self.config, self.observer)
+        components = assemble(self.config, self.observer)  # logs its phases
         self.state.install(components)
         loaded, adapters = components.loaded, components.adapters
         if self.metrics is not None:
@@ -191,7 +226,11 @@ class HotloraServer:
         self.ready_seconds = time.monotonic() - t0
         self._set_health(True)
         log.info(
-            "ready: model %s on %s/%s in %.2f s", loaded.name, loaded.device, loaded.dtype, self.ready_seconds
+            "ready: model %s on %s/%s in %.2f s (health SERVING)",
+            loaded.name,
+            loaded.device,
+            loaded.dtype,
+            self.ready_seconds,
         )
 
     def _registry_health_changed(self, healthy: bool) -> None:
@@ -240,12 +279,7 @@ class HotloraServer:
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         self.start()
-        print(
-            f"hotlora: gRPC on {self.config.host}:{self.port}"
-            + (f", metrics on :{self.metrics_port}" if self.metrics_port else "")
-            + (f", HTTP on :{self.http_port}" if self.http_port else ""),
-            flush=True,
-        )
+        print(f"hotlora: {self._ports_line()}", flush=True)
         loader = threading.Thread(target=self._load_or_die, args=(stop,), daemon=True)
         loader.start()
         while not stop.wait(0.5):

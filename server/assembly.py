@@ -18,6 +18,7 @@ from hotlora.server.config import ServerConfig
 from hotlora.server.engine.runner.decode_graphs import StaticDecode, compile_refusal
 from hotlora.server.engine.scheduler import Engine, EngineLimits
 from hotlora.server.frontend.inference import InferenceFrontend
+from hotlora.server.logs import startup_phase
 from hotlora.server.model_loading import LoadedModel, load_model
 from hotlora.server.training_setup import setup_training
 
@@ -43,35 +44,43 @@ def _fp32_only(cfg: ServerConfig) -> str | None:
 def assemble(config: ServerConfig, observer: Observer = NO_OBSERVER) -> Components:
     """Load the model and build everything that needs it; `observer` hears the cache, the engine and jobs."""
     cfg = config
-    loaded = load_model(
-        cfg.model,
-        cfg.cache_dir,
-        cfg.device,
-        cfg.dtype,
-        kv_cache_bytes=cfg.kv_cache_bytes,
-        kv_block_size=cfg.kv_block_size,
-        runner=cfg.runner,
-        weight_dtype=cfg.weight_dtype,
-        fp32_for=_fp32_only(cfg),
-    )
+    with startup_phase("model load", announce=True) as phase:
+        loaded = load_model(
+            cfg.model,
+            cfg.cache_dir,
+            cfg.device,
+            cfg.dtype,
+            kv_cache_bytes=cfg.kv_cache_bytes,
+            kv_block_size=cfg.kv_block_size,
+            runner=cfg.runner,
+            weight_dtype=cfg.weight_dtype,
+            fp32_for=_fp32_only(cfg),
+        )
+        phase.note = f"{loaded.name} on {loaded.device}/{loaded.dtype}"
     if not cfg.prefix_caching:
         loaded.model.kv_config = dataclasses.replace(loaded.model.kv_config, prefix_caching=False)
-    adapters = setup_adapters(cfg, loaded, observer)
-    limits = EngineLimits(cfg.max_batch_size, cfg.max_queue, cfg.max_queue_per_tenant, cfg.max_prefill_tokens)
-    engine = Engine(
-        loaded.model,
-        loaded.tokenizer,
-        limits=limits,
-        runtime=adapters.runtime,
-        observer=observer,
-        task_share=cfg.train_share,
-        static_decode=_decode_graphs(cfg, loaded, adapters.runtime),
-        task_idle_grace_s=cfg.train_idle_grace_ms / 1000.0,
-    )
-    engine.start()
+    with startup_phase("adapter banks") as phase:
+        adapters = setup_adapters(cfg, loaded, observer)
+        phase.note = f"{cfg.adapter_slots} slots of rank up to {cfg.max_rank}"
+    with startup_phase("engine"):
+        limits = EngineLimits(
+            cfg.max_batch_size, cfg.max_queue, cfg.max_queue_per_tenant, cfg.max_prefill_tokens
+        )
+        engine = Engine(
+            loaded.model,
+            loaded.tokenizer,
+            limits=limits,
+            runtime=adapters.runtime,
+            observer=observer,
+            task_share=cfg.train_share,
+            static_decode=_decode_graphs(cfg, loaded, adapters.runtime),
+            task_idle_grace_s=cfg.train_idle_grace_ms / 1000.0,
+        )
+        engine.start()
     try:
-        frontend = InferenceFrontend(engine, loaded.tokenizer, cfg, adapters.service)
-        training = setup_training(cfg, loaded, adapters, engine, observer)
+        with startup_phase("doors and fine-tuning"):
+            frontend = InferenceFrontend(engine, loaded.tokenizer, cfg, adapters.service)
+            training = setup_training(cfg, loaded, adapters, engine, observer)
     except BaseException:
         engine.stop()  # nothing else holds it yet
         raise

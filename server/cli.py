@@ -50,18 +50,24 @@ def _serve(args) -> int:
     cfg = _config(args)
     if cfg is None:
         return 2
-    from hotlora.server.logs import setup_logging
+    from hotlora.server.logs import setup_logging, startup_phase
 
     setup_logging(cfg.log_level, cfg.log_format)
-    from hotlora.adapters.errors import HotloraError
-    from hotlora.server.app import HotloraServer
+    with startup_phase("imports (torch, transformers, grpc)", announce=True):
+        from hotlora.adapters.errors import HotloraError
+        from hotlora.server.app import HotloraServer
+        from hotlora.server.port_binding import PortUnavailable
 
     try:
         server = HotloraServer(cfg)
     except HotloraError as exc:  # e.g. a tokens file that lists one token twice
         print(f"error: {exc.message}", file=sys.stderr)
         return 2
-    server.serve_forever()
+    try:
+        server.serve_forever()
+    except PortUnavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return getattr(server, "exit_code", 0)
 
 

@@ -293,6 +293,14 @@ class ServerConfig:
             problems.append("--max-request-tokens cannot be below --max-prompt-tokens")
         if self.upload_buffer_bytes < self.max_upload_bytes:
             problems.append("--upload-buffer-bytes cannot be below --max-upload-bytes (one upload must fit)")
+        ports = {"--port": self.port, "--metrics-port": self.metrics_port, "--http-port": self.http_port}
+        for a, b in (
+            ("--port", "--metrics-port"),
+            ("--port", "--http-port"),
+            ("--metrics-port", "--http-port"),
+        ):
+            if ports[a] > 0 and ports[a] == ports[b]:
+                problems.append(f"{a} and {b} must differ (both {ports[a]}; 0 takes a free one for each)")
         problems += _precision_problems(self)
         if self.torch_compile and self.runner == "transformers":
             problems.append("--torch-compile compiles hotlora's runner, not --runner transformers")

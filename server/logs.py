@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 # fields a log call may attach with extra={...}; prompt text and tokens are never among them
 FIELDS = ("request_id", "tenant", "adapter", "rpc", "status", "latency_s", "job_id")
 
 ACCESS_LOGGER = "hotlora.access"
+STARTUP_LOGGER = "hotlora.startup"
 _MAX_FIELD = 128  # client-supplied strings (request ids, adapter refs) are truncated in logs
 _access = logging.getLogger(ACCESS_LOGGER)
 
@@ -43,6 +47,31 @@ def setup_logging(level: str = "info", fmt: str = "text") -> None:
     root.setLevel(level.upper())
     for noisy in ("transformers", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@dataclass
+class Phase:
+    name: str
+    note: str = ""
+    """What the phase made, for its log line (`SmolLM2-135M-Instruct on cpu/float32`)."""
+    seconds: float = 0.0
+
+
+@contextlib.contextmanager
+def startup_phase(name: str, announce: bool = False) -> Iterator[Phase]:
+    """One phase of start-up (ports, model load, adapter banks, ...): logs `start-up: NAME in X.XX s` when
+    it ends, or that it failed and after how long, so a slow start shows where its time went. `announce`:
+    also say when it begins (a phase that may take long, so a start is never silent)."""
+    phase, t0 = Phase(name), time.monotonic()
+    log = logging.getLogger(STARTUP_LOGGER)
+    log.log(logging.INFO if announce else logging.DEBUG, "start-up: %s ...", name)
+    try:
+        yield phase
+    except BaseException:
+        log.error("start-up: %s failed after %.2f s", name, time.monotonic() - t0)
+        raise
+    phase.seconds = time.monotonic() - t0
+    log.info("start-up: %s in %.2f s%s", name, phase.seconds, f" ({phase.note})" if phase.note else "")
 
 
 def log_rpc(method: str, code, seconds: float, tenant: str, request_id: str = "", adapter: str = "") -> None:

@@ -164,13 +164,13 @@ def _free_port() -> int:
 
 
 @pytest.mark.timeout(90)
-def test_serve_honours_hotlora_port_and_stops_on_sigterm(tiny_model_dir, tmp_path):
+def test_serve_honours_hotlora_port_logs_each_start_up_phase_and_stops_on_sigterm(tiny_model_dir, tmp_path):
     port = _free_port()
     env = {**os.environ, "HOTLORA_PORT": str(port), "HOTLORA_METRICS_PORT": "0", "HOTLORA_HTTP_PORT": "0"}
     proc = subprocess.Popen(
         [HOTLORA, "serve", "--model", str(tiny_model_dir), "--data-dir", str(tmp_path)],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
         text=True,
         env=env,
     )
@@ -181,6 +181,15 @@ def test_serve_honours_hotlora_port_and_stops_on_sigterm(tiny_model_dir, tmp_pat
             if "hotlora: ready" in line:
                 break
         assert any(re.search(rf"gRPC on 127\.0\.0\.1:{port}\b", x) for x in lines), lines
+        # every phase of the start, in order, each with its time: a slow start shows where its time went
+        phases = [m.group(1) for x in lines if (m := re.search(r"start-up: (.+?) in \d+\.\d\d s", x))]
+        assert phases == [
+            "imports (torch, transformers, grpc)", "ports", "model load", "adapter banks", "engine",
+            "doors and fine-tuning",
+        ], lines  # fmt: skip
+        ports_line = next(x for x in lines if "start-up: ports in" in x)
+        assert f"gRPC on 127.0.0.1:{port}, metrics on 127.0.0.1:" in ports_line and "HTTP on" in ports_line
+        assert any(re.search(r"ready: model \S+ on cpu/\S+ in \d+\.\d\d s", x) for x in lines), lines
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:

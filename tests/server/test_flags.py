@@ -205,6 +205,8 @@ def test_a_bad_value_fails_naming_the_flag(name, text):
         (["--tokens-file", "/no/such/file"], "--tokens-file: no such file '/no/such/file'"),
         (["--allowed-local-adapter-dirs", "relative/dir"], "'relative/dir' is not an absolute path"),
         (["--registry", "mysql://x"], "--registry must be empty (SQLite) or postgresql://..."),
+        (["--http-port", "9400"], "--metrics-port and --http-port must differ (both 9400"),
+        (["--port", "8000"], "--port and --http-port must differ"),
     ],
 )
 def test_messages_say_what_is_allowed(argv, message):
