@@ -85,10 +85,13 @@ def add_flags(parser: argparse.ArgumentParser, cls) -> None:
         if bounds and not _choices(info):
             notes.insert(0, bounds)
         help_ = f"{info.description} [{'; '.join(notes)}]".replace("%", "%%")
-        if info.annotation is bool:
-            parser.add_argument(flag_name(f.name), dest=f.name, default=None, action="store_true", help=help_)
+        if info.annotation is bool:  # --flag / --no-flag
             parser.add_argument(
-                "--no-" + f.name.replace("_", "-"), dest=f.name, action="store_false", help=argparse.SUPPRESS
+                flag_name(f.name),
+                dest=f.name,
+                default=None,
+                action=argparse.BooleanOptionalAction,
+                help=help_,
             )
         else:
             choices = _choices(info)
