@@ -1,26 +1,50 @@
-"""Attention over the paged KV cache: torch ops (SDPA underneath), and C kernels for decode rows and prefills.
+"""Attention over the paged KV cache, decided once per runner (`attention_path`): on CUDA hotlora's Triton
+kernels, on a CPU its C kernels where they apply and the torch reference elsewhere.
 
 A step's tokens are one flat batch: first the *decode* rows (one new token each, whatever their context), then
-the *prefill* chunks (several new tokens of one sequence, possibly after context already in the cache). The
-decode rows share one call that reads their blocks in place (hotlora's C kernel, fp32 on CPU:
-`kernels/paged_attention.py`) or else one SDPA over their gathered blocks; each prefill chunk runs its own
-(causal within the chunk, lower-right aligned after its context): hotlora's C kernel where it applies (fp32
-on CPU, head size a multiple of 64, no autograd: `kernels/prefill_attention.py`; in bf16 arithmetic for
-chunks of WIDEN_ROWS tokens and more when the runner multiplies those in bf16), SDPA otherwise.
+the *prefill* chunks (several new tokens of one sequence, possibly after context already in the cache).
+
+- CUDA (`kernels/triton_attention.py`): one launch for the decode rows and one for every prefill chunk of
+  the step (varlen, causal within each chunk after its cached context), both reading K and V in place
+  through the block tables.
+- CPU: the decode rows share one C call that reads their blocks in place (fp32: `kernels/paged_attention.py`)
+  and each prefill chunk runs its own (fp32, head size a multiple of 64, no autograd:
+  `kernels/prefill_attention.py`; in bf16 arithmetic for chunks of WIDEN_ROWS tokens and more when the
+  runner multiplies those in bf16); elsewhere the torch reference (`kernels/attention_reference.py`:
+  gather the blocks, mask, SDPA), which is also what the kernels are tested against.
+
 Sliding-window layers mask keys more than `window - 1` positions behind the query, as transformers'
 sliding-window mask does.
 """
 
 from __future__ import annotations
 
+import enum
+import functools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from hotlora.kernels import attention_reference as reference
 from hotlora.kernels import paged_attention as native_decode
 from hotlora.kernels import prefill_attention as native_prefill
+from hotlora.kernels.backend import triton_available
 from hotlora.kernels.narrow_linear import WIDEN_ROWS
+
+from .kv_cache import NULL_BLOCK
+
+decode_mask = reference.decode_mask  # the torch path's mask, built once a step by its callers
+
+
+class AttentionPath(enum.Enum):
+    TRITON = "triton"  # CUDA (or the Triton interpreter in tests)
+    CPU = "cpu"  # hotlora's C kernels where they apply, the torch reference elsewhere
+
+
+def attention_path(device: torch.device) -> AttentionPath:
+    """The kernels a runner on `device` attends with."""
+    return AttentionPath.TRITON if device.type == "cuda" and triton_available() else AttentionPath.CPU
 
 
 @dataclass(frozen=True)
@@ -39,15 +63,24 @@ class AttentionMetadata:
     prefills: tuple[PrefillSpan, ...]
     slot_mapping: torch.Tensor  # [T] int64: where each token's K/V is written in the pool
     decode_mask: torch.Tensor | None = None  # [D, 1, 1, L] bool, built once per step for full attention
+    # every prefill chunk at once, for the varlen kernel: [P, W] int64 tables padded with the null block
+    # and [P, 3] int64 (start, length, context); built from `prefills` on first need when not given
+    prefill_tables: torch.Tensor | None = None
+    prefill_chunks: torch.Tensor | None = None
 
-
-def decode_mask(lens: torch.Tensor, length: int, window: int | None) -> torch.Tensor:
-    """[D, 1, 1, length] bool: key j is visible to row d (whose query sits at lens[d] - 1)."""
-    cols = torch.arange(length, device=lens.device)[None, :]
-    mask = cols < lens[:, None]
-    if window is not None:
-        mask &= cols > lens[:, None] - 1 - window
-    return mask[:, None, None, :]
+    @functools.cached_property
+    def prefill_layout(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(tables [P, W], chunks [P, 3], the longest chunk's length) of the step's prefill chunks."""
+        longest = max((s.length for s in self.prefills), default=0)
+        if self.prefill_tables is not None and self.prefill_chunks is not None:
+            return self.prefill_tables, self.prefill_chunks, longest
+        device = self.slot_mapping.device
+        width = max((s.block_table.shape[0] for s in self.prefills), default=1)
+        tables = torch.full((len(self.prefills), width), NULL_BLOCK, dtype=torch.int64, device=device)
+        for i, s in enumerate(self.prefills):
+            tables[i, : s.block_table.shape[0]] = s.block_table
+        chunks = torch.tensor([(s.start, s.length, s.context) for s in self.prefills], dtype=torch.int64)
+        return tables, chunks.reshape(-1, 3).to(device), longest
 
 
 def paged_attention(
@@ -60,10 +93,13 @@ def paged_attention(
     scale: float,
     window: int | None,
     long_in_bf16: bool = False,
+    path: AttentionPath = AttentionPath.CPU,
 ) -> torch.Tensor:
     """q: [T, heads, d]; k, v: [T, kv_heads, d] (already written to the pools);
     pools: [blocks, bs, kv_heads, d]. Returns [T, heads * d]. `long_in_bf16`: prefill chunks of WIDEN_ROWS
     tokens and more in bf16 arithmetic where the C kernel has it (Runner.long_products_in_bf16)."""
+    if path is AttentionPath.TRITON:
+        return _triton_attention(q, k_pool, v_pool, meta, scale, window)
     num_tokens, heads, d = q.shape
     out = q.new_empty(num_tokens, heads, d)
     nd = meta.num_decode
@@ -72,31 +108,38 @@ def paged_attention(
             q[:nd], k_pool, v_pool, meta.decode_tables, meta.decode_lens, scale, window, out[:nd]
         )
     elif nd:
-        tables = meta.decode_tables
-        bs = k_pool.shape[1]
-        length = tables.shape[1] * bs
-        kd = k_pool[tables].view(nd, length, *k_pool.shape[2:]).transpose(1, 2)  # [D, kvh, L, d]
-        vd = v_pool[tables].view(nd, length, *v_pool.shape[2:]).transpose(1, 2)
-        mask = (
-            meta.decode_mask
-            if window is None and meta.decode_mask is not None
-            else decode_mask(meta.decode_lens, length, window)
+        mask = meta.decode_mask if window is None else None
+        out[:nd] = reference.paged_decode(
+            q[:nd], k_pool, v_pool, meta.decode_tables, meta.decode_lens, scale, window, mask
         )
-        o = F.scaled_dot_product_attention(
-            q[:nd].unsqueeze(2), kd, vd, attn_mask=mask, scale=scale, enable_gqa=kd.shape[1] != heads
-        )
-        out[:nd] = o.squeeze(2)
     for span in meta.prefills:
         rows = slice(span.start, span.start + span.length)
         if span.context == 0:
             ks, vs = k[rows], v[rows]
         else:  # the chunk attends to its cached context too: gather it (the chunk's own K/V included)
             total = span.context + span.length
-            ks, vs = _gather(k_pool, span.block_table, total), _gather(v_pool, span.block_table, total)
+            ks = reference.gather(k_pool, span.block_table, total)
+            vs = reference.gather(v_pool, span.block_table, total)
         o = _prefill(q[rows], ks, vs, span.context, scale, window, long_in_bf16)
         if span.length == num_tokens:  # the step's only chunk: its output is the step's
             return o.reshape(num_tokens, heads * d)
         out[rows] = o
+    return out.view(num_tokens, heads * d)
+
+
+def _triton_attention(q, k_pool, v_pool, meta: AttentionMetadata, scale: float, window) -> torch.Tensor:
+    from hotlora.kernels import triton_attention  # triton is imported only where it runs
+
+    num_tokens, heads, d = q.shape
+    out = q.new_empty(num_tokens, heads, d)
+    nd = meta.num_decode
+    if nd:
+        triton_attention.paged_decode(
+            q[:nd], k_pool, v_pool, meta.decode_tables, meta.decode_lens, scale, window, out[:nd]
+        )
+    if meta.prefills:
+        tables, chunks, longest = meta.prefill_layout
+        triton_attention.varlen_prefill(q, k_pool, v_pool, tables, chunks, longest, scale, window, out)
     return out.view(num_tokens, heads * d)
 
 
@@ -107,33 +150,7 @@ def _prefill(
     if native_prefill.usable(q, k, v):
         bf16 = long_in_bf16 and q.shape[0] >= WIDEN_ROWS and native_prefill.bf16_available()
         return native_prefill.attend(q, k, v, context, scale, window, bf16)
-    qs, ks, vs = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, L, d]
-    gqa = ks.shape[0] != qs.shape[0]
-    # 4-D inputs: with 3-D ones torch's CPU SDPA falls back to its math path (the scores materialised,
-    # 4-10x slower at 512 tokens); 4-D ones take the flash kernel, as transformers' calls do
-    qs, ks, vs = qs.unsqueeze(0), ks.unsqueeze(0), vs.unsqueeze(0)
-    if window is None and context == 0:
-        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)
-    else:
-        mask = _chunk_mask(context, q.shape[0], window, q.device)
-        o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return o[0].transpose(0, 1)
-
-
-def _gather(pool: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
-    bs = pool.shape[1]
-    blocks = table[: -(-length // bs)]
-    return pool[blocks].view(-1, *pool.shape[2:])[:length]  # [length, kvh, d]
-
-
-def _chunk_mask(context: int, length: int, window: int | None, device) -> torch.Tensor:
-    """[length, context + length] bool: query i (at position context + i) sees keys j <= context + i."""
-    qpos = torch.arange(context, context + length, device=device)[:, None]
-    kpos = torch.arange(context + length, device=device)[None, :]
-    mask = kpos <= qpos
-    if window is not None:
-        mask &= kpos > qpos - window
-    return mask
+    return reference.prefill(q, k, v, context, scale, window)
 
 
 def dense_attention(

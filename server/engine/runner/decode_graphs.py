@@ -40,7 +40,7 @@ import torch
 from hotlora.kernels import decoder_ops, lora_decode, paged_attention
 from hotlora.kernels.omp_teams import release_thread_team
 
-from .attention import AttentionMetadata, decode_mask
+from .attention import AttentionMetadata, AttentionPath, decode_mask
 from .kv_cache import NULL_BLOCK
 from .model import StepInput
 
@@ -273,7 +273,10 @@ class StaticDecode:
             decode_lens=lens,
             prefills=(),
             slot_mapping=mapping,
-            decode_mask=decode_mask(lens, length, None),
+            # the torch path's mask (the Triton kernels and the C kernel read the lengths themselves)
+            decode_mask=None
+            if self.runner.attention_path is AttentionPath.TRITON
+            else decode_mask(lens, length, None),
         )
         lora = self.lora_plan(slots) if self.lora_plan is not None else None
         return self.runner(StepInput(ids, positions, meta, lora))

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from hotlora.kernels import decoder_ops
+from hotlora.server.engine.device_io import tensor_on
 
 NULL_BLOCK = 0
 
@@ -72,8 +73,7 @@ class KVPool:
                 filled[slot // bs] = filled.get(slot // bs, 0) + 1
             blocks = [b for b in blocks if filled.get(b, 0) < bs]
         if blocks:
-            idx = torch.tensor(blocks, dtype=torch.int64, device=self.data.device)
-            self.data.index_fill_(2, idx, 0)
+            self.data.index_fill_(2, tensor_on(blocks, torch.int64, self.data.device), 0)
 
     def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [T, kv_heads, head_dim] of the step's tokens; slot_mapping: [T] pool positions."""

@@ -23,7 +23,7 @@ from torch import nn
 from hotlora.kernels import bf16_weights, block_weights, decoder_ops
 from hotlora.kernels.narrow_linear import long_chunk
 
-from .attention import AttentionMetadata, dense_attention, paged_attention
+from .attention import AttentionMetadata, attention_path, dense_attention, paged_attention
 from .kv_cache import KVPool
 from .spec import ModelSpec
 from .weights import RunnerWeights
@@ -92,6 +92,7 @@ class Runner(nn.Module):
             self.device.type == "cpu" and self.dtype == torch.float32 and decoder_ops.available()
         )
         self.scale = spec.head_dim**-0.5
+        self.attention_path = attention_path(self.device)  # Triton kernels on CUDA, the CPU's elsewhere
         cos, sin = _rope_table(spec, spec.max_positions)
         self.register_buffer("rope_cos", cos.to(self.device, self.dtype), persistent=False)
         self.register_buffer("rope_sin", sin.to(self.device, self.dtype), persistent=False)
@@ -113,8 +114,9 @@ class Runner(nn.Module):
 
         def attend(i: int, q, k, v):
             pool.write(i, meta.slot_mapping, k, v)
+            window = self.spec.sliding_windows[i]
             return paged_attention(
-                q, k, v, pool.k[i], pool.v[i], meta, self.scale, self.spec.sliding_windows[i], self.auto_bf16
+                q, k, v, pool.k[i], pool.v[i], meta, self.scale, window, self.auto_bf16, self.attention_path
             )
 
         return self._run(step.token_ids, step.positions, attend, taps, native, step.lora)
