@@ -316,7 +316,8 @@ def set_batch(ctx: LoraContext, token_slots: list[int], slot_ranks: torch.Tensor
     if all(s < 0 for s in token_slots):
         ctx.batch = None
         return
-    ctx.batch = ctx.backend.plan(torch.tensor(token_slots, dtype=torch.long, device=device), slot_ranks)
+    # the host's list: the backend plans on the host and sends the plan over (nothing read back)
+    ctx.batch = ctx.backend.plan(torch.tensor(token_slots, dtype=torch.long), slot_ranks, device)
 
 
 def graph_batch(

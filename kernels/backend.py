@@ -34,10 +34,11 @@ class LoraBackend(abc.ABC):
     rank_major_b: bool = False
 
     @abc.abstractmethod
-    def plan(self, token_slots: torch.Tensor, slot_ranks: torch.Tensor) -> LoraPlan:
+    def plan(self, token_slots: torch.Tensor, slot_ranks: torch.Tensor, device=None) -> LoraPlan:
         """The plan of one forward pass, shared by every layer. token_slots: [T] int64 (slot per token,
-        -1 = base only) on the compute device; slot_ranks: [S] int64, real rank per slot (0 = empty).
-        May read both back to the host once."""
+        -1 = base only), on the host (the engine's slot list: nothing is read back from the device) or on
+        the compute device (read back once); slot_ranks: [S] int64, real rank per slot (0 = empty);
+        device: where the plan's tensors live (None: token_slots' device)."""
 
     @abc.abstractmethod
     def graph_plan(self, token_slots: torch.Tensor, slot_ranks: torch.Tensor, max_rank: int) -> LoraPlan:
@@ -130,8 +131,8 @@ class TorchReferenceBackend(LoraBackend):
     """The fp32 oracle (kernels.reference): slow, obviously right; for tests and debugging.
     It reads only the slots, so it accepts any backend's plan."""
 
-    def plan(self, token_slots, slot_ranks) -> LoraPlan:
-        return plan_slots(token_slots, slot_ranks)
+    def plan(self, token_slots, slot_ranks, device=None) -> LoraPlan:
+        return plan_slots(token_slots if device is None else token_slots.to(device), slot_ranks)
 
     def graph_plan(self, token_slots, slot_ranks, max_rank) -> LoraPlan:
         return graph_slots_plan(token_slots, slot_ranks, max_rank)
@@ -152,8 +153,8 @@ class CpuBackend(LoraBackend):
     def __init__(self, strategy: str | None = None) -> None:
         self.strategy = strategy  # None: pick per batch; 'single' / 'segments' / 'bmm' to force one
 
-    def plan(self, token_slots, slot_ranks) -> SegmentPlan:
-        return plan_segments(token_slots, slot_ranks)
+    def plan(self, token_slots, slot_ranks, device=None) -> SegmentPlan:
+        return plan_segments(token_slots if device is None else token_slots.to(device), slot_ranks)
 
     def graph_plan(self, token_slots, slot_ranks, max_rank) -> SlotsPlan:
         # slots only: a compiled decode step then traces no host read (the C kernel reads the slots)
@@ -223,8 +224,8 @@ class TritonBackend(LoraBackend):
         self._sgmv = triton_sgmv
         self._bgmv = triton_bgmv
 
-    def plan(self, token_slots, slot_ranks) -> SgmvPlan:
-        return plan_sgmv(token_slots, slot_ranks)
+    def plan(self, token_slots, slot_ranks, device=None) -> SgmvPlan:
+        return plan_sgmv(token_slots, slot_ranks, device)
 
     def graph_plan(self, token_slots, slot_ranks, max_rank) -> RowsPlan:
         return plan_rows(token_slots, slot_ranks, max_rank)

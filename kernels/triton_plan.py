@@ -40,26 +40,55 @@ class RowsPlan(LoraPlan):
     sorted_slots: torch.Tensor  # [T] int64, the token_slots buffer itself, read at run time
 
 
-def plan_sgmv(token_slots: torch.Tensor, slot_ranks: torch.Tensor) -> SgmvPlan:
-    """token_slots: [T] int64 (slot per token, -1 = base only), on the compute device.
+def plan_sgmv(
+    token_slots: torch.Tensor, slot_ranks: torch.Tensor, device: torch.device | str | None = None
+) -> SgmvPlan:
+    """token_slots: [T] int64 (slot per token, -1 = base only): on the host (the engine's slot list), so
+    nothing is read back from the device, or on the compute device (read back once).
     slot_ranks: [S] int64, the real rank of each slot (0 = empty slot); may live on CPU.
-    One device->host read to sort and segment the tokens; the index tensors go back to the device."""
+    device: where the plan's index tensors go (None: token_slots' device); sent in one asynchronous copy."""
     grouped = sort_by_slot(token_slots, slot_ranks)
-    device = token_slots.device
+    device = torch.device(device) if device is not None else token_slots.device
+    host = torch.cat(
+        (
+            grouped.ranks,
+            token_slots.detach().to("cpu", torch.int64),
+            grouped.order,
+            grouped.sorted_slots,
+            grouped.seg_slots,
+            grouped.seg_starts,
+            grouped.seg_lens,
+        )
+    )
+    ranks, slots, order, sorted_slots, seg_slots, seg_starts, seg_lens = _to_device(host, device).split(
+        [
+            grouped.ranks.numel(),
+            grouped.num_tokens,
+            *(grouped.order.numel(),) * 2,
+            *(grouped.seg_slots.numel(),) * 3,
+        ]
+    )
     return SgmvPlan(
-        token_slots=token_slots,
-        slot_ranks=grouped.ranks.to(device),
+        token_slots=slots,
+        slot_ranks=ranks,
         num_tokens=grouped.num_tokens,
         max_rank=grouped.max_rank,
         has_lora=grouped.seg_slots.numel() > 0,
         num_lora_tokens=grouped.order.numel(),
-        token_order=grouped.order.to(device),
-        sorted_slots=grouped.sorted_slots.to(device),
-        seg_slots=grouped.seg_slots.to(device),
-        seg_starts=grouped.seg_starts.to(device),
-        seg_lens=grouped.seg_lens.to(device),
+        token_order=order,
+        sorted_slots=sorted_slots,
+        seg_slots=seg_slots,
+        seg_starts=seg_starts,
+        seg_lens=seg_lens,
         max_segment_len=grouped.max_segment_len,
     )
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """One copy, and on CUDA from pinned memory without making the host wait for the device's queue."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def plan_rows(token_slots: torch.Tensor, slot_ranks: torch.Tensor, max_rank: int) -> RowsPlan:

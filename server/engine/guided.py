@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from hotlora.adapters.errors import InvalidArgument
+from hotlora.server.engine.device_io import to_device
 
 MAX_SPEC_CHARS = 64 * 1024  # a schema, regex or choice list larger than this is refused
 MAX_CHOICES = 256
@@ -145,7 +146,8 @@ class Matcher:
 
 
 def mask_rows(logits: torch.Tensor, rows: list[int], matchers: list[Matcher]) -> None:
-    """logits: [B, V] float32 on CPU, masked in place: row rows[i] keeps only what matchers[i] allows."""
+    """logits: [B, V] float32 (on any device), masked in place: row rows[i] keeps only what matchers[i]
+    allows. The bitmask is filled on the host and sent to the logits' device."""
     if not rows:
         return
     import llguidance.torch as llt
@@ -161,5 +163,6 @@ def mask_rows(logits: torch.Tensor, rows: list[int], matchers: list[Matcher]) ->
     allowed = torch.from_numpy(bits[:, : logits.shape[1]].astype(bool))
     if logits.shape[1] > allowed.shape[1]:  # padded vocabulary rows beyond the tokenizer's
         allowed = torch.nn.functional.pad(allowed, (0, logits.shape[1] - allowed.shape[1]))
+    allowed = to_device(allowed, logits.device)
     for i, row in enumerate(rows):  # in place on each row's view: no gather and scatter of [B, V]
         logits[row].masked_fill_(~allowed[i], float("-inf"))

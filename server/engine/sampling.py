@@ -1,5 +1,7 @@
-"""Token selection for one decode step: greedy rows together, sampled rows each with
-their own seeded generator so a seed reproduces the same text whatever the batch."""
+"""Token selection for one decode step, on the device that holds the logits: greedy rows by argmax,
+sampled rows by temperature, top-k and top-p in one batched pass, each drawing from its own generator so
+a seed reproduces the same text whatever the batch. Nothing is read back here: the token ids stay on the
+device until the step reads them with the log-probabilities (logits_controls.choose_tokens)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from hotlora.server.engine.device_io import read_back, tensor_on
 
 
 @dataclass(frozen=True)
@@ -38,8 +42,9 @@ class SamplingParams:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
-def make_generator(seed: int | None) -> torch.Generator:
-    gen = torch.Generator()
+def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
+    """A row's own generator on the device its logits are on (seeded, or from fresh entropy)."""
+    gen = torch.Generator(device=device)
     if seed is None:
         gen.seed()
     else:
@@ -47,32 +52,49 @@ def make_generator(seed: int | None) -> torch.Generator:
     return gen
 
 
-def sample_row(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator) -> int:
-    """logits: [V] float32 on CPU -> one token id (temperature, then top-k, then top-p)."""
+def sample_on_device(
+    logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator]
+) -> torch.Tensor:
+    """logits: [B, V] float32 -> [B] int64 token ids on the same device, nothing read back.
+
+    A sampled row divides its logits (shifted so their max is 0) by its temperature, keeps its top_k
+    largest (0 = all) and of those the smallest prefix of the sorted probabilities whose mass reaches top_p,
+    and picks token i with probability p_i by the exponential race: argmax_i p_i / E_i with E_i ~ Exp(1)
+    drawn from the row's generator (one draw per vocabulary entry and step, whatever the batch)."""
+    tokens = logits.argmax(dim=-1)
+    picked = [i for i, p in enumerate(params) if not p.greedy]
+    if not picked:
+        return tokens
+    device, vocab = logits.device, logits.shape[1]
+    chosen = [params[i] for i in picked]
+    rows = tensor_on(picked, torch.int64, device)
+    temps = tensor_on([p.temperature for p in chosen], torch.float32, device)
     # shift the max to 0 first: a tiny temperature then gives -inf, never inf (inf/inf = NaN in softmax)
-    logits = (logits - logits.max()) / params.temperature
-    if params.top_k and params.top_k < logits.shape[0]:
-        kth = torch.topk(logits, params.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if 0.0 < params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        cum = torch.cumsum(sorted_probs, dim=-1)
+    x = logits.index_select(0, rows)
+    x = (x - x.max(dim=-1, keepdim=True).values) / temps[:, None]
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in chosen]
+    top_p = [p.top_p if 0.0 < p.top_p < 1.0 else 1.0 for p in chosen]
+    order = None
+    if any(k < vocab for k in top_k) or any(q < 1.0 for q in top_p):
+        x, order = torch.sort(x, dim=-1, descending=True, stable=True)
+        ranks = torch.arange(vocab, device=device)
+        x = x.masked_fill(ranks[None, :] >= tensor_on(top_k, torch.int64, device)[:, None], float("-inf"))
+    probs = torch.softmax(x, dim=-1)
+    if order is not None and any(q < 1.0 for q in top_p):
         # keep the smallest prefix whose mass reaches top_p (always at least one token)
-        drop = cum - sorted_probs >= params.top_p
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        choice = torch.multinomial(sorted_probs, 1, generator=gen)
-        return int(order[choice])
-    return int(torch.multinomial(probs, 1, generator=gen))
+        mass_before = torch.cumsum(probs, dim=-1) - probs
+        probs = probs.masked_fill(mass_before >= tensor_on(top_p, torch.float32, device)[:, None], 0.0)
+    race = torch.empty_like(probs)
+    for j, i in enumerate(picked):
+        race[j].exponential_(generator=gens[i])
+    choice = (probs / race.clamp_min_(1e-30)).argmax(dim=-1)
+    if order is not None:
+        choice = order.gather(1, choice[:, None]).squeeze(1)
+    return tokens.index_copy_(0, rows, choice)
 
 
 def select_tokens(
     logits: torch.Tensor, params: list[SamplingParams], gens: list[torch.Generator]
 ) -> list[int]:
-    """logits: [B, V] -> one token per row."""
-    logits = logits.float().cpu()
-    out = torch.argmax(logits, dim=-1).tolist()
-    for i, p in enumerate(params):
-        if not p.greedy:
-            out[i] = sample_row(logits[i], p, gens[i])
-    return out
+    """logits: [B, V] -> one token per row (sample_on_device, then one read)."""
+    return read_back(sample_on_device(logits.float(), params, gens))

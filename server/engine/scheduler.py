@@ -30,8 +30,9 @@ from hotlora.adapters.errors import ResourceExhausted, Unavailable
 from hotlora.adapters.observer import NO_OBSERVER, Observer
 from hotlora.server.engine.adapter_runtime import AdapterRuntime, BaseOnlyRuntime
 from hotlora.server.engine.detokenizer import IncrementalDetokenizer
+from hotlora.server.engine.device_io import tensor_on
 from hotlora.server.engine.endings import Endings, after_token, eos_ids
-from hotlora.server.engine.logits_controls import choose_tokens, record_prompt_logprobs
+from hotlora.server.engine.logits_controls import choose_tokens, read_pending, record_prompt_logprobs
 from hotlora.server.engine.pooling import PoolingWork
 from hotlora.server.engine.requests import GenerationRequest, PoolingRequest, TokenEvent
 from hotlora.server.engine.runner.kv_cache import BlockManager
@@ -307,7 +308,7 @@ class Engine:
             kv = self.blocks.open(key, req.prompt_ids, lookup=req.params.prompt_logprobs is None)
             seq = Seq(req, list(req.prompt_ids), slot, kv, num_computed=kv.num_cached)
             seq.detok = IncrementalDetokenizer(self.tokenizer, req.params.stop)
-            seq.gen = make_generator(req.params.seed)
+            seq.gen = make_generator(req.params.seed, self.device)
             return [self._seqs.add(seq, self._next_order())]
         return self.pooling.admit(req, slot, self._next_order)
 
@@ -336,6 +337,7 @@ class Engine:
         # advance every scheduled sequence; pick the rows whose next token is sampled now
         sample_rows: list[int] = []
         sample_seqs: list[Seq] = []
+        reads = []  # prompt log-probabilities, read with the step's tokens
         for i, seq in enumerate(decode):
             seq.num_computed += 1
             self.blocks.commit(seq.kv, seq.tokens, seq.num_computed)
@@ -347,15 +349,21 @@ class Engine:
                 self.blocks.commit(seq.kv, seq.tokens, seq.num_computed)
                 if seq.req.params.prompt_logprobs is not None:
                     chunk = self.runner.logits(hidden[span.start : span.start + n])
-                    record_prompt_logprobs(seq.req, chunk, seq.num_computed - n)
+                    read = record_prompt_logprobs(seq.req, chunk, seq.num_computed - n)
+                    reads += [read] if read is not None else []
                 if seq.pending == 0:
                     sample_rows.append(span.start + n - 1)
                     sample_seqs.append(seq)
             else:
                 self.pooling.chunk(seq, slice(span.start, span.start + n), hidden, taps)
         if sample_seqs:
-            logits = self.runner.logits(hidden[torch.tensor(sample_rows, device=hidden.device)])
-            self._emit(sample_seqs, logits)
+            if sample_rows == list(range(len(sample_rows))):  # decode rows only: the first rows
+                rows = hidden[: len(sample_rows)]
+            else:
+                rows = hidden.index_select(0, tensor_on(sample_rows, torch.int64, hidden.device))
+            self._emit(sample_seqs, self.runner.logits(rows), reads)
+        else:
+            read_pending(reads)
         self._seqs.retire()
 
     def _forward(self, batch: StepBatch, taps: dict) -> torch.Tensor:
@@ -368,9 +376,11 @@ class Engine:
         finally:
             self.runtime.end_forward()
 
-    def _emit(self, seqs: list[Seq], logits: torch.Tensor) -> None:
-        """Pick each sequence's next token, stream it, and mark finished requests."""
-        tokens, logprobs = choose_tokens(logits, [s.req for s in seqs], [s.gen for s in seqs], self.eos_ids)
+    def _emit(self, seqs: list[Seq], logits: torch.Tensor, reads=()) -> None:
+        """Pick each sequence's next token, stream it, and mark finished requests (`reads`: the step's
+        other device results, read with the tokens)."""
+        reqs, gens = [s.req for s in seqs], [s.gen for s in seqs]
+        tokens, logprobs = choose_tokens(logits, reqs, gens, self.eos_ids, reads)
         now = time.monotonic()
         for seq, tok, lp in zip(seqs, tokens, logprobs, strict=True):
             req = seq.req
