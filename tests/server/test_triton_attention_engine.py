@@ -1,7 +1,7 @@
-"""The engine with its runner attending through the Triton kernels (the CUDA path, here under
-TRITON_INTERPRET=1): greedy tokens equal transformers' `generate`, with decode rows and prefill chunks in
-one step, a prompt read in chunks, and a prompt whose first blocks the prefix cache serves (a chunk after
-cached context)."""
+"""The engine with its runner attending through the Triton kernels (the CUDA path: on a GPU, compiled;
+elsewhere the CPU runner forced onto it, under TRITON_INTERPRET=1): greedy tokens equal transformers'
+`generate`, with decode rows and prefill chunks in one step, a prompt read in chunks, and a prompt whose
+first blocks the prefix cache serves (a chunk after cached context)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from hotlora.server.engine.sampling import SamplingParams
 from hotlora.server.engine.scheduler import Engine, EngineLimits
 
 pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _generate(model, tok, text: str, n: int) -> list[int]:
@@ -50,8 +51,8 @@ def test_greedy_tokens_on_the_triton_path_equal_generate(tiny_llama, tiny_tok, m
             return _kernel(*args, **kw)
 
         monkeypatch.setattr(triton_attention, name, counted)
-    runner = runner_from_model(tiny_llama)
-    runner.attention_path = AttentionPath.TRITON
+    runner = runner_from_model(tiny_llama, device=DEVICE)
+    runner.attention_path = AttentionPath.TRITON  # CUDA's own; forced on a CPU
     # a 20-token prefill budget: the long prompt is read in chunks, each after the context before it
     engine = Engine(runner, tiny_tok, limits=EngineLimits(max_prefill_tokens=20))
     engine.start()
