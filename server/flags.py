@@ -144,6 +144,7 @@ _BOUNDS = (
     "less_than_equal",
     "literal_error",
     "string_pattern_mismatch",
+    "string_too_short",
 )
 
 

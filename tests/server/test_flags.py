@@ -236,6 +236,10 @@ def test_a_bad_fleet_flag_fails_naming_it(paths):
         ConfigError, match=r"--grpc-port must be 1..65535 \(got 0\) \[set by HOTLORA_GRPC_PORT\]"
     ):
         parse_fleet(base, {"HOTLORA_GRPC_PORT": "0"})
+    with pytest.raises(
+        ConfigError, match=r"--ray-http-host must be an address \(127.0.0.1, 0.0.0.0, ...\) \(got ''\)"
+    ):
+        parse_fleet([*base, "--ray-http-host", ""], {})
     with pytest.raises(ConfigError, match="--grpc-port and --ray-http-port must differ"):
         parse_fleet([*base, "--grpc-port", "8000"], {})
     with pytest.raises(ConfigError, match=r"--max-batch-size must be at least 1"):  # serve's, for replicas
