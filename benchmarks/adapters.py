@@ -113,9 +113,10 @@ def linear_shapes(cfg: dict) -> dict[str, tuple[int, int]]:
 
 
 def peft_files(
-    cfg: dict, seed: int, rank: int = RANK, modules=tuple(MODULES), layers=None
+    cfg: dict, seed: int, rank: int = RANK, modules=tuple(MODULES), layers=None, dtype=torch.float32
 ) -> dict[str, bytes]:
-    """adapter_config.json + adapter_model.safetensors exactly as PEFT's save_pretrained lays them out."""
+    """adapter_config.json + adapter_model.safetensors exactly as PEFT's save_pretrained lays them out
+    (tensors in `dtype`)."""
     gen = torch.Generator().manual_seed(seed)
     shapes = linear_shapes(cfg)
     layers = range(cfg["num_hidden_layers"]) if layers is None else layers
@@ -124,8 +125,8 @@ def peft_files(
         for m in modules:
             in_f, out_f = shapes[m]
             key = f"base_model.model.model.layers.{i}.{MODULES[m]}.{m}"
-            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, in_f, generator=gen) / in_f**0.5
-            tensors[f"{key}.lora_B.weight"] = torch.randn(out_f, rank, generator=gen) * 0.01
+            tensors[f"{key}.lora_A.weight"] = (torch.randn(rank, in_f, generator=gen) / in_f**0.5).to(dtype)
+            tensors[f"{key}.lora_B.weight"] = (torch.randn(out_f, rank, generator=gen) * 0.01).to(dtype)
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
