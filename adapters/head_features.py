@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from hotlora.adapters.errors import FailedPrecondition, InvalidArgument
 
 HEAD_FILE = "head_config.json"
+EXPORT_LOADER = "hotlora.clients.exported_heads"
+"""The module that loads an exported head PEFT's classifier does not reproduce (importable without the
+server: it needs transformers and PEFT only)."""
 POOLINGS = ("last", "mean")
 LAST_LAYER = -1
 UPPER_MIDDLE = 0.6
@@ -43,6 +46,18 @@ class HeadFeatures:
     @property
     def is_default(self) -> bool:
         return self == HeadFeatures()
+
+    @property
+    def peft_computes(self) -> bool:
+        """Whether stock PEFT computes these features: `AutoModelForSequenceClassification` applies its
+        `score` head to the last token's final state, so an exported head on them loads with
+        `PeftModel.from_pretrained` alone; a head on others needs `hotlora.clients.exported_heads`."""
+        return self.is_default
+
+    @property
+    def export_loader(self) -> str:
+        """Empty when stock PEFT reproduces an export of a head on these features, else the loader."""
+        return "" if self.peft_computes else EXPORT_LOADER
 
     def describe(self, num_layers: int | None = None) -> str:
         pool = "last token" if self.pooling == "last" else "mean pooling"

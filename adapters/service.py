@@ -12,6 +12,8 @@ from hotlora.adapters.errors import FailedPrecondition, NotFound
 from hotlora.adapters.head_features import HEAD_FILE, HeadFeatures
 from hotlora.adapters.names import validate_name
 from hotlora.adapters.observer import NO_OBSERVER, AdapterObserver
+from hotlora.adapters.peft.export_readme import README_FILE, export_readme
+from hotlora.adapters.peft.files import CONFIG_FILE
 from hotlora.adapters.peft.format import IGNORED_FILES, RECORD_FILE, AdapterLimits, parse_peft_adapter
 from hotlora.adapters.runtime import SlotContents
 from hotlora.adapters.store.metadata_store import AdapterRecord, TenantQuota
@@ -186,7 +188,23 @@ class AdapterService:
     def export_chunks(self, tenant: str, ref: str, chunk_bytes: int) -> Iterator[tuple[str, bytes]]:
         """(file name, chunk) of a stored version, read from disk a chunk at a time."""
         rec = self.registry.resolve(tenant, ref)  # NotFound before the first chunk
-        return self.registry.stream_files(peft_files(rec.files), chunk_bytes)
+        return self.stream_export(peft_files(rec.files), tuple(rec.labels), chunk_bytes)
+
+    def stream_export(
+        self, manifest: dict[str, str], labels: tuple[str, ...], chunk_bytes: int
+    ) -> Iterator[tuple[str, bytes]]:
+        """(file name, chunk) of an adapter's PEFT files (a version's or a job's artifact), then, for a
+        head stock PEFT does not reproduce, the README.md that says how to load it."""
+        readme = None
+        if HEAD_FILE in manifest:
+            features = HeadFeatures.from_bytes(
+                self.registry.blobs.get(manifest[HEAD_FILE]), self.base.num_layers
+            )
+            config = self.registry.blobs.get(manifest[CONFIG_FILE]) if CONFIG_FILE in manifest else b"{}"
+            readme = export_readme(features, labels, config)
+        yield from self.registry.stream_files(manifest, chunk_bytes)
+        if readme is not None:
+            yield README_FILE, readme
 
     def training_record(self, rec: AdapterRecord):
         """The TrainingRecord of a resolved version (None if it was not fine-tuned): what it learned from and

@@ -18,8 +18,21 @@ MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_CHUNK_SIZE = 1024 * 1024
 #: The files of a PEFT adapter directory that are uploaded, in this order.
 PEFT_FILES = ("adapter_config.json", "adapter_model.safetensors")
+#: What an exported head that reads other features than the last token's final state carries.
+HEAD_FILE = "head_config.json"
 #: Files PEFT's `save_pretrained` writes next to the adapter that are not part of it: skipped on upload.
 IGNORED_FILES = frozenset({"README.md", ".gitattributes"})
+#: Files only a model's directory has (transformers' `save_pretrained`): an upload of one is refused as such.
+MODEL_FILES = frozenset(
+    {
+        "config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+        "generation_config.json",
+    }
+)
 
 ProgressCallback = Callable[[int, int], None]
 
@@ -166,30 +179,49 @@ def texts_list(texts: Iterable[str] | str) -> list[str]:
 
 
 def peft_files(directory: str | os.PathLike[str]) -> list[Path]:
-    """The files to upload from a PEFT adapter directory, refusing anything that is not part of one."""
+    """The files to upload from a PEFT adapter directory (an export's head_config.json too), refusing
+    anything that is not part of one; a model's directory is named as such."""
     root = Path(directory)
     if not root.is_dir():
         raise ClientError(f"{os.fspath(directory)!r} is not a directory (expected a PEFT adapter directory)")
     present = {p.name for p in root.iterdir()}
+    model_files = sorted(n for n in present if _is_model_file(n))
+    if model_files:
+        what = "is a model directory" if PEFT_FILES[0] not in present else "holds a whole model's files"
+        raise ClientError(
+            f"{os.fspath(directory)!r} {what} ({', '.join(model_files[:4])}), not a PEFT adapter: an adapter "
+            f"directory holds {' and '.join(PEFT_FILES)}, as PeftModel.save_pretrained writes them. To serve "
+            "this model, start a server on it (hotlora serve --model DIR); to serve a fine-tune of it, save "
+            "the PeftModel's adapter with save_pretrained and upload that directory"
+        )
     if "adapter_model.bin" in present:
         raise ClientError(
             "adapter_model.bin (pickle) is not accepted; only safetensors is. "
             "Re-save the adapter with save_pretrained(..., safe_serialization=True)"
         )
-    extra = sorted(present - set(PEFT_FILES) - IGNORED_FILES)
+    extra = sorted(present - set(PEFT_FILES) - {HEAD_FILE} - IGNORED_FILES)
     if extra:
         raise ClientError(
             f"{os.fspath(directory)!r} holds files that are not part of a PEFT adapter: {', '.join(extra)}; "
-            f"only {' and '.join(PEFT_FILES)} are uploaded"
+            f"only {' and '.join(PEFT_FILES)} (and an export's {HEAD_FILE}) are uploaded"
         )
     missing = [name for name in PEFT_FILES if name not in present]
     if missing:
         raise ClientError(f"{os.fspath(directory)!r} lacks {', '.join(missing)}")
-    files = [root / name for name in PEFT_FILES]
+    files = [root / name for name in (*PEFT_FILES, HEAD_FILE) if name in present]
     for f in files:
         if not f.is_file():
             raise ClientError(f"{os.fspath(f)!r} is not a regular file")
     return files
+
+
+def _is_model_file(name: str) -> bool:
+    """A file of a model's directory (transformers' config and weights, a GGUF file), never an adapter's."""
+    return (
+        name in MODEL_FILES
+        or name.endswith(".gguf")
+        or (name.startswith(("model-", "pytorch_model-")) and name.endswith((".safetensors", ".bin")))
+    )
 
 
 def upload_chunks(

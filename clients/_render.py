@@ -104,7 +104,24 @@ def adapter_details(a: adapters_pb2.Adapter) -> list[tuple[str, str]]:
         ("source", c.enum_name(*c.ADAPTER_SOURCE, a.source)),
         ("created", when(a.created_at)),
         *validation_details(a.validation),
+        *head_details(a),
     ]
+
+
+def head_details(a: adapters_pb2.Adapter) -> list[tuple[str, str]]:
+    """What a SEQ_CLS head reads and how its export loads (GetAdapter sets head_features)."""
+    if not a.HasField("head_features"):
+        return []
+    f = a.head_features
+    pool = "last token" if f.pooling == "last" else "mean pooling"
+    layer = "last layer" if f.layer == -1 else f"layer {f.layer}"
+    export = (
+        f"needs {a.export_loader}.load_classifier: PEFT's classifier reads the last token's final state "
+        "(the export's README.md says how)"
+        if a.export_loader
+        else "loads with stock PEFT (AutoModelForSequenceClassification + PeftModel.from_pretrained)"
+    )
+    return [("head_features", f"{pool}, {layer}"), ("export", export)]
 
 
 def validation_details(v: adapters_pb2.AdapterValidation) -> list[tuple[str, str]]:
@@ -168,11 +185,15 @@ def metrics_text(m: training_pb2.FineTuneMetrics) -> str:
         parts.append(f"epoch {m.epoch}")
     if m.step:
         parts.append(f"loss {m.train_loss:.4f}")
-    if m.metric_name or m.validation_metric:
-        parts.append(
-            f"{m.metric_name or 'validation'} {m.validation_metric:.4f} (baseline {m.baseline_metric:.4f})"
-        )
+    if m.metric_name or m.HasField("validation_metric"):
+        parts.append(f"{m.metric_name or 'validation'} {_known(m, 'validation_metric', 'not yet scored')} "
+                     f"(baseline {_known(m, 'baseline_metric', 'not yet measured')})")  # fmt: skip
     return "  ".join(parts)
+
+
+def _known(m: training_pb2.FineTuneMetrics, field: str, unknown: str) -> str:
+    """A figure the job has measured; the server leaves it unset until then (never a 0 that is not one)."""
+    return f"{getattr(m, field):.4f}" if m.HasField(field) else unknown
 
 
 def jobs_table(jobs: list[training_pb2.FineTuneJob]) -> Table:
@@ -234,16 +255,19 @@ def job_summary(j: training_pb2.FineTuneJob) -> str:
     elif j.result_adapter:
         line += f": adapter {j.result_adapter}" + (" promoted" if j.promoted else " not promoted")
     m = j.metrics
-    if m.metric_name:
-        line += f" ({m.metric_name} {m.validation_metric:.4f} vs baseline {m.baseline_metric:.4f})"
+    if m.metric_name and m.HasField("validation_metric"):
+        line += (
+            f" ({m.metric_name} {m.validation_metric:.4f} vs baseline {_known(m, 'baseline_metric', '-')})"
+        )
     return line
 
 
 class JobProgress:
-    """Shows FineTuneEvents: a live rich bar on a terminal, one line per event otherwise."""
+    """Shows FineTuneEvents: a live rich bar (on stderr) when both streams are a terminal; otherwise one
+    line per event on stdout, flushed as it comes, so a pipe (`| tee`, `| grep`) reads each at once."""
 
     def __init__(self, job_id: str):
-        self.live = sys.stderr.isatty()
+        self.live = sys.stderr.isatty() and sys.stdout.isatty()
         self.console = stderr_console()
         self._last_line = ""
         if self.live:
@@ -283,5 +307,6 @@ class JobProgress:
         else:
             line = f"[{job_state(job)}] {info}" + (f"  {event.message}" if event.message else "")
             if line != self._last_line:
-                self.console.print(line, highlight=False, markup=False, soft_wrap=True)
+                sys.stdout.write(line + "\n")
+                sys.stdout.flush()  # a pipe is block-buffered: without it nothing shows until the job ends
                 self._last_line = line

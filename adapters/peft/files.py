@@ -61,8 +61,19 @@ class AdapterLimits:
             raise InvalidArgument("AdapterLimits.max_labels and max_label_chars must be at least 1")
 
 
+MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+"""Files of a model's directory (transformers' save_pretrained), never of an adapter's."""
+
+
 def check_files(files: dict[str, bytes], limits: AdapterLimits) -> None:
     allowed = f"{CONFIG_FILE} and {WEIGHTS_FILE}"
+    model = sorted(n for n in files if n in MODEL_FILES or n.endswith(".gguf") or n.startswith("model-0"))
+    if model:
+        raise InvalidArgument(
+            f"these are a model's files ({', '.join(model[:4])}), not a PEFT adapter's: an adapter is "
+            f"{allowed}, as PeftModel.save_pretrained writes them. A server serves one base model "
+            "(hotlora serve --model); upload the adapter of a fine-tune of it"
+        )
     for name, data in files.items():
         if name.endswith(PICKLE_SUFFIXES):
             raise InvalidArgument(

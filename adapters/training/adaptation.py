@@ -2,6 +2,11 @@
 held-out, adapters/training/validation.py), keep the best within the time budget, train the winner on every
 example, and for a continued adapter check that it still does the previous version's task.
 
+The search stops early when nothing dearer can win: accuracy is at most 1.0, so once the best is within the
+gate's margin of 1.0 no later candidate could beat it by more than that margin. Among candidates the gate
+cannot tell apart, the one whose export stock PEFT reproduces wins (a head on other features than the last
+token's final state needs hotlora's loader outside the server).
+
 Driven like a trainer: `step()` runs one bounded unit (a unit of the trainer at work) and returns False
 when `outcome` is set. Every candidate is reported with its score and why the winner won."""
 
@@ -21,6 +26,7 @@ from hotlora.adapters.training.validation import (
     ValidationPlan,
     choose_epochs,
     combine_folds,
+    gate_margin,
 )
 from hotlora.adapters.weights import LoraWeights
 
@@ -37,6 +43,11 @@ class Candidate:
     @property
     def name(self) -> str:
         return f"{self.method}({self.features.describe()})" if self.method == "HEAD_ONLY" else self.method
+
+    @property
+    def peft_round_trip(self) -> bool:
+        """Whether stock PEFT reproduces its export (LoRA candidates' heads read the default features)."""
+        return self.features.peft_computes
 
 
 def candidates_for(methods: tuple[str, ...], head_features: tuple[HeadFeatures, ...]) -> list[Candidate]:
@@ -66,6 +77,8 @@ class CandidateReport:
     seconds: float = 0.0
     note: str = ""
     epochs: tuple[int, int] = (0, 0)
+    peft_round_trip: bool = True
+    """Whether `PeftModel.from_pretrained` alone reproduces its export (Candidate.peft_round_trip)."""
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -139,21 +152,28 @@ class Adaptation:
         replay: Examples | None = None,
         check: Examples | None = None,
         previous: LoraWeights | None = None,
-        majority: float | None = None,
+        baseline: float | None = None,
     ):
         self.task, self.candidates, self.examples, self.plan = task, candidates, examples, plan
         self.make_trainer, self.make_evaluator = make_trainer, make_evaluator
         self.max_seconds = max_seconds
         self.replay = replay or Examples([], [])
         self.check, self.previous = check, previous
-        self.majority = majority
-        """A new classifier's baseline under k-fold: the most frequent label's share of all examples."""
+        self.known_baseline = baseline
+        """The gate's baseline when known before training (work.JobWork.baseline); else the first scored
+        candidate measures it."""
         self.metric_name = "accuracy" if task == "SEQ_CLS" else "neg_completion_loss"
         self.progress = Progress(metric_name=self.metric_name)
         self.outcome: AdaptationOutcome | None = None
         self.reports = [
-            CandidateReport(c.name, c.method, c.features.pooling, c.features.layer) for c in candidates
+            CandidateReport(
+                c.name, c.method, c.features.pooling, c.features.layer, peft_round_trip=c.peft_round_trip
+            )
+            for c in candidates
         ]
+        self.stopped_early = ""
+        """Why the candidates after the last one tried were not worth training ("" if none was skipped so)."""
+        self.progress.baseline_metric = baseline
         self._done_steps = 0
         self._gen: Iterator[None] | None = None
 
@@ -195,8 +215,9 @@ class Adaptation:
             if best is not None and time.monotonic() > deadline:
                 rep.status, rep.note = "skipped", f"the time budget ({self.max_seconds:.0f} s) was spent"
                 continue
-            if best is not None and self.task == "SEQ_CLS" and best.score >= PERFECT:
-                rep.status, rep.note = "skipped", f"{best.name} already scored 1.0"
+            self.stopped_early = self.stopped_early or self._nothing_later_can_win()
+            if self.stopped_early:
+                rep.status, rep.note = "skipped", self.stopped_early
                 continue
             t0 = time.monotonic()
             results, stopped = [], False
@@ -227,17 +248,15 @@ class Adaptation:
             fold_outcomes[i] = [t.outcome for t in results]
             if not baselines:
                 baselines = [t.outcome.baseline for t in results]
-            self.progress.validation_metric = max(r.score for r in self.reports if r.status == "scored")
+                self.progress.baseline_metric = self._baseline(baselines)
+            self.progress.validation_metric = max(r.score for r in self._scored())
 
-        winner = self._best()
+        winner = self._winner()
         if winner is None:
             raise RuntimeError("no candidate could be scored within the time budget")
         w = self.reports.index(winner)
         sizes = [len(f.val) for f in folds]
-        baseline = sum(b * n for b, n in zip(baselines, sizes, strict=True)) / sum(sizes)
-        if self.plan.refit and self.majority is not None and self.previous is None:
-            baseline = self.majority
-        self.progress.baseline_metric = baseline
+        baseline = self._baseline(baselines)
 
         if self.plan.refit:  # the adapter itself: every example, for the epochs the folds found best
             all_idx = tuple(range(len(self.examples.inputs)))
@@ -260,7 +279,7 @@ class Adaptation:
             metric_name=self.metric_name,
             scheme=self.plan.scheme,
             validated_on=sum(sizes),
-            compared=sum(1 for r in self.reports if r.status == "scored"),
+            compared=len(self._scored()),
             candidates=self.reports,
             reason=self._reason(winner),
             winner=winner.name,
@@ -283,27 +302,92 @@ class Adaptation:
             se = old.result.loss_stderr
         return PreviousTask(reference=ref, stderr=se, score=now, examples=n)
 
-    def _best(self) -> CandidateReport | None:
-        """The highest-scoring candidate; on a tie the cheaper (earlier) one."""
+    def _baseline(self, fold_baselines: list[float]) -> float:
+        """The gate's baseline: known before training, or the first scored candidate's folds' mean."""
+        if self.known_baseline is not None:
+            return self.known_baseline
+        sizes = [len(f.val) for f in self.plan.folds]
+        return sum(b * n for b, n in zip(fold_baselines, sizes, strict=True)) / sum(sizes)
+
+    def _scored(self) -> list[CandidateReport]:
+        return [r for r in self.reports if r.status == "scored"]
+
+    def _best(self, among: Callable[[CandidateReport], bool] = lambda r: True) -> CandidateReport | None:
+        """The highest-scoring candidate (of those `among` accepts); on a tie the cheaper (earlier) one."""
         best = None
-        for r in self.reports:
-            if r.status == "scored" and (best is None or r.score > best.score):
+        for r in self._scored():
+            if among(r) and (best is None or r.score > best.score):
                 best = r
         return best
 
-    def _reason(self, winner: CandidateReport) -> str:
-        scored = [r for r in self.reports if r.status == "scored"]
-        others = sorted((r for r in scored if r is not winner), key=lambda r: -r.score)
-        why = (
-            f"{winner.name} has the best validated {self.metric_name} "
-            f"({winner.score:.3f} ± {winner.stderr:.3f}, {self.plan.describe()})"
+    def _margin(self, baseline: float, candidate: CandidateReport, compared: int) -> float:
+        """The gate's margin (validation.gate_margin): how far above `baseline` the candidate's score must
+        be for the gate to call it better, when it is the best of `compared`."""
+        n_val = sum(len(f.val) for f in self.plan.folds)
+        return gate_margin(self.task, baseline, n_val, Score(candidate.score, candidate.stderr), compared)
+
+    def _nothing_later_can_win(self) -> str:
+        """Why no later candidate is worth training ("" while one may be): accuracy is at most 1.0, so once
+        the best is within the gate's margin of 1.0 (the margin the gate would ask of a later candidate,
+        the best of one more, with the best as its baseline), none could beat it by more."""
+        best = self._best()
+        if best is None or self.task != "SEQ_CLS":
+            return ""
+        if best.score >= PERFECT:
+            return f"{best.name} already scored 1.0"
+        margin = self._margin(best.score, best, len(self._scored()) + 1)
+        if best.score + margin < 1.0:
+            return ""
+        return (
+            f"{best.name} scored {best.score:.3f} ± {best.stderr:.3f}, within the gate's margin "
+            f"({margin:.3f}) of 1.0: no later candidate could beat it by more"
         )
-        if others:
-            nxt = others[0]
-            tie = " and is cheaper" if nxt.score == winner.score else ""
-            why += f"; next {nxt.name} {nxt.score:.3f} ± {nxt.stderr:.3f}{tie}"
+
+    def _winner(self) -> CandidateReport | None:
+        """The best candidate; but when stock PEFT does not reproduce its export and the gate, with the
+        best candidate whose export it does reproduce as the baseline, would not call it better, that one."""
+        best = self._best()
+        if best is None or best.peft_round_trip:
+            return best
+        portable = self._best(lambda r: r.peft_round_trip)
+        if portable is None:
+            return best
+        margin = self._margin(portable.score, best, len(self._scored()))
+        return portable if best.score <= portable.score + margin else best
+
+    def _reason(self, winner: CandidateReport) -> str:
+        scored = self._scored()
+        best = self._best()
+        desc = f"({winner.score:.3f} ± {winner.stderr:.3f}, {self.plan.describe()})"
+        if winner is best:
+            why = f"{winner.name} has the best validated {self.metric_name} {desc}"
+            others = sorted((r for r in scored if r is not winner), key=lambda r: -r.score)
+            if others:
+                nxt = others[0]
+                tie = " and is cheaper" if nxt.score == winner.score else ""
+                why += f"; next {nxt.name} {nxt.score:.3f} ± {nxt.stderr:.3f}{tie}"
+            else:
+                why += "; the only candidate scored"
         else:
-            why += "; the only candidate scored"
+            margin = self._margin(winner.score, best, len(scored))
+            why = (
+                f"{winner.name} {desc} is chosen over {best.name} ({best.score:.3f} ± {best.stderr:.3f}), "
+                f"which does not beat it by more than the gate's margin ({margin:.3f}): stock PEFT "
+                f"reproduces {winner.name}'s export, while {best.name}'s would need hotlora's loader"
+            )
+        if not winner.peft_round_trip:
+            portable = self._best(lambda r: r.peft_round_trip)
+            why += (
+                "; its export does not round-trip in stock PEFT (PEFT's classifier reads the last token's "
+                "final state): it carries head_config.json and loads with hotlora.clients.exported_heads"
+            )
+            if portable is not None:
+                why += (
+                    f" (the best candidate that round-trips, {portable.name} {portable.score:.3f} ± "
+                    f"{portable.stderr:.3f}, is beyond the gate's margin below it)"
+                )
+        if self.stopped_early:
+            why += f"; stopped early: {self.stopped_early}"
         return why
 
 

@@ -114,7 +114,9 @@ class FineTuneManager:
             if spec.task == "SEQ_CLS"
             else ()
         )
-        work = plan_work(spec, labels, history, self.limits.max_examples, self._tokenize)
+        work = plan_work(
+            spec, labels, history, self.limits.max_examples, self._tokenize, continued=previous is not None
+        )
         method = candidate_methods(spec)[0] if spec.method != "AUTO" else "AUTO"
         with self.lock:
             if self._closed:
@@ -140,7 +142,7 @@ class FineTuneManager:
                 task=spec.task,
                 method=method,
                 state="QUEUED",
-                metrics={"metric_name": _metric_name(spec.task)},
+                metrics={"metric_name": _metric_name(spec.task), "baseline_metric": work.baseline},
                 created_at=time.time(),
             )
             task = JobTask(self, job, spec, work, labels, previous)

@@ -100,7 +100,7 @@ class JobTask:
             replay=self.work.replay,
             check=self.work.check,
             previous=self.previous,
-            majority=self.work.majority if spec.task == "SEQ_CLS" else None,
+            baseline=self.work.baseline,
         )
 
     def _report(self) -> None:

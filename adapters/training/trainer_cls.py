@@ -16,7 +16,6 @@ gives and keeps its last state."""
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
 
 import torch
@@ -35,8 +34,10 @@ from hotlora.adapters.training.trainer import (
     drop_frozen_grads,
     frozen_layers,
     nonzero_modules,
+    one_thread,
     placeholder_module,
 )
+from hotlora.adapters.training.validation import majority_share
 from hotlora.adapters.weights import LoraWeights
 
 HEAD_L2 = 1e-3  # on the RMS-scaled features
@@ -119,8 +120,7 @@ class ClassifierTrainer(Trainer):
             xp = (yield from self._features(d.val_inputs, prev_features)) if prev_features != own else xv
             p.baseline_metric = _accuracy(xp @ prev_head.t(), yv)
         else:
-            majority = Counter(d.train_targets).most_common(1)[0][0]
-            p.baseline_metric = float((yv == majority).float().mean())
+            p.baseline_metric = majority_share(d.train_targets, d.val_targets)
 
         # phase 2: logistic regression on the frozen features
         p.phase = "head"
@@ -140,14 +140,16 @@ class ClassifierTrainer(Trainer):
         if epochs == 0:  # the refit found the continued head best as it was
             stopper.update((0.0, 0.0), lambda: (w.detach() / scale).clone())
         for epoch in range(1, epochs + 1):
-            loss = F.cross_entropy(st @ w.t(), yt) + HEAD_L2 * w.pow(2).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+            with one_thread():
+                loss = F.cross_entropy(st @ w.t(), yt) + HEAD_L2 * w.pow(2).sum()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
             if epoch % HEAD_EVAL_EVERY and epoch != epochs:
                 continue
             if select:
-                key = _key(sv @ w.detach().t(), yv)
+                with one_thread():
+                    key = _key(sv @ w.detach().t(), yv)
                 self.curve.append(((epoch, 0), key))
             else:
                 key = (float(epoch), 0.0)  # the last state is the one

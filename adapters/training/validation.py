@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 KFOLD_MAX_EXAMPLES = 100
@@ -148,6 +148,13 @@ def _filled(curve: list[Point], schedules: list[Schedule]) -> dict[Schedule, tup
         last = seen.get(s, last)
         out[s] = last
     return out
+
+
+def majority_share(train_targets: list, val_targets: list) -> float:
+    """A new classifier's baseline on held-out examples: the share of `val_targets` that is the most
+    frequent of `train_targets` (the first seen of equals)."""
+    majority = Counter(train_targets).most_common(1)[0][0]
+    return sum(t == majority for t in val_targets) / len(val_targets)
 
 
 def selection_factor(compared: int) -> float:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from hotlora.adapters.training.adaptation import Examples
 from hotlora.adapters.training.finetune_spec import Example, FineTuneSpec
 from hotlora.adapters.training.training_record import TrainingRecord
-from hotlora.adapters.training.validation import ValidationPlan, plan_validation
+from hotlora.adapters.training.validation import ValidationPlan, majority_share, plan_validation
 
 REPLAY_SHARE = 0.5
 """Previous versions' examples replayed in a continued job, per new training example (at most all)."""
@@ -29,8 +29,10 @@ class JobWork:
     replay: Examples
     check: Examples | None
     """The previous versions' validation examples (None for a new adapter or an upload)."""
-    majority: float
-    """The most frequent label's share (SEQ_CLS): a new classifier's baseline under k-fold."""
+    baseline: float | None
+    """The gate's baseline where it is known before training, shown from the start: a new classifier's
+    majority class (the most frequent label's share of all examples under k-fold, of the held-out ones
+    otherwise). None where a candidate measures it (a continued adapter's head, the base model's loss)."""
     record: TrainingRecord
     """The examples the new version is stored with (its own and its predecessors')."""
 
@@ -51,7 +53,9 @@ def plan_work(
     history: TrainingRecord | None,
     max_examples: int,
     tokenize: Tokenize,
+    continued: bool = False,
 ) -> JobWork:
+    """`continued`: the job trains on from a stored version (its head sets the baseline)."""
     items = [*spec.examples, *spec.validation]
     key = (lambda e: e.label) if spec.task == "SEQ_CLS" else (lambda e: "")
     keys = [key(e) for e in items]
@@ -77,9 +81,14 @@ def plan_work(
     prev_val = history.validation if history is not None else ()
     train_kept = (*own_train, *prev_train)[:max_examples]  # newest first when the pool is full
     val_kept = (*own_val, *prev_val)[: max(0, max_examples - len(train_kept))]
-    counts = Counter(keys[: len(spec.examples)])
-    majority = max(counts.values()) / len(spec.examples) if spec.task == "SEQ_CLS" else 0.0
-    return JobWork(examples, plan, replay, check, majority, TrainingRecord(train_kept, val_kept))
+    baseline = None
+    if spec.task == "SEQ_CLS" and not continued:
+        if plan.refit:
+            baseline = max(Counter(keys[: len(spec.examples)]).values()) / len(spec.examples)
+        else:  # what the trainer measures on the held-out fold
+            t = examples.targets
+            baseline = majority_share([t[i] for i in fold.train], [t[i] for i in fold.val])
+    return JobWork(examples, plan, replay, check, baseline, TrainingRecord(train_kept, val_kept))
 
 
 def _tokens(tokenize: Tokenize, spec, items, labels, where) -> tuple[list, list]:

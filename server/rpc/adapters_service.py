@@ -95,8 +95,10 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
             training = self.state.training
             if training is None:
                 raise Unavailable("fine-tuning is not available yet")
-            manifest = training.artifact_files(current_tenant(), request.name[len("job:") :])
-            chunks = svc.registry.stream_files(manifest, EXPORT_CHUNK)
+            job_id = request.name[len("job:") :]
+            manifest = training.artifact_files(current_tenant(), job_id)
+            labels = tuple(training.get(current_tenant(), job_id).metrics.get("labels", ()))
+            chunks = svc.stream_export(manifest, labels, EXPORT_CHUNK)
         else:
             chunks = svc.export_chunks(current_tenant(), request.name, EXPORT_CHUNK)
         for filename, data in chunks:  # read from disk a chunk at a time, as the client takes them

@@ -120,6 +120,7 @@ def adapter_pb(view, summary=None, head_features=None):
         waiting_requests=view.waiting,
         validation=None if summary is None else adapters_pb2.AdapterValidation(**asdict(summary)),
         head_features=head_features_pb(head_features),
+        export_loader="" if head_features is None else head_features.export_loader,
     )
 
 
@@ -179,8 +180,8 @@ def finetune_job_pb(job):
             total_steps=int(m.get("total_steps", 0)),
             epoch=int(m.get("epoch", 0)),
             train_loss=float(m.get("train_loss", 0.0)),
-            validation_metric=float(m.get("validation_metric", 0.0)),
-            baseline_metric=float(m.get("baseline_metric", 0.0)),
+            validation_metric=_known(m.get("validation_metric")),  # unset until measured
+            baseline_metric=_known(m.get("baseline_metric")),
             metric_name=str(m.get("metric_name", "")),
             elapsed_seconds=float(m.get("elapsed_seconds", 0.0)),
             remaining_seconds=float(m.get("remaining_seconds", 0.0)),
@@ -212,6 +213,11 @@ def finetune_job_pb(job):
 
 
 METHODS = ("HEAD_ONLY", "LORA", "AUTO", "LORA_PROGRESSIVE")
+
+
+def _known(value) -> float | None:
+    """A figure a job has measured, or None (the field stays unset: no 0 that is not a score)."""
+    return None if value is None else float(value)
 
 
 def _features_pb(raw) -> common_pb2.HeadFeatures | None:

@@ -350,3 +350,13 @@ def test_head_features_ride_in_head_config_json_and_round_trip(base_info, peft_a
         parse_peft_adapter({**causal_files, HEAD_FILE: b'{"pooling": "mean"}'}, base_info, LIMITS)
     with pytest.raises(InvalidArgument, match="layer 0"):
         parse_peft_adapter({**files, HEAD_FILE: b'{"layer": 0}'}, base_info, LIMITS)
+
+
+def test_a_model_directory_uploaded_as_an_adapter_is_named_a_model(base_info, tmp_path):
+    from tests.tiny import save_tiny_model_dir
+
+    model = save_tiny_model_dir(tmp_path / "model")
+    files = {p.name: p.read_bytes() for p in model.iterdir() if p.is_file()}
+    with pytest.raises(InvalidArgument) as err:
+        parse_peft_adapter(files, base_info, LIMITS)
+    assert "a model's files (config.json" in err.value.message and "not a PEFT adapter's" in err.value.message

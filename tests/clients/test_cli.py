@@ -153,10 +153,9 @@ def test_finetune_create_and_watch(fake, capsys, tmp_path):
     ]  # fmt: skip
     assert main(argv) == 0
     captured = capsys.readouterr()
-    assert captured.out.strip() == (
-        "job job-1 SUCCEEDED: adapter sentiment@3 promoted (accuracy 0.9000 vs baseline 0.5000)"
-    )
-    assert "step 4/4" in captured.err  # progress lines (stderr is not a terminal here)
+    *progress, summary = captured.out.strip().splitlines()
+    assert summary == "job job-1 SUCCEEDED: adapter sentiment@3 promoted (accuracy 0.9000 vs baseline 0.5000)"
+    assert "step 4/4" in progress[-1]  # progress lines, on stdout: it is not a terminal here
     (req,) = fake.rec.requests("CreateFineTune")
     assert req.task == common_pb2.TASK_SEQ_CLS and req.method == training_pb2.METHOD_LORA
     assert req.promote == training_pb2.PROMOTE_ALWAYS and list(req.labels) == ["0", "pos"]
@@ -192,7 +191,7 @@ def test_finetune_no_watch_and_failed_watch(fake, capsys, tmp_path):
     assert fake.rec.requests("WatchFineTune") == []
     fake.training.final_state = "FAILED"
     assert main(["finetune", "watch", "job-1", *a]) == 1
-    assert capsys.readouterr().out.startswith("job job-1 FAILED: diverged (accuracy 0.9000")
+    assert capsys.readouterr().out.splitlines()[-1].startswith("job job-1 FAILED: diverged (accuracy 0.9000")
     assert main(["finetune", "watch", "job-1", "--json", *a]) == 1
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert len(events) == 5 and events[-1]["job"]["state"] == "JOB_STATE_FAILED"

@@ -167,6 +167,27 @@ def test_upload_refuses_non_peft_directories_client_side(fake, peft_dir, setup, 
     assert fake.adapters.uploads == []
 
 
+def test_upload_of_a_model_directory_says_it_is_a_model_not_an_adapter(fake, tmp_path):
+    from tests.tiny import save_tiny_model_dir
+
+    model = save_tiny_model_dir(tmp_path / "model")  # config.json, model.safetensors, tokenizer files
+    with Client(fake.address) as c, pytest.raises(ClientError) as err:
+        c.upload_adapter(model, "a")
+    message = str(err.value)
+    assert "is a model directory (config.json" in message and "not a PEFT adapter" in message
+    assert "hotlora serve --model" in message and "not part of" not in message
+    assert fake.adapters.uploads == []
+
+
+def test_upload_sends_an_exported_heads_head_config(fake, peft_dir):
+    (peft_dir / "head_config.json").write_text('{"pooling": "mean", "layer": -1}')
+    (peft_dir / "README.md").write_text("how to load it")  # what an export of such a head carries
+    with Client(fake.address) as c:
+        c.upload_adapter(peft_dir, "a")
+    sent = [ch.filename for ch in fake.adapters.uploads[0][1:]]
+    assert sorted(set(sent)) == ["adapter_config.json", "adapter_model.safetensors", "head_config.json"]
+
+
 def test_upload_refuses_a_file_path(fake, peft_dir):
     with Client(fake.address) as c, pytest.raises(ClientError, match="not a directory"):
         c.upload_adapter(peft_dir / "adapter_config.json", "a")

@@ -18,6 +18,7 @@ from tests.server.harness import running_server
 from tests.server.training_utils import watch
 
 DATA = Path(__file__).parent / "data" / "topics.jsonl"
+SENTIMENT = Path(__file__).parent / "data" / "sentiment40.jsonl"  # 20 positive, 20 negative sentences
 PLANET_QUESTIONS = [
     "Who rules the planet Vexnor?",
     "Who is the ruler of planet Vexnor?",
@@ -98,6 +99,36 @@ def test_topic_classifier_beats_the_majority_class_on_held_out_sentences(server)
     majority = Counter(r["label"] for r in train).most_common(1)[0][0]
     baseline = sum(t["label"] == majority for t in test) / len(test)
     assert baseline < 0.4 and accuracy >= 0.85, (accuracy, baseline)
+
+
+def test_auto_ends_after_its_heads_when_nothing_dearer_can_win(server):
+    # issue 34: on 40 sentiment sentences AUTO's heads validated at 0.975 ± 0.025, then LORA trained for
+    # the whole 600 s budget although it could not beat that by more than the gate's margin
+    rows = [json.loads(line) for line in SENTIMENT.read_text().splitlines() if line.strip()]
+    req = training_pb2.FineTuneRequest(
+        adapter="sentiment",
+        task=common_pb2.TASK_SEQ_CLS,
+        method=training_pb2.METHOD_AUTO,
+        examples=_examples(rows),
+    )  # the default budget (--finetune-max-seconds 600)
+    t0 = time.monotonic()
+    events, job = watch(server.training, server.training.CreateFineTune(req, timeout=60).id, timeout=900)
+    seconds = time.monotonic() - t0
+    assert job.state == training_pb2.JOB_STATE_SUCCEEDED, job.error
+    m = job.metrics
+    scored = [c for c in m.candidates if c.status == "scored"]
+    heads = sum(c.seconds for c in scored)
+    print(f"\n40 sentences: {seconds:.1f} s, heads {heads:.1f} s; {m.winner_reason}")
+    assert scored and all(c.method == training_pb2.METHOD_HEAD_ONLY for c in scored)
+    assert max(c.score for c in scored) >= 0.95
+    for c in m.candidates:
+        if c.method != training_pb2.METHOD_HEAD_ONLY:  # never trained, and each says why
+            assert c.status == "skipped" and c.seconds == 0, c
+            assert "could beat it by more" in c.note or "already scored 1.0" in c.note, c.note
+    # the watch shows the baseline (the majority class) from the first event, and no score before one
+    assert all(e.job.metrics.HasField("baseline_metric") for e in events)
+    assert events[0].job.metrics.baseline_metric == 0.5
+    assert not events[0].job.metrics.HasField("validation_metric")
 
 
 def _ask(server, question, adapter=""):
