@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 
-from hotlora.adapters.head_features import HeadFeatures
+from hotlora.adapters.head_features import EXPORT_LOADER, HeadFeatures
 from hotlora.adapters.training.evaluation import Evaluation
 from hotlora.adapters.training.trainer import Progress, TrainData
 from hotlora.adapters.training.validation import (
@@ -251,12 +251,12 @@ class Adaptation:
                 self.progress.baseline_metric = self._baseline(baselines)
             self.progress.validation_metric = max(r.score for r in self._scored())
 
-        winner = self._winner()
-        if winner is None:
+        if not baselines:
             raise RuntimeError("no candidate could be scored within the time budget")
+        baseline = self._baseline(baselines)
+        winner = self._winner(baseline)
         w = self.reports.index(winner)
         sizes = [len(f.val) for f in folds]
-        baseline = self._baseline(baselines)
 
         if self.plan.refit:  # the adapter itself: every example, for the epochs the folds found best
             all_idx = tuple(range(len(self.examples.inputs)))
@@ -343,17 +343,24 @@ class Adaptation:
             f"({margin:.3f}) of 1.0: no later candidate could beat it by more"
         )
 
-    def _winner(self) -> CandidateReport | None:
+    def _winner(self, baseline: float) -> CandidateReport | None:
         """The best candidate; but when stock PEFT does not reproduce its export and the gate, with the
-        best candidate whose export it does reproduce as the baseline, would not call it better, that one."""
+        best candidate whose export it does reproduce as the baseline, would not call it better, that one
+        (unless only the best clears the gate against `baseline`: portability never costs a promotion)."""
         best = self._best()
         if best is None or best.peft_round_trip:
             return best
         portable = self._best(lambda r: r.peft_round_trip)
         if portable is None:
             return best
-        margin = self._margin(portable.score, best, len(self._scored()))
-        return portable if best.score <= portable.score + margin else best
+        compared = len(self._scored())
+        if best.score > portable.score + self._margin(portable.score, best, compared):
+            return best
+
+        def promoted(r: CandidateReport) -> bool:
+            return r.score > baseline + self._margin(baseline, r, compared)
+
+        return portable if promoted(portable) or not promoted(best) else best
 
     def _reason(self, winner: CandidateReport) -> str:
         scored = self._scored()
@@ -379,12 +386,12 @@ class Adaptation:
             portable = self._best(lambda r: r.peft_round_trip)
             why += (
                 "; its export does not round-trip in stock PEFT (PEFT's classifier reads the last token's "
-                "final state): it carries head_config.json and loads with hotlora.clients.exported_heads"
+                f"final state): it carries head_config.json and loads with {EXPORT_LOADER}"
             )
             if portable is not None:
                 why += (
                     f" (the best candidate that round-trips, {portable.name} {portable.score:.3f} ± "
-                    f"{portable.stderr:.3f}, is beyond the gate's margin below it)"
+                    f"{portable.stderr:.3f}, is beyond the gate's margin below it or would not be promoted)"
                 )
         if self.stopped_early:
             why += f"; stopped early: {self.stopped_early}"

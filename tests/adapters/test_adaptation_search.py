@@ -133,6 +133,19 @@ def test_auto_prefers_the_candidate_stock_peft_reproduces_within_the_gates_margi
     assert "stock PEFT reproduces" in reason
 
 
+def test_the_preference_never_costs_a_promotion():
+    # within the margin of each other, but only the mean-pooled head clears the gate against the baseline
+    low, mean = [0.625, 0.625, 0.5, 0.625, 0.625], [0.75, 0.75, 0.625, 0.75, 0.75]  # 0.600 and 0.725
+    chance = [0.5] * 5
+    script = Script(
+        {LAST: low, MEAN: mean, LAST_MID: chance, MEAN_MID: chance, "LORA": chance}
+        | {"LORA_PROGRESSIVE": chance}
+    )
+    a = _adaptation(script)
+    _run(a)
+    assert a.outcome.winner == MEAN and "would not be promoted" in a.outcome.reason
+
+
 def test_a_winner_whose_export_needs_the_loader_says_so():
     script = Script({LAST: [0.5] * 5, MEAN: [1.0] * 5})
     a = _adaptation(script)
