@@ -44,9 +44,13 @@ clf = load_classifier("path/to/this/directory", "{base}")
 probs = clf.probabilities(["first text", "second text"])  # one row per text, one column per label
 ```
 
-It gives the server's Classify probabilities (float32: to about 1e-6). Without hotlora: run the PEFT
-model with `output_hidden_states=True` on `tokenizer(text)["input_ids"]` (no chat template), take
-`hidden_states[{features.layer}]`, {pooled}, apply the `score` head, then a softmax.
+It gives the server's Classify probabilities (float32: to about 1e-6) on the weights the server serves:
+`"{base}"` stands for its `--model` directory, or for hotlora's embedded default model the directory
+`hotlora prepare-model` prints (the GGUF weights, dequantized; the hub's original weights differ).
+
+Without hotlora: run the PEFT model with `output_hidden_states=True` on `tokenizer(text)["input_ids"]`
+(no chat template), take `hidden_states[{features.layer}]`, {pooled}, apply the `score` head, then a
+softmax.
 
 Labels, in the order of the head's rows: {rows}
 """
