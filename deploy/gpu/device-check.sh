@@ -120,10 +120,12 @@ tests() {
   elif "$PY" -c "import xdist" 2>/dev/null; then
     parallel=(-n 4)  # compiling the kernels' variants is most of the time: in parallel
   fi
+  local rc=0
   # shellcheck disable=SC2086 -- the file lists are words
-  "$PY" -m pytest -q -p no:cacheprovider "${run[@]}" -m gpu $gpu_files || return 1
+  "$PY" -m pytest -q -p no:cacheprovider "${run[@]}" -m gpu $gpu_files || rc=1
   # shellcheck disable=SC2086
-  "$PY" -m pytest -q -p no:cacheprovider "${run[@]}" "${parallel[@]}" $kernel_files
+  "$PY" -m pytest -q -p no:cacheprovider "${run[@]}" "${parallel[@]}" $kernel_files || rc=1
+  return $rc
 }
 
 models() { "$PY" benchmarks/gpu_models.py --dir "$WORK/models" $TINY; }
@@ -137,7 +139,7 @@ kernels() { (cd benchmarks && "$PY" gpu_check.py kernels --out "$WORK/figures/ke
 
 export -f setup tests models figure kernels
 export PY ROOT OUT WORK DRY TINY
-say "hotlora device check $( [ "$DRY" = 1 ] && echo '(CPU dry run)' ) at $(git rev-parse --short HEAD 2>/dev/null), $(date -u +%FT%TZ)"
+say "hotlora device check $( [ "$DRY" = 1 ] && echo '(CPU dry run)' ) at $(git rev-parse --short HEAD 2>/dev/null || echo "a checkout without .git"), $(date -u +%FT%TZ)"
 if stage setup 120 setup.log setup; then
   stage tests 180 tests.log tests
   if stage models 90 models.log models; then
