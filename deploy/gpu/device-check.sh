@@ -9,11 +9,11 @@
 #   setup    install from .whl/ what the image lacks (never torch or triton: the image's CUDA builds),
 #            map `hotlora` onto this checkout, generate the gRPC stubs, check the imports and the GPU
 #   models   random-weight model directories: the default model's shapes and Llama-3.2-1B's
-#   tests    (a) the tests marked gpu and the Triton kernel tests, compiled for real
 #   decode   (b) engine decode N=1/8/32/64, base and 32 rank-16 adapters, CUDA graphs on and off, per model
 #   ttft     (c) time to first token of a 512-token prompt, per model
 #   kernels  (d) copy bandwidth, LoRA per layer against the base GEMMs (32 decode rows, 8x512 prefill),
 #            the paged-attention kernels against their torch reference
+#   tests    (a) the tests marked gpu and the Triton kernel tests, compiled for real
 # The whole run stops starting stages after TOTAL_S seconds (8 minutes with the stages' own limits).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -118,11 +118,11 @@ tests() {
   if [ "$DRY" = 1 ]; then
     run=(--collect-only)  # the plumbing: the same tests collect (CI runs them itself, interpreted)
   elif "$PY" -c "import xdist" 2>/dev/null; then
-    parallel=(-n 4)  # compiling the kernels' variants is most of the time: in parallel
+    parallel=(-n 8)  # compiling the kernels' variants is most of the time: in parallel
   fi
   local rc=0
   # shellcheck disable=SC2086 -- the file lists are words
-  "$PY" -m pytest -q -p no:cacheprovider "${run[@]}" -m gpu $gpu_files || rc=1
+  "$PY" -m pytest -q -p no:cacheprovider "${run[@]}" "${parallel[@]}" -m gpu $gpu_files || rc=1
   # shellcheck disable=SC2086
   "$PY" -m pytest -q -p no:cacheprovider "${run[@]}" "${parallel[@]}" $kernel_files || rc=1
   return $rc
@@ -140,13 +140,18 @@ kernels() { (cd benchmarks && "$PY" gpu_check.py kernels --out "$WORK/figures/ke
 export -f setup tests models figure kernels
 export PY ROOT OUT WORK DRY TINY
 say "hotlora device check $( [ "$DRY" = 1 ] && echo '(CPU dry run)' ) at $(git rev-parse --short HEAD 2>/dev/null || echo "a checkout without .git"), $(date -u +%FT%TZ)"
+# the goals' stages first (the ~1B model), the default model's last: what a short lease must not miss
 if stage setup 120 setup.log setup; then
-  stage tests 180 tests.log tests
   if stage models 90 models.log models; then
-    for m in default llama-1b; do stage "decode $m" 200 decode.log figure decode "$m"; done
-    for m in default llama-1b; do stage "ttft $m" 60 ttft.log figure ttft "$m"; done
+    stage "decode llama-1b" 200 decode.log figure decode llama-1b
+    stage "ttft llama-1b" 60 ttft.log figure ttft llama-1b
   fi
   stage kernels 120 kernels.log kernels
+  stage tests 200 tests.log tests
+  if [ -d "$WORK/models/default" ]; then
+    stage "decode default" 200 decode.log figure decode default
+    stage "ttft default" 60 ttft.log figure ttft default
+  fi
 fi
 "$PY" deploy/gpu/figures.py --figures "$WORK/figures" --stages "$WORK/stages.tsv" --out "$OUT/figures.json" \
   | tee -a "$SUMMARY"

@@ -19,15 +19,15 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "deploy" / "gpu"))
 import wheels  # noqa: E402 -- deploy/gpu/wheels.py
 
-STAGES = [
+STAGES = [  # the goals' stages first, the default model's last
     "setup",
-    "tests",
     "models",
-    "decode default",
     "decode llama-1b",
-    "ttft default",
     "ttft llama-1b",
     "kernels",
+    "tests",
+    "decode default",
+    "ttft default",
 ]
 
 

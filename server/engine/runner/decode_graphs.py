@@ -8,11 +8,12 @@ layer, no launch overhead). Padding rows are harmless by construction: token 0 a
 null block, one visible key (finite, because every block is zeroed before use), their K/V written to the
 null block's first slot, slot -1 (no adapter); their outputs are dropped.
 
-Nothing in the step reads a device value back to the host: attention masks are built from the length
-buffer on the device, and the LoRA update uses the backend's graph plan (``LoraBackend.graph_plan``: slot
-ids and ranks read by the kernels at run time, so installing an adapter into a slot needs no new capture or
-compile). The plan travels in the step's input (``StepInput.lora``), not in the runtime's shared context.
-The only synchronisation left in a decode step is the engine reading the sampled tokens.
+Nothing in the step reads a device value back to the host: attention reads the length buffer on the
+device (the Triton kernels on CUDA; the torch path builds its mask from it), and the LoRA update uses the
+backend's graph plan (``LoraBackend.graph_plan``: slot ids and ranks read by the kernels at run time, so
+installing an adapter into a slot needs no new capture or compile). The plan travels in the step's input
+(``StepInput.lora``), not in the runtime's shared context. The only synchronisation left in a decode step
+is the engine reading the sampled tokens (tests/server/test_cuda_step.py).
 
 On CPU, ``compile=True`` (``--torch-compile``) runs the step through ``torch.compile`` (inductor): hotlora's
 C kernels are custom ops there (``torch.ops.hotlora.*``), so one graph covers the whole forward. One graph
