@@ -37,9 +37,13 @@ class _Parser(argparse.ArgumentParser):
 
     def _unknown_word(self, args: list[str]) -> str | None:
         options = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
-        commands = [
-            name for a in self._actions if isinstance(a, argparse._SubParsersAction) for name in a.choices
-        ]
+        subparsers = {
+            name: parser
+            for a in self._actions
+            if isinstance(a, argparse._SubParsersAction)
+            for name, parser in a.choices.items()
+        }
+        commands = list(subparsers)
         for arg in args:
             if arg == "--" or arg in commands:
                 return None  # the rest is positional, or the subcommand's to check
@@ -52,6 +56,9 @@ class _Parser(argparse.ArgumentParser):
             name = arg.split("=", 1)[0]
             if name in options or (self.allow_abbrev and any(o.startswith(name) for o in options)):
                 continue
+            owners = [c for c, p in subparsers.items() if any(name in a.option_strings for a in p._actions)]
+            if owners:  # `hotlora --address A generate`: argparse reads a command's options after it
+                return f"{name} goes after the command ({self.prog} {owners[0]} {name} ...)"
             return f"unrecognized option {name}" + _suggestion(name, options, f" (see {self.prog} --help)")
         return None
 

@@ -108,6 +108,15 @@ def test_the_profile_sees_torch_where_a_command_imports_it():
         (["adapters", "lsit"], "unknown command 'lsit'; did you mean list?"),
         (["finetune", "craete"], "did you mean create?"),
         (["generate", "--xyzzy", "hi"], "unrecognized option --xyzzy (see hotlora generate --help)"),
+        (
+            ["--address", "h:1", "generate", "hi"],
+            "--address goes after the command (hotlora generate --address ...)",
+        ),
+        (
+            ["--max-batch-size", "4", "serve"],
+            "--max-batch-size goes after the command (hotlora serve --max-batch-size ...)",
+        ),
+        (["--verison"], "did you mean --version?"),
     ],
 )
 def test_a_typo_is_refused_with_the_closest_flag(argv, message):
