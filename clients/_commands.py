@@ -26,6 +26,8 @@ environment:
 
 exit status: 0 on success; 1 on an error (printed as `error: <STATUS>: <details>`); 2 on bad usage.
 """
+#: The variables the client commands read (those listed above).
+ENV_NAMES = frozenset(line.split()[0] for line in ENV_HELP.splitlines() if line.startswith("  HOTLORA_"))
 
 
 def _env(name: str, default: str | None = None) -> str | None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -256,10 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"hotlora {__version__}")
     sub = parser.add_subparsers(title="commands", metavar="COMMAND")
-    try:
-        from hotlora.server.cli import register_commands  # adds `serve`, `prepare-model`
-    except ImportError:
-        register_commands = None
+    register_commands = _server_cli("register_commands")  # adds `serve`, `serve-fleet`, `prepare-model`
     if register_commands is not None:
         register_commands(sub)
     conn = cmd.connection_parent()
@@ -276,10 +274,38 @@ def _error_line(exc: grpc.RpcError) -> str:
     return f"error: {name}: {' '.join(str(details or exc).split())}"
 
 
+def _server_cli(name: str):
+    """`hotlora.server.cli.<name>`, or None where only the client is installed."""
+    try:
+        import hotlora.server.cli as server_cli
+    except ImportError:
+        return None
+    return getattr(server_cli, name, None)
+
+
+def misspelt_variables(environ=None) -> list[str]:
+    """Warnings for HOTLORA_* variables that nothing reads but a real one nearly matches: a typo in a
+    variable would otherwise be ignored without a word. Only where the server's commands are installed
+    (their variables are known then)."""
+    server_variables = _server_cli("server_variables")
+    if server_variables is None:
+        return []
+    known = sorted(server_variables() | cmd.ENV_NAMES)
+    warnings = []
+    for name in sorted(os.environ if environ is None else environ):
+        if name.startswith("HOTLORA_") and name not in known:
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.85)
+            if close:
+                warnings.append(f"warning: {name} is not a hotlora setting; did you mean {close[0]}?")
+    return warnings
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `hotlora` console script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    for warning in misspelt_variables():
+        print(warning, file=sys.stderr)
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:
         parser.print_help(sys.stderr)

@@ -7,8 +7,8 @@ import signal
 import sys
 import threading
 
-from hotlora.server.config import add_config_arguments, config_from_args
-from hotlora.server.flags import add_flags
+from hotlora.server.config import ServerConfig, add_config_arguments, config_from_args
+from hotlora.server.flags import add_flags, env_name, flag_fields
 from hotlora.server.fleet.app import FleetConfig, fleet_config_from
 
 
@@ -36,6 +36,11 @@ def register_commands(subparsers) -> None:
     )
     add_config_arguments(prep)
     prep.set_defaults(func=_prepare)
+
+
+def server_variables() -> set[str]:
+    """The HOTLORA_<FLAG> variables `serve`, `serve-fleet` and `prepare-model` read."""
+    return {env_name(f.name) for cls in (ServerConfig, FleetConfig) for f in flag_fields(cls)}
 
 
 def _config(args):

@@ -142,3 +142,26 @@ def test_abbreviations_and_prompts_that_look_like_options_still_parse():
     assert (args.adapter, args.max_new_tokens, args.prompt) == ("bot", 3, "--not an option")
     assert p.parse_args(["generate", "--- a prompt with spaces"]).prompt == "--- a prompt with spaces"
     assert p.parse_args(["serve", "--max-batch-size=4"]).max_batch_size == "4"
+
+
+def test_a_misspelt_variable_is_named_with_the_real_one():
+    """HOTLORA_MAX_BACH_SIZE would be ignored without a word; the variables hotlora or its tests read
+    are not warned about."""
+    from hotlora.clients.cli import misspelt_variables
+
+    env = {
+        "HOTLORA_MAX_BACH_SIZE": "4", "HOTLORA_ADRESS": "h:1", "HOTLORA_REPLICA": "2",
+        "HOTLORA_PORT": "1", "HOTLORA_TOKEN": "t", "HOTLORA_TLS": "1", "HOTLORA_SOAK_SECONDS": "5",
+        "HOTLORA_CRASH_TRIALS": "3", "HOTLORA_FUZZ_EXAMPLES": "9", "HOTLORA_ARGS": "",
+        "HOTLORA_NOTHING_LIKE": "",
+    }  # fmt: skip
+    assert misspelt_variables(env) == [
+        "warning: HOTLORA_ADRESS is not a hotlora setting; did you mean HOTLORA_ADDRESS?",
+        "warning: HOTLORA_MAX_BACH_SIZE is not a hotlora setting; did you mean HOTLORA_MAX_BATCH_SIZE?",
+        "warning: HOTLORA_REPLICA is not a hotlora setting; did you mean HOTLORA_REPLICAS?",
+    ]
+    out = subprocess.run(
+        [HOTLORA, "serve", "--max-batch-size", "0"], capture_output=True, text=True, timeout=120,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("HOTLORA_")}, "HOTLORA_PROT": "5"},
+    )  # fmt: skip
+    assert "warning: HOTLORA_PROT is not a hotlora setting; did you mean HOTLORA_PORT?" in out.stderr
