@@ -136,7 +136,8 @@ class LoraSite:
         self.in_features = in_features
         self.bank = bank
         self.ctx = ctx
-        self._bound: tuple | None = None  # (bank, backend, the backend's bind_packed update of that bank)
+        # the backend's update of this bank (checked once; the bank is written in place, never replaced)
+        self.update = ctx.backend.bind_packed(bank.a, bank.bs, bank.scales, self.offsets)
 
     def apply(self, y: torch.Tensor, x: torch.Tensor, batch: LoraPlan | None = None) -> torch.Tensor:
         """y: [T, out] (the base projection of x: [T, in]); serving adapters in place, a fine-tune's LoRA
@@ -146,11 +147,7 @@ class LoraSite:
         if batch is None:
             batch = ctx.batch
         if batch is not None and batch.has_lora:
-            b, backend = self.bank, ctx.backend
-            if torch.compiler.is_compiling():  # traced as the backend's call, nothing of this object's state
-                backend.add_lora_packed(y, x, b.a, b.bs, b.scales, batch, self.offsets)
-            else:
-                self._update()(y, x, batch)
+            self.update(y, x, batch)
         if ctx.training:
             for name, size, off in zip(self.names, self.out_sizes, self.offsets, strict=True):
                 t = ctx.training.get((self.layer, name))
@@ -162,23 +159,14 @@ class LoraSite:
                 y = y.index_add(1, cols, delta.to(y.dtype))
         return y
 
-    def rows_ahead(self, x: torch.Tensor, batch: LoraPlan | None = None):
-        """What `apply` will read from the banks for this x and plan (kernels/rows_ahead.py), for the base
-        product of x to ask for while it computes; None when the backend's update has no such list (or
-        while torch.compile traces)."""
+    def rows_ahead(self, batch: LoraPlan | None = None):
+        """What `apply` will read from the banks for this plan, for the base product before it to ask for
+        while it computes (the weight kernels' `banks` and `slots`); None when there is no such list."""
         if batch is None:
             batch = self.ctx.batch
-        if batch is None or not batch.has_lora or torch.compiler.is_compiling():
+        if batch is None or not batch.has_lora:
             return None
-        ahead = getattr(self._update(), "ahead", None)
-        return None if ahead is None else ahead(x, batch)
-
-    def _update(self):
-        """The backend's bind_packed update of this site's bank, bound again when either was replaced."""
-        b, backend, bound = self.bank, self.ctx.backend, self._bound
-        if bound is None or bound[0] is not b or bound[1] is not backend:
-            bound = self._bound = (b, backend, backend.bind_packed(b.a, b.bs, b.scales, self.offsets))
-        return bound[2]
+        return self.update.ahead(batch)
 
     def install(self, slot: int, weights) -> None:
         mods = []
@@ -262,11 +250,12 @@ def make_lora_sites(
     max_rank: int,
     device,
     dtype,
+    compute_dtype: torch.dtype,
 ) -> tuple[LoraContext, dict[tuple[int, str], LoraSite]]:
     """The runner's sites: for each layer and fused projection (layout: projection -> (in_features, module
-    names, their output sizes)), a LoraSite over the targeted names only. Returns the shared context and
-    {(layer, projection): site}."""
-    ctx = LoraContext(backend=get_backend(device))
+    names, their output sizes)), a LoraSite over the targeted names only, banks in `dtype`, activations in
+    `compute_dtype`. Returns the shared context and {(layer, projection): site}."""
+    ctx = LoraContext(backend=get_backend(device, compute_dtype))
     targets = set(target_modules)
     sites: dict[tuple[int, str], LoraSite] = {}
     for proj, (in_features, names, sizes) in layout.items():
@@ -292,7 +281,7 @@ def inject_multi_lora(model, target_modules, num_slots: int, max_rank: int) -> t
     """Wrap every target linear of every decoder layer; returns the shared context and
     {(layer, short name): MultiLoraLinear}."""
     param = next(model.parameters())
-    ctx = LoraContext(backend=get_backend(param.device))
+    ctx = LoraContext(backend=get_backend(param.device, param.dtype))
     wrapped: dict[tuple[int, str], MultiLoraLinear] = {}
     targets = set(target_modules)
     for i, layer in enumerate(decoder_layers(model)):

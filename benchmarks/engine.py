@@ -2,8 +2,6 @@
 
     .venv/bin/python benchmarks/engine.py            # full run (~4 min on 2 cores), updates RESULTS.md
     .venv/bin/python benchmarks/engine.py --quick    # one repeat, RESULTS.md untouched
-    .venv/bin/python benchmarks/engine.py --compile  # also (5): decode throughput eager vs --torch-compile
-                                                     # (compiling takes a minute or two on 2 cores)
 
 In-process server (`--adapter-slots 32 --max-rank 16`), SmolLM2-135M-Instruct in the dtype `auto` picks on
 this machine, 32 rank-16 PEFT adapters on all seven linear layers (benchmarks/adapters.py writes them), all
@@ -15,8 +13,7 @@ through the real gRPC server. Figures, each a ratio measured in this one process
     the base model (wall time of the whole burst; the CPU path must not pay a loop per adapter);
 (3) time to first token of a 512-token prompt (1 new token, a prefix nobody has sent), and of a second
     prompt sharing its first 448 tokens (the prefix cache serves those); medians of 3 pairs;
-(4) KV cache bytes per held token, and the cache's capacity at the default `--kv-cache-bytes`;
-(5) with --compile: (1) again, alternating the eager engine and the compiled decode step of `--torch-compile`.
+(4) KV cache bytes per held token, and the cache's capacity at the default `--kv-cache-bytes`.
 
 The side-by-side comparison with vLLM and llama.cpp is ../shared/peers/compare.py (see RESULTS.md).
 """
@@ -40,7 +37,6 @@ from serving import cpu_name  # benchmarks/serving.py
 from adapters import chunks, peft_files, stream_all  # benchmarks/adapters.py
 from hotlora.server.app import HotloraServer
 from hotlora.server.config import ServerConfig
-from hotlora.server.engine.runner.decode_graphs import StaticDecode
 from hotlora.v1 import adapters_pb2_grpc, common_pb2, inference_pb2, inference_pb2_grpc
 
 NEW_TOKENS = 32
@@ -81,42 +77,10 @@ def shared_tokens(tokenizer, a: list[int], b: list[int]) -> int:
     return n
 
 
-def compiled_vs_eager(server, stub, names: list[str], repeats: int):
-    """Decode throughput (1) with the engine's eager steps and with `--torch-compile`'s compiled ones,
-    alternated in this process: {(n, kind): (eager, compiled) tok/s}, and the warm-up's seconds."""
-    engine = server.state.engine
-    static = StaticDecode(engine.runner, capture=False, lora_plan=engine.runtime.graph_plan, compile=True)
-    t0 = time.perf_counter()
-    static.start_warmup()
-    if not static.wait_compiled(timeout=1800):
-        raise RuntimeError(f"the compile failed: {static.warmup_error}")
-    compile_s = time.perf_counter() - t0
-    out = {}
-    for n in (1, 8, 32):
-        for kind in ("base", "mixed"):
-            ads = [""] * n if kind == "base" else names[:n]
-            best = {None: 0.0, static: 0.0}
-            for _ in range(repeats):
-                for mode in best:
-                    engine.static_decode = mode  # read by the engine at each step
-                    wall, toks = stream_all(stub, ads, decode_prompts(n), NEW_TOKENS)
-                    best[mode] = max(best[mode], toks / wall)
-            engine.static_decode = None
-            out[(n, kind)] = (best[None], best[static])
-            print(
-                f"(5) N={n:2d} {kind:5s}: eager {best[None]:6.1f}, compiled {best[static]:6.1f} tok/s",
-                flush=True,
-            )
-    return out, compile_s
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one repeat, RESULTS.md untouched")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per figure; default 2")
-    ap.add_argument(
-        "--compile", action="store_true", help="also (5): eager against --torch-compile (minutes)"
-    )
     args = ap.parse_args()
     repeats = args.repeats or (1 if args.quick else 2)
     torch.set_num_threads(os.cpu_count() or 1)
@@ -219,18 +183,6 @@ def main() -> None:
             )
             print(rows[-1])
 
-            comp_lines: list[str] = []
-            if args.compile:
-                timings, compile_s = compiled_vs_eager(server, stub, names, repeats)
-                for (n, kind), (eager, compiled) in timings.items():
-                    comp_lines.append(
-                        f"| (5) decode, N={n} {kind} | {eager:.1f} / {compiled:.1f} tok/s "
-                        f"| compiled/eager **{compiled / eager:.2f}** |"
-                    )
-                comp_lines.append(
-                    f"\nThe background compile took {compile_s:.0f} s (two graphs; less when inductor's "
-                    "on-disk cache holds them from an earlier run)."
-                )
         finally:
             channel.close()
             server.shutdown(grace=1.0)
@@ -254,16 +206,6 @@ def main() -> None:
         "|---|---|---|---|",
         *rows,
     ]
-    if comp_lines:
-        section += [
-            "",
-            "`--torch-compile` (the decode step through torch.compile, runner.decode_graphs) against the "
-            "eager engine, alternated in the same process, best of the repeats:",
-            "",
-            "| figure | eager / compiled | ratio |",
-            "|---|---|---|",
-            *comp_lines,
-        ]
     write_section("Engine", "\n".join(section) + "\n")
     print(f"wrote the Engine section of {RESULTS}")
 

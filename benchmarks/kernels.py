@@ -5,13 +5,16 @@ For one decoder layer of the default model (SmolLM2-135M: q, k, v, o, gate, up, 
 modules, and with the pure-torch reference. On CPU the CPU path is measured; on CUDA the Triton kernels too.
 
     .venv/bin/python benchmarks/kernels.py            # prints a table, updates benchmarks/RESULTS.md
+    .venv/bin/python benchmarks/kernels.py --bindings # the C kernels' per-call cost: binding vs ctypes
 
-Writes the figures, with date and machine, into the ``## Kernels`` section of benchmarks/RESULTS.md.
+Writes the figures, with date and machine, into the ``## Kernels`` section of benchmarks/RESULTS.md
+(``--bindings``: the ``## Kernel bindings`` section).
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import datetime
 import os
 import platform
@@ -214,6 +217,112 @@ def run_device(device: torch.device, dtype: torch.dtype) -> list[str]:
     return lines
 
 
+def binding_calls() -> dict[str, tuple]:
+    """Each C kernel a decode step of the default model calls, at one row: (through its binding, through
+    ctypes with the argument list the earlier ctypes binding passed). Both run the same C function of the
+    same build, so the difference is the cost of the call."""
+    from hotlora.kernels import native
+
+    ops = native.ops()
+    lib = ctypes.CDLL(str(native._build()))  # the kernels' C symbols, as the earlier binding loaded them
+    p, i64, c_int, c_float = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+
+    def c_fn(name, *argtypes):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = list(argtypes), c_int
+        return fn
+
+    gen = torch.Generator().manual_seed(0)
+    calls = {}
+    # o_proj of the default model: 576 x 576 in Q4_1 blocks (24 bytes a block of 32)
+    packed = torch.randint(0, 255, (HIDDEN, HIDDEN // 32 * 24), dtype=torch.uint8, generator=gen)
+    packed.view(HIDDEN, -1)[:, HIDDEN // 32 * 16 :] = 0  # d and m: 0.0 (finite)
+    x = torch.randn(1, HIDDEN, generator=gen)
+    q4_1 = ops.BlockFormat.Q4_1
+    linear = c_fn("hotlora_linear_blocks", p, i64, i64, p, c_int, i64, p, p, c_int, p, p)
+
+    def linear_ctypes():
+        y = torch.empty(1, HIDDEN)
+        linear(x.data_ptr(), 1, HIDDEN, packed.data_ptr(), 0, HIDDEN, y.data_ptr(), None, 1, None, None)
+
+    calls["linear_blocks (576 x 576 Q4_1)"] = (
+        lambda: ops.linear_blocks(x, packed, q4_1, None),
+        linear_ctypes,
+    )
+    w = torch.ones(HIDDEN)
+    norm = c_fn("hotlora_rms_norm", p, i64, i64, i64, p, c_float, p, c_int)
+
+    def norm_ctypes():
+        out = torch.empty(1, HIDDEN)
+        norm(x.data_ptr(), 1, HIDDEN, x.stride(0), w.data_ptr(), 1e-5, out.data_ptr(), 1)
+
+    calls["rms_norm (576)"] = (lambda: ops.rms_norm(x, w, 1e-5), norm_ctypes)
+    gate_up = torch.randn(1, 2 * INTERMEDIATE, generator=gen)
+    silu = c_fn("hotlora_silu_mul", p, i64, i64, i64, p, c_int)
+
+    def silu_ctypes():
+        out = torch.empty(1, INTERMEDIATE)
+        silu(gate_up.data_ptr(), 1, INTERMEDIATE, gate_up.stride(0), out.data_ptr(), 1)
+
+    calls["silu_mul (1536)"] = (lambda: ops.silu_mul(gate_up), silu_ctypes)
+    heads, kv_heads, d, bs = 9, 3, 64, 16
+    q = torch.randn(1, heads, d, generator=gen)
+    k_pool = torch.randn(8, bs, kv_heads, d, generator=gen)
+    tables, lens, out = torch.arange(1, 5)[None], torch.tensor([64]), torch.empty(1, heads, d)
+    attend = c_fn(
+        "hotlora_paged_decode_attention",
+        *(p, i64, i64, i64, i64, i64, p, p, i64, i64, p, i64, p, i64, c_float, p, c_int),
+    )
+
+    def attend_ctypes():
+        attend(
+            q.data_ptr(), 1, heads, d, q.stride(0), q.stride(1), k_pool.data_ptr(), k_pool.data_ptr(), bs,
+            kv_heads, tables.data_ptr(), 4, lens.data_ptr(), 0, 0.125, out.data_ptr(), 1,
+        )  # fmt: skip
+
+    calls["paged_decode_attention (64 keys)"] = (
+        lambda: ops.paged_decode_attention(q, k_pool, k_pool, tables, lens, 0.125, 0, out),
+        attend_ctypes,
+    )
+    # qkv's update at one decode row: 32 slots of rank 16 (R_max 16), rank-major B
+    outs = (HIDDEN, KV_DIM, KV_DIM)
+    a = torch.randn(32, 3 * 16, HIDDEN, generator=gen) * 0.05
+    bs_ = [torch.randn(32, 16, o, generator=gen).transpose(1, 2) for o in outs]
+    scales = torch.ones(3, 32)
+    banks = ops.LoraBanks(a, bs_, scales, [0, HIDDEN, HIDDEN + KV_DIM])
+    y, slots, ranks = torch.zeros(1, sum(outs)), torch.tensor([3]), torch.full((32,), 16)
+    arrays = [torch.tensor([b.data_ptr() for b in bs_]), torch.tensor(outs), torch.tensor([0, HIDDEN, 768])]
+    packed_fn = c_fn(
+        "hotlora_lora_packed_t", p, i64, i64, p, p, i64, i64, i64, p, p, p, p, p, p, i64, p, i64, c_int, c_int
+    )
+
+    def lora_ctypes():
+        u = torch.empty(1, 48)
+        packed_fn(
+            x.data_ptr(), 1, x.stride(0), slots.data_ptr(), a.data_ptr(), HIDDEN, 3, 16, ranks.data_ptr(),
+            u.data_ptr(), *(t.data_ptr() for t in arrays), scales.data_ptr(), 32, y.data_ptr(), y.stride(0),
+            1, 1,
+        )  # fmt: skip
+
+    calls["lora_packed (qkv, 1 row, r16)"] = (lambda: ops.lora_packed(y, x, slots, ranks, banks), lora_ctypes)
+    return calls
+
+
+def run_bindings() -> list[str]:
+    header = "| kernel at one decode row | binding µs | ctypes µs | binding - ctypes µs |"
+    lines = [header, "|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    with torch.inference_mode():
+        for name, (binding, through_ctypes) in binding_calls().items():
+            f = time_interleaved(
+                {"binding": binding, "ctypes": through_ctypes}, torch.device("cpu"), rounds=9
+            )
+            row = f"| {name} | {f['binding']:.2f} | {f['ctypes']:.2f} | {f['binding'] - f['ctypes']:+.2f} |"
+            lines.append(row)
+            print(row, flush=True)
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -223,11 +332,31 @@ def main() -> None:
         help="torch CPU threads (0: torch's default). On a machine shared with other jobs, 1 gives stable "
         "figures: two OpenMP threads fighting other processes for two cores vary by 10x from run to run.",
     )
+    parser.add_argument(
+        "--bindings", action="store_true", help="the per-call cost of the C kernels' bindings"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    if args.bindings:
+        lines = [
+            f"Measured {now} on {machine()} by `benchmarks/kernels.py --bindings` (load average at start: "
+            f"{os.getloadavg()[0]:.1f}).",
+            "",
+            "CPU time per call on one thread, best of interleaved rounds: each C kernel through its binding",
+            "(kernels/csrc/bind_*.cpp: pybind11 on torch's headers, tensors in, shapes, dtypes and layouts",
+            "checked, output allocated, GIL released) against the same C function of the same build through",
+            "ctypes with the argument list the earlier ctypes binding passed (pointers and ints prepared in",
+            "Python, output from torch.empty, no checks). The difference is the cost of the call itself.",
+            "",
+        ]
+        print("\n".join(lines))
+        lines += run_bindings()
+        write_lines("Kernel bindings", lines)
+        print(f"\nwritten to {RESULTS}")
+        return
     lines = [
         f"Measured {now} on {machine()} by `benchmarks/kernels.py`.",
         "",

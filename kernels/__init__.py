@@ -9,13 +9,15 @@ banks when ranks change; a per-slot bound costs one scalar load and keeps a sing
 """
 
 from .backend import CpuBackend, LoraBackend, TorchReferenceBackend, TritonBackend, get_backend
-from .cpu_plan import SegmentPlan
+from .cpu_plan import CpuPlan, CpuRoute, SegmentPlan
 from .plan import LoraPlan
 from .reference import add_lora_packed_reference, add_lora_reference, expand_reference, shrink_reference
 from .triton_plan import RowsPlan, SgmvPlan
 
 __all__ = [
     "CpuBackend",
+    "CpuPlan",
+    "CpuRoute",
     "LoraBackend",
     "LoraPlan",
     "RowsPlan",

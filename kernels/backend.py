@@ -13,9 +13,9 @@ import abc
 
 import torch
 
-from . import lora_decode
-from .cpu import NativePackedSite, add_lora_cpu, add_lora_packed_cpu
-from .cpu_plan import SegmentPlan, SlotsPlan, plan_segments
+from . import native
+from .cpu import add_lora_cpu, add_lora_packed_cpu
+from .cpu_plan import CpuPlan, CpuRoute, plan_cpu
 from .plan import LoraPlan, check_graph_plan_args, graph_slots_plan, plan_slots
 from .reference import add_lora_reference
 from .triton_plan import RowsPlan, SgmvPlan, plan_rows, plan_sgmv
@@ -79,11 +79,11 @@ class LoraBackend(abc.ABC):
         for i, (b, off) in enumerate(zip(lora_bs, out_offsets, strict=True)):
             self.add_lora(y, x, lora_a[:, i * r_max : (i + 1) * r_max], b, scales[i], batch, off)
 
-    def bind_packed(self, lora_a, lora_bs, scales, out_offsets):
-        """add_lora_packed for one site whose banks stay these tensors (written in place): returns
-        ``update(y, x, batch)``. A backend may work out once what depends only on the banks; this default
-        calls add_lora_packed each time."""
-        return lambda y, x, batch: self.add_lora_packed(y, x, lora_a, lora_bs, scales, batch, out_offsets)
+    def bind_packed(self, lora_a, lora_bs, scales, out_offsets) -> PackedSite:
+        """add_lora_packed for one site whose banks stay these tensors (written in place, never replaced),
+        checked once here: a backend may work out once what depends only on the banks."""
+        self.check_packed(lora_a, lora_bs, scales, out_offsets)
+        return PackedSite(self, lora_a, tuple(lora_bs), scales, tuple(out_offsets))
 
     @staticmethod
     def check_packed(lora_a, lora_bs, scales, out_offsets) -> int:
@@ -144,41 +144,35 @@ class TorchReferenceBackend(LoraBackend):
 
 
 class CpuBackend(LoraBackend):
-    """torch ops chosen by batch shape (kernels.cpu); runs on any device, tuned for CPU."""
+    """The CPU path (kernels.cpu): each step's plan decides its route, the C kernel or a torch strategy."""
 
-    plan_types = (SegmentPlan, SlotsPlan)
+    plan_types = (CpuPlan,)
     bf16_banks = True  # fp32 x/y with bf16 banks (--adapter-dtype bfloat16): widened as they are read
     rank_major_b = True  # the C expand then sums along output rows, with no horizontal sums
 
-    def __init__(self, strategy: str | None = None) -> None:
-        self.strategy = strategy  # None: pick per batch; 'single' / 'segments' / 'bmm' to force one
+    def __init__(self, route: CpuRoute | str | None = None, dtype: torch.dtype = torch.float32) -> None:
+        """`dtype`: the activations' (the compute dtype): the C kernel takes fp32 ones, where it runs here.
+        `route`: a route to take wherever it applies (tests, benchmarks); None picks one by each batch's
+        shape."""
+        self.forced = None if route is None else CpuRoute(route)
+        self.kernel = dtype == torch.float32 and native.available()
 
-    def plan(self, token_slots, slot_ranks, device=None) -> SegmentPlan:
-        return plan_segments(token_slots if device is None else token_slots.to(device), slot_ranks)
+    def plan(self, token_slots, slot_ranks, device=None) -> CpuPlan:
+        if device is not None:
+            token_slots = token_slots.to(device)
+        return plan_cpu(token_slots, slot_ranks, self.kernel, self.forced)
 
-    def graph_plan(self, token_slots, slot_ranks, max_rank) -> SlotsPlan:
-        # slots only: a compiled decode step then traces no host read (the C kernel reads the slots)
+    def graph_plan(self, token_slots, slot_ranks, max_rank) -> CpuPlan:
+        # the CPU runs a static decode step eagerly (nothing captured): the slots are read as it starts
         check_graph_plan_args(token_slots, slot_ranks, max_rank)
-        return SlotsPlan(token_slots, slot_ranks, token_slots.shape[0], max_rank, token_slots.shape[0] > 0)
+        return self.plan(token_slots, slot_ranks)
 
     def add_lora(self, y, x, lora_a, lora_b, scales, batch, out_offset=0) -> None:
         self.check_plan(batch)
         if not batch.has_lora:
             return
         self.check(y, x, lora_a, lora_b, scales, batch, out_offset)
-        if isinstance(batch, SlotsPlan):
-            if self.strategy in (None, "native") and lora_decode.usable(y, x, lora_a, lora_b):
-                add_lora_cpu(y, x, lora_a, lora_b, scales, batch, out_offset, "native")
-                return
-            batch = batch.segments
-        add_lora_cpu(y, x, lora_a, lora_b, scales, batch, out_offset, self.strategy)
-
-    def bind_packed(self, lora_a, lora_bs, scales, out_offsets):
-        general = super().bind_packed(lora_a, lora_bs, scales, out_offsets)
-        if self.strategy not in (None, "native") or not lora_decode.bindable(lora_a, lora_bs, scales):
-            return general
-        self.check_packed(lora_a, lora_bs, scales, out_offsets)
-        return NativePackedSite(general, lora_a, lora_bs, scales, out_offsets)
+        add_lora_cpu(y, x, lora_a, lora_b, scales, batch, out_offset)
 
     def add_lora_packed(self, y, x, lora_a, lora_bs, scales, batch, out_offsets) -> None:
         self.check_plan(batch)
@@ -187,22 +181,11 @@ class CpuBackend(LoraBackend):
         r_max = self.check_packed(lora_a, lora_bs, scales, out_offsets)
         for i, (b, off) in enumerate(zip(lora_bs, out_offsets, strict=True)):  # as per slice
             self.check(y, x, lora_a[:, i * r_max : (i + 1) * r_max], b, scales[i], batch, off)
-        if isinstance(batch, SlotsPlan):
-            if (
-                self.strategy in (None, "native")
-                and lora_decode.usable(y, x, lora_a, lora_bs[0])
-                and lora_decode.one_layout(lora_bs)
-            ):
-                lora_decode.packed(
-                    y, x, batch.token_slots, lora_a, lora_bs, batch.slot_ranks, scales, out_offsets
-                )
-                return
-            batch = batch.segments
-        if not add_lora_packed_cpu(y, x, lora_a, lora_bs, scales, batch, out_offsets):
-            for i, (b, off) in enumerate(zip(lora_bs, out_offsets, strict=True)):
-                add_lora_cpu(
-                    y, x, lora_a[:, i * r_max : (i + 1) * r_max], b, scales[i], batch, off, self.strategy
-                )
+        add_lora_packed_cpu(y, x, lora_a, lora_bs, scales, batch, out_offsets)
+
+    def bind_packed(self, lora_a, lora_bs, scales, out_offsets) -> PackedSite:
+        self.check_packed(lora_a, lora_bs, scales, out_offsets)
+        return CpuPackedSite(self, lora_a, tuple(lora_bs), scales, tuple(out_offsets))
 
 
 class TritonBackend(LoraBackend):
@@ -286,6 +269,48 @@ class TritonBackend(LoraBackend):
             )  # fmt: skip
 
 
+class PackedSite:
+    """One site's packed update on its banks (LoraBackend.bind_packed): ``site(y, x, plan)`` is
+    ``backend.add_lora_packed(y, x, *banks, plan, out_offsets)``."""
+
+    def __init__(self, backend: LoraBackend, lora_a, lora_bs, scales, out_offsets) -> None:
+        self.backend = backend
+        self.banks = (lora_a, lora_bs, scales)
+        self.out_offsets = out_offsets
+
+    def __call__(self, y: torch.Tensor, x: torch.Tensor, plan: LoraPlan) -> None:
+        self.backend.add_lora_packed(y, x, *self.banks, plan, self.out_offsets)
+
+    def ahead(self, plan: LoraPlan):
+        """What this update reads for `plan`, for the base product before it to prefetch: None here."""
+        return None
+
+
+class CpuPackedSite(PackedSite):
+    """A site of the CPU backend: its banks checked once as the C kernel reads them (ops().LoraBanks, where
+    the kernel runs); each call applies the plan's route with no check of its own (the kernel's binding
+    checks the tensors)."""
+
+    def __init__(self, backend: CpuBackend, lora_a, lora_bs, scales, out_offsets) -> None:
+        super().__init__(backend, lora_a, lora_bs, scales, out_offsets)
+        self.kernel_banks = None
+        if backend.kernel:
+            self.kernel_banks = native.ops().LoraBanks(lora_a, list(lora_bs), scales, list(out_offsets))
+
+    def __call__(self, y: torch.Tensor, x: torch.Tensor, plan: CpuPlan) -> None:
+        if plan.route is CpuRoute.KERNEL:
+            native.ops().lora_packed(y, x, plan.slots, plan.ranks, self.kernel_banks)
+        else:
+            self.backend.add_lora_packed(y, x, *self.banks, plan, self.out_offsets)
+
+    def ahead(self, plan: CpuPlan):
+        """(banks, step slots): the rows the kernel's update of this site reads next, for the weight kernel
+        before it to prefetch; None off the kernel's route or for a single row."""
+        if plan.route is not CpuRoute.KERNEL or plan.ahead is None:
+            return None
+        return self.kernel_banks, plan.ahead
+
+
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -294,8 +319,8 @@ def triton_available() -> bool:
     return True
 
 
-def get_backend(device: torch.device | str) -> LoraBackend:
-    """TritonBackend on CUDA (when triton imports), CpuBackend otherwise."""
+def get_backend(device: torch.device | str, dtype: torch.dtype = torch.float32) -> LoraBackend:
+    """TritonBackend on CUDA (when triton imports), CpuBackend otherwise; `dtype`: the activations'."""
     if torch.device(device).type == "cuda" and triton_available():
         return TritonBackend()
-    return CpuBackend()
+    return CpuBackend(dtype=dtype)

@@ -12,23 +12,18 @@ decode step is bound by them.
 At and above `WIDEN_ROWS` rows (long prefill chunks, compute-bound: MKL's fp32 GEMM is faster), and whenever
 autograd needs a gradient through the product (on-line training), the matrix is widened to fp32 and torch
 runs the GEMM (for --dtype auto on a bf16-capable CPU, a long chunk's is widened straight to bf16 for a
-bf16 GEMM). While torch.compile traces them, the kernel and the embedding lookup run as the operators
-`torch.ops.hotlora.linear_blocks` and `widen_block_rows`.
+bf16 GEMM). The kernels are `linear_blocks`, `widen_blocks` and `widen_blocks_bf16` (kernels/native.py).
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import threading
 
 import torch
 import torch.nn.functional as F
 
-from . import native, torch_ops
-from .narrow_linear import PARALLEL_FROM, WIDEN_ROWS, long_chunk, on_rows, torch_runs
-from .native import Unavailable, unavailable_reason
-from .rows_ahead import Ahead, addresses
+from .narrow_linear import WIDEN_ROWS, long_chunk, torch_runs
+from .native import Unavailable, ops, unavailable_reason
 
 __all__ = [
     "FORMATS",
@@ -45,8 +40,8 @@ __all__ = [
 ]
 
 BLOCK = 32  # weights per block
-# packed dtype -> (name, the C kernel's format id, bytes per block: q, then fp32 d (and m))
-FORMATS = {torch.uint8: ("Q4_1", 0, 24), torch.int8: ("Q8_0", 1, 36)}
+# packed dtype -> (the kernels' BlockFormat name, bytes per block: q, then fp32 d (and m))
+FORMATS = {torch.uint8: ("Q4_1", 24), torch.int8: ("Q8_0", 36)}
 # A thread's widened copy for torch's GEMM is written into its scratch (pages warm in cache: ~18 ms of a
 # 512-token prefill, 3.5%) when autograd will not keep it and it holds at most this many floats (a
 # projection's; the LM head's 28 M are widened fresh, and only where many rows want logits).
@@ -61,7 +56,12 @@ def is_packed(t: torch.Tensor) -> bool:
 
 
 def in_features(packed: torch.Tensor) -> int:
-    return packed.shape[1] // FORMATS[packed.dtype][2] * BLOCK
+    return packed.shape[1] // FORMATS[packed.dtype][1] * BLOCK
+
+
+def block_format(packed: torch.Tensor):
+    """The kernels' `BlockFormat` of a packed matrix."""
+    return getattr(ops().BlockFormat, FORMATS[packed.dtype][0])
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor | None:
@@ -121,28 +121,18 @@ def widen(
 ) -> torch.Tensor:
     """The fp32 matrix [N, K] a packed one holds (only `rows`, int64 indices, when given), into `out` when
     given (contiguous fp32 of that shape)."""
-    k, fmt = in_features(packed), FORMATS[packed.dtype][1]
     idx = None if rows is None else rows.to(torch.int64).contiguous()
-    n = packed.shape[0] if idx is None else idx.numel()
-    if idx is not None and n and (int(idx.min()) < 0 or int(idx.max()) >= packed.shape[0]):
-        raise IndexError(f"row index out of range for {packed.shape[0]} rows")
-    out = torch.empty(n, k, dtype=torch.float32) if out is None else out
-    threads = torch.get_num_threads() if n * k >= PARALLEL_FROM else 1
-    _library().hotlora_widen_blocks(
-        packed.data_ptr(), fmt, k, None if idx is None else idx.data_ptr(), n, out.data_ptr(), threads
-    )
-    return out
+    try:
+        return ops().widen_blocks(packed, block_format(packed), idx, out)
+    except ValueError as exc:
+        if idx is not None and "rows must lie in" in str(exc):
+            raise IndexError(f"row index out of range for {packed.shape[0]} rows") from exc
+        raise
 
 
 def widen_bf16(packed: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """`widen(packed).to(torch.bfloat16)` in one pass (into `out` when given: contiguous bf16 [N, K])."""
-    n, k = packed.shape[0], in_features(packed)
-    out = torch.empty(n, k, dtype=torch.bfloat16) if out is None else out
-    threads = torch.get_num_threads() if n * k >= PARALLEL_FROM else 1
-    _library().hotlora_widen_blocks_bf16(
-        packed.data_ptr(), FORMATS[packed.dtype][1], k, n, out.data_ptr(), threads
-    )
-    return out
+    return ops().widen_blocks_bf16(packed, block_format(packed), out)
 
 
 def _widen_into_scratch(packed: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -160,20 +150,19 @@ def _widen_into_scratch(packed: torch.Tensor, dtype: torch.dtype = torch.float32
 
 def embedding(ids: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """`F.embedding(ids, widen(packed))`, widening only the rows asked for."""
-    rows = ids.reshape(-1)
-    out = _widen_rows_op(packed, rows) if torch.compiler.is_compiling() else widen(packed, rows)
-    return out.view(*ids.shape, -1)
+    return widen(packed, ids.reshape(-1)).view(*ids.shape, -1)
 
 
 def linear(
     x: torch.Tensor,
     packed: torch.Tensor,
     bias: torch.Tensor | None = None,
-    ahead: Ahead | None = None,
+    ahead: tuple | None = None,
     long_in_bf16: bool = False,
 ) -> torch.Tensor:
     """`F.linear(x, widen(packed), bias)` for fp32 `x` [..., K] and a packed matrix; `ahead`: the rows a
-    LoRA update reads next, asked for while the kernel computes (kernels/rows_ahead.py); `long_in_bf16`:
+    LoRA update reads next, (banks, step slots), asked for while the kernel computes (LoraSite's
+    `rows_ahead`, csrc/rows_ahead.h); `long_in_bf16`:
     a long chunk's product (torch's GEMM) in bf16 arithmetic (`long_product_bf16`)."""
     if long_in_bf16 and long_chunk(x):
         return long_product_bf16(x, _widen_into_scratch(packed, torch.bfloat16), bias)
@@ -185,9 +174,8 @@ def linear(
             f"expected float32 x of {in_features(packed)} features and a packed matrix, "
             f"got {x.dtype} x of {x.shape[-1]} and {packed.dtype}"
         )
-    if torch.compiler.is_compiling():
-        return _linear_op(x, packed, bias)
-    return _linear(x, packed, bias, ahead)
+    banks, slots = (None, None) if ahead is None else ahead
+    return ops().linear_blocks(x, packed, block_format(packed), bias, banks, slots)
 
 
 def long_product_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -200,48 +188,6 @@ def long_product_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     return y if bias is None else y.add_(bias)
 
 
-def _linear(
-    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, ahead: Ahead | None = None
-) -> torch.Tensor:
-    n, k, fmt = packed.shape[0], in_features(packed), FORMATS[packed.dtype][1]
-    fn, w = _library().hotlora_linear_blocks, packed.data_ptr()
-    banks, slots = addresses(ahead)
-
-    def kernel(xp, rows, yp, bp, threads):
-        return fn(xp, rows, k, w, fmt, n, yp, bp, threads, banks, slots)
-
-    return on_rows(x, n, k, bias, kernel, "block-weight linear")
-
-
-_linear_op = torch_ops.define(  # for torch.compile (kernels/torch_ops.py)
-    "linear_blocks(Tensor x, Tensor packed, Tensor? bias) -> Tensor",
-    _linear,
-    lambda x, packed, bias: x.new_empty(*x.shape[:-1], packed.shape[0]),
-)
-
-
-_widen_rows_op = torch_ops.define(
-    "widen_block_rows(Tensor packed, Tensor rows) -> Tensor",
-    widen,
-    lambda packed, rows: packed.new_empty(rows.shape[0], in_features(packed), dtype=torch.float32),
-)
-
-
 def ensure_built() -> None:
-    """Build and load the kernel now; raises Unavailable with the reason."""
-    _library()
-
-
-@functools.cache
-def _library() -> ctypes.CDLL:
-    lib = native.library("block_weights")
-    ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.hotlora_linear_blocks.argtypes = [ptr, i64, i64, ptr, c_int, i64, ptr, ptr, c_int, ptr, ptr]
-    lib.hotlora_linear_blocks.restype = ctypes.c_int
-    lib.hotlora_widen_blocks.argtypes = [ptr, c_int, i64, ptr, i64, ptr, c_int]
-    lib.hotlora_widen_blocks.restype = None
-    lib.hotlora_widen_blocks_bf16.argtypes = [ptr, c_int, i64, i64, ptr, c_int]
-    lib.hotlora_widen_blocks_bf16.restype = None
-    lib.hotlora_ahead_lines.argtypes = [ptr, ptr, i64, i64, ptr, i64]  # for tests of csrc/rows_ahead.h
-    lib.hotlora_ahead_lines.restype = i64
-    return lib
+    """Build and load the kernels now; raises Unavailable with the reason."""
+    ops()

@@ -1,19 +1,35 @@
-"""SegmentPlan: the CPU path's plan (kernels.cpu), built by :func:`plan_segments` once per forward pass.
+"""CpuPlan: the CPU backend's plan of one forward pass (:func:`plan_cpu`), with the step's route decided once.
 
-Everything the CPU strategies read is here as host ints or small index tensors: the segments (for the
-per-segment GEMMs), the rank groups (for gather + bmm) and, for decode batches over a nearly full slot
-range, the dense layout (for bmm on bank views). None of it is built for the Triton kernels, which have their
-own plans (kernels.triton_plan).
+The route is one of :class:`CpuRoute`: the C kernel (`lora_packed`, kernels/csrc/lora_decode.c), or one of
+the torch strategies of kernels/cpu.py, picked by the batch's shape (the thresholds are measured there).
+Every LoRA site of the step applies that route; none decides again.
+
+For the kernel the plan holds the slots and ranks as it reads them (int64, contiguous) and the slots the
+weight kernels prefetch for it (`StepSlots`); for a torch strategy, the :class:`SegmentPlan`: the segments
+(for the per-segment GEMMs), the rank groups (for gather + bmm) and, for decode batches over a nearly full
+slot range, the dense layout (for bmm on bank views), as host ints or small index tensors. None of it is
+built for the Triton kernels, which have their own plans (kernels.triton_plan).
 """
 
 from __future__ import annotations
 
-import functools
+import enum
 from dataclasses import dataclass
 
 import torch
 
-from .plan import LoraPlan, sort_by_slot
+from .native import ops
+from .plan import LoraPlan, SlotOrder, sort_by_slot
+
+
+class CpuRoute(enum.Enum):
+    """How a step's LoRA update runs on the CPU (kernels/cpu.py)."""
+
+    KERNEL = "kernel"  # the C kernel: each run of tokens on one slot reads its adapter in place
+    SINGLE = "single"  # one adapter for every token: two GEMMs
+    SEGMENTS = "segments"  # one GEMM pair per run of tokens on one slot
+    DENSE = "dense"  # decode over a nearly full slot range of one rank: bmm on bank views
+    BMM = "bmm"  # tokens grouped by rank: gather each token's A and B, batched GEMVs
 
 
 @dataclass(frozen=True)
@@ -57,7 +73,7 @@ class DenseLayout:
 
 @dataclass(frozen=True)
 class SegmentPlan(LoraPlan):
-    """Tokens grouped by slot for the CPU strategies. Build with :func:`plan_segments`."""
+    """Tokens grouped by slot for the torch strategies. Build with :func:`plan_segments`."""
 
     num_lora_tokens: int  # T_lora: tokens that get a LoRA update
     single_slot: int  # the slot when all T tokens use one non-empty slot, else -1
@@ -76,21 +92,98 @@ class SegmentPlan(LoraPlan):
 
 
 @dataclass(frozen=True)
-class SlotsPlan(LoraPlan):
-    """The CPU backend's graph plan (a static decode step, runner.decode_graphs): the slots only, nothing
-    read back to the host, so torch.compile traces the step without a host read or a graph break. The C
-    kernel reads the slots itself; the torch strategies take :attr:`segments`, built on first need."""
+class CpuPlan(LoraPlan):
+    """The CPU backend's plan: the route every site of the step applies, and what that route reads."""
 
-    @functools.cached_property
-    def segments(self) -> SegmentPlan:
-        return plan_segments(self.token_slots, self.slot_ranks)
+    route: CpuRoute
+    slots: torch.Tensor  # [T] int64 contiguous: token_slots as the kernel reads them
+    ranks: torch.Tensor  # [S] int64 contiguous: slot_ranks as the kernel reads them
+    # the kernel's route: the slots the update reads, for the weight kernel before each site to prefetch
+    # (ops().StepSlots; None for a single row, whose base product streams its own weights)
+    ahead: object | None
+    segments: SegmentPlan | None  # a torch route's grouping (None on the kernel's route)
 
 
-def plan_segments(token_slots: torch.Tensor, slot_ranks: torch.Tensor) -> SegmentPlan:
+# Mean tokens per segment at or above which one GEMM pair per segment beats gather + bmm.
+SEGMENT_MIN_MEAN_LEN = 4
+# Up to this many segments the per-segment loop is cheap enough whatever their length.
+SEGMENT_MAX_SHORT = 2
+# Where the C kernel beats torch's GEMMs (benchmarks/kernels.py, 2 threads, SmolLM2 shapes): it reads each
+# run of tokens on one slot once and keeps those rows in cache for the run, at ~75 GFLOPS; torch pays ~10 µs
+# of dispatch per op and per segment but runs long segments at GEMM speed. Measured crossovers: one adapter,
+# 32-48 tokens; many adapters, 64-96 tokens per segment (32 prompts of 14 tokens: 2.8x faster in C).
+KERNEL_SINGLE_MAX_TOKENS = 32
+KERNEL_MAX_MEAN_SEGMENT = 64
+
+
+def plan_cpu(
+    token_slots: torch.Tensor, slot_ranks: torch.Tensor, kernel: bool, forced: CpuRoute | None = None
+) -> CpuPlan:
+    """The plan of one forward pass. `kernel`: whether the C kernel may serve (the backend's, decided once);
+    `forced`: a route to take where it applies (tests, benchmarks): the kernel where it may serve, the
+    single route for one adapter only, the dense one where the layout allows."""
+    grouped = sort_by_slot(token_slots, slot_ranks)
+    route = choose_route(grouped, kernel, forced)
+    slots = token_slots.to(torch.int64).contiguous()
+    ranks = grouped.ranks.contiguous()  # int64, on the host
+    has_lora = grouped.seg_slots.numel() > 0
+    if route is CpuRoute.KERNEL:
+        ahead = ops().StepSlots(slots, ranks) if has_lora and grouped.num_tokens >= 2 else None
+        segments = None
+    else:
+        ahead, segments = None, plan_segments(token_slots, slot_ranks, grouped)
+        if route is CpuRoute.DENSE and segments.dense is None:
+            route = CpuRoute.BMM
+    return CpuPlan(
+        token_slots=token_slots,
+        slot_ranks=slot_ranks,
+        num_tokens=grouped.num_tokens,
+        max_rank=grouped.max_rank,
+        has_lora=has_lora,
+        route=route,
+        slots=slots,
+        ranks=ranks,
+        ahead=ahead,
+        segments=segments,
+    )
+
+
+def choose_route(grouped: SlotOrder, kernel: bool, forced: CpuRoute | None = None) -> CpuRoute:
+    """The route for a batch of this shape (DENSE: where its layout allows, else BMM; plan_cpu checks)."""
+    groups, lora_tokens = grouped.seg_slots.numel(), grouped.order.numel()
+    single = groups == 1 and lora_tokens == grouped.num_tokens
+    if single:
+        by_shape = CpuRoute.SINGLE
+    elif groups <= SEGMENT_MAX_SHORT or lora_tokens >= SEGMENT_MIN_MEAN_LEN * groups:
+        by_shape = CpuRoute.SEGMENTS
+    else:
+        by_shape = CpuRoute.DENSE
+    if forced is CpuRoute.SINGLE and not single:
+        forced = CpuRoute.SEGMENTS
+    if forced is not None and forced is not CpuRoute.KERNEL:
+        return forced
+    wins = _kernel_wins(by_shape, lora_tokens, groups, grouped.num_tokens)
+    if kernel and (forced is CpuRoute.KERNEL or wins):
+        return CpuRoute.KERNEL
+    return by_shape
+
+
+def _kernel_wins(by_shape: CpuRoute, lora_tokens: int, groups: int, tokens: int) -> bool:
+    if by_shape is CpuRoute.SINGLE:
+        return tokens <= KERNEL_SINGLE_MAX_TOKENS
+    if by_shape is CpuRoute.SEGMENTS:
+        return lora_tokens <= KERNEL_MAX_MEAN_SEGMENT * groups
+    return True  # the short segments of decode batches: the bmm strategies' job, done better in C
+
+
+def plan_segments(
+    token_slots: torch.Tensor, slot_ranks: torch.Tensor, grouped: SlotOrder | None = None
+) -> SegmentPlan:
     """token_slots: [T] int64 (slot per token, -1 = base only), on the compute device.
     slot_ranks: [S] int64, the real rank of each slot (0 = empty slot); may live on CPU.
-    Precompute everything the CPU strategies need (segments, gather indices...) here, once."""
-    grouped = sort_by_slot(token_slots, slot_ranks)
+    Precompute everything the torch strategies need (segments, gather indices...) here, once. `grouped`:
+    sort_by_slot's result when the caller has it."""
+    grouped = grouped if grouped is not None else sort_by_slot(token_slots, slot_ranks)
     device = token_slots.device
     ranks_host, order_host = grouped.ranks, grouped.order
     order = order_host.tolist()

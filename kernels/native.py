@@ -1,31 +1,43 @@
-"""hotlora's C kernels for the CPU (`kernels/csrc/*.c`): built with the system C compiler on first use and
-loaded with ctypes.
+"""hotlora's C kernels for the CPU (`kernels/csrc`), built on first use into one extension module and
+reached through it: `ops().linear_blocks(x, packed, fmt, bias)`, `ops().lora_packed(y, x, slots, ranks,
+banks)`, ... Each kernel has one binding (`csrc/bind_*.cpp`, pybind11 on torch's headers, as punica's) that
+takes tensors, checks their shapes, dtypes, devices and layouts (ValueError naming the argument), and calls
+the C function declared in `csrc/kernels.h`; the GIL is released while it runs.
 
-The shared object goes into the user cache directory (`~/.cache/hotlora/kernels/`), named by a hash of the
-source and the flags, so an edited source is rebuilt and processes share one build. OpenMP resolves to the
-libgomp torch has already loaded: one thread pool, not two fighting over the cores.
+Build: each `csrc/*.c` (the kernels, with the AVX-512 flags) and `csrc/*.cpp` (the bindings) is compiled to
+an object named by a hash of its source, the headers and the flags, and the objects are linked into
+`_hotlora_kernels-<hash>.so`, all in the user cache (`~/.cache/hotlora/kernels/`): an edited source rebuilds
+only its object, and processes share one build (a file lock: the first builds, the others wait). OpenMP
+resolves to the libgomp torch has already loaded: one thread pool, not two fighting over the cores.
 """
 
 from __future__ import annotations
 
-import ctypes
+import fcntl
 import functools
 import hashlib
+import importlib.machinery
+import importlib.util
 import logging
 import os
 import shutil
 import subprocess
+import sysconfig
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import ModuleType
+
+import torch
 
 log = logging.getLogger("hotlora.kernels")
 CSRC = Path(__file__).with_name("csrc")
+MODULE = "_hotlora_kernels"
 # -ffp-contract=off: a multiply and an add written apart stay two roundings, as in torch's ops
-FLAGS = (
-    "-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-ffp-contract=off", "-fopenmp", "-shared",
-    "-fPIC", "-lm",
-)  # fmt: skip
+C_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-ffp-contract=off", "-fopenmp", "-fPIC")
+CXX_FLAGS = ("-O2", "-std=c++20", "-fPIC", "-fvisibility=hidden", f"-DTORCH_EXTENSION_NAME={MODULE}")
+TORCH_LIBS = ("-lc10", "-ltorch_cpu", "-ltorch", "-ltorch_python")
 NEEDED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "fma")
 
 
@@ -50,13 +62,17 @@ def unavailable_reason() -> str | None:
     missing = [f for f in NEEDED_CPU_FLAGS if f not in flags]
     if missing:
         return f"the CPU lacks {', '.join(missing)}"
-    if compiler() is None:
-        return "no C compiler (cc, gcc or $CC) to build the kernel"
+    if compiler() is None or cxx_compiler() is None:
+        return "no C and C++ compiler (cc/gcc and c++/g++, or $CC and $CXX) to build the kernels"
     return None
 
 
 def compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def cxx_compiler() -> str | None:
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
 
 
 def cache_dir() -> Path:
@@ -65,45 +81,101 @@ def cache_dir() -> Path:
 
 
 @functools.cache
-def library(name: str) -> ctypes.CDLL:
-    """`csrc/{name}.c`, built if needed, loaded. Raises Unavailable with the reason."""
+def ops() -> ModuleType:
+    """The kernels' extension module, built if needed, loaded once a process. Raises Unavailable."""
     why = unavailable_reason()
     if why is not None:
-        raise Unavailable(f"hotlora's CPU kernel {name} cannot run here: {why}")
-    source_path = CSRC / f"{name}.c"
-    headers = b"".join(h.read_bytes() for h in sorted(CSRC.glob("*.h")))  # what the sources include
-    digest = hashlib.sha256(source_path.read_bytes() + headers + " ".join(FLAGS).encode()).hexdigest()[:16]
-    target = cache_dir() / f"{name}-{digest}.so"
-    if not target.is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        # built beside the target, then renamed: a process building at the same time never loads half a file
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-        os.close(fd)
-        started = time.monotonic()
-        log.info("building the C kernel %s (once: kept in %s)", name, target.parent)
-        try:
-            done = subprocess.run(
-                [compiler(), *FLAGS[:-1], "-o", tmp, str(source_path), FLAGS[-1]],
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if done.returncode != 0:
-                raise Unavailable(f"building {source_path.name} failed:\n{done.stderr.strip()}")
-            os.replace(tmp, target)
-            log.info("built the C kernel %s in %.2f s", name, time.monotonic() - started)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return ctypes.CDLL(str(target))
+        raise Unavailable(f"hotlora's CPU kernels cannot run here: {why}")
+    path = _build()  # loaded a second time (this file imported under another name), Python gives the same
+    spec = importlib.util.spec_from_file_location(
+        MODULE, path, loader=importlib.machinery.ExtensionFileLoader(MODULE, str(path))
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def loads_or_warns(load, fallback: str) -> bool:
-    """Whether `load()` (a kernel module's library loader) succeeds; if not, one warning naming the torch
-    path that serves instead (`fallback`) and the reason. The torch paths are correct too, only slower."""
+@functools.cache
+def available() -> bool:
+    """Whether the kernels run here; if not, one warning with the reason (torch ops serve instead: correct,
+    only slower)."""
     try:
-        load()
+        ops()
     except Unavailable as exc:
-        log.warning("%s: %s", fallback, exc)
+        log.warning("%s; torch ops serve instead", exc)
         return False
     return True
+
+
+def _build() -> Path:
+    torch_dir = Path(torch.__file__).parent
+    sources = sorted(CSRC.glob("*.c")) + sorted(CSRC.glob("*.cpp"))
+
+    def object_of(source: Path) -> tuple[Path, list[str]]:
+        if source.suffix == ".c":
+            flags = [*C_FLAGS]
+            cmd = [compiler(), *flags]
+        else:
+            includes = [torch_dir / "include", sysconfig.get_paths()["include"]]
+            flags = [*CXX_FLAGS, *(f"-isystem{p}" for p in includes)]
+            cmd = [cxx_compiler(), *flags]
+        headers = b"".join(h.read_bytes() for h in sorted(_headers(source)))
+        key = source.read_bytes() + headers + " ".join(flags).encode() + torch.__version__.encode()
+        return cache_dir() / "obj" / f"{source.stem}-{_digest(key)}.o", cmd
+
+    objects = {source: object_of(source) for source in sources}
+    target = cache_dir() / f"{MODULE}-{_digest(''.join(o.name for o, _ in objects.values()).encode())}.so"
+    if target.is_file():
+        return target
+    (cache_dir() / "obj").mkdir(parents=True, exist_ok=True)
+    with open(cache_dir() / ".build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one process builds; the others find its result
+        if target.is_file():
+            return target
+        missing = [(s, o, cmd) for s, (o, cmd) in objects.items() if not o.is_file()]
+        started = time.monotonic()
+        log.info(
+            "building hotlora's C kernels (%d of %d sources; once: kept in %s)",
+            len(missing), len(sources), cache_dir(),
+        )  # fmt: skip
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            for _ in pool.map(lambda m: _run([*m[2], "-c", str(m[0])], m[1], m[0].name), missing):
+                pass
+        link = [
+            cxx_compiler(), "-shared", "-fopenmp", *(str(o) for o, _ in objects.values()),
+            f"-L{torch_dir / 'lib'}", *TORCH_LIBS, "-lm",
+        ]  # fmt: skip
+        _run(link, target, "the link")
+        log.info("built hotlora's C kernels in %.2f s", time.monotonic() - started)
+    return target
+
+
+def _headers(source: Path, seen: set[Path] | None = None) -> set[Path]:
+    """The csrc headers `source` includes, directly or through another (what its object depends on)."""
+    seen = set() if seen is None else seen
+    for line in source.read_text().splitlines():
+        if line.startswith('#include "'):
+            header = CSRC / line.split('"')[1]
+            if header not in seen:
+                seen.add(header)
+                _headers(header, seen)
+    return seen
+
+
+def _run(cmd: list[str], target: Path, what: str) -> None:
+    """Run a compiler writing `target` through a file beside it, renamed when whole: a process that
+    looks at the same time never loads half a file."""
+    fd, tmp = tempfile.mkstemp(suffix=target.suffix, dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([*cmd, "-o", tmp], capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise Unavailable(f"building hotlora's CPU kernels failed at {what}:\n{done.stderr.strip()}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]

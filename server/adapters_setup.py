@@ -16,7 +16,7 @@ from hotlora.adapters.service import AdapterService
 from hotlora.adapters.store.s3_blob_store import S3Options
 from hotlora.adapters.store.shared_stores import StoreConfig, default_replica_id, open_registry
 from hotlora.adapters.store.upload_spool import UploadBudget, UploadSpooler
-from hotlora.kernels import lora_decode, native
+from hotlora.kernels import native
 from hotlora.server.config import ServerConfig
 from hotlora.server.engine.runner import FUSED
 from hotlora.server.model_loading import LoadedModel
@@ -49,12 +49,12 @@ def bank_dtype(
     narrower than the compute dtype only as bf16 under fp32 on a CPU whose LoRA kernel widens them as it
     reads (elsewhere every call would convert a bank)."""
     if asked == "auto":  # auto_bf16: fp32 compute on a CPU, where bf16 banks are read widened
-        return torch.bfloat16 if auto_bf16 and lora_decode.available() else stored
+        return torch.bfloat16 if auto_bf16 and native.available() else stored
     want = getattr(torch, asked)
     if want == compute:
         return want
     if want == torch.bfloat16 and compute == torch.float32 and torch.device(device).type == "cpu":
-        if not lora_decode.available():
+        if not native.available():
             raise ValueError(
                 "--adapter-dtype bfloat16 needs hotlora's C LoRA kernel, which cannot run here: "
                 f"{native.unavailable_reason() or 'it did not build (see the warning logged)'}"
@@ -82,7 +82,14 @@ def setup_adapters(cfg: ServerConfig, loaded: LoadedModel, observer: AdapterObse
             cfg.adapter_dtype, loaded.dtype, runner.w.stored_dtype, loaded.device, runner.auto_bf16
         )
         ctx, by_key = make_lora_sites(
-            layout, base.num_layers, targets, cfg.adapter_slots, cfg.max_rank, loaded.device, banks
+            layout,
+            base.num_layers,
+            targets,
+            cfg.adapter_slots,
+            cfg.max_rank,
+            loaded.device,
+            banks,
+            loaded.dtype,
         )
         runner.sites = by_key
         sites = list(by_key.values())

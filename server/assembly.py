@@ -15,7 +15,7 @@ from hotlora.adapters.service import AdapterService
 from hotlora.adapters.training.finetune_jobs import FineTuneManager
 from hotlora.server.adapters_setup import setup_adapters
 from hotlora.server.config import ServerConfig
-from hotlora.server.engine.runner.decode_graphs import StaticDecode, compile_refusal
+from hotlora.server.engine.runner.decode_graphs import StaticDecode
 from hotlora.server.engine.scheduler import Engine, EngineLimits
 from hotlora.server.frontend.inference import InferenceFrontend
 from hotlora.server.logs import startup_phase
@@ -36,9 +36,7 @@ class Components:
 
 def _fp32_only(cfg: ServerConfig) -> str | None:
     """The setting asked for that reads fp32 only, which `--dtype auto` then honours (load_model)."""
-    if cfg.adapter_dtype == "float32":
-        return "--adapter-dtype float32"
-    return "--torch-compile" if cfg.torch_compile else None
+    return "--adapter-dtype float32" if cfg.adapter_dtype == "float32" else None
 
 
 def assemble(config: ServerConfig, observer: Observer = NO_OBSERVER) -> Components:
@@ -88,15 +86,7 @@ def assemble(config: ServerConfig, observer: Observer = NO_OBSERVER) -> Componen
 
 
 def _decode_graphs(cfg: ServerConfig, loaded: LoadedModel, runtime: MultiLoraRuntime) -> StaticDecode | None:
-    """Static decode steps: CUDA graphs on a CUDA device with hotlora's runner, unless --no-cuda-graphs;
-    torch.compile on CPU with --torch-compile (its warm-up starts here, in the background)."""
-    if cfg.torch_compile:
-        why = compile_refusal(loaded.runner_kind, loaded.model)
-        if why:
-            raise ValueError(f"--torch-compile: {why}")
-        decode = StaticDecode(loaded.model, capture=False, lora_plan=runtime.graph_plan, compile=True)
-        decode.start_warmup()
-        return decode
+    """Static decode steps: CUDA graphs on a CUDA device with hotlora's runner, unless --no-cuda-graphs."""
     if not cfg.cuda_graphs or loaded.device.type != "cuda" or loaded.runner_kind != "runner":
         return None
     return StaticDecode(loaded.model, capture=True, lora_plan=runtime.graph_plan)

@@ -149,12 +149,6 @@ class ServerConfig:
         "on CUDA, decode steps replay CUDA graphs captured per batch bucket (no effect on CPU, where eager "
         "execution is faster)",
     )
-    torch_compile: bool = flag(
-        False,
-        "on CPU, decode steps run through torch.compile (inductor; hotlora's C kernels as custom ops), "
-        "compiled on a background thread after start-up while steps run eagerly; needs hotlora's runner in "
-        "float32. Off by default: on a 2-core CPU it measured 0.89-1.00x eager (docs/engine.md)",
-    )
     max_batch_size: int = flag(64, "running generation requests decoded together", ge=1)
     max_queue: int = flag(1024, "waiting requests, all tenants together", ge=1)
     max_queue_per_tenant: int = flag(256, "waiting requests of one tenant", ge=1)
@@ -302,12 +296,6 @@ class ServerConfig:
             if ports[a] > 0 and ports[a] == ports[b]:
                 problems.append(f"{a} and {b} must differ (both {ports[a]}; 0 takes a free one for each)")
         problems += _precision_problems(self)
-        if self.torch_compile and self.runner == "transformers":
-            problems.append("--torch-compile compiles hotlora's runner, not --runner transformers")
-        elif self.torch_compile and self.dtype in ("float16", "bfloat16"):
-            problems.append("--torch-compile needs --dtype float32 (or auto): hotlora's C kernels are fp32")
-        elif self.torch_compile and self.device.startswith("cuda"):
-            problems.append("--torch-compile is the CPU path: on CUDA, decode steps replay CUDA graphs")
         if bool(self.tls_cert) != bool(self.tls_key):
             problems.append("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.tls_cert:

@@ -137,7 +137,7 @@ def load_model(
     fp32_for: str | None = None,
 ) -> LoadedModel:
     """The runner on the model's safetensors, or the transformers path for a family it does not cover.
-    `fp32_for`: a setting that reads fp32 only (--adapter-dtype float32, --torch-compile): `auto` is fp32
+    `fp32_for`: a setting that reads fp32 only (--adapter-dtype float32): `auto` is fp32
     then, as for --weight-dtype float32."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub at run time
     import torch

@@ -15,6 +15,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "kernels.h"
+
 #include "widened_tiles.h"
 
 AI void load_w(const uint16_t* row, int64_t k, int64_t K, __m512* we, __m512* wo) {

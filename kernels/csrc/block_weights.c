@@ -19,11 +19,13 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "kernels.h"
+
 #include "bf16_round.h"
 #include "widened_tiles.h"
 
 #define QK 32
-enum { Q4_1 = 0, Q8_0 = 1 };
+enum { Q4_1 = HOTLORA_Q4_1, Q8_0 = HOTLORA_Q8_0 };  // kernels.h
 
 AI int64_t block_bytes(int fmt) { return fmt == Q4_1 ? 24 : 36; }
 

@@ -7,6 +7,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "kernels.h"
+
 #include "exp16.h"
 
 // out[r] = w * (x[r] * rsqrt(mean(x[r]^2) + eps))   (LlamaRMSNorm in fp32)

@@ -13,6 +13,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "kernels.h"
+
 #include "sums16.h"
 
 #define AI static inline __attribute__((always_inline))
@@ -257,10 +259,10 @@ static int64_t* slot_order(const int64_t* slots, const int64_t* starts, int64_t 
   return order;
 }
 
-// shrink and expand alone (kernels/lora_decode.py's `shrink` and `expand`, and the packed update's split
-// below): every piece and slice (block of outputs) statically over the threads.
+// shrink and expand alone (the packed update's split below): every piece and slice (block of outputs)
+// statically over the threads.
 #define DEFINE_SHRINK(NAME, T, SHRINK_PIECE)                                                                  \
-  int NAME(const float* x, int64_t tokens, int64_t x_row, const int64_t* slots, const T* a,                   \
+  static int NAME(const float* x, int64_t tokens, int64_t x_row, const int64_t* slots, const T* a,            \
            int64_t rows_per_slot, int64_t k, int64_t slices, int64_t r_max, const int64_t* ranks, float* u,   \
            int threads) {                                                                                     \
     WITH_PIECES(slots, tokens, starts, pieces, {                                                              \
@@ -275,7 +277,7 @@ _Pragma("omp parallel for schedule(static) collapse(2) num_threads(threads)")   
     return 0;                                                                                                 \
   }
 #define DEFINE_EXPAND(NAME, T, EXPAND_PIECE)                                                                  \
-  int NAME(const float* u, int64_t tokens, int64_t u_row, int64_t u_off, const int64_t* slots, const T* b,    \
+  static int NAME(const float* u, int64_t tokens, int64_t u_row, int64_t u_off, const int64_t* slots, const T* b, \
            int64_t n, int64_t r_max, const int64_t* ranks, const float* scales, float* y, int64_t y_row,      \
            int threads) {                                                                                     \
     int64_t blocks = (n + BLOCK_##EXPAND_PIECE - 1) / BLOCK_##EXPAND_PIECE;                                   \
@@ -300,7 +302,7 @@ DEFINE_EXPAND(hotlora_lora_expand_t_bf16, uint16_t, expand_t_piece_bf16)
 // A fused projection's whole update in one call: the shrink over the packed bank (slices * R rows a slot),
 // then one expand per slice (slice i: bank b_ptrs[i] [S, outs[i], R] into y's columns offsets[i]..; scales
 // row i of [slices, S]). u: [T, slices * R] scratch. One C call, not 1 + slices, keeps the per-call cost
-// (~7 us through ctypes) off each of a decode step's ~120 sites.
+// (a Python call and its checks) off each of a decode step's ~120 sites.
 //
 // With at least two pieces a thread (decode: a token a piece), the threads take whole pieces, each piece's
 // shrink then its expands, in the order of their slots (slot_order), a contiguous share a thread: one

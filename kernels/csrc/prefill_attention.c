@@ -25,6 +25,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "kernels.h"
+
 #include "bf16_round.h"
 #include "exp16.h"
 

@@ -3,7 +3,7 @@
 // the multi-LoRA update right after it is the other way round (32 rank-16 adapters: 21 MB of banks a site
 // pair, 625 MB a step in fp32). Asked for during the product, the update finds them in L2/L3 (measured, 30
 // layers x 4 sites at 32 rows: product 35.5 -> 39 ms, update 24 -> 10 ms). Included by widened_tiles.h;
-// kernels/rows_ahead.py builds both structures.
+// the bindings (bind_lora.cpp) build both structures, declared in kernels.h.
 //
 // What is read is a list of slots (the step's adapters, in the order the update reads them) times the
 // regions of one site's banks: region g of slot s is `rank[s]` rows of row[g] bytes from base[g] + s *
@@ -12,18 +12,7 @@
 #include <immintrin.h>
 #include <stdint.h>
 
-#define AHEAD_REGIONS 8
-
-typedef struct {  // one site's banks (fixed while the banks live)
-  int64_t count;
-  int64_t base[AHEAD_REGIONS], stride[AHEAD_REGIONS], row[AHEAD_REGIONS];
-} BankRegions;
-
-typedef struct {  // one step's slots (shared by its sites)
-  int64_t count;
-  const int64_t* slot;
-  const int64_t* rank;
-} SlotsAhead;
+#include "kernels.h"  // BankRegions, SlotsAhead
 
 typedef struct {  // a thread's place in the list: slot i, region g, the line p of [p, end)
   const BankRegions* banks;

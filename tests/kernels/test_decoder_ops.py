@@ -1,13 +1,13 @@
-"""The C ops of a decoder layer against the torch ops they replace in the runner: the same fp32 arithmetic in
-the same order, so RoPE and the KV write are bitwise equal and RMSNorm within a last-place rounding of the
-sum of squares."""
+"""The C kernels of a decoder layer against the torch ops they replace in the runner: the same fp32
+arithmetic in the same order, so RoPE and the KV write are bitwise equal and RMSNorm within a last-place
+rounding of the sum of squares; and their bindings refuse what they cannot read, with the argument named."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hotlora.kernels import decoder_ops, native
+from hotlora.kernels import native
 from hotlora.server.engine.runner.model import _rms_norm, _rope
 
 pytestmark = pytest.mark.skipif(
@@ -22,7 +22,7 @@ def test_rms_norm_equals_the_runners_torch_op(h):
     x = wide[:, 2 : 2 + h]  # strided rows, as a residual slice can be
     w = torch.randn(h, generator=g)
     torch.testing.assert_close(
-        decoder_ops.rms_norm(x, w, 1e-5), _rms_norm(x.contiguous(), w, 1e-5), rtol=2e-6, atol=1e-6
+        native.ops().rms_norm(x, w, 1e-5), _rms_norm(x.contiguous(), w, 1e-5), rtol=2e-6, atol=1e-6
     )
 
 
@@ -39,7 +39,7 @@ def test_rope_in_place_is_bitwise_the_runners_rope(d):
         signed[positions].unsqueeze(1),
     )
     got = qkv.clone()
-    decoder_ops.rope_(got, heads + kv_heads, d, cos, sin, positions)
+    native.ops().rope_(got, heads + kv_heads, d, cos, sin, positions)
     assert torch.equal(got[:, : (heads + kv_heads) * d].view(rows, -1, d), want)
     assert torch.equal(got[:, (heads + kv_heads) * d :], qkv[:, (heads + kv_heads) * d :])  # v untouched
 
@@ -52,7 +52,7 @@ def test_kv_write_puts_each_rows_k_and_v_at_its_slot():
     pool = torch.zeros(3, 2, 6, 4, kv_heads, d)  # [layers, K/V, blocks, block_size, kv_heads, d]
     k_pool, v_pool = pool[1, 0], pool[1, 1]
     slots = torch.tensor([5, 0, 23, 9])
-    decoder_ops.kv_write(k, v, slots, pool, 1)
+    native.ops().kv_write(k, v, slots, pool, 1)
     assert not pool[0].any() and not pool[2].any()  # the other layers untouched
     want_k, want_v = torch.zeros(24, kv_heads, d), torch.zeros(24, kv_heads, d)
     want_k[slots], want_v[slots] = k, v
@@ -69,8 +69,33 @@ def test_silu_mul_equals_the_runners_torch_ops(inter):
     gate, up = gate_up.chunk(2, dim=-1)
     want = torch.nn.functional.silu(gate) * up
     # e^-x within ~2 ulp of torch's: the product within a few ulp
-    torch.testing.assert_close(decoder_ops.silu_mul(gate_up), want, rtol=2e-6, atol=1e-7)
+    torch.testing.assert_close(native.ops().silu_mul(gate_up), want, rtol=2e-6, atol=1e-7)
     huge = torch.tensor([[-200.0, 200.0, 0.0, -0.0, 88.0, -88.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
     torch.testing.assert_close(
-        decoder_ops.silu_mul(huge), torch.nn.functional.silu(huge[:, :6]) * huge[:, 6:], rtol=2e-6, atol=0
+        native.ops().silu_mul(huge), torch.nn.functional.silu(huge[:, :6]) * huge[:, 6:], rtol=2e-6, atol=0
     )
+
+
+def test_the_bindings_refuse_what_the_kernels_cannot_read_and_change_nothing():
+    ops = native.ops()
+    with pytest.raises(ValueError, match=r"x must be a 2-D Float CPU tensor, got 2-D Double"):
+        ops.rms_norm(torch.zeros(2, 8, dtype=torch.float64), torch.ones(8), 1e-5)
+    with pytest.raises(ValueError, match=r"weight.shape\[0\] must be 8, got shape \[6\]"):
+        ops.rms_norm(torch.zeros(2, 8), torch.ones(6), 1e-5)
+    with pytest.raises(ValueError, match="contiguous rows"):
+        ops.silu_mul(torch.zeros(8, 4).T)
+    qkv = torch.randn(3, 4 * 8)
+    cos = sin = torch.zeros(16, 8)
+    before = qkv.clone()
+    with pytest.raises(ValueError, match=r"positions must lie in \[0, 16\), got 16 at 2"):
+        ops.rope_(qkv, 2, 8, cos, sin, torch.tensor([0, 1, 16]))
+    with pytest.raises(ValueError, match="5 heads of 8 do not fit"):
+        ops.rope_(qkv, 5, 8, cos, sin, torch.tensor([0, 1, 2]))
+    assert torch.equal(qkv, before)
+    pool = torch.zeros(2, 2, 3, 4, 2, 8)
+    k = torch.zeros(2, 2, 8)
+    with pytest.raises(ValueError, match=r"slots must lie in \[0, 12\), got 12"):
+        ops.kv_write(k, k, torch.tensor([0, 12]), pool, 1)
+    with pytest.raises(ValueError, match="layer 2 is not one of the pool's 2"):
+        ops.kv_write(k, k, torch.tensor([0, 1]), pool, 2)
+    assert not pool.any()

@@ -116,8 +116,8 @@ def test_packed_rows_plan_on_triton(dtype):
 
 @pytest.mark.parametrize("strategy", [None, "bmm", "segments"])
 def test_packed_rows_plan_on_cpu_backend(strategy):
-    # the CPU graph plan is the slots only (a compiled step reads nothing back): the C kernel takes them as
-    # they are; a torch strategy gets the full plan built from them
+    # the CPU graph plan is the step's plan, read as the step starts (nothing is captured on the CPU): the C
+    # kernel's route or a torch strategy's, as the same slots give through `plan`
     case = make_packed([3, -1, 0, 5, 3, 1, 4, 2], [4, 8, 16, 2, 0, 12])
     backend = CpuBackend(strategy)
     batch = backend.graph_plan(case.slots, case.ranks.to(DEVICE), R)
@@ -172,10 +172,9 @@ def rank_major(b: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("layout", ["contiguous", "rank-major"])
 @pytest.mark.parametrize("banks", [torch.float32, torch.bfloat16], ids=str)
 def test_a_bound_site_gives_what_add_lora_packed_gives(name, layout, banks):
-    # bind_packed works out once what depends on the banks; every call, with either plan type and a plan
+    # bind_packed works out once what depends on the banks; every call, with either plan and a plan
     # changing between calls, must give exactly the unbound call's numbers
-    from hotlora.kernels import lora_decode
-    from hotlora.kernels.cpu import NativePackedSite
+    from hotlora.kernels import native
 
     slots, ranks = BOUND_CASES[name]
     case = make_packed(slots, ranks, pad=(3, 5))
@@ -183,14 +182,14 @@ def test_a_bound_site_gives_what_add_lora_packed_gives(name, layout, banks):
     a = case.a.to(banks)
     backend = CpuBackend()
     bound = backend.bind_packed(a, bs, case.scales, case.offsets)
-    assert isinstance(bound, NativePackedSite) == lora_decode.available()
+    assert (bound.kernel_banks is not None) == native.available()
     used = [s for s in dict.fromkeys(slots) if s >= 0 and ranks[s] > 0][:2]
     other = make_packed([used[0], -1, used[-1], used[0]], ranks, pad=(3, 5), seed=1)  # x and y only
     other_plan = backend.plan(other.slots, case.ranks)
     for plan in (backend.plan(case.slots, case.ranks), backend.graph_plan(case.slots, case.ranks, R)):
         want = case.y.clone()
         backend.add_lora_packed(want, case.x, a, bs, case.scales, plan, case.offsets)
-        for _ in range(2):  # the plan's route is worked out on the first call and reused
+        for _ in range(2):  # the plan's route, applied again
             got = case.y.clone()
             bound(got, case.x, plan)
             assert torch.equal(got, want)
@@ -214,7 +213,7 @@ def test_a_bound_site_refuses_what_add_lora_packed_refuses():
     backend = CpuBackend()
     bound = backend.bind_packed(case.a, case.bs, case.scales, case.offsets)
     plan = backend.plan(case.slots, case.ranks)
-    bound(case.y.clone(), case.x, plan)  # the plan's route is set
+    bound(case.y.clone(), case.x, plan)
     y = case.y.clone()
     with pytest.raises(ValueError, match="x"):  # a row of the wrong width: the general path's error
         bound(y, torch.randn(3, 31), plan)
@@ -244,9 +243,9 @@ SPLIT_CASES = {
 @pytest.mark.parametrize("layout", ["contiguous", "rank-major"])
 @pytest.mark.parametrize("banks", [torch.float32, torch.bfloat16], ids=str)
 def test_the_c_kernel_splits_work_either_way_and_matches_the_reference(name, layout, banks):
-    from hotlora.kernels import lora_decode
+    from hotlora.kernels import native
 
-    if not lora_decode.available():
+    if not native.available():
         pytest.skip("no C kernel here")
     slots = torch.tensor(SPLIT_CASES[name])
     ranks = torch.tensor([16, 4, 16, 8, 0, 16, 12, 16])  # slot 4 empty: its tokens get nothing
@@ -273,7 +272,8 @@ def test_the_c_kernel_splits_work_either_way_and_matches_the_reference(name, lay
         torch.set_num_threads(threads)
         try:
             got = y0.clone()
-            lora_decode.packed(got, x, slots, a, bs, ranks, scales, offsets)
+            banks = native.ops().LoraBanks(a, list(bs), scales, list(offsets))
+            native.ops().lora_packed(got, x, slots, ranks, banks)
         finally:
             torch.set_num_threads(before)
         assert_matches_reference(got, expected)
@@ -283,11 +283,12 @@ def test_the_c_kernel_splits_work_either_way_and_matches_the_reference(name, lay
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="the CPU kernel")
 def test_the_c_kernel_takes_a_call_with_no_tokens():
-    from hotlora.kernels import lora_decode
+    from hotlora.kernels import native
 
-    if not lora_decode.available():
+    if not native.available():
         pytest.skip("no C kernel here")
     case = make_packed([0, 1], [R, R])
     y = torch.empty(0, case.y.shape[1])
-    lora_decode.packed(y, case.x[:0], case.slots[:0], case.a, case.bs, case.ranks, case.scales, case.offsets)
+    banks = native.ops().LoraBanks(case.a, list(case.bs), case.scales, list(case.offsets))
+    native.ops().lora_packed(y, case.x[:0], case.slots[:0], case.ranks, banks)
     assert y.shape == (0, case.y.shape[1])

@@ -47,7 +47,7 @@ def test_decode_kernel_equals_sdpa_on_the_gathered_blocks(heads, kv_heads, d, wi
     q = qkv[:, :heads]  # a view with the row stride of the fused projection, as the runner passes it
     assert native_decode.usable(q, k_pool)
     out = torch.empty(5, heads, d)
-    native_decode.decode(q, k_pool, v_pool, tables, lens, d**-0.5, window, out)
+    native.ops().paged_decode_attention(q, k_pool, v_pool, tables, lens, d**-0.5, window or 0, out)
     torch.testing.assert_close(out, _torch_path(q, k_pool, v_pool, tables, lens, d**-0.5, window))
 
 
@@ -74,7 +74,7 @@ def test_long_rows_split_across_threads_merge_to_the_same_attention(
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        native_decode.decode(q, k_pool, v_pool, tables, lens_t, d**-0.5, window, out)
+        native.ops().paged_decode_attention(q, k_pool, v_pool, tables, lens_t, d**-0.5, window or 0, out)
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(out, _torch_path(q, k_pool, v_pool, tables, lens_t, d**-0.5, window))
@@ -91,7 +91,7 @@ def test_a_row_of_no_keys_gets_zeros_and_leaves_the_others_alone(threads):
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        native_decode.decode(q, k_pool, v_pool, tables, lens, 0.125, None, out)
+        native.ops().paged_decode_attention(q, k_pool, v_pool, tables, lens, 0.125, 0, out)
     finally:
         torch.set_num_threads(before)
     assert torch.equal(out[0], torch.zeros(9, 64))
@@ -109,11 +109,26 @@ def test_the_torch_path_serves_what_the_kernel_does_not_take():
 def test_a_failed_build_leaves_decode_on_the_torch_path(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # nothing built there yet
     monkeypatch.setattr(native, "compiler", lambda: "false")  # a compiler that always fails
-    for fn in (native.library, native_decode._library, native_decode._loads):
+    for fn in (native.ops, native.available):
         fn.cache_clear()
     try:
         assert not native_decode.usable(torch.randn(1, 4, 16), torch.randn(8, 4, 2, 16))
-        assert "decode attention runs through torch" in caplog.text
+        assert "torch ops serve instead" in caplog.text
     finally:
-        for fn in (native.library, native_decode._library, native_decode._loads):
+        for fn in (native.ops, native.available):
             fn.cache_clear()
+
+
+def test_the_binding_refuses_a_table_past_the_pool_and_writes_nothing():
+    k_pool = v_pool = torch.zeros(8, 4, 2, 16)
+    q = torch.randn(2, 4, 16)
+    out = torch.full((2, 4, 16), 7.0)
+    with pytest.raises(ValueError, match=r"tables must lie in \[0, 8\), got 8"):
+        native.ops().paged_decode_attention(
+            q, k_pool, v_pool, torch.tensor([[1, 8], [2, 3]]), torch.tensor([5, 5]), 0.25, 0, out
+        )
+    with pytest.raises(ValueError, match=r"lens must lie in \[0, 9\), got 9"):
+        native.ops().paged_decode_attention(
+            q, k_pool, v_pool, torch.tensor([[1, 2], [2, 3]]), torch.tensor([5, 9]), 0.25, 0, out
+        )
+    assert (out == 7.0).all()

@@ -68,9 +68,9 @@ def test_each_backend_plans_only_what_it_reads():
 def test_a_backend_refuses_another_backends_plan():
     case = make_case(torch.tensor([0, 1, 1, 3]))
     args = (case.y.clone(), case.x, case.lora_a, case.lora_b, case.scales)
-    with pytest.raises(TypeError, match="CpuBackend needs a SegmentPlan"):
+    with pytest.raises(TypeError, match="CpuBackend needs a CpuPlan"):
         CpuBackend().add_lora(*args, plan_sgmv(case.token_slots, case.slot_ranks))
-    with pytest.raises(TypeError, match="CpuBackend needs a SegmentPlan"):
+    with pytest.raises(TypeError, match="CpuBackend needs a CpuPlan"):
         CpuBackend().add_lora(*args, plan_rows(case.token_slots, case.slot_ranks, 64))
     pytest.importorskip("triton")
     with pytest.raises(TypeError, match="TritonBackend needs a SgmvPlan or RowsPlan"):

@@ -41,7 +41,7 @@ def test_prefill_kernel_equals_sdpa(heads, kv_heads, d, length, context, window)
     q, k, v = _views(length, context, heads, kv_heads, d, seed=heads * 1000 + length + context)
     with torch.no_grad():
         assert native_prefill.usable(q, k, v)
-        got = native_prefill.attend(q, k, v, context, d**-0.5, window)
+        got = native.ops().prefill_attention(q, k, v, context, d**-0.5, window or 0)
         want = _prefill(q.double(), k.double(), v.double(), context, d**-0.5, window).float()
     # fp32 sums of up to 512 terms: torch's fp32 SDPA is itself ~1e-5 off the float64 answer here
     torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
@@ -64,8 +64,8 @@ def test_prefill_kernel_in_bf16_equals_the_float64_path_on_bf16_operands(
 ):
     q, k, v = _views(length, context, heads, kv_heads, d, seed=heads * 1000 + length + context)
     with torch.no_grad():
-        got = native_prefill.attend(q, k, v, context, d**-0.5, window, bf16=True)
-        fp32 = native_prefill.attend(q, k, v, context, d**-0.5, window)
+        got = native.ops().prefill_attention(q, k, v, context, d**-0.5, window or 0, bf16=True)
+        fp32 = native.ops().prefill_attention(q, k, v, context, d**-0.5, window or 0)
     want = _bf16_reference(q, k, v, context, d**-0.5, window)
     # what is left is the probabilities' rounding to bf16 (8 bits) before they weigh the values (|v| ~ 2)
     torch.testing.assert_close(got, want, atol=2e-2, rtol=2e-2)
@@ -75,17 +75,25 @@ def test_prefill_kernel_in_bf16_equals_the_float64_path_on_bf16_operands(
     assert (got - fp32).abs().mean() < 1e-2
 
 
-def test_bf16_attention_is_refused_without_avx512_bf16(monkeypatch):
+@pytest.mark.skipif(native_prefill.bf16_available(), reason="this CPU has avx512_bf16")
+def test_bf16_attention_is_refused_without_avx512_bf16():
     q, k, v = _views(20, 0, 4, 2, 64, seed=5)
+    with torch.no_grad(), pytest.raises(ValueError, match="avx512_bf16"):
+        native.ops().prefill_attention(q, k, v, 0, 0.125, 0, bf16=True)
+
+
+def test_the_runner_asks_for_bf16_attention_only_where_the_cpu_has_it(monkeypatch):
+    q, k, v = _views(300, 0, 4, 2, 64, seed=5)
     monkeypatch.setattr(native_prefill, "bf16_available", lambda: False)
-    with torch.no_grad(), pytest.raises(RuntimeError, match="avx512_bf16"):
-        native_prefill.attend(q, k, v, 0, 0.125, None, bf16=True)
+    with torch.no_grad():
+        got = _prefill(q, k, v, 0, 0.125, None, long_in_bf16=True)
+        assert torch.equal(got, native.ops().prefill_attention(q, k, v, 0, 0.125, 0))
 
 
 def test_a_window_of_one_sees_only_its_own_key():
     q, k, v = _views(70, 10, 4, 2, 64, seed=3)
     with torch.no_grad():
-        got = native_prefill.attend(q, k, v, 10, 0.125, 1)
+        got = native.ops().prefill_attention(q, k, v, 10, 0.125, 1)
     torch.testing.assert_close(got, v[10:].repeat_interleave(2, dim=1))
 
 
@@ -97,7 +105,7 @@ def test_the_kernel_is_not_taken_where_it_does_not_apply():
         assert not native_prefill.usable(q.double(), k.double(), v.double())
     assert not native_prefill.usable(q, k, v)  # autograd on: training takes SDPA
     with pytest.raises(ValueError, match="keys for"):
-        native_prefill.attend(q, k[:10], v[:10], 0, 0.125, None)
+        native.ops().prefill_attention(q, k[:10], v[:10], 0, 0.125, 0)
 
 
 def test_a_step_of_decode_rows_and_two_chunks_equals_the_float64_path():

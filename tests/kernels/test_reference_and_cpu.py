@@ -3,13 +3,14 @@
 import pytest
 import torch
 
-from hotlora.kernels import CpuBackend, TorchReferenceBackend, get_backend, lora_decode
-from hotlora.kernels.cpu import choose_cpu_strategy, pick_cpu_strategy
+from hotlora.kernels import CpuBackend, CpuRoute, TorchReferenceBackend, get_backend
+from hotlora.kernels.cpu_plan import choose_route, plan_cpu
+from hotlora.kernels.plan import sort_by_slot
 
 from .lora_cases import POPULARITY, assert_matches_reference, make_case, popularity_slots
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-STRATEGIES = (None, "segments", "bmm", "dense", "native")
+STRATEGIES = (None, "segments", "bmm", "dense", "kernel")
 
 
 def expected_of(case, out_offset=0):
@@ -17,6 +18,11 @@ def expected_of(case, out_offset=0):
     ref = TorchReferenceBackend()
     ref.add_lora(y, case.x, case.lora_a, case.lora_b, case.scales, case.plan(ref), out_offset)
     return y
+
+
+def route_of(slots, ranks, kernel: bool) -> CpuRoute:
+    """The route CpuBackend.plan takes for these slots, with or without the C kernel."""
+    return plan_cpu(torch.as_tensor(slots), torch.as_tensor(ranks), kernel).route
 
 
 def result_of(backend, case, out_offset=0):
@@ -51,7 +57,7 @@ def test_reference_equals_merged_weights_for_one_adapter():
 def test_cpu_matches_reference_across_popularity(popularity, dtype, strategy):
     slots = popularity_slots(popularity, 24, 6, torch.Generator().manual_seed(1))
     case = make_case(slots, dtype=dtype)
-    assert_matches_reference(result_of(CpuBackend(strategy), case), expected_of(case))
+    assert_matches_reference(result_of(CpuBackend(strategy, dtype=dtype), case), expected_of(case))
 
 
 @pytest.mark.parametrize("rank_major", [False, True], ids=["B contiguous", "B rank-major"])
@@ -106,22 +112,23 @@ def test_all_base_only_leaves_y_untouched():
 
 def test_one_adapter_for_every_token_takes_the_single_slot_path():
     case = make_case(torch.full((9,), 3))
-    assert choose_cpu_strategy(case.plan(CpuBackend())) == "single"
-    assert_matches_reference(result_of(CpuBackend(), case), expected_of(case))
+    assert route_of(case.token_slots, case.slot_ranks, kernel=False) is CpuRoute.SINGLE
+    assert route_of(case.token_slots, case.slot_ranks, kernel=True) is CpuRoute.KERNEL  # 9 rows: the kernel's
+    assert_matches_reference(result_of(CpuBackend("single"), case), expected_of(case))
 
 
 def test_strategy_follows_batch_shape():
+    # the torch routes, where the C kernel cannot run
     ranks = torch.full((32,), 16)
-    plan = CpuBackend().plan
     # decode, 32 adapters in a full slot range: bank views, no gather
-    assert choose_cpu_strategy(plan(torch.arange(32), ranks)) == "dense"
+    assert route_of(torch.arange(32), ranks, kernel=False) is CpuRoute.DENSE
     # decode, scattered slots or mixed ranks: gather + bmm
-    assert choose_cpu_strategy(plan(torch.arange(0, 32, 4), ranks)) == "bmm"
+    assert route_of(torch.arange(0, 32, 4), ranks, kernel=False) is CpuRoute.BMM
     mixed = ranks.clone()
     mixed[1] = 4
-    assert choose_cpu_strategy(plan(torch.arange(32), mixed)) == "bmm"
+    assert route_of(torch.arange(32), mixed, kernel=False) is CpuRoute.BMM
     prefill = torch.arange(8).repeat_interleave(128)
-    assert choose_cpu_strategy(plan(prefill, ranks)) == "segments"
+    assert route_of(prefill, ranks, kernel=False) is CpuRoute.SEGMENTS
 
 
 def runs(*spec: tuple[int, int]) -> torch.Tensor:
@@ -143,7 +150,8 @@ RUN_LAYOUTS = {
 def rank_major_copy(b: torch.Tensor) -> torch.Tensor:
     """The same B bank stored [S, R, H_out] and seen as [S, H_out, R] (CpuBackend.rank_major_b)."""
     out = b.transpose(1, 2).contiguous().transpose(1, 2)
-    assert lora_decode.b_layout(out) == "_t" and torch.equal(out.nan_to_num(), b.nan_to_num())
+    assert out.stride() == (b.shape[1] * b.shape[2], 1, b.shape[1])
+    assert torch.equal(out.nan_to_num(), b.nan_to_num())
     return out
 
 
@@ -153,26 +161,35 @@ def test_native_walks_runs_of_tokens_as_the_reference(layout, rank_major):
     case = make_case(RUN_LAYOUTS[layout])
     if rank_major:  # its NaN padding past each slot's rank stays where it was: reading it would show
         case.lora_b = rank_major_copy(case.lora_b)
-    got = result_of(CpuBackend("native"), case)
+    got = result_of(CpuBackend("kernel"), case)
     assert_matches_reference(got, expected_of(case))
     untouched = (case.token_slots == -1) | (case.token_slots == 4)  # slot 4 has rank 0
     assert torch.equal(got[untouched], case.y[untouched])
 
 
-def test_native_takes_short_segments_and_torch_keeps_long_ones():
+def test_the_kernel_takes_short_segments_and_torch_keeps_long_ones():
     ranks = torch.full((32,), 16)
-    plan = CpuBackend().plan
 
-    def picked(slots, h=576):
-        y, x = torch.zeros(len(slots), h), torch.zeros(len(slots), h)
-        a, b = torch.zeros(32, 16, h), torch.zeros(32, h, 16)
-        return pick_cpu_strategy(plan(slots, ranks), y, x, a, b)
+    def picked(slots):
+        return route_of(slots, ranks, kernel=True)
 
-    assert picked(torch.arange(32)) == "native"  # decode of 32 adapters
-    assert picked(torch.arange(32).repeat_interleave(14)) == "native"  # 32 short prompts
-    assert picked(torch.full((32,), 5)) == "native"  # one adapter, a few tokens
-    assert picked(torch.full((33,), 5)) == "single"  # one adapter's long prompt: torch's GEMM
-    assert picked(torch.arange(8).repeat_interleave(128)) == "segments"  # long prompts of 8 adapters
+    assert picked(torch.arange(32)) is CpuRoute.KERNEL  # decode of 32 adapters
+    assert picked(torch.arange(32).repeat_interleave(14)) is CpuRoute.KERNEL  # 32 short prompts
+    assert picked(torch.full((32,), 5)) is CpuRoute.KERNEL  # one adapter, a few tokens
+    assert picked(torch.full((33,), 5)) is CpuRoute.SINGLE  # one adapter's long prompt: torch's GEMM
+    assert picked(torch.arange(8).repeat_interleave(128)) is CpuRoute.SEGMENTS  # long prompts of 8 adapters
+
+
+def test_a_forced_route_applies_only_where_it_can():
+    grouped = sort_by_slot(torch.tensor([0, 1, 1, 2]), torch.tensor([4, 4, 4]))
+    assert (
+        choose_route(grouped, kernel=False, forced=CpuRoute.KERNEL) is CpuRoute.DENSE
+    )  # no kernel: by shape
+    assert choose_route(grouped, kernel=True, forced=CpuRoute.SINGLE) is CpuRoute.SEGMENTS  # not one adapter
+    plan = plan_cpu(torch.tensor([0, 9]), torch.full((10,), 4), True, CpuRoute.DENSE)  # slots far apart
+    assert plan.route is CpuRoute.BMM and plan.segments.dense is None  # no dense layout for these
+    kernel = plan_cpu(torch.tensor([0, 2, 5]), torch.tensor([4, 4, 4, 8, 4, 4]), True)
+    assert kernel.route is CpuRoute.KERNEL and kernel.segments is None  # no torch grouping built for it
 
 
 @pytest.mark.parametrize("context", [torch.inference_mode, torch.no_grad])
@@ -204,9 +221,9 @@ def test_comparison_catches_a_wrong_update():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dense_strategy_is_taken_and_matches_reference(slots, dtype):
     case = make_case(torch.tensor(slots), dtype=dtype, ranks=(8,) * 8)
-    plan = case.plan(CpuBackend())
-    assert plan.dense is not None and choose_cpu_strategy(plan) == "dense"
-    assert_matches_reference(result_of(CpuBackend("dense"), case), expected_of(case))
+    plan = plan_cpu(case.token_slots, case.slot_ranks, kernel=False)
+    assert plan.segments.dense is not None and plan.route is CpuRoute.DENSE
+    assert_matches_reference(result_of(CpuBackend("dense", dtype=dtype), case), expected_of(case))
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES + ("single",))

@@ -1,23 +1,19 @@
-"""The rows a LoRA update reads next, asked for by the base product before it (kernels/rows_ahead.py,
-csrc/rows_ahead.h): the list names exactly the rows the packed update reads (a NaN anywhere else leaves its
-output finite, a NaN in any named row shows), its tiles walk every line of it in the update's order, a tile
-asks for no more than its share of the GEMM's inner steps can carry, and a prefetch changes no number of
-the weight kernels that carry it."""
+"""The rows a LoRA update reads next, asked for by the base product before it (csrc/rows_ahead.h, from a
+site's LoraBanks and the step's StepSlots): the list names exactly the rows the packed update reads (a NaN
+anywhere else leaves its output finite, a NaN in any named row shows), its tiles walk every line of it in the
+update's order, a tile asks for no more than its share of the GEMM's inner steps can carry, and a prefetch
+changes no number of the weight kernels that carry it."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from hotlora.kernels import bf16_weights, block_weights, lora_decode
-from hotlora.kernels.rows_ahead import Ahead, SiteBanks, StepSlots
+from hotlora.kernels import bf16_weights, block_weights, native
 
 from .test_block_weights import _matrix
 
-pytestmark = pytest.mark.skipif(
-    block_weights.unavailable_reason() is not None or not lora_decode.available(),
-    reason="hotlora's C kernels cannot run here",
-)
+pytestmark = pytest.mark.skipif(not native.available(), reason="hotlora's C kernels cannot run here")
 
 S, R, K = 6, 16, 80  # slots, rank rows a slice, in-features (80: a row of 320 B ends inside a cache line)
 OUTS = (48, 24, 24)  # q, k, v: rank-major B rows of 192 and 96 B
@@ -25,10 +21,22 @@ RANKS = torch.tensor([4, 16, 0, 3, 8, 1])
 TOKEN_SLOTS = torch.tensor([4, -1, 1, 4, 2, 3, 0, 1])  # slot 2 has rank 0; slot 5 no token; a base row
 
 
+OFFSETS = (0, 48, 72)
+
+
 def _banks(dtype=torch.float32):
     a = torch.zeros(S, len(OUTS) * R, K, dtype=dtype)
     bs = tuple(torch.zeros(S, R, o, dtype=dtype).transpose(1, 2) for o in OUTS)  # the CPU banks' layout
     return a, bs
+
+
+def SiteBanks(a, bs, scales=None):  # noqa: N802 -- a site's banks as the kernels take them
+    scales = torch.full((len(OUTS), S), 0.5) if scales is None else scales
+    return native.ops().LoraBanks(a, list(bs), scales, list(OFFSETS))
+
+
+def StepSlots(token_slots, ranks):  # noqa: N802
+    return native.ops().StepSlots(token_slots, ranks)
 
 
 def _named_rows(a, bs, slots: list[int]):
@@ -48,17 +56,15 @@ def _lines(tensor, s, first, rows) -> list[int]:
 
 
 def _walk(banks, slots, tiles, steps) -> list[int]:
-    lib = block_weights._library()
-    cap = 1 << 16
-    out = torch.empty(cap, dtype=torch.int64)
-    n = lib.hotlora_ahead_lines(banks.address, slots.address, tiles, steps, out.data_ptr(), cap)
-    return out[:n].tolist()
+    lines, n = native.ops().ahead_lines(banks, slots, tiles, steps, 1 << 16)
+    assert n == len(lines)
+    return lines.tolist()
 
 
 def test_the_slots_listed_are_those_the_update_reads_in_its_order():
     slots = StepSlots(TOKEN_SLOTS, RANKS)
     assert slots.count == 4  # 0, 1, 3, 4: not rank-0 slot 2, not slot 5 without tokens, not the base row
-    assert slots._slot.tolist() == [0, 1, 3, 4] and slots._rank.tolist() == [4, 16, 3, 8]
+    assert slots.slots == [0, 1, 3, 4] and slots.ranks == [4, 16, 3, 8]
     assert StepSlots(torch.tensor([-1, -1]), RANKS).count == 0
 
 
@@ -100,12 +106,11 @@ def test_the_named_rows_are_exactly_the_rows_the_packed_update_reads(dtype):
     for t, s, first, rows in named:
         t[s, first : first + rows] = torch.randn(rows, t.shape[2], generator=g).to(dtype)
     x = torch.randn(TOKEN_SLOTS.shape[0], K, generator=g)
-    scales = torch.full((len(OUTS), S), 0.5)
-    offsets = (0, 48, 72)
+    banks = SiteBanks(a, bs)
 
     def update():
         y = torch.zeros(x.shape[0], sum(OUTS))
-        lora_decode.packed(y, x, TOKEN_SLOTS, a, bs, RANKS, scales, offsets)
+        native.ops().lora_packed(y, x, TOKEN_SLOTS, RANKS, banks)
         return y
 
     assert torch.isfinite(update()).all()  # NaN everywhere the list does not name: none of it is read
@@ -130,5 +135,5 @@ def test_asking_for_rows_ahead_changes_no_number_of_the_product(rows, kernel):
     a = torch.randn(S, len(OUTS) * R, 576, generator=g)
     bs = tuple(torch.randn(S, R, o, generator=g).transpose(1, 2) for o in OUTS)
     many = StepSlots(torch.arange(S).repeat(4), torch.full((S,), R))  # more lines than the tiles can carry
-    for ahead in (Ahead(SiteBanks(a, bs), StepSlots(TOKEN_SLOTS, RANKS)), Ahead(SiteBanks(a, bs), many)):
+    for ahead in ((SiteBanks(a, bs), StepSlots(TOKEN_SLOTS, RANKS)), (SiteBanks(a, bs), many)):
         assert torch.equal(linear(x, weight, bias, ahead), linear(x, weight, bias))

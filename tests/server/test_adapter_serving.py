@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from hotlora.adapters.lora_layers import LoraSite
-from hotlora.kernels import bf16_weights, lora_decode
+from hotlora.kernels import bf16_weights, native
 from hotlora.v1 import adapters_pb2, common_pb2, inference_pb2
 from tests.server.adapter_utils import make_peft_adapter, make_seq_cls_adapter, peft_greedy, upload_chunks
 from tests.server.harness import running_server
@@ -181,7 +181,7 @@ def _gguf_tiny_llama():
     return model
 
 
-@pytest.mark.skipif(not lora_decode.available(), reason="bf16 banks are read by the C LoRA kernel")
+@pytest.mark.skipif(not native.available(), reason="bf16 banks are read by the C LoRA kernel")
 def test_auto_on_a_bf16_cpu_keeps_gguf_blocks_exact_and_serves_adapters_from_bf16_banks(
     adapter_dirs, tmp_path, monkeypatch
 ):
@@ -211,7 +211,7 @@ def test_auto_on_a_bf16_cpu_keeps_gguf_blocks_exact_and_serves_adapters_from_bf1
         assert {s.bank.a.dtype for s in run.state.loaded.model.sites.values()} == {torch.float32}
 
 
-@pytest.mark.skipif(not lora_decode.available(), reason="bf16 banks are read by the C LoRA kernel")
+@pytest.mark.skipif(not native.available(), reason="bf16 banks are read by the C LoRA kernel")
 def test_bf16_adapter_banks_serve_as_peft_on_the_bf16_rounded_adapters(
     tiny_model_dir, adapter_dirs, tmp_path
 ):
@@ -249,24 +249,25 @@ def test_bf16_adapter_banks_serve_as_peft_on_the_bf16_rounded_adapters(
 
 
 @pytest.mark.skipif(
-    bf16_weights.unavailable_reason() is not None or not lora_decode.available(),
+    bf16_weights.unavailable_reason() is not None or not native.available(),
     reason="hotlora's C kernels cannot run here",
 )
 def test_the_base_product_prefetches_the_adapters_rows_and_no_token_changes(
     tiny_model_dir, adapter_dirs, tmp_path, monkeypatch
 ):
     # with weights stored in bf16 the base products run hotlora's weight kernel, which asks for the rows
-    # the adapters' update reads next while it computes (kernels/rows_ahead.py): in a mixed decode batch
+    # the adapters' update reads next while it computes (csrc/rows_ahead.h): in a mixed decode batch
     # it gets them, for every adapter of the batch, and the tokens are those of a run without them
     asked: list[tuple[int, int]] = []
-    real = bf16_weights._linear
+    real = bf16_weights.linear
 
-    def spy(x, weight, bias, ahead=None):
+    def spy(x, weight, bias=None, ahead=None):
         if ahead is not None:
-            asked.append((x.shape[0], ahead.slots.count))
+            banks, slots = ahead
+            asked.append((x.shape[0], slots.count))
         return real(x, weight, bias, ahead)
 
-    monkeypatch.setattr(bf16_weights, "_linear", spy)
+    monkeypatch.setattr(bf16_weights, "linear", spy)  # before the runner picks its linear
     with running_server(
         tiny_model_dir,
         tmp_path / "data",
@@ -284,7 +285,7 @@ def test_the_base_product_prefetches_the_adapters_rows_and_no_token_changes(
         with_rows_ahead = tokens()
         assert asked and all(rows >= 2 for rows, _ in asked)  # one row streams its own weights: none asked
         assert max(count for _, count in asked) >= 2  # a step on several adapters names each of them
-        monkeypatch.setattr(LoraSite, "rows_ahead", lambda self, x, batch=None: None)
+        monkeypatch.setattr(LoraSite, "rows_ahead", lambda self, batch=None: None)
         asked.clear()
         without = tokens()
         assert not asked

@@ -86,51 +86,8 @@ def test_a_bad_target_module_list_fails_before_an_engine_exists(tiny_model_dir, 
     assert _engine_threads() - before == set()
 
 
-def test_torch_compile_serves_at_once_and_compiled_afterwards(tiny_model_dir, tmp_path):
-    # --torch-compile: assembled without waiting for the compile (it runs on a background thread while
-    # steps decode eagerly); once it is in, decode steps run compiled and generate the same tokens
-    cfg = dataclasses.replace(_config(tiny_model_dir, tmp_path), torch_compile=True)
-    c = assemble(cfg)
-    try:
-        static = c.engine.static_decode
-        assert static is not None and static.compile
-        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
-
-        def generate() -> tuple[list[int], list[int]]:
-            req, _ = c.frontend.start_generation(
-                "acme", GenerateInput(prompt="hello there", max_new_tokens=6), None
-            )
-            list(request_events(req))
-            ids = torch.tensor([req.prompt_ids])
-            with torch.no_grad():
-                ref = model.generate(ids, max_new_tokens=6, do_sample=False, min_new_tokens=6)
-            return req.output_ids, ref[0, ids.shape[1] :].tolist()
-
-        got, want = generate()  # during the warm-up or after it: the same tokens either way
-        assert got == want
-        assert static.wait_compiled(timeout=900), static.warmup_error
-        compiled_calls = []
-        compiled = static._compiled
-        static._compiled = lambda *a: compiled_calls.append(1) or compiled(*a)
-        got, want = generate()
-        assert got == want and len(compiled_calls) == 5  # the decode steps after the first token
-    finally:
-        c.training.close()
-        c.engine.stop()
-        c.adapters.close()
-
-
-def test_torch_compile_refuses_a_model_it_cannot_compile(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(assembly, "compile_refusal", lambda kind, runner: "no C compiler here")
-    before = _engine_threads()
-    cfg = dataclasses.replace(_config(tiny_model_dir, tmp_path), torch_compile=True)
-    with pytest.raises(ValueError, match="--torch-compile: no C compiler here"):
-        assemble(cfg)
-    assert _engine_threads() - before == set()
-
-
 def test_adapter_banks_narrower_than_the_compute_are_bf16_under_fp32_on_a_cpu_only():
-    from hotlora.kernels import lora_decode
+    from hotlora.kernels import native
     from hotlora.server.adapters_setup import bank_dtype
 
     f32, bf16, cpu = torch.float32, torch.bfloat16, torch.device("cpu")
@@ -138,7 +95,7 @@ def test_adapter_banks_narrower_than_the_compute_are_bf16_under_fp32_on_a_cpu_on
     assert bank_dtype("auto", f32, f32, cpu) == f32
     assert bank_dtype("float32", f32, bf16, cpu) == f32  # exact adapters on bf16-stored base weights
     assert bank_dtype("bfloat16", bf16, bf16, torch.device("cuda")) == bf16  # the compute dtype itself
-    if lora_decode.available():
+    if native.available():
         assert bank_dtype("bfloat16", f32, f32, cpu) == bf16
         # --dtype auto keeping GGUF blocks in fp32 on a bf16-capable CPU: bf16 banks unless asked otherwise
         assert bank_dtype("auto", f32, f32, cpu, auto_bf16=True) == bf16

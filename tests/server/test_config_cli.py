@@ -71,9 +71,6 @@ def _no_hotlora_env(monkeypatch):
             ["--adapter-dtype", "bfloat16", "--dtype", "float16"],
             "--adapter-dtype bfloat16 needs fp32 or bf16",
         ),
-        (["--torch-compile", "--runner", "transformers"], "--torch-compile compiles hotlora's runner"),
-        (["--torch-compile", "--dtype", "bfloat16"], "--torch-compile needs --dtype float32"),
-        (["--torch-compile", "--device", "cuda"], "--torch-compile is the CPU path"),
         (["--tls-cert", "/nonexistent.pem"], "--tls-cert and --tls-key go together"),
         (["--model", "/no/such/dir"], "--model must be a local model directory"),
         (

@@ -121,8 +121,10 @@ def test_fp32_greedy_equals_generate_with_heads_the_prefill_kernel_takes(tmp_pat
     model, path = _model_dir(tmp_path, config)
     model.generation_config.eos_token_id = None  # the engine's requests ignore EOS; generate must too
     chunks = []
-    kernel = prefill_attention.attend
-    monkeypatch.setattr(prefill_attention, "attend", lambda q, *a: chunks.append(len(q)) or kernel(q, *a))
+    kernel = native.ops().prefill_attention
+    monkeypatch.setattr(
+        native.ops(), "prefill_attention", lambda q, *a: chunks.append(len(q)) or kernel(q, *a)
+    )
     loaded = load_model(str(path), str(tmp_path / "cache"), device="cpu", dtype="float32")
     tok = loaded.tokenizer
     got = _greedy_through_engine(loaded.model, tok, PROMPTS)
@@ -251,10 +253,10 @@ def test_auto_dtype_keeps_a_gguf_checkpoint_in_fp32_blocks_on_a_bf16_cpu(tmp_pat
     # fp32 matrices asked for (--weight-dtype float32): auto computes in fp32, the only dtype that reads them
     kept = load_model(str(plain), str(tmp_path / "cache"), device="cpu", weight_dtype="float32")
     assert kept.dtype == kept.model.w.stored_dtype == torch.float32
-    # and so for a setting that reads fp32 only (--adapter-dtype float32, --torch-compile)
+    # and so for a setting that reads fp32 only (--adapter-dtype float32)
     asked = load_model(str(plain), str(tmp_path / "cache"), device="cpu", fp32_for="--adapter-dtype float32")
     assert asked.dtype == torch.float32
-    blocks = load_model(str(gguf), str(tmp_path / "cache"), device="cpu", fp32_for="--torch-compile")
+    blocks = load_model(str(gguf), str(tmp_path / "cache"), device="cpu", fp32_for="--adapter-dtype float32")
     assert blocks.model.linear is model_module._by_storage_long_in_bf16  # already fp32: auto's own choices
     monkeypatch.setattr(loader, "cpu_has_fast_bf16", lambda: False)
     assert loader.auto_dtype(cpu, plain) == torch.float32
@@ -279,9 +281,9 @@ def test_long_prefill_products_in_bf16_stay_within_the_bf16_tolerance(tmp_path, 
         block_weights, "long_product_bf16", lambda x, w, b: rows.append(x.shape[0]) or real(x, w, b)
     )
     attended: list[tuple[int, bool]] = []
-    kernel = prefill_attention.attend
+    kernel = native.ops().prefill_attention
     monkeypatch.setattr(
-        prefill_attention, "attend", lambda q, *a: attended.append((len(q), a[-1])) or kernel(q, *a)
+        native.ops(), "prefill_attention", lambda q, *a: attended.append((len(q), a[-1])) or kernel(q, *a)
     )
     prompts = [" ".join(["the quick brown fox jumps over the lazy dog"] * 7), PROMPTS[2]]
     assert len(ids_of(tok, prompts[0])) >= WIDEN_ROWS

@@ -31,6 +31,7 @@ from hotlora.kernels import paged_attention as native_decode
 from hotlora.kernels import prefill_attention as native_prefill
 from hotlora.kernels.backend import triton_available
 from hotlora.kernels.narrow_linear import WIDEN_ROWS
+from hotlora.kernels.native import ops
 
 from .kv_cache import NULL_BLOCK
 
@@ -104,8 +105,8 @@ def paged_attention(
     out = q.new_empty(num_tokens, heads, d)
     nd = meta.num_decode
     if nd and native_decode.usable(q, k_pool):
-        native_decode.decode(
-            q[:nd], k_pool, v_pool, meta.decode_tables, meta.decode_lens, scale, window, out[:nd]
+        ops().paged_decode_attention(
+            q[:nd], k_pool, v_pool, meta.decode_tables, meta.decode_lens, scale, window or 0, out[:nd]
         )
     elif nd:
         mask = meta.decode_mask if window is None else None
@@ -149,7 +150,7 @@ def _prefill(
     """q: [L, heads, d] at positions context ..; k, v: [context + L, kv_heads, d] -> [L, heads, d]."""
     if native_prefill.usable(q, k, v):
         bf16 = long_in_bf16 and q.shape[0] >= WIDEN_ROWS and native_prefill.bf16_available()
-        return native_prefill.attend(q, k, v, context, scale, window, bf16)
+        return ops().prefill_attention(q, k, v, context, scale, window or 0, bf16)
     return reference.prefill(q, k, v, context, scale, window)
 
 

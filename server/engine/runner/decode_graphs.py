@@ -1,4 +1,4 @@
-"""Decode steps with static shapes: replayed as CUDA graphs on GPU, compiled with torch.compile on CPU.
+"""Decode steps with static shapes, replayed as CUDA graphs.
 
 A decode-only step (every sequence adds one token) is padded to a *bucket*: the batch to the next of
 :data:`BATCH_BUCKETS` and the block-table width to the next power of two. Each (batch, width) bucket owns
@@ -15,31 +15,18 @@ installing an adapter into a slot needs no new capture or compile). The plan tra
 (``StepInput.lora``), not in the runtime's shared context. The only synchronisation left in a decode step
 is the engine reading the sampled tokens (tests/server/test_cuda_step.py).
 
-On CPU, ``compile=True`` (``--torch-compile``) runs the step through ``torch.compile`` (inductor): hotlora's
-C kernels are custom ops there (``torch.ops.hotlora.*``), so one graph covers the whole forward. One graph
-serves every bucket of two rows or more and every width (both marked dynamic), one more the single row.
-Compiling takes a minute or more on a 2-core machine, so it happens on a background thread
-(:meth:`StaticDecode.start_warmup`): the server is ready at once and decodes eagerly until the graphs are
-in; a step that would need a new compile afterwards runs eagerly instead. It is off by default: on the
-2-core CPU it measured 0.89-1.00x the eager engine's throughput (benchmarks/engine.py --compile,
-docs/engine.md).
-
-Without either (CPU tests), the same static path runs eagerly: it is how the tests check that padding and
-bucketing change no output.
+Without a graph (CPU tests), the same static path runs eagerly: it is how the tests check that padding and
+bucketing change no output. The CPU serves decode steps on the dynamic path (hotlora's C kernels, one call
+a layer's op): compiling that path with torch.compile measured 0.78-1.00x the eager engine and was removed.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-
-from hotlora.kernels import decoder_ops, lora_decode, paged_attention
-from hotlora.kernels.omp_teams import release_thread_team
 
 from .attention import AttentionMetadata, AttentionPath, decode_mask
 from .kv_cache import NULL_BLOCK
@@ -48,20 +35,6 @@ from .model import StepInput
 log = logging.getLogger("hotlora.runner")
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-
-
-def compile_refusal(runner_kind: str, runner) -> str | None:
-    """Why the decode step cannot be compiled here (None: it can): the graph is hotlora's runner in fp32 on
-    CPU with its C kernels, which torch.compile sees as custom ops (anything else would break the graph)."""
-    if runner_kind != "runner":
-        return "this model family serves through transformers, not hotlora's runner"
-    if runner.device.type != "cpu":
-        return f"it is the CPU path (the model is on {runner.device}; CUDA replays CUDA graphs)"
-    if runner.dtype != torch.float32:
-        return f"it needs float32 compute (the model computes in {runner.dtype})"
-    if not (decoder_ops.available() and paged_attention.available() and lora_decode.available()):
-        return "hotlora's C kernels could not be built on this machine (see the warning above)"
-    return None
 
 
 def batch_bucket(n: int) -> int | None:
@@ -87,18 +60,8 @@ class _Bucket:
     out: torch.Tensor | None = None  # [B, H] the captured forward's output (overwritten by each replay)
 
 
-# torch.compile: the widths and batches a warm-up traces. One graph takes every batch of 2 or more rows and
-# every width of 2 or more blocks (dynamo specialises sizes 0 and 1, so a width is padded to at least 2);
-# the single row has its own graph.
-WARMUP_BUCKETS = ((1, 2), (2, 2))
-# inductor: its own kernels here are small elementwise ones (residual adds, SiLU times up), cheaper on one
-# thread than waking a team for each; no size asserts between the ops (hundreds a step)
-COMPILE_OPTIONS = {"cpp.threads": 1, "size_asserts": False, "alignment_asserts": False}
-
-
 class StaticDecode:
-    """Decode steps of a Runner through per-bucket static buffers: CUDA graphs when ``capture``, torch.compile
-    when ``compile`` (CPU), else eager.
+    """Decode steps of a Runner through per-bucket static buffers: CUDA graphs when ``capture``, else eager.
 
     ``lora_plan(slots_buffer)``: the LoRA plan of a step from its bucket's slot buffer (the adapter
     runtime's ``graph_plan``), passed to the forward in its StepInput; None = no adapters."""
@@ -108,10 +71,7 @@ class StaticDecode:
         runner,
         capture: bool,
         lora_plan: Callable[[torch.Tensor], object] | None = None,
-        compile: bool = False,
     ):
-        if compile and (capture or runner.device.type != "cpu"):
-            raise ValueError("torch.compile of the decode step is the CPU path (CUDA replays CUDA graphs)")
         if capture and runner.device.type != "cuda":
             raise ValueError("CUDA graphs need a CUDA device (capture=False runs the static path eagerly)")
         self.runner = runner
@@ -122,22 +82,9 @@ class StaticDecode:
         self.max_batch = BATCH_BUCKETS[-1]
         self._buckets: dict[tuple[int, int], _Bucket] = {}
         self._pool = torch.cuda.graph_pool_handle() if capture else None  # one memory pool for all graphs
-        self.compile = compile
-        # compiled: the traced step, and whether its graphs are in (set by the warm-up thread)
-        self._compiled = (
-            torch.compile(self._forward, dynamic=False, fullgraph=True, options=COMPILE_OPTIONS)
-            if compile
-            else None
-        )
-        self.compiled_ready = threading.Event()
-        self._warmup_thread: threading.Thread | None = None
-        self.warmup_error: BaseException | None = None
-        self._fallbacks = 0  # steps that ran eagerly because their shapes would need a new compile
 
     def fits(self, rows: int) -> bool:
-        """Whether a decode step of `rows` takes this path now (compiled: once the warm-up is done)."""
-        if self.compile and not self.compiled_ready.is_set():
-            return False
+        """Whether a decode step of `rows` takes this path."""
         return batch_bucket(rows) is not None
 
     def run(
@@ -154,15 +101,11 @@ class StaticDecode:
         if bsz is None:
             raise ValueError(f"{n} decode rows is past the largest bucket ({self.max_batch})")
         width = width_bucket(max(len(t) for t in tables), self.max_width)
-        if self.compile:
-            width = max(width, 2)
         b = self._bucket(bsz, width)
         self._fill(b, ids, positions, tables, mapping, slots)
         if b.graph is not None:
             b.graph.replay()
             return b.out[:n]
-        if self.compile:
-            return self._run_compiled(b)[:n]
         return self._forward(b.ids, b.positions, b.tables, b.lens, b.mapping, b.slots)[:n]
 
     def _fill(self, b: _Bucket, ids, positions, tables, mapping, slots) -> None:
@@ -187,58 +130,6 @@ class StaticDecode:
         b.lens.copy_(st[3], non_blocking=nb)
         b.mapping.copy_(st[4], non_blocking=nb)
         b.tables.copy_(st[5:].T, non_blocking=nb)
-
-    # ---- torch.compile ----------------------------------------------------------------------------------
-    def start_warmup(self) -> threading.Thread:
-        """Compile the step on a background thread (WARMUP_BUCKETS, all rows padding: their K/V go to the null
-        block, as any padding row's); steps run eagerly until it is done. Returns the thread."""
-        if not self.compile:
-            raise ValueError("start_warmup: this StaticDecode does not compile")
-        thread = threading.Thread(target=self._warmup, name="hotlora-compile", daemon=True)
-        thread.start()
-        self._warmup_thread = thread
-        return thread
-
-    def wait_compiled(self, timeout: float | None = None) -> bool:
-        """Wait for the warm-up started by start_warmup; whether the compiled graphs are in."""
-        if self._warmup_thread is not None:
-            self._warmup_thread.join(timeout)
-        return self.compiled_ready.is_set()
-
-    def _warmup(self) -> None:
-        t0 = time.perf_counter()
-        try:
-            with torch.inference_mode():  # the engine's mode: a graph traced outside it would not be reused
-                for bsz, width in WARMUP_BUCKETS:
-                    b = self._bucket(bsz, width)
-                    self._fill(b, [], [], [], [], [])
-                    torch._dynamo.mark_dynamic(b.tables, 1)
-                    if bsz > 1:
-                        for t in (b.ids, b.positions, b.tables, b.lens, b.mapping, b.slots):
-                            torch._dynamo.mark_dynamic(t, 0)
-                    self._compiled(b.ids, b.positions, b.tables, b.lens, b.mapping, b.slots)
-        except Exception as exc:  # noqa: BLE001 -- any compile failure leaves the eager path serving
-            self.warmup_error = exc
-            log.warning("torch.compile of the decode step failed; decoding stays eager: %s", exc)
-            return
-        finally:
-            release_thread_team()  # this thread's OpenMP workers would slow the engine's parallel regions
-        log.info("compiled the decode step with torch.compile in %.0f s", time.perf_counter() - t0)
-        self.compiled_ready.set()
-
-    def _run_compiled(self, b: _Bucket) -> torch.Tensor:
-        args = (b.ids, b.positions, b.tables, b.lens, b.mapping, b.slots)
-        try:
-            # a step whose shapes no graph covers runs eagerly rather than compile on the engine thread
-            with torch.compiler.set_stance("fail_on_recompile"):
-                return self._compiled(*args)
-        except RuntimeError as exc:
-            if "Detected recompile" not in str(exc):  # dynamo's message under this stance
-                raise
-            self._fallbacks += 1
-            if self._fallbacks == 1:
-                log.warning("a decode step of %d rows x %d blocks ran eagerly: %s", *b.tables.shape, exc)
-            return self._forward(*args)
 
     # ---- buckets ------------------------------------------------------------------------------------------
     def _bucket(self, bsz: int, width: int) -> _Bucket:
@@ -266,7 +157,7 @@ class StaticDecode:
         return b
 
     def _forward(self, ids, positions, tables, lens, mapping, slots) -> torch.Tensor:
-        """The step from a bucket's buffers (what the CUDA graph captures and torch.compile traces)."""
+        """The step from a bucket's buffers (what the CUDA graph captures)."""
         length = tables.shape[1] * self.block_size
         meta = AttentionMetadata(
             num_decode=ids.shape[0],

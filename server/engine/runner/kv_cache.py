@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from hotlora.kernels import decoder_ops
+from hotlora.kernels import native
 from hotlora.server.engine.device_io import tensor_on
 
 NULL_BLOCK = 0
@@ -59,7 +59,11 @@ class KVPool:
         self.block_size = config.block_size
         self.bytes_per_token = 2 * num_layers * kv_heads * head_dim * self.data.element_size()
         # fp32 on a CPU where hotlora's C kernels run: one memcpy per row instead of two index_copy_ calls
-        self._native = self.data.device.type == "cpu" and dtype == torch.float32 and decoder_ops.available()
+        self._ops = (
+            native.ops()
+            if self.data.device.type == "cpu" and dtype == torch.float32 and native.available()
+            else None
+        )
         self.zero_blocks([NULL_BLOCK])
 
     def zero_blocks(self, blocks: list[int], written: list[int] | None = None) -> None:
@@ -77,8 +81,8 @@ class KVPool:
 
     def write(self, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [T, kv_heads, head_dim] of the step's tokens; slot_mapping: [T] pool positions."""
-        if self._native and _rows_alike(k, v):
-            decoder_ops.kv_write(k, v, slot_mapping, self.data, layer)
+        if self._ops is not None and _rows_alike(k, v):
+            self._ops.kv_write(k, v, slot_mapping, self.data, layer)
             return
         self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, slot_mapping, k)
         self.v[layer].view(-1, *v.shape[1:]).index_copy_(0, slot_mapping, v)

@@ -9,7 +9,7 @@ import torch
 
 from hotlora.kernels import bf16_weights, block_weights
 from hotlora.kernels.narrow_linear import WIDEN_ROWS
-from hotlora.kernels.native import cpu_flags, loads_or_warns
+from hotlora.kernels.native import available, cpu_flags
 
 from .kv_cache import KVCacheConfig, KVPool
 from .model import Runner
@@ -131,7 +131,7 @@ def _packs(asked: bool, dtype: torch.dtype, stored: torch.dtype, device) -> bool
     start-up, not in the first step); elsewhere the matrices stay as they are."""
     if not (asked and dtype == stored == torch.float32 and torch.device(device).type == "cpu"):
         return False
-    return loads_or_warns(block_weights.ensure_built, "fp32 weights stay unpacked")
+    return available()  # else one warning: fp32 weights stay unpacked, served by torch
 
 
 def _assemble(spec, weights, config, dtype, device, kv_bytes, block_size) -> Runner:

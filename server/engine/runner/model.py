@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hotlora.kernels import bf16_weights, block_weights, decoder_ops
+from hotlora.kernels import bf16_weights, block_weights, native
 from hotlora.kernels.narrow_linear import long_chunk
 
 from .attention import AttentionMetadata, attention_path, dense_attention, paged_attention
@@ -87,9 +87,11 @@ class Runner(nn.Module):
         self.dtype = weights.compute_dtype
         self.device = weights.embed.device
         self.linear = _linear_for(weights)
-        # the C ops for RMSNorm, RoPE and the activation: fp32 on a CPU where hotlora's kernels run
-        self._native_ops = (
-            self.device.type == "cpu" and self.dtype == torch.float32 and decoder_ops.available()
+        # the C kernels for RMSNorm, RoPE and the activation: fp32 on a CPU where hotlora's kernels run
+        self._ops = (
+            native.ops()
+            if self.device.type == "cpu" and self.dtype == torch.float32 and native.available()
+            else None
         )
         self.scale = spec.head_dim**-0.5
         self.attention_path = attention_path(self.device)  # Triton kernels on CUDA, the CPU's elsewhere
@@ -110,7 +112,7 @@ class Runner(nn.Module):
         k -> filled with the residual stream after layer k [T, H] (transformers' `hidden_states[k]`)."""
         meta = step.attention
         pool = self.pool
-        native = self._native_ops and not torch.is_grad_enabled()
+        kernels = self._ops is not None and not torch.is_grad_enabled()
 
         def attend(i: int, q, k, v):
             pool.write(i, meta.slot_mapping, k, v)
@@ -119,7 +121,7 @@ class Runner(nn.Module):
                 q, k, v, pool.k[i], pool.v[i], meta, self.scale, window, self.auto_bf16, self.attention_path
             )
 
-        return self._run(step.token_ids, step.positions, attend, taps, native, step.lora)
+        return self._run(step.token_ids, step.positions, attend, taps, kernels, step.lora)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self._lm_head(hidden)
@@ -168,19 +170,20 @@ class Runner(nn.Module):
         positions: torch.Tensor,
         attend: Callable,
         taps: dict | None = None,
-        native: bool = False,
+        kernels: bool = False,
         lora=None,
     ) -> torch.Tensor:
-        """`native`: RMSNorm, RoPE and the MLP's activation as hotlora's C ops, in place where torch would
-        allocate: serving only, never under autograd."""
+        """`kernels`: RMSNorm, RoPE and the MLP's activation as hotlora's C kernels, in place where torch
+        would allocate: serving only, never under autograd."""
         spec, w = self.spec, self.w
         if block_weights.is_packed(w.embed):
             h = block_weights.embedding(token_ids, w.embed)
         else:
             h = F.embedding(token_ids, w.embed).to(self.dtype)
         eps, heads, kv_heads, d = spec.rms_norm_eps, spec.num_heads, spec.num_kv_heads, spec.head_dim
-        norm = decoder_ops.rms_norm if native else _rms_norm
-        if not native:
+        ops = self._ops
+        norm = ops.rms_norm if kernels else _rms_norm
+        if not kernels:
             cos = self.rope_cos[positions].unsqueeze(1)  # [T, 1, d]
             sin = self.rope_sin[positions].unsqueeze(1)
             half = d // 2
@@ -192,8 +195,8 @@ class Runner(nn.Module):
             x = norm(h, layer.input_norm, eps)
             qkv = self._project(i, "qkv", x, layer.qkv, layer.qkv_bias, lora)
             # RoPE on q's and k's heads in one pass (the same products and sums as rotating each)
-            if native:
-                decoder_ops.rope_(qkv, heads + kv_heads, d, self.rope_cos, self.rope_sin, positions)
+            if kernels:
+                ops.rope_(qkv, heads + kv_heads, d, self.rope_cos, self.rope_sin, positions)
                 qk = qkv[:, : qs + kvs].view(t, -1, d)
             else:
                 qk = _rope(qkv[:, : qs + kvs].view(t, -1, d), cos, sin)
@@ -203,8 +206,8 @@ class Runner(nn.Module):
             h = h + self._project(i, "o", a, layer.o, layer.o_bias, lora)
             x = norm(h, layer.post_norm, eps)
             gate_up = self._project(i, "gate_up", x, layer.gate_up, layer.gate_up_bias, lora)
-            if native:
-                act = decoder_ops.silu_mul(gate_up)
+            if kernels:
+                act = ops.silu_mul(gate_up)
             else:
                 gate, up = gate_up.chunk(2, dim=-1)
                 act = F.silu(gate) * up
@@ -232,7 +235,7 @@ class Runner(nn.Module):
         if self.linear is F.linear:
             y = self.linear(x, weight, bias)
         else:  # hotlora's weight kernels prefetch the adapters' rows the update reads next
-            y = self.linear(x, weight, bias, site.rows_ahead(x, lora))
+            y = self.linear(x, weight, bias, site.rows_ahead(lora))
         return site.apply(y, x, lora)
 
     # ---- LoRA sites -------------------------------------------------------------------------------------
