@@ -136,7 +136,7 @@ def run_case(shape: Shape, case: Case, dtype: torch.dtype) -> dict:
     ]
     slots = case.token_slots.to(dev)
     ranks_dev = case.slot_ranks.to(dev)
-    triton_be, torch_be = TritonBackend(), CpuBackend()
+    triton_be, torch_be = TritonBackend(), CpuBackend(dtype=dtype, device=dev)
     plan = triton_be.plan(slots, case.slot_ranks)
     rows_plan = triton_be.graph_plan(slots, ranks_dev, R)
 

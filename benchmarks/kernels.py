@@ -200,7 +200,7 @@ def run_device(device: torch.device, dtype: torch.dtype) -> list[str]:
     fast = "cpu path" if device.type == "cpu" else "triton"
     backends = {fast: get_backend(device), "reference": TorchReferenceBackend()}
     if device.type == "cuda":
-        backends["torch ops"] = CpuBackend()
+        backends["torch ops"] = CpuBackend(dtype=dtype, device=device)
     header = f"| {device.type} {str(dtype).removeprefix('torch.')} case | base µs | {fast} µs | lora/base |"
     header += " reference µs | speed-up vs ref |" + (" torch ops µs |" if "torch ops" in backends else "")
     header += " plan µs |"
@@ -224,7 +224,7 @@ def binding_calls() -> dict[str, tuple]:
     from hotlora.kernels import native
 
     ops = native.ops()
-    lib = ctypes.CDLL(str(native._build()))  # the kernels' C symbols, as the earlier binding loaded them
+    lib = ctypes.CDLL(str(native.build(native.cache_dir())))  # its C symbols, as ctypes loaded them
     p, i64, c_int, c_float = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 
     def c_fn(name, *argtypes):
@@ -238,7 +238,7 @@ def binding_calls() -> dict[str, tuple]:
     packed = torch.randint(0, 255, (HIDDEN, HIDDEN // 32 * 24), dtype=torch.uint8, generator=gen)
     packed.view(HIDDEN, -1)[:, HIDDEN // 32 * 16 :] = 0  # d and m: 0.0 (finite)
     x = torch.randn(1, HIDDEN, generator=gen)
-    q4_1 = ops.BlockFormat.Q4_1
+    q4_1 = 0  # HOTLORA_Q4_1
     linear = c_fn("hotlora_linear_blocks", p, i64, i64, p, c_int, i64, p, p, c_int, p, p)
 
     def linear_ctypes():

@@ -150,12 +150,15 @@ class CpuBackend(LoraBackend):
     bf16_banks = True  # fp32 x/y with bf16 banks (--adapter-dtype bfloat16): widened as they are read
     rank_major_b = True  # the C expand then sums along output rows, with no horizontal sums
 
-    def __init__(self, route: CpuRoute | str | None = None, dtype: torch.dtype = torch.float32) -> None:
-        """`dtype`: the activations' (the compute dtype): the C kernel takes fp32 ones, where it runs here.
-        `route`: a route to take wherever it applies (tests, benchmarks); None picks one by each batch's
-        shape."""
+    def __init__(
+        self, route: CpuRoute | str | None = None, dtype: torch.dtype = torch.float32, device="cpu"
+    ) -> None:
+        """`dtype`, `device`: the activations' (the compute dtype and device): the C kernel takes fp32 ones
+        on the CPU, where it runs. `route`: a route to take wherever it applies (tests, benchmarks); None
+        picks one by each batch's shape."""
         self.forced = None if route is None else CpuRoute(route)
-        self.kernel = dtype == torch.float32 and native.available()
+        on_cpu = torch.device(device).type == "cpu"
+        self.kernel = on_cpu and dtype == torch.float32 and native.available()
 
     def plan(self, token_slots, slot_ranks, device=None) -> CpuPlan:
         if device is not None:
@@ -323,4 +326,4 @@ def get_backend(device: torch.device | str, dtype: torch.dtype = torch.float32) 
     """TritonBackend on CUDA (when triton imports), CpuBackend otherwise; `dtype`: the activations'."""
     if torch.device(device).type == "cuda" and triton_available():
         return TritonBackend()
-    return CpuBackend(dtype=dtype)
+    return CpuBackend(dtype=dtype, device=device)

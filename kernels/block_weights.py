@@ -40,8 +40,9 @@ __all__ = [
 ]
 
 BLOCK = 32  # weights per block
-# packed dtype -> (the kernels' BlockFormat name, bytes per block: q, then fp32 d (and m))
-FORMATS = {torch.uint8: ("Q4_1", 24), torch.int8: ("Q8_0", 36)}
+# packed dtype -> (name, the kernels' format id (HOTLORA_Q4_1, ... in csrc/kernels.h), bytes per block: q,
+# then fp32 d (and m))
+FORMATS = {torch.uint8: ("Q4_1", 0, 24), torch.int8: ("Q8_0", 1, 36)}
 # A thread's widened copy for torch's GEMM is written into its scratch (pages warm in cache: ~18 ms of a
 # 512-token prefill, 3.5%) when autograd will not keep it and it holds at most this many floats (a
 # projection's; the LM head's 28 M are widened fresh, and only where many rows want logits).
@@ -56,12 +57,12 @@ def is_packed(t: torch.Tensor) -> bool:
 
 
 def in_features(packed: torch.Tensor) -> int:
-    return packed.shape[1] // FORMATS[packed.dtype][1] * BLOCK
+    return packed.shape[1] // FORMATS[packed.dtype][2] * BLOCK
 
 
-def block_format(packed: torch.Tensor):
-    """The kernels' `BlockFormat` of a packed matrix."""
-    return getattr(ops().BlockFormat, FORMATS[packed.dtype][0])
+def block_format(packed: torch.Tensor) -> int:
+    """The kernels' format id of a packed matrix."""
+    return FORMATS[packed.dtype][1]
 
 
 def pack(weight: torch.Tensor) -> torch.Tensor | None:

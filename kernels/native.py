@@ -9,6 +9,11 @@ an object named by a hash of its source, the headers and the flags, and the obje
 `_hotlora_kernels-<hash>.so`, all in the user cache (`~/.cache/hotlora/kernels/`): an edited source rebuilds
 only its object, and processes share one build (a file lock: the first builds, the others wait). OpenMP
 resolves to the libgomp torch has already loaded: one thread pool, not two fighting over the cores.
+
+Built ahead: `python -m hotlora.kernels DIR` builds the module into DIR, and a process with
+`HOTLORA_KERNELS_DIR=DIR` loads it from there with no compiler (the container image ships it so). The
+module there is used only if its name carries the hash of these sources, flags and torch version;
+otherwise it is built as usual.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import sysconfig
 import tempfile
 import time
@@ -39,6 +45,7 @@ C_FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-ffp-contra
 CXX_FLAGS = ("-O2", "-std=c++20", "-fPIC", "-fvisibility=hidden", f"-DTORCH_EXTENSION_NAME={MODULE}")
 TORCH_LIBS = ("-lc10", "-ltorch_cpu", "-ltorch", "-ltorch_python")
 NEEDED_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "fma")
+PREBUILT_ENV = "HOTLORA_KERNELS_DIR"
 
 
 class Unavailable(RuntimeError):
@@ -62,8 +69,9 @@ def unavailable_reason() -> str | None:
     missing = [f for f in NEEDED_CPU_FLAGS if f not in flags]
     if missing:
         return f"the CPU lacks {', '.join(missing)}"
-    if compiler() is None or cxx_compiler() is None:
-        return "no C and C++ compiler (cc/gcc and c++/g++, or $CC and $CXX) to build the kernels"
+    if (compiler() is None or cxx_compiler() is None) and prebuilt() is None:
+        where = f" and ${PREBUILT_ENV} holds no build of these sources" * bool(os.environ.get(PREBUILT_ENV))
+        return f"no C and C++ compiler (cc/gcc and c++/g++, or $CC and $CXX) to build the kernels{where}"
     return None
 
 
@@ -86,7 +94,8 @@ def ops() -> ModuleType:
     why = unavailable_reason()
     if why is not None:
         raise Unavailable(f"hotlora's CPU kernels cannot run here: {why}")
-    path = _build()  # loaded a second time (this file imported under another name), Python gives the same
+    # loaded a second time (this file imported under another name), Python gives the same module
+    path = prebuilt() or build(cache_dir())
     spec = importlib.util.spec_from_file_location(
         MODULE, path, loader=importlib.machinery.ExtensionFileLoader(MODULE, str(path))
     )
@@ -107,11 +116,13 @@ def available() -> bool:
     return True
 
 
-def _build() -> Path:
+def _objects() -> dict[Path, tuple[str, list[str]]]:
+    """Each source and (its object's file name, the command that compiles it): the name carries the hash
+    of the source, the headers it includes, the flags and torch's version (whose headers the bindings
+    compile against)."""
     torch_dir = Path(torch.__file__).parent
-    sources = sorted(CSRC.glob("*.c")) + sorted(CSRC.glob("*.cpp"))
-
-    def object_of(source: Path) -> tuple[Path, list[str]]:
+    out = {}
+    for source in sorted(CSRC.glob("*.c")) + sorted(CSRC.glob("*.cpp")):
         if source.suffix == ".c":
             flags = [*C_FLAGS]
             cmd = [compiler(), *flags]
@@ -121,33 +132,75 @@ def _build() -> Path:
             cmd = [cxx_compiler(), *flags]
         headers = b"".join(h.read_bytes() for h in sorted(_headers(source)))
         key = source.read_bytes() + headers + " ".join(flags).encode() + torch.__version__.encode()
-        return cache_dir() / "obj" / f"{source.stem}-{_digest(key)}.o", cmd
+        out[source] = (f"{source.stem}-{_digest(key)}.o", cmd)
+    return out
 
-    objects = {source: object_of(source) for source in sources}
-    target = cache_dir() / f"{MODULE}-{_digest(''.join(o.name for o, _ in objects.values()).encode())}.so"
+
+def module_name() -> str:
+    """`_hotlora_kernels-{hash}.so`: the hash covers every object's (sources, headers, flags, torch)."""
+    return f"{MODULE}-{_digest(''.join(name for name, _ in _objects().values()).encode())}.so"
+
+
+def prebuilt() -> Path | None:
+    """The module in $HOTLORA_KERNELS_DIR, if one was built there from these sources."""
+    folder = os.environ.get(PREBUILT_ENV)
+    path = Path(folder) / module_name() if folder else None
+    return path if path is not None and path.is_file() else None
+
+
+def build(folder: Path) -> Path:
+    """The module built into `folder` (its objects in folder/obj), kept if already there; raises
+    Unavailable when a compiler is missing or fails."""
+    objects = _objects()
+    target = folder / module_name()
     if target.is_file():
         return target
-    (cache_dir() / "obj").mkdir(parents=True, exist_ok=True)
-    with open(cache_dir() / ".build.lock", "w") as lock:
+    if compiler() is None or cxx_compiler() is None:
+        raise Unavailable("no C and C++ compiler (cc/gcc and c++/g++, or $CC and $CXX) to build the kernels")
+    (folder / "obj").mkdir(parents=True, exist_ok=True)
+    with open(folder / ".build.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one process builds; the others find its result
         if target.is_file():
             return target
-        missing = [(s, o, cmd) for s, (o, cmd) in objects.items() if not o.is_file()]
+        missing = [
+            (s, folder / "obj" / o, cmd)
+            for s, (o, cmd) in objects.items()
+            if not (folder / "obj" / o).is_file()
+        ]
         started = time.monotonic()
         log.info(
             "building hotlora's C kernels (%d of %d sources; once: kept in %s)",
-            len(missing), len(sources), cache_dir(),
-        )  # fmt: skip
+            len(missing),
+            len(objects),
+            folder,
+        )
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             for _ in pool.map(lambda m: _run([*m[2], "-c", str(m[0])], m[1], m[0].name), missing):
                 pass
         link = [
-            cxx_compiler(), "-shared", "-fopenmp", *(str(o) for o, _ in objects.values()),
-            f"-L{torch_dir / 'lib'}", *TORCH_LIBS, "-lm",
+            cxx_compiler(), "-shared", "-fopenmp", *(str(folder / "obj" / o) for o, _ in objects.values()),
+            f"-L{Path(torch.__file__).parent / 'lib'}", *TORCH_LIBS, "-lm",
         ]  # fmt: skip
         _run(link, target, "the link")
         log.info("built hotlora's C kernels in %.2f s", time.monotonic() - started)
     return target
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m hotlora.kernels DIR`: build the kernels' module into DIR (for $HOTLORA_KERNELS_DIR)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path)
+    args = parser.parse_args(argv)
+    start = time.monotonic()
+    try:
+        path = build(args.folder)
+    except Unavailable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"{path} ({path.stat().st_size:,} bytes, {time.monotonic() - start:.1f} s)", flush=True)
+    return 0
 
 
 def _headers(source: Path, seen: set[Path] | None = None) -> set[Path]:
@@ -171,6 +224,7 @@ def _run(cmd: list[str], target: Path, what: str) -> None:
         done = subprocess.run([*cmd, "-o", tmp], capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise Unavailable(f"building hotlora's CPU kernels failed at {what}:\n{done.stderr.strip()}")
+        os.chmod(tmp, 0o755)  # mkstemp makes it 0600: other users of a shared folder load it too
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

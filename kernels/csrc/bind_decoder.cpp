@@ -18,6 +18,24 @@ static at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double
   return out;
 }
 
+// x += y (in place), then out [T, H] = LlamaRMSNorm(x): a decoder layer's residual add and the norm after it
+static at::Tensor add_rms_norm(at::Tensor& x, const at::Tensor& y, const at::Tensor& weight, double eps) {
+  CHECK_TENSOR(x, at::kFloat, 2);
+  CHECK_ROWS(x);
+  CHECK_TENSOR(y, at::kFloat, 2);
+  CHECK_ROWS(y);
+  HOTLORA_CHECK(y.sizes() == x.sizes(), "y must be shaped as x ", x.sizes(), ", got ", y.sizes());
+  int64_t rows = x.size(0), h = x.size(1);
+  CHECK_TENSOR(weight, at::kFloat, 1);
+  CHECK_CONTIGUOUS(weight);
+  CHECK_SIZE(weight, 0, h);
+  at::Tensor out = at::empty({rows, h}, x.options());
+  py::gil_scoped_release unlocked;
+  hotlora_add_rms_norm(ptr<float>(x), rows, h, x.stride(0), ptr<float>(y), y.stride(0), ptr<float>(weight),
+                       static_cast<float>(eps), ptr<float>(out), threads_for(rows * h));
+  return out;
+}
+
 // out [T, I] = silu(gate) * up for rows gate_up [T, 2 I] = [gate | up] (any row stride)
 static at::Tensor silu_mul(const at::Tensor& gate_up) {
   CHECK_TENSOR(gate_up, at::kFloat, 2);
@@ -61,11 +79,14 @@ static void kv_write(const at::Tensor& k, const at::Tensor& v, const at::Tensor&
                      int64_t layer) {
   CHECK_TENSOR(k, at::kFloat, 3);
   CHECK_TENSOR(v, at::kFloat, 3);
-  HOTLORA_CHECK(k.sizes() == v.sizes() && k.strides() == v.strides(), "k and v must share shape and strides, got ",
-                k.sizes(), k.strides(), " and ", v.sizes(), v.strides());
   int64_t rows = k.size(0), kv_heads = k.size(1), d = k.size(2);
-  HOTLORA_CHECK(k.stride(2) == 1 && k.stride(1) == d, "k's and v's rows must hold kv_heads x d contiguous values, ",
-                "got strides ", k.strides());
+  // one row stride for both (the C copy reads k[r * row], v[r * row]); a single row has none to share
+  HOTLORA_CHECK(k.sizes() == v.sizes() && (rows <= 1 || k.stride(0) == v.stride(0)),
+                "k and v must share shape and row stride, got ", k.sizes(), k.strides(), " and ", v.sizes(),
+                v.strides());
+  for (const at::Tensor* t : {&k, &v})
+    HOTLORA_CHECK(t->stride(2) == 1 && t->stride(1) == d, "k's and v's rows must hold kv_heads x d contiguous ",
+                  "values, got strides ", t->strides());
   CHECK_TENSOR(pool, at::kFloat, 6);
   CHECK_CONTIGUOUS(pool);
   HOTLORA_CHECK(pool.size(1) == 2 && pool.size(4) == kv_heads && pool.size(5) == d,
@@ -83,6 +104,7 @@ static void kv_write(const at::Tensor& k, const at::Tensor& v, const at::Tensor&
 
 void bind_decoder(py::module_& m) {
   m.def("rms_norm", &rms_norm, py::arg("x"), py::arg("weight"), py::arg("eps"));
+  m.def("add_rms_norm", &add_rms_norm, py::arg("x"), py::arg("y"), py::arg("weight"), py::arg("eps"));
   m.def("silu_mul", &silu_mul, py::arg("gate_up"));
   m.def("rope_", &rope_, py::arg("qkv"), py::arg("heads"), py::arg("head_dim"), py::arg("cos"), py::arg("sin"),
         py::arg("positions"));

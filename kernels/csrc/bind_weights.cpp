@@ -5,13 +5,19 @@
 
 namespace hotlora {
 
-enum class BlockFormat { Q4_1 = HOTLORA_Q4_1, Q8_0 = HOTLORA_Q8_0 };
-
-// bytes a block of 32 weights takes in a row: its q, then its fp32 d (and m); kernels/block_weights.py
-static int64_t block_bytes(BlockFormat fmt) { return fmt == BlockFormat::Q4_1 ? 24 : 36; }
+// bytes a block of 32 weights takes in a row of format `fmt` (HOTLORA_Q4_1, ... in kernels.h; the ids of
+// kernels/block_weights.py's FORMATS): its q, then its fp32 d (and m)
+static int64_t block_bytes(int64_t fmt) {
+  switch (fmt) {
+    case HOTLORA_Q4_1: return 24;
+    case HOTLORA_Q8_0: return 36;
+  }
+  throw py::value_error(c10::str("fmt ", fmt, " is not a block format (", HOTLORA_Q4_1, ": Q4_1, ", HOTLORA_Q8_0,
+                                 ": Q8_0)"));
+}
 
 // K of a packed matrix [N, K / 32 * block bytes] (one byte type, contiguous)
-static int64_t checked_in_features(const at::Tensor& packed, BlockFormat fmt) {
+static int64_t checked_in_features(const at::Tensor& packed, int64_t fmt) {
   HOTLORA_CHECK(packed.device().is_cpu() && packed.dim() == 2 && packed.element_size() == 1,
                 "packed must be a 2-D CPU tensor of bytes (uint8/int8), got ", packed.dim(), "-D ",
                 packed.scalar_type(), " on ", packed.device());
@@ -46,7 +52,7 @@ static at::Tensor shaped_like(const at::Tensor& y2, const at::Tensor& x) {
 }
 
 // y = x · widen(W)ᵀ + bias; banks, slots: the rows a LoRA update reads next, asked for on the way
-static at::Tensor linear_blocks(const at::Tensor& x, const at::Tensor& packed, BlockFormat fmt,
+static at::Tensor linear_blocks(const at::Tensor& x, const at::Tensor& packed, int64_t fmt,
                                 const std::optional<at::Tensor>& bias, const LoraBanks* banks,
                                 const StepSlots* slots) {
   int64_t k = checked_in_features(packed, fmt), n = packed.size(0);
@@ -88,7 +94,7 @@ static at::Tensor linear_bf16w(const at::Tensor& x, const at::Tensor& weight, co
 }
 
 // out [n, K] fp32 = rows `rows` of widen(W) (every row when rows is None), into `out` when given
-static at::Tensor widen_blocks(const at::Tensor& packed, BlockFormat fmt, const std::optional<at::Tensor>& rows,
+static at::Tensor widen_blocks(const at::Tensor& packed, int64_t fmt, const std::optional<at::Tensor>& rows,
                                std::optional<at::Tensor> out) {
   int64_t k = checked_in_features(packed, fmt), n = packed.size(0);
   if (rows) {
@@ -113,7 +119,7 @@ static at::Tensor widen_blocks(const at::Tensor& packed, BlockFormat fmt, const 
 }
 
 // out [N, K] bf16 = widen(W) rounded to bf16 (ties to even), into `out` when given
-static at::Tensor widen_blocks_bf16(const at::Tensor& packed, BlockFormat fmt, std::optional<at::Tensor> out) {
+static at::Tensor widen_blocks_bf16(const at::Tensor& packed, int64_t fmt, std::optional<at::Tensor> out) {
   int64_t k = checked_in_features(packed, fmt), n = packed.size(0);
   if (out) {
     CHECK_TENSOR(*out, at::kBFloat16, 2);
@@ -139,9 +145,6 @@ static std::pair<at::Tensor, int64_t> ahead_lines(const LoraBanks& banks, const 
 }
 
 void bind_weights(py::module_& m) {
-  py::enum_<BlockFormat>(m, "BlockFormat", "How a packed matrix keeps its blocks of 32 weights.")
-      .value("Q4_1", BlockFormat::Q4_1)
-      .value("Q8_0", BlockFormat::Q8_0);
   m.def("linear_blocks", &linear_blocks, py::arg("x"), py::arg("packed"), py::arg("fmt"), py::arg("bias").none(true),
         py::arg("banks").none(true) = nullptr, py::arg("slots").none(true) = nullptr);
   m.def("linear_bf16w", &linear_bf16w, py::arg("x"), py::arg("weight"), py::arg("bias").none(true),

@@ -11,26 +11,44 @@
 
 #include "exp16.h"
 
+// out = w * (xr * rsqrt(mean(xr^2) + eps))   (LlamaRMSNorm of one row in fp32)
+static inline void norm_row(const float* xr, int64_t h, const float* w, float eps, float* o) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= h; i += 16) {
+    __m512 v = _mm512_loadu_ps(xr + i);
+    acc = _mm512_add_ps(acc, _mm512_mul_ps(v, v));
+  }
+  float sum = _mm512_reduce_add_ps(acc);
+  for (; i < h; i++) sum += xr[i] * xr[i];
+  float inv = 1.0f / sqrtf(sum / (float)h + eps);
+  __m512 iv = _mm512_set1_ps(inv);
+  for (i = 0; i + 16 <= h; i += 16)
+    _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_loadu_ps(w + i), _mm512_mul_ps(_mm512_loadu_ps(xr + i), iv)));
+  for (; i < h; i++) o[i] = w[i] * (xr[i] * inv);
+}
+
 // out[r] = w * (x[r] * rsqrt(mean(x[r]^2) + eps))   (LlamaRMSNorm in fp32)
 int hotlora_rms_norm(const float* x, int64_t rows, int64_t h, int64_t x_row, const float* w, float eps,
                      float* out, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t r = 0; r < rows; r++) norm_row(x + r * x_row, h, w, eps, out + r * h);
+  return 0;
+}
+
+// The residual add and the next norm of a decoder layer in one pass: x[r] += y[r] (in place, the add torch
+// does), then out[r] = the RMSNorm of the new x[r]. x: rows `x_row` apart, y: `y_row` apart.
+int hotlora_add_rms_norm(float* x, int64_t rows, int64_t h, int64_t x_row, const float* y, int64_t y_row,
+                         const float* w, float eps, float* out, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t r = 0; r < rows; r++) {
-    const float* xr = x + r * x_row;
-    float* o = out + r * h;
-    __m512 acc = _mm512_setzero_ps();
+    float* xr = x + r * x_row;
+    const float* yr = y + r * y_row;
     int64_t i = 0;
-    for (; i + 16 <= h; i += 16) {
-      __m512 v = _mm512_loadu_ps(xr + i);
-      acc = _mm512_add_ps(acc, _mm512_mul_ps(v, v));
-    }
-    float sum = _mm512_reduce_add_ps(acc);
-    for (; i < h; i++) sum += xr[i] * xr[i];
-    float inv = 1.0f / sqrtf(sum / (float)h + eps);
-    __m512 iv = _mm512_set1_ps(inv);
-    for (i = 0; i + 16 <= h; i += 16)
-      _mm512_storeu_ps(o + i, _mm512_mul_ps(_mm512_loadu_ps(w + i), _mm512_mul_ps(_mm512_loadu_ps(xr + i), iv)));
-    for (; i < h; i++) o[i] = w[i] * (xr[i] * inv);
+    for (; i + 16 <= h; i += 16)
+      _mm512_storeu_ps(xr + i, _mm512_add_ps(_mm512_loadu_ps(xr + i), _mm512_loadu_ps(yr + i)));
+    for (; i < h; i++) xr[i] += yr[i];
+    norm_row(xr, h, w, eps, out + r * h);
   }
   return 0;
 }

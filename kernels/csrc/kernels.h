@@ -44,6 +44,8 @@ int64_t hotlora_ahead_lines(const BankRegions* banks, const SlotsAhead* slots, i
 // ---- a decoder layer's small ops (decoder_ops.c) --------------------------------------------------------
 int hotlora_rms_norm(const float* x, int64_t rows, int64_t h, int64_t x_row, const float* w, float eps,
                      float* out, int threads);
+int hotlora_add_rms_norm(float* x, int64_t rows, int64_t h, int64_t x_row, const float* y, int64_t y_row,
+                         const float* w, float eps, float* out, int threads);
 int hotlora_rope(float* qkv, int64_t rows, int64_t row_stride, int64_t heads, int64_t d, const float* cos_t,
                  const float* sin_t, const int64_t* positions, int threads);
 int hotlora_kv_write(const float* k, const float* v, int64_t rows, int64_t src_row, int64_t width,

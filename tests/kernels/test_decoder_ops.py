@@ -26,6 +26,21 @@ def test_rms_norm_equals_the_runners_torch_op(h):
     )
 
 
+@pytest.mark.parametrize("h", [576, 40, 7])
+def test_add_rms_norm_is_the_runners_residual_add_then_its_norm(h):
+    g = torch.Generator().manual_seed(h)
+    x = torch.randn(5, h, generator=g) * 3
+    wide = torch.randn(5, h + 4, generator=g)
+    y = wide[:, 1 : 1 + h]  # strided rows, as a column slice of a wider output can be
+    w = torch.randn(h, generator=g)
+    want_x = x + y  # torch's add: the same one rounding per element
+    want = _rms_norm(want_x, w, 1e-5)
+    got = native.ops().add_rms_norm(x, y, w, 1e-5)
+    assert torch.equal(x, want_x)  # added in place, bitwise
+    torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-6)
+    assert torch.equal(got, native.ops().rms_norm(want_x, w, 1e-5))  # the very norm of the sum
+
+
 @pytest.mark.parametrize("d", [64, 32, 8])
 def test_rope_in_place_is_bitwise_the_runners_rope(d):
     g = torch.Generator().manual_seed(d)
@@ -58,6 +73,24 @@ def test_kv_write_puts_each_rows_k_and_v_at_its_slot():
     want_k[slots], want_v[slots] = k, v
     assert torch.equal(k_pool.view(24, kv_heads, d), want_k) and torch.equal(
         v_pool.view(24, kv_heads, d), want_v
+    )
+
+
+def test_kv_write_takes_a_single_rows_views_whose_row_strides_differ():
+    # one decode row: k and v are views of one qkv row, and the stride of their size-1 dimension is whatever
+    # view() gave each (it differs): the kernel writes them, as the pool's write takes it (not index_copy_)
+    from hotlora.server.engine.runner.kv_cache import _rows_alike
+
+    kv_heads, d = 2, 8
+    qkv = torch.randn(1, (3 + 2 * kv_heads) * d)
+    k = qkv[:, 3 * d : (3 + kv_heads) * d].view(1, kv_heads, d)
+    v = qkv[:, (3 + kv_heads) * d :].view(1, kv_heads, d)
+    k, v = k.as_strided(k.shape, (7, d, 1)), v.as_strided(v.shape, (9, d, 1), v.storage_offset())
+    assert k.stride(0) != v.stride(0) and _rows_alike(k, v)
+    pool = torch.zeros(1, 2, 2, 4, kv_heads, d)
+    native.ops().kv_write(k, v, torch.tensor([5]), pool, 0)
+    assert torch.equal(pool[0, 0].view(8, kv_heads, d)[5], k[0]) and torch.equal(
+        pool[0, 1].view(8, kv_heads, d)[5], v[0]
     )
 
 

@@ -90,9 +90,9 @@ class KVPool:
 
 def _rows_alike(k: torch.Tensor, v: torch.Tensor) -> bool:
     """Each row of k and of v is kv_heads x d contiguous floats, both with one row stride (the runner's views
-    of its fused q/k/v rows): what the C copy reads."""
+    of its fused q/k/v rows; a single row has no stride to share): what the C copy reads."""
     d = k.shape[2]
-    return k.stride()[1:] == v.stride()[1:] == (d, 1) and k.stride(0) == v.stride(0)
+    return k.stride()[1:] == v.stride()[1:] == (d, 1) and (k.shape[0] <= 1 or k.stride(0) == v.stride(0))
 
 
 @dataclass

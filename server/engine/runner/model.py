@@ -173,8 +173,8 @@ class Runner(nn.Module):
         kernels: bool = False,
         lora=None,
     ) -> torch.Tensor:
-        """`kernels`: RMSNorm, RoPE and the MLP's activation as hotlora's C kernels, in place where torch
-        would allocate: serving only, never under autograd."""
+        """`kernels`: RMSNorm (with the residual add before it), RoPE and the MLP's activation as hotlora's
+        C kernels, in place where torch would allocate: serving only, never under autograd."""
         spec, w = self.spec, self.w
         if block_weights.is_packed(w.embed):
             h = block_weights.embedding(token_ids, w.embed)
@@ -191,8 +191,10 @@ class Runner(nn.Module):
             sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
         t = token_ids.shape[0]
         qs, kvs = spec.q_size, spec.kv_size
+        last = len(w.layers) - 1
         for i, layer in enumerate(w.layers):
-            x = norm(h, layer.input_norm, eps)
+            if i == 0 or not kernels:  # with the kernels, the previous layer's last add gave it
+                x = norm(h, layer.input_norm, eps)
             qkv = self._project(i, "qkv", x, layer.qkv, layer.qkv_bias, lora)
             # RoPE on q's and k's heads in one pass (the same products and sums as rotating each)
             if kernels:
@@ -202,19 +204,26 @@ class Runner(nn.Module):
                 qk = _rope(qkv[:, : qs + kvs].view(t, -1, d), cos, sin)
             q, k = qk.split((heads, kv_heads), dim=1)
             v = qkv[:, qs + kvs :].view(t, kv_heads, d)
-            a = attend(i, q, k, v)
-            h = h + self._project(i, "o", a, layer.o, layer.o_bias, lora)
-            x = norm(h, layer.post_norm, eps)
+            o = self._project(i, "o", attend(i, q, k, v), layer.o, layer.o_bias, lora)
+            if kernels:
+                x = ops.add_rms_norm(h, o, layer.post_norm, eps)  # h += o, then its norm: one pass
+            else:
+                h = h + o
+                x = norm(h, layer.post_norm, eps)
             gate_up = self._project(i, "gate_up", x, layer.gate_up, layer.gate_up_bias, lora)
             if kernels:
                 act = ops.silu_mul(gate_up)
             else:
                 gate, up = gate_up.chunk(2, dim=-1)
                 act = F.silu(gate) * up
-            h = h + self._project(i, "down", act, layer.down, layer.down_bias, lora)
+            down = self._project(i, "down", act, layer.down, layer.down_bias, lora)
+            if kernels:  # h += down, then the norm the next layer (or the final one) starts with
+                x = ops.add_rms_norm(h, down, w.norm if i == last else w.layers[i + 1].input_norm, eps)
+            else:
+                h = h + down
             if taps is not None and i + 1 in taps:  # an earlier layer a pooled text reads
-                taps[i + 1] = h
-        return norm(h, w.norm, eps)
+                taps[i + 1] = h.clone() if kernels else h  # the kernels add into h in place
+        return x if kernels else norm(h, w.norm, eps)
 
     def long_products_in_bf16(self) -> bool:
         """Run the GEMMs of long prefill chunks (WIDEN_ROWS rows and more; torch's GEMM on the widened
