@@ -136,6 +136,68 @@ def test_special_tokens_are_not_in_the_text(tiny_tok):
     assert out + detok.flush() == "hi"
 
 
+class CountingTokenizer:
+    """A tokenizer that counts the tokens and characters it decodes, whichever way it is asked."""
+
+    def __init__(self, tok):
+        self.tok, self.tokens, self.chars = tok, 0, 0
+
+    def _count(self, n: int, text: str) -> str:
+        self.tokens += n
+        self.chars += len(text)
+        return text
+
+    def decode(self, ids, **kw) -> str:
+        return self._count(len(ids), self.tok.decode(ids, **kw))
+
+    def convert_tokens_to_string(self, tokens) -> str:
+        return self._count(len(tokens), self.tok.convert_tokens_to_string(tokens))
+
+    def convert_ids_to_tokens(self, ids, **kw):
+        return self.tok.convert_ids_to_tokens(ids, **kw)
+
+
+def test_a_long_completions_per_token_work_does_not_grow(tiny_tok):
+    # 4,000 tokens of text with multi-byte characters (byte-level: up to 4 tokens a character) and a stop
+    # string's prefixes ("ST" of "STOP") held back and released: the work of each token, in tokens and
+    # characters decoded, is the same at the end as at the start (decoding the whole text at each token,
+    # as before, decodes ~2,000 at the middle and ~4,000 at the end)
+    text = ("Once upon a STATE, é€😀 ok. " * 200)[:4000]
+    ids = tiny_tok(text)["input_ids"][:4000]
+    assert len(ids) == 4000
+    counting = CountingTokenizer(tiny_tok)
+    detok = IncrementalDetokenizer(counting, ("STOP",))
+    work, out = [], []
+    for t in ids:
+        before = (counting.tokens, counting.chars)
+        out.append(detok.add(t))
+        work.append((counting.tokens - before[0], counting.chars - before[1]))
+    out.append(detok.flush())
+    assert "".join(out) == tiny_tok.decode(ids)  # the same text as decoding the whole completion
+    first, last = work[:1000], work[-1000:]
+    assert max(max(w) for w in work) <= 16  # tokens and characters decoded for one token: a few
+    assert sum(t for t, _ in last) <= sum(t for t, _ in first) * 1.1
+    assert sum(c for _, c in last) <= sum(c for _, c in first) * 1.1
+
+
+def test_a_sentencepiece_style_first_word_and_the_spaces_after_it_decode_as_the_whole_text():
+    # a Metaspace decoder drops the first token's leading space: each step decodes its window after the
+    # text already emitted (as context), so the spaces between words come out right
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["▁Hello", "▁world", "▁again", ",", "<unk>"]
+    tok = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+    ids = [0, 1, 3, 2, 1]
+    detok = IncrementalDetokenizer(fast)
+    pieces = [detok.add(t) for t in ids] + [detok.flush()]
+    assert "".join(pieces) == fast.decode(ids) == "Hello world, again world"
+    assert pieces[:3] == ["Hello", " world", ","]
+
+
 @pytest.mark.parametrize("temperature", [1e-40, 1e-30])
 def test_tiny_positive_temperature_behaves_like_greedy(temperature):
     # logits / 1e-40 overflow to inf; softmax of inf is NaN and multinomial would raise, which
