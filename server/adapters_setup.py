@@ -6,8 +6,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from hotlora.adapters.lora_layers import LoraContext, inject_multi_lora, make_lora_sites
 from hotlora.adapters.observer import AdapterObserver
 from hotlora.adapters.peft.format import AdapterLimits
@@ -16,7 +14,6 @@ from hotlora.adapters.service import AdapterService
 from hotlora.adapters.store.s3_blob_store import S3Options
 from hotlora.adapters.store.shared_stores import StoreConfig, default_replica_id, open_registry
 from hotlora.adapters.store.upload_spool import UploadBudget, UploadSpooler
-from hotlora.kernels import native
 from hotlora.server.config import ServerConfig
 from hotlora.server.engine.runner import FUSED
 from hotlora.server.model_loading import LoadedModel
@@ -39,33 +36,6 @@ class AdapterSide:
     """The PEFT module names adapters may target on this model, sorted."""
 
 
-def bank_dtype(
-    asked: str, compute: torch.dtype, stored: torch.dtype, device: torch.device, auto_bf16: bool = False
-) -> torch.dtype:
-    """The LoRA banks' dtype for --adapter-dtype `asked`: auto stores them as the base weights are stored
-    (bf16 under --weight-dtype bfloat16, read widened), and in bf16 where --dtype auto keeps a checkpoint's
-    GGUF blocks in fp32 on a bf16-capable CPU (`auto_bf16`, Runner.auto_bf16: bf16 there but for the exact
-    base; banks read half the bytes, the default model's 32-adapter decode 0.71 -> 0.80 of the base's);
-    narrower than the compute dtype only as bf16 under fp32 on a CPU whose LoRA kernel widens them as it
-    reads (elsewhere every call would convert a bank)."""
-    if asked == "auto":  # auto_bf16: fp32 compute on a CPU, where bf16 banks are read widened
-        return torch.bfloat16 if auto_bf16 and native.available() else stored
-    want = getattr(torch, asked)
-    if want == compute:
-        return want
-    if want == torch.bfloat16 and compute == torch.float32 and torch.device(device).type == "cpu":
-        if not native.available():
-            raise ValueError(
-                "--adapter-dtype bfloat16 needs hotlora's C LoRA kernel, which cannot run here: "
-                f"{native.unavailable_reason() or 'it did not build (see the warning logged)'}"
-            )
-        return want
-    raise ValueError(
-        f"--adapter-dtype {asked} under {str(compute).removeprefix('torch.')} compute on {device}: banks "
-        "narrower than the compute are bf16 under fp32 on a CPU only"
-    )
-
-
 def setup_adapters(cfg: ServerConfig, loaded: LoadedModel, observer: AdapterObserver) -> AdapterSide:
     base = loaded.base
     targets = [t for t in cfg.target_module_list if t in base.linear_shapes]
@@ -78,9 +48,7 @@ def setup_adapters(cfg: ServerConfig, loaded: LoadedModel, observer: AdapterObse
     if loaded.runner_kind == "runner":
         shapes = runner.projection_shapes()
         layout = {proj: (shapes[proj][0], FUSED[proj], shapes[proj][1]) for proj in FUSED}
-        banks = bank_dtype(
-            cfg.adapter_dtype, loaded.dtype, runner.w.stored_dtype, loaded.device, runner.auto_bf16
-        )
+        banks = loaded.precision.banks  # server/precision.py decided them with the rest
         ctx, by_key = make_lora_sites(
             layout,
             base.num_layers,
@@ -95,22 +63,14 @@ def setup_adapters(cfg: ServerConfig, loaded: LoadedModel, observer: AdapterObse
         sites = list(by_key.values())
         per_slot = sum(site.nbytes_per_slot for site in sites)
         log.info(
-            "adapter banks: %d slots x rank %d in %s, %.1f MiB a slot, %.0f MiB in all%s",
+            "adapter banks: %d slots x rank %d in %s (the precision's), %.1f MiB a slot, %.0f MiB in all",
             cfg.adapter_slots,
             cfg.max_rank,
             str(banks).removeprefix("torch."),
             per_slot / 2**20,
             per_slot * cfg.adapter_slots / 2**20,
-            " (--dtype auto on a bf16-capable CPU; --adapter-dtype float32 for exact adapters)"
-            if banks != runner.w.stored_dtype and cfg.adapter_dtype == "auto"
-            else "",
         )
     else:  # the transformers path: wrap its nn.Linear layers, banks in the model's dtype
-        if cfg.adapter_dtype not in ("auto", str(loaded.dtype).removeprefix("torch.")):
-            raise ValueError(
-                f"--adapter-dtype {cfg.adapter_dtype} needs hotlora's runner, and {loaded.name} is served "
-                "through the transformers path"
-            )
         ctx, wrapped = inject_multi_lora(runner.model, targets, cfg.adapter_slots, cfg.max_rank)
         runner.lora_ctx = ctx
         sites = list(wrapped.values())

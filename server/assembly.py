@@ -34,11 +34,6 @@ class Components:
     training: FineTuneManager
 
 
-def _fp32_only(cfg: ServerConfig) -> str | None:
-    """The setting asked for that reads fp32 only, which `--dtype auto` then honours (load_model)."""
-    return "--adapter-dtype float32" if cfg.adapter_dtype == "float32" else None
-
-
 def assemble(config: ServerConfig, observer: Observer = NO_OBSERVER) -> Components:
     """Load the model and build everything that needs it; `observer` hears the cache, the engine and jobs."""
     cfg = config
@@ -52,7 +47,7 @@ def assemble(config: ServerConfig, observer: Observer = NO_OBSERVER) -> Componen
             kv_block_size=cfg.kv_block_size,
             runner=cfg.runner,
             weight_dtype=cfg.weight_dtype,
-            fp32_for=_fp32_only(cfg),
+            adapter_dtype=cfg.adapter_dtype,
         )
         phase.note = f"{loaded.name} on {loaded.device}/{loaded.dtype}"
     if not cfg.prefix_caching:

@@ -32,9 +32,10 @@ class LoadedModel:
     name: str
     path: Path
     device: object
-    dtype: object
+    dtype: object  # the compute dtype (precision.compute)
     base: object = None  # BaseModelInfo: the base model's module layout, for adapter validation
     runner_kind: str = "runner"  # "runner" | "transformers"
+    precision: object = None  # server.precision.Precision: what everything computes and stores in
 
 
 def default_gguf_path() -> Path:
@@ -114,17 +115,6 @@ def resolve_device(device: str):
     return dev
 
 
-def resolve_dtype(dtype: str, device, model_dir=None):
-    """`model_dir`: the checkpoint hotlora's runner will serve, for `auto` to look at (runner.auto_dtype)."""
-    import torch
-
-    if dtype == "auto":
-        from hotlora.server.engine.runner import auto_dtype
-
-        return auto_dtype(device, model_dir)
-    return getattr(torch, dtype)
-
-
 def load_model(
     model_dir: str,
     cache_dir: str,
@@ -134,17 +124,18 @@ def load_model(
     kv_block_size: int = 16,
     runner: str = "auto",
     weight_dtype: str = "auto",
-    fp32_for: str | None = None,
+    adapter_dtype: str = "auto",
 ) -> LoadedModel:
-    """The runner on the model's safetensors, or the transformers path for a family it does not cover.
-    `fp32_for`: a setting that reads fp32 only (--adapter-dtype float32): `auto` is fp32
-    then, as for --weight-dtype float32."""
+    """The runner on the model's safetensors, or the transformers path for a family it does not cover, in
+    the precision the three flags resolve to on this machine for this checkpoint (server/precision.py),
+    decided here once and logged."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub at run time
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from hotlora.adapters.base_model_info import BaseModelInfo
-    from hotlora.server.engine.runner import ModelSpec, Unsupported, load_runner
+    from hotlora.server.engine.runner import ModelSpec, Unsupported, in_blocks, load_runner
+    from hotlora.server.precision import Checkpoint, machine_here, resolve_precision
 
     path = Path(model_dir) if model_dir else prepare_default_model(cache_dir)
     name = path.name if model_dir else DEFAULT_MODEL_NAME
@@ -161,17 +152,16 @@ def load_model(
             ModelSpec.from_config(config)
         except Unsupported as exc:
             why = str(exc)
-    # GGUF blocks are kept only by the runner, and only when the weights' storage is left to it
-    dt = resolve_dtype(dtype, dev, path if why is None and weight_dtype == "auto" else None)
-    fp32_for = "--weight-dtype float32" if weight_dtype == "float32" else fp32_for
-    if dtype == "auto" and fp32_for and dt != torch.float32:  # what was asked for reads fp32 only
-        log.info("--dtype auto: float32, which %s needs", fp32_for)
-        dt = torch.float32
-    stored = dt if weight_dtype == "auto" else getattr(torch, weight_dtype)
-    if stored != dt and why is not None:
-        raise ValueError(
-            f"--weight-dtype {weight_dtype} needs hotlora's runner, and {name} cannot use it: {why}"
-        )
+    machine = machine_here(dev)
+    # whether the matrices are exact GGUF blocks matters only where auto could pick bf16 for them
+    looks = why is None and dtype == "auto" and weight_dtype == "auto" and machine.fast_bf16
+    checkpoint = Checkpoint(runner=why is None, in_blocks=looks and in_blocks(path))
+    try:
+        precision = resolve_precision(dtype, weight_dtype, adapter_dtype, machine, checkpoint)
+    except ValueError as exc:
+        raise ValueError(f"{exc} ({name}: {why})" if why else str(exc)) from None
+    log.info("precision: %s", precision.describe())
+    dt = precision.compute
     if why is None:
         model = load_runner(
             path,
@@ -180,9 +170,9 @@ def load_model(
             dev,
             kv_cache_bytes,
             kv_block_size,
-            weight_dtype=stored,
-            pack_exact_blocks=weight_dtype == "auto",
-            auto_dtype=dtype == "auto",
+            weight_dtype=precision.weights,
+            pack_exact_blocks=precision.keep_blocks,
+            long_products_bf16=precision.long_products_bf16,
         )
         kind = "runner"
     else:
@@ -203,4 +193,5 @@ def load_model(
         dtype=dt,
         base=base,
         runner_kind=kind,
+        precision=precision,
     )

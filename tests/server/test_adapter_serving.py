@@ -188,9 +188,9 @@ def test_auto_on_a_bf16_cpu_keeps_gguf_blocks_exact_and_serves_adapters_from_bf1
     # --dtype auto on a CPU with avx512_bf16 keeps a GGUF checkpoint's blocks in fp32 (exact) and stores the
     # adapters' banks in bf16, as under bf16 compute: short prompts (no bf16 products) give PEFT's tokens on
     # that very checkpoint with A and B rounded to bf16; --dtype float32 keeps fp32 banks
-    from hotlora.server.engine.runner import loader
+    from hotlora.server import precision
 
-    monkeypatch.setattr(loader, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
     path = tmp_path / "gguf"
     _gguf_tiny_llama().save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)

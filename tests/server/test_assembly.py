@@ -86,33 +86,12 @@ def test_a_bad_target_module_list_fails_before_an_engine_exists(tiny_model_dir, 
     assert _engine_threads() - before == set()
 
 
-def test_adapter_banks_narrower_than_the_compute_are_bf16_under_fp32_on_a_cpu_only():
-    from hotlora.kernels import native
-    from hotlora.server.adapters_setup import bank_dtype
-
-    f32, bf16, cpu = torch.float32, torch.bfloat16, torch.device("cpu")
-    assert bank_dtype("auto", f32, bf16, cpu) == bf16  # as the weights are stored (--weight-dtype bfloat16)
-    assert bank_dtype("auto", f32, f32, cpu) == f32
-    assert bank_dtype("float32", f32, bf16, cpu) == f32  # exact adapters on bf16-stored base weights
-    assert bank_dtype("bfloat16", bf16, bf16, torch.device("cuda")) == bf16  # the compute dtype itself
-    if native.available():
-        assert bank_dtype("bfloat16", f32, f32, cpu) == bf16
-        # --dtype auto keeping GGUF blocks in fp32 on a bf16-capable CPU: bf16 banks unless asked otherwise
-        assert bank_dtype("auto", f32, f32, cpu, auto_bf16=True) == bf16
-        assert bank_dtype("float32", f32, f32, cpu, auto_bf16=True) == f32
-    assert bank_dtype("auto", bf16, bf16, torch.device("cuda"), auto_bf16=True) == bf16
-    with pytest.raises(ValueError, match="bf16 under fp32 on a CPU only"):
-        bank_dtype("bfloat16", f32, f32, torch.device("cuda"))
-    with pytest.raises(ValueError, match="--adapter-dtype float32 under bfloat16 compute"):
-        bank_dtype("float32", bf16, bf16, cpu)
-
-
 def test_auto_computes_in_fp32_where_a_setting_reads_fp32_only(tiny_model_dir, tmp_path, monkeypatch):
     # on a CPU with avx512_bf16 auto is bf16 for the tiny (plain fp32) model; --adapter-dtype float32 asks
     # for exact fp32 banks, which bf16 compute cannot take: auto is fp32 then, and the server starts
-    from hotlora.server.engine.runner import loader
+    from hotlora.server import precision
 
-    monkeypatch.setattr(loader, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
     cfg = dataclasses.replace(_config(tiny_model_dir, tmp_path), dtype="auto", adapter_dtype="float32")
     c = assemble(cfg)
     try:

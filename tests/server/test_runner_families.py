@@ -235,17 +235,17 @@ def test_the_bf16_tolerance_catches_a_broken_runner(tiny_llama, tiny_tok):
 def test_auto_dtype_keeps_a_gguf_checkpoint_in_fp32_blocks_on_a_bf16_cpu(tmp_path, monkeypatch):
     # on a CPU with avx512_bf16 `auto` computes in bf16, except for a checkpoint whose weights are exact
     # GGUF blocks: fp32 there reads fewer bytes (the blocks) and rounds nothing
-    from hotlora.server.engine.runner import loader
+    from hotlora.server import precision
+    from hotlora.server.engine.runner import in_blocks
     from hotlora.server.engine.runner import model as model_module
 
-    monkeypatch.setattr(loader, "cpu_has_fast_bf16", lambda: True)
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: True)
     _, gguf = _model_dir(tmp_path / "gguf", _llama3_rope(), gguf=True)
     _, plain = _model_dir(tmp_path / "plain", _llama3_rope())
-    cpu = torch.device("cpu")
-    assert loader.auto_dtype(cpu, gguf) == torch.float32
-    assert loader.auto_dtype(cpu, plain) == torch.bfloat16 and loader.auto_dtype(cpu) == torch.bfloat16
+    assert in_blocks(gguf) and not in_blocks(plain)  # what auto reads of the checkpoint
     loaded = load_model(str(gguf), str(tmp_path / "cache"), device="cpu")
     assert loaded.dtype == torch.float32 and loaded.model.w.packed_matrices[0] > 0
+    assert loaded.precision.long_products_bf16 and "exact GGUF blocks" in loaded.precision.why
     assert loaded.model.linear is model_module._by_storage_long_in_bf16  # long prefill products in bf16
     asked = load_model(str(gguf), str(tmp_path / "cache"), device="cpu", dtype="float32")
     assert asked.model.linear is model_module._by_storage  # --dtype float32: every product in fp32
@@ -254,12 +254,12 @@ def test_auto_dtype_keeps_a_gguf_checkpoint_in_fp32_blocks_on_a_bf16_cpu(tmp_pat
     kept = load_model(str(plain), str(tmp_path / "cache"), device="cpu", weight_dtype="float32")
     assert kept.dtype == kept.model.w.stored_dtype == torch.float32
     # and so for a setting that reads fp32 only (--adapter-dtype float32)
-    asked = load_model(str(plain), str(tmp_path / "cache"), device="cpu", fp32_for="--adapter-dtype float32")
-    assert asked.dtype == torch.float32
-    blocks = load_model(str(gguf), str(tmp_path / "cache"), device="cpu", fp32_for="--adapter-dtype float32")
+    asked = load_model(str(plain), str(tmp_path / "cache"), device="cpu", adapter_dtype="float32")
+    assert asked.dtype == torch.float32 and asked.precision.banks == torch.float32
+    blocks = load_model(str(gguf), str(tmp_path / "cache"), device="cpu", adapter_dtype="float32")
     assert blocks.model.linear is model_module._by_storage_long_in_bf16  # already fp32: auto's own choices
-    monkeypatch.setattr(loader, "cpu_has_fast_bf16", lambda: False)
-    assert loader.auto_dtype(cpu, plain) == torch.float32
+    monkeypatch.setattr(precision, "cpu_has_fast_bf16", lambda: False)
+    assert load_model(str(plain), str(tmp_path / "cache"), device="cpu").dtype == torch.float32
 
 
 @pytest.mark.skipif(block_weights.unavailable_reason() is not None, reason="no block-weight kernel here")

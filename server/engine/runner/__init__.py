@@ -2,7 +2,7 @@
 
 from .attention import AttentionMetadata, PrefillSpan
 from .kv_cache import BlockManager, KVCacheConfig, KVPool, SequenceKV
-from .loader import auto_dtype, cpu_has_fast_bf16, load_runner, runner_from_model
+from .loader import in_blocks, load_runner, runner_from_model
 from .model import FUSED, Runner, StepInput
 from .spec import ModelSpec, Unsupported
 
@@ -18,8 +18,7 @@ __all__ = [
     "SequenceKV",
     "StepInput",
     "Unsupported",
-    "auto_dtype",
-    "cpu_has_fast_bf16",
+    "in_blocks",
     "load_runner",
     "runner_from_model",
 ]

@@ -9,7 +9,7 @@ import torch
 
 from hotlora.kernels import bf16_weights, block_weights
 from hotlora.kernels.narrow_linear import WIDEN_ROWS
-from hotlora.kernels.native import available, cpu_flags
+from hotlora.kernels.native import available
 
 from .kv_cache import KVCacheConfig, KVPool
 from .model import Runner
@@ -19,36 +19,10 @@ from .weights import build_weights, module_getter, safetensors_getter
 log = logging.getLogger("hotlora.runner")
 
 
-def cpu_has_fast_bf16() -> bool:
-    """avx512_bf16 or AMX: oneDNN's bf16 GEMMs beat fp32 there. Without them it emulates bf16 and is
-    several times slower than fp32 (measured on an avx512 Xeon without avx512_bf16: 5-7x at 512 rows)."""
-    flags = cpu_flags() or ()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def auto_dtype(device: torch.device, model_dir: str | Path | None = None) -> torch.dtype:
-    """bf16 where the hardware computes it fast (CUDA; CPUs with avx512_bf16 or AMX), fp32 elsewhere -- and
-    fp32 on a CPU for a checkpoint in `model_dir` whose weights are exact GGUF blocks (`in_blocks`): the
-    block kernel reads 0.19-0.28 of fp32's bytes and multiplies the checkpoint's very numbers, where bf16
-    would read 0.5 and round them (the default model on an avx512_bf16 CPU: decode 3.2x faster at one
-    stream, 1.1x at 32 base and 1.5x at 32 mixed ones; benchmarks/RESULTS.md)."""
-    if device.type == "cuda":
-        return torch.bfloat16
-    if device.type == "cpu" and cpu_has_fast_bf16():
-        if model_dir is not None and in_blocks(model_dir):
-            log.info(
-                "--dtype auto: float32 on this bf16-capable CPU, the checkpoint's weights being exact GGUF "
-                "blocks (the block kernel reads fewer bytes than bf16 weights and rounds nothing; "
-                "--dtype bfloat16 to compute in bf16)"
-            )
-            return torch.float32
-        return torch.bfloat16
-    return torch.float32
-
-
 def in_blocks(model_dir: str | Path) -> bool:
     """Whether the checkpoint's first projection (layer 0's q_proj, fp32) holds exactly GGUF block values
-    -- a checkpoint dequantized from a GGUF file -- and the block kernel runs here."""
+    -- a checkpoint dequantized from a GGUF file -- and the block kernel runs here (what --dtype auto reads,
+    server/precision.py)."""
     try:
         w = safetensors_getter(model_dir)("model.layers.0.self_attn.q_proj.weight")
     except (OSError, ValueError, KeyError):
@@ -67,24 +41,24 @@ def load_runner(
     block_size: int = 16,
     weight_dtype: torch.dtype | None = None,
     pack_exact_blocks: bool = False,
-    auto_dtype: bool = False,
+    long_products_bf16: bool = False,
 ) -> Runner:
     """`config`: the directory's transformers config (raises runner.spec.Unsupported for other families).
-    `weight_dtype`: how the projection and embedding weights are stored, when not in `dtype` (see
-    `_checked_storage`). `pack_exact_blocks`: keep the fp32 matrices that hold exactly GGUF block
-    values as those blocks (`_packs`, `build_weights`). `auto_dtype`: `dtype` is what --dtype auto chose;
-    fp32 there on a bf16-capable CPU (for the blocks' sake) still multiplies long prefill chunks in bf16."""
+    The rest is the server's `Precision` (server/precision.py, which checked it): `dtype` the compute,
+    `weight_dtype` how the projection and embedding weights are stored when not in `dtype` (bf16 under
+    fp32), `pack_exact_blocks` keep the fp32 matrices that hold exactly GGUF block values as those blocks
+    (`build_weights`), `long_products_bf16` multiply long prefill chunks in bf16
+    (Runner.long_products_in_bf16)."""
     spec = ModelSpec.from_config(config)
-    stored = _checked_storage(dtype, weight_dtype or dtype, device)
-    pack = _packs(pack_exact_blocks, dtype, stored, device)
-    weights = build_weights(spec, safetensors_getter(model_dir), dtype, device, stored, pack)
+    weights = build_weights(
+        spec, safetensors_getter(model_dir), dtype, device, weight_dtype or dtype, pack_exact_blocks
+    )
     if weights.into_huge_pages():
         log.info("weights: %.0f MiB in memory advised for 2 MiB pages", weights.nbytes / 2**20)
     runner = _assemble(spec, weights, config, dtype, device, kv_bytes, block_size)
     runner.generation_config = _generation_config(model_dir)
-    fast_bf16 = torch.device(device).type == "cpu" and dtype == torch.float32 and cpu_has_fast_bf16()
-    if auto_dtype and fast_bf16 and runner.long_products_in_bf16():
-        log.info("--dtype auto: prefill chunks of %d rows and more multiply in bf16", WIDEN_ROWS)
+    if long_products_bf16 and runner.long_products_in_bf16():
+        log.info("prefill chunks of %d rows and more multiply in bf16", WIDEN_ROWS)
     return runner
 
 
@@ -97,7 +71,8 @@ def runner_from_model(
     weight_dtype: torch.dtype | None = None,
     pack_exact_blocks: bool = False,
 ) -> Runner:
-    """A runner on a transformers model's weights (fused copies; the model itself is left as it is)."""
+    """A runner on a transformers model's weights (fused copies; the model itself is left as it is), in the
+    dtypes given (tests: the storage checked here, as server/precision.py checks the server's)."""
     spec = ModelSpec.from_config(model.config)
     param = next(model.parameters())
     dtype = dtype or param.dtype

@@ -102,8 +102,7 @@ class Runner(nn.Module):
         for i, t in enumerate(weights.tensors()):
             self.register_parameter(f"w{i}", nn.Parameter(t, requires_grad=False))
         self._lm_head = _LmHead(weights.lm_head, self.linear)
-        # --dtype auto's fp32 blocks on a bf16-capable CPU, with bf16 where it is faster
-        # (long_products_in_bf16; the adapter banks read it too: server/adapters_setup.bank_dtype)
+        # long prefill chunks' products and attention in bf16 (long_products_in_bf16)
         self.auto_bf16 = False
 
     # ---- the serving forward ----------------------------------------------------------------------------
@@ -229,8 +228,9 @@ class Runner(nn.Module):
         """Run the GEMMs of long prefill chunks (WIDEN_ROWS rows and more; torch's GEMM on the widened
         matrix) and those chunks' attention (where its C kernel has bf16) in bf16 arithmetic, decode and
         short chunks staying in fp32 on the blocks: --dtype auto on a CPU with avx512_bf16 or AMX serving a
-        checkpoint of GGUF blocks in fp32 (runner.auto_dtype), whose 512-token prefill is otherwise bound by
-        fp32 arithmetic. Returns whether it applies (fp32 weights kept as blocks)."""
+        checkpoint of GGUF blocks in fp32 (server/precision.py's `long_products_bf16`), whose 512-token
+        prefill is otherwise bound by fp32 arithmetic. Returns whether it applies (fp32 weights kept as
+        blocks)."""
         if self.linear is not _by_storage:
             return False
         self.linear = self._lm_head._linear = _by_storage_long_in_bf16
