@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -276,8 +277,8 @@ def _error_line(exc: grpc.RpcError) -> str:
 
 def _server_cli(name: str):
     """`hotlora.server.cli.<name>`, or None where only the client is installed."""
-    try:
-        import hotlora.server.cli as server_cli
+    try:  # import_module reads sys.modules (what is installed), not an attribute of the parent package
+        server_cli = importlib.import_module("hotlora.server.cli")
     except ImportError:
         return None
     return getattr(server_cli, name, None)

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random Llama models built from a config in code (milliseconds)."""
 
+import logging
 import os
 
 # Triton kernels run under the interpreter on a machine without a GPU. The variable must be set before
@@ -12,6 +13,17 @@ import pytest
 import torch
 
 from tests.tiny import build_tiny_llama, save_tiny_model_dir, tiny_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """A test that runs `serve` in-process installs a handler on the captured stderr of that test; left
+    there, every later log line fails ("--- Logging error ---") into another test's stderr."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 def pytest_collection_modifyitems(config, items):

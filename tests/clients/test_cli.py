@@ -230,17 +230,18 @@ def test_version_and_help(capsys):
 
 
 def test_server_commands_are_registered_when_available(monkeypatch, capsys):
-    import hotlora.server  # noqa: F401  (the parent package must exist for the fake submodule)
+    # the real module imported first, as the whole suite has by now: the fake below must still be the one used
+    import hotlora.server.cli  # noqa: F401
 
     def register_commands(subparsers):
         p = subparsers.add_parser("serve", help="Run the server.")
-        p.add_argument("--port", type=int, default=50051)
-        p.set_defaults(func=lambda args: 7 if args.port == 1234 else 0)
+        p.add_argument("--fake-only", action="store_true")  # the real serve refuses it (exit 2), never serves
+        p.set_defaults(func=lambda args: 7 if args.fake_only else 0)
 
     monkeypatch.setitem(
         sys.modules, "hotlora.server.cli", types.SimpleNamespace(register_commands=register_commands)
     )
-    assert main(["serve", "--port", "1234"]) == 7
+    assert main(["serve", "--fake-only"]) == 7
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "serve" in capsys.readouterr().out
