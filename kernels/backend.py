@@ -1,9 +1,12 @@
 """The interface the multi-LoRA layers call, with a reference, a CPU and a Triton implementation.
 
 Once per forward pass the caller asks the backend for its plan, ``plan = backend.plan(token_slots,
-slot_ranks)`` (or ``backend.graph_plan(...)`` for a decode step captured as a CUDA graph); then every wrapped
-linear calls ``backend.add_lora(y2d, x2d, bank.a, bank.b, bank.scales, plan)``. Each backend plans only what
-it reads (as vLLM's ``LoRAKernelMeta``), and the layers never call a kernel directly. :func:`get_backend`
+slot_ranks)`` (or ``backend.graph_plan(...)`` for a decode step captured as a CUDA graph); then every site
+applies it: the runner's fused projections through the site bound once to their banks
+(``site = backend.bind_packed(a, bs, scales, offsets)``, then ``site(y2d, x2d, plan)`` a step), the wrapped
+nn.Linear layers of the transformers path through ``backend.add_lora(y2d, x2d, bank.a, bank.b, bank.scales,
+plan)``. Each backend plans only what it reads (as vLLM's ``LoRAKernelMeta``; the CPU's plan also carries
+the step's route, decided there once), and the layers never call a kernel directly. :func:`get_backend`
 picks the implementation for a device: Triton on CUDA when triton imports, the CPU path otherwise.
 """
 
