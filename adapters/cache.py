@@ -258,6 +258,16 @@ class AdapterCache:
             e = self._entries.get(key)
             return None if e is None else e.state
 
+    def placements(self) -> list[tuple[Key, str, bool, int]]:
+        """(key, tier, pinned, recency) of every version held in memory: tier "device" (in a slot, its host
+        copy aside) or "host"; a larger recency was used more recently."""
+        with self._lock:
+            return [
+                (e.key, "device" if e.slot is not None else "host", e.pinned, max(e.device_used, e.host_used))
+                for e in self._entries.values()
+                if e.slot is not None or e.weights is not None
+            ]
+
     def counts(self) -> dict[str, int]:
         with self._lock:
             entries = self._entries.values()

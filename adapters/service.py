@@ -10,7 +10,7 @@ from hotlora.adapters.base_model_info import BaseModelInfo
 from hotlora.adapters.cache import AdapterCache
 from hotlora.adapters.errors import FailedPrecondition, NotFound
 from hotlora.adapters.head_features import HEAD_FILE, HeadFeatures
-from hotlora.adapters.names import validate_name
+from hotlora.adapters.names import format_ref, validate_name
 from hotlora.adapters.observer import NO_OBSERVER, AdapterObserver
 from hotlora.adapters.peft.export_readme import README_FILE, export_readme
 from hotlora.adapters.peft.files import CONFIG_FILE
@@ -53,6 +53,8 @@ class AdapterView:
     state: str  # STORED | HOST | DEVICE
     pinned: bool
     waiting: int
+    device: str = ""  # DEVICE: the compute device whose slot holds it ("cpu", "cuda:0"); else ""
+    replica: str = ""  # the replica whose cache the state describes
 
 
 def peft_only(files: dict[str, bytes]) -> dict[str, bytes]:
@@ -87,6 +89,7 @@ class AdapterService:
         self.quota = TenantQuota(max_per_tenant, max_tenant_bytes)
         self.uploads = uploads
         self.max_pins_per_tenant = max_pins_per_tenant
+        self.device = str(slots.device)
         self.cache = AdapterCache(
             slots.num_slots,
             host_bytes,
@@ -121,8 +124,19 @@ class AdapterService:
         return self.registry.load_weights(rec, self.base, self.limits)
 
     def _view(self, rec: AdapterRecord) -> AdapterView:
-        state, pinned, waiting = self.cache.state(_key(rec))
-        return AdapterView(rec, state, pinned, waiting)
+        return self._shown(rec, *self.cache.state(_key(rec)))
+
+    def _shown(self, rec: AdapterRecord, state: str, pinned: bool, waiting: int) -> AdapterView:
+        device = self.device if state == "DEVICE" else ""
+        return AdapterView(rec, state, pinned, waiting, device, self.replica_id)
+
+    def placements(self) -> list[tuple[str, str, str, bool, int]]:
+        """(tenant, name@N, tier, pinned, recency) of every version held in memory (tier: device | host),
+        for the per-adapter routing gauge."""
+        return [
+            (tenant, format_ref(name, version), tier, pinned, recency)
+            for (tenant, name, version), tier, pinned, recency in self.cache.placements()
+        ]
 
     # ---- rpcs ---------------------------------------------------------------------
     def upload(
@@ -171,7 +185,7 @@ class AdapterService:
         state, pinned, waiting = self.cache.request_load(
             _key(rec), rec, pin=pin, timeout=timeout, max_owner_pins=self.max_pins_per_tenant
         )
-        return AdapterView(rec, state, pinned, waiting)
+        return self._shown(rec, state, pinned, waiting)
 
     def unload(self, tenant: str, ref: str) -> AdapterView:
         rec = self.registry.resolve(tenant, ref)

@@ -88,6 +88,8 @@ class HotloraServer:
             self.metrics = Metrics(
                 expose_adapter_names=config.expose_adapter_names,
                 vllm_compatible=config.vllm_compatible_metrics,
+                adapter_metrics=config.adapter_metrics,
+                adapter_metrics_cap=config.adapter_metrics_cap,
             )
             self.state.metrics = self.metrics
         self.observer: Observer = self.metrics if self.metrics is not None else NO_OBSERVER

@@ -274,6 +274,17 @@ class ServerConfig:
     expose_adapter_names: bool = flag(
         False, "list running/waiting adapter names (tenant/name@N, top 16) in hotlora_lora_requests_info"
     )
+    adapter_metrics: bool = flag(
+        False,
+        "per-adapter series on /metrics: which versions are loaded where (device/host, pinned), requests, "
+        "tokens and latency per adapter; they carry tenants' adapter names, so keep the metrics port private "
+        "(implies --expose-adapter-names)",
+    )
+    adapter_metrics_cap: int = flag(
+        1000,
+        "most adapters with series of their own under --adapter-metrics; the rest count as (other)",
+        ge=1,
+    )
     log_level: LogLevel = flag("info", "debug | info | warning | error")
     log_format: Literal["text", "json"] = flag("text", "text | json")
 

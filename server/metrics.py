@@ -21,11 +21,11 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
     generate_latest,
-    start_http_server,
 )
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 
+from hotlora.server.adapter_metrics import AdapterMetrics, Placement
 from hotlora.server.metrics_buckets import (
     BATCH_BUCKETS,
     CACHE_TIERS,
@@ -57,11 +57,20 @@ log = logging.getLogger("hotlora.metrics")
 class Metrics:
     """Satisfies `hotlora.adapters.observer.Observer`, plus `upload_finished` for the adapters door."""
 
-    def __init__(self, expose_adapter_names: bool = False, vllm_compatible: bool = False):
+    def __init__(
+        self,
+        expose_adapter_names: bool = False,
+        vllm_compatible: bool = False,
+        adapter_metrics: bool = False,
+        adapter_metrics_cap: int = 1000,
+    ):
         """expose_adapter_names: list running/waiting adapter names (tenant/name@N, top 16) in
         hotlora_lora_requests_info; off by default because they are tenants' names.
-        vllm_compatible: also export vLLM's names of the gauges LoRA-aware routers read."""
-        self.expose_adapter_names = expose_adapter_names
+        vllm_compatible: also export vLLM's names of the gauges LoRA-aware routers read.
+        adapter_metrics: per-adapter series (server/adapter_metrics.py), at most `adapter_metrics_cap`
+        adapters; they name tenants' adapters, so they also turn on expose_adapter_names."""
+        self.expose_adapter_names = expose_adapter_names or adapter_metrics
+        self.per_adapter = AdapterMetrics(adapter_metrics, adapter_metrics_cap)
         self.vllm_compatible = vllm_compatible
         # `*_created` series double the exposition and no dashboard uses them (process-wide switch)
         disable_created_metrics()
@@ -236,6 +245,8 @@ class Metrics:
         PlatformCollector(registry=r)
         GCCollector(registry=r)
         r.register(StateCollector(self))
+        if not adapter_metrics:  # the per-adapter families, listed without samples (dashboards find them)
+            r.register(self.per_adapter.empty_families())
         self.vllm_registry = CollectorRegistry()
         if vllm_compatible:
             self.vllm_registry.register(VllmCollector(self))
@@ -278,6 +289,12 @@ class Metrics:
                 self.itl.observe(max(0.0, req.finished_at - req.first_token_at) / (n_out - 1))
         if req.finished_at is not None:
             self.e2e.observe(max(0.0, req.finished_at - req.created_at))
+        if req.adapter is not None and self.per_adapter.enabled:
+            ttft = None if req.first_token_at is None else max(0.0, req.first_token_at - req.created_at)
+            e2e = None if req.finished_at is None else max(0.0, req.finished_at - req.created_at)
+            self.per_adapter.request_finished(
+                req.tenant, req.adapter.ref, len(req.prompt_ids), n_out, ttft, e2e
+            )
 
     def forward_finished(self, kind: str, rows: int, tokens: int, seconds: float) -> None:
         kind = kind if kind in FORWARD_KINDS else "other"
@@ -333,14 +350,53 @@ class Metrics:
 
     # ---- HTTP ------------------------------------------------------------------------------
     def start_http(self, host: str, port: int) -> int:
+        """Serve `exposition()` on every GET path, as prometheus-client's server does (text format only: the
+        per-adapter families are rendered as text, not through its registry)."""
+        from prometheus_client.exposition import start_http_server
+
         self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        if self.per_adapter.enabled:
+            self._server.set_app(self._wsgi_app)
         return self._server.server_port
+
+    def _wsgi_app(self, environ, start_response):
+        import gzip
+
+        from prometheus_client import CONTENT_TYPE_LATEST
+        from prometheus_client.exposition import gzip_accepted
+
+        if environ["REQUEST_METHOD"] not in ("GET", "OPTIONS"):
+            start_response("405 Method Not Allowed", [("Allow", "OPTIONS,GET")])
+            return [b"# use OPTIONS or GET\n"]
+        if environ["REQUEST_METHOD"] == "OPTIONS" or environ.get("PATH_INFO") == "/favicon.ico":
+            start_response("200 OK", [("Allow", "OPTIONS,GET")])
+            return [b""]
+        body = self.exposition()
+        headers = [("Content-Type", CONTENT_TYPE_LATEST)]
+        if gzip_accepted(environ.get("HTTP_ACCEPT_ENCODING", "")):
+            body = gzip.compress(body)
+            headers.append(("Content-Encoding", "gzip"))
+        start_response("200 OK", headers)
+        return [body]
 
     def exposition(self, vllm: bool = False) -> bytes:
         """The text exposition of every metric; with `vllm`, vLLM's gauge names too (the HTTP door's
         /metrics, where llm-d looks for them)."""
         text = generate_latest(self.registry)
+        if self.per_adapter.enabled:
+            text += self.per_adapter.render(self._placements()).encode()
         return text + generate_latest(self.vllm_registry) if vllm else text
+
+    def _placements(self) -> list[Placement]:
+        """Where each adapter version is held (read only with --adapter-metrics)."""
+        state = self.state
+        if not self.per_adapter.enabled or state is None or state.adapters is None:
+            return []
+        try:
+            return [Placement(*p) for p in state.adapters.placements()]
+        except Exception:
+            log.debug("reading adapter placements failed", exc_info=True)
+            return []
 
     def stop_http(self) -> None:
         if self._server is not None:

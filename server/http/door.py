@@ -197,7 +197,7 @@ class HttpDoor:
                 for v in views:
                     rec = v.record
                     latest[rec.name] = max(latest.get(rec.name, 0), rec.version)
-                    data.append(model_card(rec.ref, int(rec.created_at.timestamp()), base))
+                    data.append(model_card(rec.ref, int(rec.created_at.timestamp()), base, v))
                 data += [model_card(name, created, base) for name in sorted(latest)]
             return {"object": "list", "data": data}
         finally:

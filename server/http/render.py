@@ -166,9 +166,10 @@ class Renderer:
         }
 
 
-def model_card(model_id: str, created: int, parent: str | None) -> dict:
-    """One entry of GET /v1/models; adapters name the base model as their parent."""
-    return {
+def model_card(model_id: str, created: int, parent: str | None, view=None) -> dict:
+    """One entry of GET /v1/models; adapters name the base model as their parent. An adapter version's
+    (`view`, an AdapterView) says where this replica holds it (hotlora's extension, docs/http.md)."""
+    card = {
         "id": model_id,
         "object": "model",
         "created": created,
@@ -176,3 +177,11 @@ def model_card(model_id: str, created: int, parent: str | None) -> dict:
         "root": model_id if parent is None else parent,
         "parent": parent,
     }
+    if view is not None:
+        card["placement"] = {
+            "state": view.state.lower(),  # device | host | stored
+            "pinned": view.pinned,
+            "device": view.device or None,
+            "replica": view.replica,
+        }
+    return card

@@ -121,6 +121,8 @@ def adapter_pb(view, summary=None, head_features=None):
         validation=None if summary is None else adapters_pb2.AdapterValidation(**asdict(summary)),
         head_features=head_features_pb(head_features),
         export_loader="" if head_features is None else head_features.export_loader,
+        device=view.device,
+        replica=view.replica,
     )
 
 
