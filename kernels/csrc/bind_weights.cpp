@@ -5,26 +5,29 @@
 
 namespace hotlora {
 
-// bytes a block of 32 weights takes in a row of format `fmt` (HOTLORA_Q4_1, ... in kernels.h; the ids of
-// kernels/block_weights.py's FORMATS): its q, then its fp32 d (and m)
-static int64_t block_bytes(int64_t fmt) {
-  switch (fmt) {
-    case HOTLORA_Q4_1: return 24;
-    case HOTLORA_Q8_0: return 36;
-  }
-  throw py::value_error(c10::str("fmt ", fmt, " is not a block format (", HOTLORA_Q4_1, ": Q4_1, ", HOTLORA_Q8_0,
-                                 ": Q8_0)"));
+// The formats' names, for messages (HOTLORA_Q4_1, ... in kernels.h; kernels/gguf_blocks.py's Format)
+static const char* const FORMAT_NAMES[HOTLORA_BLOCK_FORMATS] = {"Q4_1", "Q8_0", "Q4_0", "Q4_K",
+                                                                "Q6_K", "F16",  "BF16"};
+
+static void check_format(int64_t fmt) {
+  HOTLORA_CHECK(fmt >= 0 && fmt < HOTLORA_BLOCK_FORMATS, "fmt ", fmt, " is not a block format (0-",
+                HOTLORA_BLOCK_FORMATS - 1, ": Q4_1, Q8_0, Q4_0, Q4_K, Q6_K, F16, BF16)");
 }
 
-// K of a packed matrix [N, K / 32 * block bytes] (one byte type, contiguous)
+// K of a packed matrix [N, row bytes of K weights] (one byte type, contiguous): a row's bytes are linear in
+// K (kernels/gguf_blocks.py's table), so K = bytes * 256 / (bytes of 256 weights), then checked exactly
 static int64_t checked_in_features(const at::Tensor& packed, int64_t fmt) {
+  check_format(fmt);
   HOTLORA_CHECK(packed.device().is_cpu() && packed.dim() == 2 && packed.element_size() == 1,
                 "packed must be a 2-D CPU tensor of bytes (uint8/int8), got ", packed.dim(), "-D ",
                 packed.scalar_type(), " on ", packed.device());
   CHECK_CONTIGUOUS(packed);
-  HOTLORA_CHECK(packed.size(1) % block_bytes(fmt) == 0, "packed rows of ", packed.size(1),
-                " bytes are not whole blocks of ", block_bytes(fmt));
-  return packed.size(1) / block_bytes(fmt) * 32;
+  int64_t per_256 = hotlora_block_row_bytes(static_cast<int>(fmt), 256);
+  int64_t k = packed.size(1) * 256 / per_256;
+  HOTLORA_CHECK(k > 0 && hotlora_block_row_bytes(static_cast<int>(fmt), k) == packed.size(1), "packed rows of ",
+                packed.size(1), " bytes are not whole ", FORMAT_NAMES[fmt], " rows (", per_256,
+                " bytes per 256 weights)");
+  return k;
 }
 
 // x [..., K] as contiguous rows [M, K]: the runner's rows as they are (no reshape, ~1 us each)
@@ -110,11 +113,13 @@ static at::Tensor widen_blocks(const at::Tensor& packed, int64_t fmt, const std:
   } else {
     out = at::empty({n, k}, at::TensorOptions().dtype(at::kFloat));
   }
+  int status;
   {
     py::gil_scoped_release unlocked;
-    hotlora_widen_blocks(ptr<uint8_t>(packed), static_cast<int>(fmt), k, ptr_or_null<int64_t>(rows), n,
-                         ptr<float>(*out), threads_for(n * k));
+    status = hotlora_widen_blocks(ptr<uint8_t>(packed), static_cast<int>(fmt), k, ptr_or_null<int64_t>(rows), n,
+                                  ptr<float>(*out), threads_for(n * k));
   }
+  check_status(status, "widen_blocks");
   return *out;
 }
 
@@ -128,12 +133,33 @@ static at::Tensor widen_blocks_bf16(const at::Tensor& packed, int64_t fmt, std::
   } else {
     out = at::empty({n, k}, at::TensorOptions().dtype(at::kBFloat16));
   }
+  int status;
   {
     py::gil_scoped_release unlocked;
-    hotlora_widen_blocks_bf16(ptr<uint8_t>(packed), static_cast<int>(fmt), k, n, ptr<uint16_t>(*out),
-                              threads_for(n * k));
+    status = hotlora_widen_blocks_bf16(ptr<uint8_t>(packed), static_cast<int>(fmt), k, n, ptr<uint16_t>(*out),
+                                       threads_for(n * k));
   }
+  check_status(status, "widen_blocks_bf16");
   return *out;
+}
+
+// out [N, K / 256 * block bytes] = x [N, K] (fp32, K a multiple of 256) in GGUF's Q4_K (144 bytes a block)
+// or Q6_K (210) blocks, as llama.cpp's reference quantizer makes them (quantize_k.c)
+static at::Tensor quantize_k(const at::Tensor& x, int64_t fmt) {
+  CHECK_TENSOR(x, at::kFloat, 2);
+  CHECK_CONTIGUOUS(x);
+  HOTLORA_CHECK(fmt == HOTLORA_Q4_K || fmt == HOTLORA_Q6_K, "fmt must be Q4_K (", HOTLORA_Q4_K, ") or Q6_K (",
+                HOTLORA_Q6_K, "), got ", fmt);
+  int64_t n = x.size(0), k = x.size(1);
+  HOTLORA_CHECK(k % 256 == 0, "x's rows must hold a multiple of 256 values, got shape ", x.sizes());
+  at::Tensor out = at::empty({n, k / 256 * (fmt == HOTLORA_Q4_K ? 144 : 210)}, x.options().dtype(at::kByte));
+  {
+    py::gil_scoped_release unlocked;
+    int threads = threads_for(n * k * 64);  // ~20 passes over each value: heavy per element
+    if (fmt == HOTLORA_Q4_K) hotlora_quantize_q4_k(ptr<float>(x), n, k, ptr<uint8_t>(out), threads);
+    else hotlora_quantize_q6_k(ptr<float>(x), n, k, ptr<uint8_t>(out), threads);
+  }
+  return out;
 }
 
 // For tests of rows_ahead.h: the addresses of the lines a weight kernel's tiles ask for, and how many
@@ -153,6 +179,7 @@ void bind_weights(py::module_& m) {
         py::arg("out").none(true) = py::none());
   m.def("widen_blocks_bf16", &widen_blocks_bf16, py::arg("packed"), py::arg("fmt"),
         py::arg("out").none(true) = py::none());
+  m.def("quantize_k", &quantize_k, py::arg("x"), py::arg("fmt"));
   m.def("ahead_lines", &ahead_lines, py::arg("banks"), py::arg("slots"), py::arg("tiles"), py::arg("steps"),
         py::arg("cap"));
 }

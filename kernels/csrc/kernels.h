@@ -29,14 +29,31 @@ typedef struct {  // one step's slots, in the order the update reads them (share
 int hotlora_linear_bf16w(const float* x, int64_t M, int64_t K, const uint16_t* W, int64_t N, float* y,
                          const float* bias, int threads, const BankRegions* banks, const SlotsAhead* slots);
 
-enum { HOTLORA_Q4_1 = 0, HOTLORA_Q8_0 = 1 };  // block formats of block_weights.c (32 weights a block)
+// block formats of block_weights.c: GGUF's types in the row layouts of kernels/gguf_blocks.py (its Format)
+enum {
+  HOTLORA_Q4_1 = 0,
+  HOTLORA_Q8_0 = 1,
+  HOTLORA_Q4_0 = 2,
+  HOTLORA_Q4_K = 3,  // rows of a multiple of 256 weights (super-blocks), as Q6_K
+  HOTLORA_Q6_K = 4,
+  HOTLORA_F16 = 5,
+  HOTLORA_BF16 = 6,
+  HOTLORA_BLOCK_FORMATS = 7
+};
+// bytes of a row of K weights in format fmt, or -1 for a fmt or K the kernel does not take
+int64_t hotlora_block_row_bytes(int fmt, int64_t K);
 int hotlora_linear_blocks(const float* x, int64_t M, int64_t K, const uint8_t* W, int fmt, int64_t N,
                           float* y, const float* bias, int threads, const BankRegions* banks,
                           const SlotsAhead* slots);
 // out[i] = the fp32 row rows[i] of W (every row in order when rows is NULL)
-void hotlora_widen_blocks(const uint8_t* W, int fmt, int64_t K, const int64_t* rows, int64_t n, float* out,
-                          int threads);
-void hotlora_widen_blocks_bf16(const uint8_t* W, int fmt, int64_t K, int64_t n, uint16_t* out, int threads);
+int hotlora_widen_blocks(const uint8_t* W, int fmt, int64_t K, const int64_t* rows, int64_t n, float* out,
+                         int threads);
+int hotlora_widen_blocks_bf16(const uint8_t* W, int fmt, int64_t K, int64_t n, uint16_t* out, int threads);
+
+// ---- GGUF's Q4_K / Q6_K blocks from fp32 rows, llama.cpp's reference quantizers (quantize_k.c) ---------
+// x: rows x k fp32 (k a multiple of 256); out: rows x (k / 256) GGUF blocks (144 / 210 bytes each)
+void hotlora_quantize_q4_k(const float* x, int64_t rows, int64_t k, uint8_t* out, int threads);
+void hotlora_quantize_q6_k(const float* x, int64_t rows, int64_t k, uint8_t* out, int threads);
 // for tests of rows_ahead.h: the lines `tiles` tiles of `steps` steps ask for (at most cap written)
 int64_t hotlora_ahead_lines(const BankRegions* banks, const SlotsAhead* slots, int64_t tiles, int64_t steps,
                             int64_t* out, int64_t cap);

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from hotlora.kernels import bf16_weights, block_weights, native, prefill_attention
+from hotlora.kernels.gguf_blocks import Format
 from hotlora.server.engine.runner import runner_from_model
 from hotlora.server.engine.scheduler import Engine
 from hotlora.server.model_loading import load_model
@@ -144,7 +145,7 @@ def test_gguf_dequantized_weights_are_kept_as_blocks_and_decode_as_generate(tmp_
     packed, matrices = runner.w.packed_matrices
     # every matrix (the embedding, four a layer, an LM head of its own); the norms and biases stay fp32
     assert packed == matrices == 1 + 4 * len(runner.w.layers) + (runner.w.lm_head is not runner.w.embed)
-    assert runner.w.layers[0].qkv.dtype == torch.uint8 and runner.w.embed.dtype == torch.int8
+    assert runner.w.layers[0].qkv.fmt == Format.Q4_1 and runner.w.embed.fmt == Format.Q8_0
     assert runner.dtype == torch.float32 and runner.w.stored_dtype == torch.float32
     tok = loaded.tokenizer
     want = [hf_greedy(model, tok, p, NEW_TOKENS) for p in PROMPTS]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from hotlora.kernels.native import available
 from .kv_cache import KVCacheConfig, KVPool
 from .model import Runner
 from .spec import ModelSpec
-from .weights import build_weights, module_getter, safetensors_getter
+from .weights import Getter, build_weights, module_getter, safetensors_getter
 
 log = logging.getLogger("hotlora.runner")
 
@@ -42,17 +43,29 @@ def load_runner(
     weight_dtype: torch.dtype | None = None,
     pack_exact_blocks: bool = False,
     long_products_bf16: bool = False,
+    getter: Getter | None = None,
+    rope_factors: torch.Tensor | None = None,
 ) -> Runner:
     """`config`: the directory's transformers config (raises runner.spec.Unsupported for other families).
     The rest is the server's `Precision` (server/precision.py, which checked it): `dtype` the compute,
     `weight_dtype` how the projection and embedding weights are stored when not in `dtype` (bf16 under
     fp32), `pack_exact_blocks` keep the fp32 matrices that hold exactly GGUF block values as those blocks
-    (`build_weights`), `long_products_bf16` multiply long prefill chunks in bf16
-    (Runner.long_products_in_bf16)."""
+    (`build_weights`) -- and a getter's block matrices as they are --, `long_products_bf16` multiply long
+    prefill chunks in bf16 (Runner.long_products_in_bf16).
+    `getter`: the tensors, when not the directory's safetensors (a GGUF file's, --quantize's: its block
+    matrices dequantized to the stored dtype where blocks are not kept).
+    `rope_factors`: llama.cpp's per-frequency RoPE divisors (a GGUF file's `rope_freqs`)."""
     spec = ModelSpec.from_config(config)
-    weights = build_weights(
-        spec, safetensors_getter(model_dir), dtype, device, weight_dtype or dtype, pack_exact_blocks
-    )
+    if rope_factors is not None:
+        if rope_factors.shape != spec.inv_freq.shape:
+            raise ValueError(
+                f"rope_freqs has {rope_factors.numel()} factors, the heads {spec.inv_freq.numel()}"
+            )
+        spec = dataclasses.replace(spec, inv_freq=spec.inv_freq / rope_factors)
+    stored = weight_dtype or dtype
+    get = getter or safetensors_getter(model_dir)
+    keep = getter is not None and pack_exact_blocks
+    weights = build_weights(spec, get, dtype, device, stored, pack_exact_blocks, keep_blocks=keep)
     if weights.into_huge_pages():
         log.info("weights: %.0f MiB in memory advised for 2 MiB pages", weights.nbytes / 2**20)
     runner = _assemble(spec, weights, config, dtype, device, kv_bytes, block_size)
@@ -119,10 +132,11 @@ def _assemble(spec, weights, config, dtype, device, kv_bytes, block_size) -> Run
     packed, matrices = weights.packed_matrices
     if packed:
         log.info(
-            "weights: %d of %d matrices hold exactly GGUF Q4_1/Q8_0 block values (a dequantized GGUF "
-            "checkpoint): kept as those blocks (%.0f MiB), read back as the same fp32 numbers",
+            "weights: %d of %d matrices kept in GGUF blocks (%s; %.0f MiB), read back as the fp32 numbers "
+            "the gguf package dequantizes them to",
             packed,
             matrices,
+            ", ".join(f"{n} {f}" for f, n in sorted(weights.block_formats.items())),
             weights.nbytes / 2**20,
         )
     log.info(

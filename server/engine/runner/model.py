@@ -26,7 +26,7 @@ from hotlora.kernels.narrow_linear import long_chunk
 from .attention import AttentionMetadata, attention_path, dense_attention, paged_attention
 from .kv_cache import KVPool
 from .spec import ModelSpec
-from .weights import RunnerWeights
+from .weights import RowStack, RunnerWeights
 
 # projection name -> the PEFT module names it fuses, in output-column order
 FUSED = {
@@ -261,7 +261,8 @@ class Runner(nn.Module):
 
 def _linear_for(weights: RunnerWeights) -> Callable:
     """F.linear, or the bf16-weight kernel when the matrices are stored narrower than the compute dtype, or
-    one that picks by each matrix when some are kept in blocks (kernels/block_weights.py)."""
+    one that picks by each matrix when some are kept in blocks (kernels/block_weights.py; a RowStack's
+    parts each by theirs)."""
     if weights.packed_matrices[0]:
         return _by_storage
     if weights.stored_dtype == weights.compute_dtype:
@@ -269,7 +270,9 @@ def _linear_for(weights: RunnerWeights) -> Callable:
     return bf16_weights.linear
 
 
-def _by_storage(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, ahead=None):
+def _by_storage(x: torch.Tensor, weight, bias: torch.Tensor | None = None, ahead=None):
+    if isinstance(weight, RowStack):
+        return weight.linear(_by_storage, x, bias, ahead)
     if block_weights.is_packed(weight):
         return block_weights.linear(x, weight, bias, ahead)
     return F.linear(x, weight, bias)
@@ -277,6 +280,8 @@ def _by_storage(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 def _by_storage_long_in_bf16(x: torch.Tensor, weight: torch.Tensor, bias=None, ahead=None):
     """_by_storage, with long chunks' products in bf16 arithmetic (Runner.long_products_in_bf16)."""
+    if isinstance(weight, RowStack):
+        return weight.linear(_by_storage_long_in_bf16, x, bias, ahead)
     if block_weights.is_packed(weight):
         return block_weights.linear(x, weight, bias, ahead, long_in_bf16=True)
     if long_chunk(x):

@@ -14,37 +14,86 @@ from pathlib import Path
 
 import torch
 
-from hotlora.kernels import block_weights
+from hotlora.kernels import block_weights, gguf_blocks
+from hotlora.kernels.gguf_blocks import BlockMatrix
 
 from . import huge_pages
 from .spec import ModelSpec
 
-Getter = Callable[[str], torch.Tensor | None]
+
+@dataclass(frozen=True)
+class RowStack:
+    """A fused projection whose parts are kept in different block formats (a Q4_K_M file's q and k in Q4_K
+    and v in Q6_K): their outputs side by side, each part through its own kernel."""
+
+    parts: tuple[torch.Tensor | BlockMatrix, ...]
+
+    @property
+    def out_features(self) -> int:
+        return sum(p.shape[0] for p in self.parts)
+
+    @property
+    def in_features(self) -> int:
+        return self.parts[0].shape[1]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts[0].device
+
+    def linear(self, fn: Callable, x: torch.Tensor, bias=None, ahead=None) -> torch.Tensor:
+        """torch.cat of `fn(x, part, its slice of bias[, ahead])` (ahead: with the last part, whose product
+        runs right before the LoRA update that reads it)."""
+        outs, start = [], 0
+        for i, part in enumerate(self.parts):
+            n = part.shape[0]
+            b = None if bias is None else bias[start : start + n]
+            last = i == len(self.parts) - 1
+            outs.append(fn(x, part, b, ahead) if last and ahead is not None else fn(x, part, b))
+            start += n
+        return torch.cat(outs, -1)
+
+
+# a weight matrix: a float tensor, GGUF blocks (kernels/gguf_blocks.py), or parts of either
+Matrix = torch.Tensor | BlockMatrix | RowStack
+Getter = Callable[[str], torch.Tensor | BlockMatrix | None]
 
 
 @dataclass
 class LayerWeights:
     input_norm: torch.Tensor  # [H]
-    qkv: torch.Tensor  # [q + 2 kv, H]: rows of q_proj, then k_proj, then v_proj
+    qkv: Matrix  # [q + 2 kv, H]: rows of q_proj, then k_proj, then v_proj
     qkv_bias: torch.Tensor | None
-    o: torch.Tensor  # [H, q]
+    o: Matrix  # [H, q]
     o_bias: torch.Tensor | None
     post_norm: torch.Tensor  # [H]
-    gate_up: torch.Tensor  # [2 I, H]: rows of gate_proj, then up_proj
+    gate_up: Matrix  # [2 I, H]: rows of gate_proj, then up_proj
     gate_up_bias: torch.Tensor | None
-    down: torch.Tensor  # [H, I]
+    down: Matrix  # [H, I]
     down_bias: torch.Tensor | None
 
 
 @dataclass
 class RunnerWeights:
-    embed: torch.Tensor  # [V, H]
+    embed: Matrix  # [V, H]
     layers: list[LayerWeights]
     norm: torch.Tensor  # [H]
-    lm_head: torch.Tensor  # [V, H]; the embedding itself when the model ties them
+    lm_head: Matrix  # [V, H]; the embedding itself when the model ties them
 
     def tensors(self) -> list[torch.Tensor]:
-        return [getattr(owner, name) for owner, name in self._fields()]
+        """Every tensor the weights hold (a block matrix's bytes), each once."""
+        return [t for owner, name in self._fields() for t in _storage(getattr(owner, name))]
+
+    def matrices(self) -> list[Matrix]:
+        """Every weight matrix (a RowStack's parts each)."""
+        out = []
+        for t in (getattr(o, n) for o, n in self._fields()):
+            parts = t.parts if isinstance(t, RowStack) else (t,)
+            out += [p for p in parts if isinstance(p, BlockMatrix) or p.dim() == 2]
+        return out
 
     def _fields(self) -> list[tuple[object, str]]:
         """(owner, attribute) of every tensor, each once (a tied LM head is the embedding)."""
@@ -63,15 +112,22 @@ class RunnerWeights:
         fields = self._fields()
         if self.embed.device.type != "cpu":
             return False
-        buf = huge_pages.buffer(sum(huge_pages.room(getattr(owner, name)) for owner, name in fields))
+        buf = huge_pages.buffer(sum(huge_pages.room(t) for t in self.tensors()))
         if buf is None:
             return False
         tied = self.lm_head is self.embed
         offset = 0
+
+        def place(t):
+            nonlocal offset
+            if isinstance(t, RowStack):
+                return RowStack(tuple(place(p) for p in t.parts))
+            placed = huge_pages.place(buf, offset, _storage(t)[0])
+            offset += huge_pages.room(placed)
+            return t.with_data(placed) if isinstance(t, BlockMatrix) else placed
+
         for owner, name in fields:
-            t = getattr(owner, name)
-            setattr(owner, name, huge_pages.place(buf, offset, t))
-            offset += huge_pages.room(t)
+            setattr(owner, name, place(getattr(owner, name)))
         if tied:
             self.lm_head = self.embed
         return True
@@ -84,18 +140,33 @@ class RunnerWeights:
     def stored_dtype(self) -> torch.dtype:
         """The float dtype the matrices not kept in blocks are in: the compute dtype, or bf16 under fp32
         (--weight-dtype bfloat16)."""
-        floats = [t.dtype for t in self.tensors() if t.dim() == 2 and t.is_floating_point()]
+        floats = [t.dtype for t in self.matrices() if not isinstance(t, BlockMatrix)]
         return floats[0] if floats else self.compute_dtype
 
     @property
     def packed_matrices(self) -> tuple[int, int]:
-        """(matrices kept in blocks, matrices in all) -- see `build_weights`' `pack_exact_blocks`."""
-        mats = [t for t in self.tensors() if t.dim() == 2]
-        return sum(block_weights.is_packed(t) for t in mats), len(mats)
+        """(matrices kept in blocks, matrices in all)."""
+        mats = self.matrices()
+        return sum(isinstance(t, BlockMatrix) for t in mats), len(mats)
+
+    @property
+    def block_formats(self) -> dict[str, int]:
+        """Block format name -> how many matrices are kept in it."""
+        out: dict[str, int] = {}
+        for t in self.matrices():
+            if isinstance(t, BlockMatrix):
+                out[t.fmt.name] = out.get(t.fmt.name, 0) + 1
+        return out
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+def _storage(t: Matrix) -> list[torch.Tensor]:
+    if isinstance(t, RowStack):
+        return [s for p in t.parts for s in _storage(p)]
+    return [t.data if isinstance(t, BlockMatrix) else t]
 
 
 def build_weights(
@@ -105,9 +176,13 @@ def build_weights(
     device,
     stored: torch.dtype | None = None,
     pack_exact_blocks: bool = False,
+    keep_blocks: bool = False,
 ) -> RunnerWeights:
     """Fuse and cast, layer by layer. `get(name)` returns a checkpoint tensor by its transformers name
-    (`model.layers.0.self_attn.q_proj.weight`, ...) or None when the checkpoint has no such tensor.
+    (`model.layers.0.self_attn.q_proj.weight`, ...), a BlockMatrix (a GGUF file's, or --quantize's), or
+    None when the checkpoint has no such tensor. A BlockMatrix is kept as it is where `keep_blocks` (fp32
+    on a CPU that runs the kernel: the loader decides), else dequantized to `stored`; a fused projection of
+    parts in different formats is a RowStack of them.
     `stored`: the dtype of the projection matrices, the embedding and the LM head when narrower than the
     compute `dtype` (bf16 widened by the kernel); norms and biases are always in `dtype`.
     `pack_exact_blocks` (the loader's `_packs` decides: fp32 on a CPU that runs the kernel): each matrix
@@ -116,11 +191,14 @@ def build_weights(
     as they are; the values read back are the same fp32 numbers."""
     stored = stored or dtype
 
-    def need(name: str) -> torch.Tensor:
+    def need(name: str):
         t = get(name)
         if t is None:
             raise ValueError(f"the checkpoint has no tensor {name!r}")
-        return t
+        return kept(t)
+
+    def kept(t):
+        return gguf_blocks.dequantize(t) if isinstance(t, BlockMatrix) and not keep_blocks else t
 
     def cast(t: torch.Tensor | None, to: torch.dtype = dtype) -> torch.Tensor | None:
         return None if t is None else t.to(device=device, dtype=to).contiguous()
@@ -129,14 +207,21 @@ def build_weights(
         blocks = block_weights.pack(t) if pack_exact_blocks else None
         return t if blocks is None else blocks
 
-    def matrix(name: str) -> torch.Tensor:
-        return packed(cast(need(name), stored))
+    def matrix(name: str) -> Matrix:
+        return as_matrix(need(name))
 
-    def fused(prefix: str, names: tuple[str, ...], kind: str) -> torch.Tensor:
-        t = cast(
-            torch.cat([need(f"{prefix}.{n}.{kind}") for n in names], 0), stored if kind == "weight" else dtype
-        )
-        return packed(t) if kind == "weight" else t
+    def as_matrix(t) -> Matrix:
+        return t if isinstance(t, BlockMatrix) else packed(cast(t, stored))
+
+    def fused(prefix: str, names: tuple[str, ...], kind: str) -> Matrix:
+        parts = [need(f"{prefix}.{n}.{kind}") for n in names]
+        if kind != "weight":
+            return cast(torch.cat(parts, 0))
+        if not any(isinstance(p, BlockMatrix) for p in parts):
+            return packed(cast(torch.cat(parts, 0), stored))
+        if all(isinstance(p, BlockMatrix) and p.fmt == parts[0].fmt for p in parts):
+            return parts[0].with_data(torch.cat([p.data for p in parts], 0))
+        return RowStack(tuple(p if isinstance(p, BlockMatrix) else packed(cast(p, stored)) for p in parts))
 
     layers = []
     for i in range(spec.num_layers):
@@ -157,8 +242,8 @@ def build_weights(
             )
         )
     embed = matrix("model.embed_tokens.weight")
-    head = get("lm_head.weight")
-    lm_head = embed if spec.tie_word_embeddings or head is None else packed(cast(head, stored))
+    head = None if spec.tie_word_embeddings else get("lm_head.weight")
+    lm_head = embed if head is None else as_matrix(kept(head))
     return RunnerWeights(embed=embed, layers=layers, norm=cast(need("model.norm.weight")), lm_head=lm_head)
 
 
