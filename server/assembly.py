@@ -20,7 +20,8 @@ from hotlora.server.engine.scheduler import Engine, EngineLimits
 from hotlora.server.frontend.inference import InferenceFrontend
 from hotlora.server.logs import startup_phase
 from hotlora.server.model_loading import LoadedModel, load_model
-from hotlora.server.training_setup import setup_training
+from hotlora.server.tinker.service import TinkerService
+from hotlora.server.training_setup import setup_tinker, setup_training
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Components:
     frontend: InferenceFrontend
     adapters: AdapterService
     training: FineTuneManager
+    tinker: TinkerService
 
 
 def assemble(config: ServerConfig, observer: Observer = NO_OBSERVER) -> Components:
@@ -74,10 +76,11 @@ def assemble(config: ServerConfig, observer: Observer = NO_OBSERVER) -> Componen
         with startup_phase("doors and fine-tuning"):
             frontend = InferenceFrontend(engine, loaded.tokenizer, cfg, adapters.service)
             training = setup_training(cfg, loaded, adapters, engine, observer)
+            tinker = setup_tinker(cfg, loaded, adapters, frontend, training)
     except BaseException:
         engine.stop()  # nothing else holds it yet
         raise
-    return Components(loaded, engine, frontend, adapters.service, training)
+    return Components(loaded, engine, frontend, adapters.service, training, tinker)
 
 
 def _decode_graphs(cfg: ServerConfig, loaded: LoadedModel, runtime: MultiLoraRuntime) -> StaticDecode | None:

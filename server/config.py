@@ -207,6 +207,23 @@ class ServerConfig:
     finetune_max_seconds: float = flag(
         600.0, "time budget of a fine-tune's method search (AUTO) when the request gives none", gt=0
     )
+    session_idle_seconds: float = flag(
+        600.0,
+        "a Tinker API session with no heartbeat or call this long ends: its training clients' state is "
+        "dropped (saved checkpoints are kept)",
+        gt=0,
+    )
+    tinker_max_runs_per_tenant: int = flag(4, "live Tinker training clients of one tenant", ge=1)
+    tinker_max_bytes_per_tenant: int = flag(
+        2 << 30, "host memory of one tenant's live Tinker training clients (weights, gradients, AdamW)", ge=1
+    )
+    tinker_max_batch_tokens: int = flag(16384, "tokens of one Tinker forward_backward call", ge=1)
+    tinker_unembed: Literal["refuse", "without"] = flag(
+        "refuse",
+        "a Tinker training client asking train_unembed=True (the SDK's default; there is no LM head LoRA "
+        "yet): refuse = refused with a message, without = trains attention and MLP only, every session "
+        "warned",
+    )
     reflection: bool = flag(True, "serve gRPC server reflection")
     grace_seconds: float = flag(20.0, "on SIGTERM, how long in-flight requests may finish", ge=0)
     workers: int = flag(64, "gRPC handler threads", ge=1)

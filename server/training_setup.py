@@ -1,4 +1,5 @@
-"""Wire on-line fine-tuning to the loaded model, the engine and the adapter registry."""
+"""Wire on-line fine-tuning (jobs, and the Tinker API's training loops) to the loaded model, the engine and
+the adapter registry."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from hotlora.server.adapters_setup import AdapterSide
 from hotlora.server.config import ServerConfig
 from hotlora.server.engine.scheduler import Engine
 from hotlora.server.model_loading import LoadedModel
+from hotlora.server.tinker.service import TinkerService
 
 
 def setup_training(
@@ -33,4 +35,23 @@ def setup_training(
         max_seconds=cfg.finetune_max_seconds,
         base_model_name=loaded.name,
         observer=observer,
+    )
+
+
+def setup_tinker(
+    cfg: ServerConfig, loaded: LoadedModel, adapters: AdapterSide, frontend, training: FineTuneManager
+) -> TinkerService:
+    """The Tinker API's sessions and training runs: units in the jobs' fair queue, samples on the engine."""
+    from pathlib import Path
+
+    return TinkerService(
+        config=cfg,
+        loaded=loaded,
+        adapters=adapters.service,
+        frontend=frontend,
+        queue=training.queue,
+        base=adapters.service.base,
+        ctx=adapters.lora_context,
+        targets=adapters.targets,
+        data_dir=Path(cfg.data_dir) / "tinker",
     )

@@ -94,7 +94,8 @@ class FineTuneManager:
         self.lock = threading.RLock()
         self._changed = threading.Condition(self.lock)
         self._tasks: dict[str, JobTask] = {}
-        self._queue = FairTaskQueue(engine.submit_task)
+        self.queue = FairTaskQueue(engine.submit_task)
+        """Where jobs take turns by tenant; the Tinker API's training runs take theirs here too."""
         self._closed = False
         n = store.fail_unfinished_jobs(RESTARTED)
         if n:
@@ -149,7 +150,7 @@ class FineTuneManager:
             self._tasks[job.id] = task
             self._save(job, f"queued: {method}, {work.describe()}")
             self._state_changed()
-        self._queue.add(tenant, task)
+        self.queue.add(tenant, task)
         return job
 
     def get(self, tenant: str, job_id: str) -> JobRecord:
@@ -278,7 +279,7 @@ class FineTuneManager:
         run = EvaluationTask(
             Evaluator(self.model, self.ctx, data, task=task, weights=weights, unit_seconds=self.unit_seconds)
         )
-        self._queue.add(tenant, run)
+        self.queue.add(tenant, run)
         if not run.done.wait(timeout):
             run.cancelled = True
             raise DeadlineExceeded(f"the evaluation of {len(examples)} examples did not finish in time")
@@ -296,7 +297,7 @@ class FineTuneManager:
             for task in list(self._tasks.values()):
                 if task.job.state not in TERMINAL:
                     self.finish_job(task, "FAILED", STOPPED)
-        self._queue.close()  # outside the lock: a parked training loop unwinds first
+        self.queue.close()  # outside the lock: a parked training loop unwinds first
 
     # ---- internals -------------------------------------------------------------------------------
     def _previous(self, tenant, name, version, task) -> tuple[object, TrainingRecord | None]:

@@ -66,6 +66,7 @@ class HttpDoor:
             yield
 
         app = FastAPI(title="hotlora", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+        app.state.door = door  # routers of their own (the Tinker API) reach the door's state and admission
 
         @app.middleware("http")
         async def observe(request: Request, call_next):
@@ -125,6 +126,9 @@ class HttpDoor:
         app.add_api_route("/v1/unload_lora_adapter", self.unload_lora_adapter, methods=["POST"])
         app.add_api_route("/health", self.health, methods=["GET"])
         app.add_api_route("/metrics", self.prometheus, methods=["GET"])
+        from hotlora.server.tinker.routes import router as tinker_routes  # it imports this module
+
+        app.include_router(tinker_routes)  # the Tinker API, /api/v1/... (docs/tinker.md)
         return app
 
     def _observe(self, route: str, status: int, seconds: float) -> None:
@@ -137,6 +141,8 @@ class HttpDoor:
     # ---- who is calling ---------------------------------------------------------------------------------
     def _tenant(self, request: Request) -> str:
         header = request.headers.get("authorization")
+        if header is None and "x-api-key" in request.headers:  # the Tinker SDK's API key is the tenant's token
+            header = "Bearer " + request.headers["x-api-key"]
         tenant = self.auth.tenant_for([("authorization", header)] if header else [])
         request.state.tenant = tenant  # for the access log
         return tenant
