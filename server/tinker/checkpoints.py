@@ -126,23 +126,36 @@ class CheckpointStore:
             raise
 
     def files(self, tenant: str, p: TinkerPath) -> dict[str, bytes]:
+        self.meta(tenant, p)  # not found, or expired (then deleted)
         folder = self._dir(tenant, p)
-        if not folder.is_dir():
-            raise NotFound(f"checkpoint {p} not found")
         return {f.name: f.read_bytes() for f in folder.iterdir() if f.is_file()}
 
     def meta(self, tenant: str, p: TinkerPath) -> Checkpoint:
-        f = self._dir(tenant, p) / "checkpoint.json"
-        if not f.exists():
+        ckpt = self._read(self._dir(tenant, p) / "checkpoint.json")
+        if ckpt is None:
             raise NotFound(f"checkpoint {p} not found")
-        return Checkpoint(**json.loads(f.read_text()))
+        return ckpt
 
     def list(self, tenant: str, run: str) -> list[Checkpoint]:
         out = []
         for kind in KINDS:
             for f in (self._tenant(tenant) / run / kind).glob("*/checkpoint.json"):
-                out.append(Checkpoint(**json.loads(f.read_text())))
+                ckpt = self._read(f)
+                if ckpt is not None:
+                    out.append(ckpt)
         return sorted(out, key=lambda c: c.created)
+
+    @staticmethod
+    def _read(f: Path) -> Checkpoint | None:
+        """The checkpoint in `f`'s folder; None if there is none or its ttl_seconds have passed (it is
+        deleted then: a checkpoint's files go once it is asked for after its expiry)."""
+        if not f.exists():
+            return None
+        ckpt = Checkpoint(**json.loads(f.read_text()))
+        if ckpt.expires_at is not None and ckpt.expires_at <= time.time():
+            shutil.rmtree(f.parent, ignore_errors=True)
+            return None
+        return ckpt
 
     def delete(self, tenant: str, p: TinkerPath) -> None:
         folder = self._dir(tenant, p)
@@ -157,10 +170,6 @@ def tensors_bytes(tensors: dict) -> bytes:
 
 def tensors_of(data: bytes) -> dict:
     return st_load(data)
-
-
-def now() -> float:
-    return time.time()
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -62,40 +62,49 @@ class TrainingRun:
         self._io = io  # an executor for the files a snapshot writes
         self._lock = threading.Lock()
         self._ops: dict[int, Op] = {}
-        self._seen: dict[int, str] = {}  # seq_id -> future id (an SDK retry gets the same future)
+        # seq_id -> (future id, request kind): an SDK retry of a call gets the same future
+        self._seen: dict[int, tuple[str, str]] = {}
         self._next = first_seq
         self._queued = False
         self.closed: str | None = None  # why, once the run's state is dropped
 
     # ---- request threads ---------------------------------------------------------------------
-    def seen(self, seq_id: int | None) -> str | None:
+    def seen(self, seq_id: int | None, kind: str) -> str | None:
+        """The future of an earlier call of `kind` with this seq_id (a retry), else None; a seq_id a call of
+        another kind used is refused (two clients driving one training client)."""
         with self._lock:
-            return None if seq_id is None else self._seen.get(seq_id)
+            fut_id, used_by = self._seen.get(seq_id, (None, kind)) if seq_id is not None else (None, kind)
+        if used_by != kind:
+            raise InvalidArgument(
+                f"seq_id {seq_id} of {self.info.model_id} was already used by another call ({used_by}, "
+                f"this is {kind})"
+            )
+        return fut_id
 
     def submit(self, seq_id: int | None, kind: str, fut: Future, **args) -> None:
         with self._lock:
-            seq = self._claim(seq_id, fut.id)
+            seq = self._claim(seq_id, fut.id, fut.kind)
             self._ops[seq] = Op(kind, fut, args)
             self.info.last_request = time.time()
         self._wake()
 
-    def skip(self, seq_id: int | None, fut_id: str = "") -> None:
+    def skip(self, seq_id: int | None, kind: str) -> None:
         """A call refused at submission: its seq_id is used, the calls after it need not wait for it."""
         if seq_id is None:
             return
         with self._lock:
             if seq_id in self._seen or seq_id < self._next:
                 return
-            self._seen[seq_id] = fut_id
+            self._seen[seq_id] = ("", kind)
             self._ops[seq_id] = Op("skip", None)
         self._wake()
 
-    def _claim(self, seq_id: int | None, fut_id: str) -> int:
+    def _claim(self, seq_id: int | None, fut_id: str, kind: str) -> int:
         if seq_id is None:
             seq_id = max([self._next - 1, *self._ops, *self._seen]) + 1
         if seq_id < self._next or seq_id in self._seen:
             raise InvalidArgument(f"seq_id {seq_id} of {self.info.model_id} was already used")
-        self._seen[seq_id] = fut_id
+        self._seen[seq_id] = (fut_id, kind)
         return seq_id
 
     def _wake(self) -> None:

@@ -299,10 +299,10 @@ class TinkerService:
     # ---- forward_backward and optim_step ---------------------------------------------------------
     def forward_backward(self, tenant: str, call: ForwardBackwardCall) -> str:
         run = self.run(tenant, call.model_id)
-        again = run.seen(call.seq_id)
+        kind = "Forward" if call.forward_only else "ForwardBackward"
+        again = run.seen(call.seq_id, kind)
         if again:
             return again
-        kind = "Forward" if call.forward_only else "ForwardBackward"
         try:
             config = check_loss(call.loss_fn, call.loss_fn_config)
             if not call.data:
@@ -310,7 +310,7 @@ class TinkerService:
             data = [check_datum(call.loss_fn, i, t, inp, self.vocab) for i, (t, inp) in enumerate(call.data)]
             self._check_tokens(data)
         except HotloraError:
-            run.skip(call.seq_id)
+            run.skip(call.seq_id, kind)
             raise
         fut = self.futures.create(tenant, run.info.session, kind)
         run.submit(call.seq_id, "pass", fut, **pass_args(data, call.loss_fn, config, not call.forward_only))
@@ -332,13 +332,13 @@ class TinkerService:
     def optim_step(self, tenant: str, body: dict) -> str:
         run = self.run(tenant, body.get("model_id", ""))
         seq = body.get("seq_id")
-        again = run.seen(seq)
+        again = run.seen(seq, "OptimStep")
         if again:
             return again
         try:
             adam = _adam(body.get("adam_params") or body.get("optim_params") or body.get("optimizer_params"))
         except HotloraError:
-            run.skip(seq)
+            run.skip(seq, "OptimStep")
             raise
         fut = self.futures.create(tenant, run.info.session, "OptimStep")
         run.submit(seq, "optim", fut, **optim_args(adam))
@@ -348,7 +348,8 @@ class TinkerService:
     def save_weights(self, tenant: str, body: dict, for_sampler: bool) -> str:
         run = self.run(tenant, body.get("model_id", ""))
         seq = body.get("seq_id")
-        again = run.seen(seq)
+        kind = "SaveWeightsForSampler" if for_sampler else "SaveWeights"
+        again = run.seen(seq, kind)
         if again:
             return again
         info = run.info
@@ -359,12 +360,11 @@ class TinkerService:
             if name is not None:
                 check_name(name)
         except HotloraError:
-            run.skip(seq)
+            run.skip(seq, kind)
             raise
         meta = {k: str(v) for k, v in (body.get("user_metadata") or {}).items()}
         ttl = body.get("ttl_seconds")
         expires = time.time() + float(ttl) if ttl else None
-        kind = "SaveWeightsForSampler" if for_sampler else "SaveWeights"
         fut = self.futures.create(tenant, info.session, kind)
         if for_sampler:
             write = self._sampler_writer(tenant, run, name, meta, expires)
@@ -445,12 +445,12 @@ class TinkerService:
         else:
             run = self.run(tenant, body.get("model_id", ""))
             seq = body.get("seq_id")
-            again = run.seen(seq)
+            again = run.seen(seq, "LoadWeights")
             if again:
                 return again
         why = run.lora.compatible(weights)
         if why:
-            run.skip(seq)
+            run.skip(seq, "LoadWeights")
             raise InvalidArgument(f"{path} cannot be loaded into {run.info.model_id}: {why}")
         fut = self.futures.create(tenant, run.info.session, "LoadWeights")
         response = {"path": str(path), "model_id": run.info.model_id, "type": "load_weights"}

@@ -201,17 +201,39 @@ def test_runs_and_checkpoints_are_listed_per_tenant(port, base, taught):
         assert r.status_code == 404
 
 
-def test_another_tenants_futures_are_not_found(port, taught):
-    tc = taught["tc"]
-    fut = tc.forward([sft_datum(PROMPTS[0], TAUGHT[0])], "cross_entropy")
-    fut.result()
+def test_another_tenants_futures_are_not_found(port, base):
+    """Raw HTTP (the SDK never sends another tenant's ids): alpha's session, training client and futures are
+    not found for beta; a seq_id reused by a call of another kind is refused, not answered with the first
+    call's future."""
     with http(port, "alpha") as a, http(port, "beta") as b:
-        # a future id of alpha's: alpha's own retrieve of an optim_step submitted raw works, beta's is 404
-        r = a.post("/optim_step", json={"model_id": tc.model_id, "adam_params": {"learning_rate": 0.0}})
+        sid = a.post("/create_session", json={}).json()["session_id"]
+        lora = {"rank": 2, "train_unembed": False}
+        created = a.post("/create_model", json={"session_id": sid, "base_model": base, "lora_config": lora})
+        model = _retrieve(a, created.json()["request_id"])["model_id"]
+        step = {"model_id": model, "seq_id": 1, "adam_params": {"learning_rate": 0.0}}
+        r = a.post("/optim_step", json=step)
         rid = r.json()["request_id"]
-        assert a.post("/retrieve_future", json={"request_id": rid}).json()["metrics"] is not None
-        r = b.post("/retrieve_future", json={"request_id": rid})
-        assert r.status_code == 404 and "not found" in r.json()["detail"]
+        assert _retrieve(a, rid)["metrics"] is not None
+        again = a.post("/optim_step", json={"model_id": model, "seq_id": 1, "adam_params": {}})
+        assert again.json()["request_id"] == rid  # an SDK retry: the same future
+        r = a.post("/save_weights", json={"model_id": model, "seq_id": 1, "path": "x"})
+        assert r.status_code == 400 and "already used by another call (OptimStep" in r.json()["detail"]
+        for path, body in (
+            ("/retrieve_future", {"request_id": rid}),
+            ("/get_info", {"model_id": model}),
+            ("/session_heartbeat", {"session_id": sid}),
+            ("/optim_step", {"model_id": model, "seq_id": 2, "adam_params": {}}),
+        ):
+            r = b.post(path, json=body)
+            assert r.status_code == 404 and "not found" in r.json()["detail"], (path, r.text)
+        a.post(f"/sessions/{sid}/finish", json={})
+
+
+def _retrieve(client, request_id: str) -> dict:
+    while True:  # the server long-polls: bounded by pytest's timeout only if the server never answers
+        out = client.post("/retrieve_future", json={"request_id": request_id}).json()
+        if out.get("type") != "try_again":
+            return out
 
 
 # ---- bad input -------------------------------------------------------------------------------------
