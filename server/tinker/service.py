@@ -160,7 +160,8 @@ class TinkerService:
         return fut.id
 
     def _check_base(self, base_model: str) -> None:
-        if base_model not in (self.served_name, self.loaded.name, str(self.config.model)):
+        served = {self.served_name, self.loaded.name, str(self.config.model or "")} - {""}
+        if base_model not in served:
             raise InvalidArgument(
                 f"base_model {base_model!r} is not served here: this server trains LoRA on its resident "
                 f"model {self.served_name!r} only"

@@ -64,7 +64,7 @@ def taught(port, base):
     and after, and the trained client's sampler path (the training client lives for the module)."""
     with service_client(port) as sc:
         tc = _client(sc, base)
-        before = [greedy(sc.create_sampling_client(base_model=base), p) for p in PROMPTS]
+        before = [greedy(sc.create_sampling_client(base_model=base).result(), p) for p in PROMPTS]
         data = [sft_datum(p, c) for p, c in zip(PROMPTS, TAUGHT, strict=True)]
         losses = []
         for _ in range(25):
@@ -72,7 +72,7 @@ def taught(port, base):
             opt = tc.optim_step(types.AdamParams(learning_rate=2e-2))
             losses.append(fb.result().metrics["loss:sum"])
             opt.result()
-        sampler = tc.save_weights_and_get_sampling_client()
+        sampler = tc.save_weights_and_get_sampling_client().result()
         after = [greedy(sampler, p) for p in PROMPTS]
         saved = tc.save_weights_for_sampler("taught").result().path
         yield {"losses": losses, "before": before, "after": after, "path": saved, "tc": tc, "sc": sc}
@@ -101,7 +101,7 @@ def test_forward_logprobs_are_the_per_token_logprobs_of_the_loss(taught):
 def test_an_rl_step_scores_sampled_tokens_as_the_sampler_did(port, base):
     with service_client(port) as sc:
         tc = _client(sc, base)
-        sampler = tc.save_weights_and_get_sampling_client()
+        sampler = tc.save_weights_and_get_sampling_client().result()
         prompt = PROMPTS[0]
         params = types.SamplingParams(max_tokens=10, temperature=1.0, seed=7)
         res = sampler.sample(types.ModelInput.from_ints(prompt), 4, params).result()
@@ -154,7 +154,8 @@ def test_saved_for_sampling_is_a_registry_version_served_everywhere_and_exported
             out = model.generate(torch.tensor([prompt]), max_new_tokens=len(want), do_sample=False)
         assert out[0, len(prompt) :].tolist() == want
     # and the SDK samples the saved path in a new sampling client
-    assert greedy(taught["sc"].create_sampling_client(model_path=taught["path"]), PROMPTS[1]) == TAUGHT[1]
+    sampler = taught["sc"].create_sampling_client(model_path=taught["path"]).result()
+    assert greedy(sampler, PROMPTS[1]) == TAUGHT[1]
 
 
 def test_training_units_share_the_engine_with_another_tenants_generate(run, port, base, monkeypatch):
@@ -187,7 +188,7 @@ def test_training_units_share_the_engine_with_another_tenants_generate(run, port
 
 
 def test_runs_and_checkpoints_are_listed_per_tenant(port, base, taught):
-    rest = taught["sc"].create_rest_client()
+    rest = tinker.RestClient(base_url=f"http://127.0.0.1:{port}", api_key=TOKENS["alpha"])
     run_id = taught["tc"].model_id
     runs = rest.list_training_runs().result()
     assert run_id in [r.training_run_id for r in runs.training_runs]
