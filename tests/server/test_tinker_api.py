@@ -5,21 +5,26 @@ tenants; one server for the module (the costly part)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
+import httpx
 import numpy as np
 import pytest
 import tinker
 import torch
 from tinker import types
 
+from hotlora.server.rpc import kserve_conversion as kc
 from hotlora.v1 import common_pb2, inference_pb2
 from tests.server.harness import running_server
 from tests.server.tinker_utils import EOS, TOKENS, greedy, http, ids, rl_datum, service_client, sft_datum
+from tests.tiny import tiny_tokenizer
 
 PROMPTS = [ids("Q: sky?\nA:"), ids("Q: grass?\nA:")]
 TAUGHT = [ids(" blue") + [EOS], ids(" green") + [EOS]]
+MLP, ATTN = {"gate_proj", "up_proj", "down_proj"}, {"q_proj", "k_proj", "v_proj", "o_proj"}
 LOGPROB_TOLERANCE = 2e-3  # the engine's sampler vs the training forward, fp32 (different kernels)
 
 
@@ -127,7 +132,7 @@ def test_an_rl_step_scores_sampled_tokens_as_the_sampler_did(port, base):
 
 
 def test_saved_for_sampling_is_a_registry_version_served_everywhere_and_exported_as_peft(
-    run, taught, tiny_model_dir, tmp_path
+    run, port, taught, tiny_model_dir, tmp_path
 ):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -144,6 +149,26 @@ def test_saved_for_sampling_is_a_registry_version_served_everywhere_and_exported
         metadata=[("authorization", f"Bearer {TOKENS['alpha']}")],
     )
     assert list(reply.token_ids) == TAUGHT[0]
+    # the OpenAI door and KServe serve it too
+    taught_text = tiny_tokenizer().decode(TAUGHT[0][:-1])
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as h:
+        r = h.post(
+            "/v1/completions",
+            json={"model": ref, "prompt": prompt_text, "max_tokens": 8, "temperature": 0},
+            headers={"Authorization": f"Bearer {TOKENS['alpha']}"},
+        )
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == taught_text, r.text
+    req = kc.pb.ModelInferRequest(model_name="taught", model_version="1")
+    req.inputs.add(name="text_input", datatype="BYTES", shape=[1])
+    req.raw_input_contents.append(kc.encode_bytes([prompt_text.encode()]))
+    req.parameters["max_tokens"].int64_param = 8
+    infer = run.channel.unary_unary(
+        f"/{kc.SERVICE}/ModelInfer",
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=kc.pb.ModelInferResponse.FromString,
+    )
+    out = infer(req, metadata=[("authorization", f"Bearer {TOKENS['alpha']}")], timeout=60)
+    assert kc.decode_bytes(out.raw_output_contents[0], 1, "text_output") == [taught_text.encode()]
     # exported as PEFT, reloaded on the base model with transformers: the same greedy tokens
     _, files = run.state.adapters.export("alpha", ref)
     for name, data in files.items():
@@ -156,6 +181,43 @@ def test_saved_for_sampling_is_a_registry_version_served_everywhere_and_exported
     # and the SDK samples the saved path in a new sampling client
     sampler = taught["sc"].create_sampling_client(model_path=taught["path"]).result()
     assert greedy(sampler, PROMPTS[1]) == TAUGHT[1]
+
+
+def test_samples_stop_where_asked_and_the_server_says_what_it_serves(taught, port, base):
+    sampler = taught["sc"].create_sampling_client(model_path=taught["path"]).result()
+    prompt = types.ModelInput.from_ints(PROMPTS[0])  # taught: " blue" EOS
+    l_token = ids("l")[0]
+
+    def sample(n=1, **params):
+        return sampler.sample(prompt, n, types.SamplingParams(temperature=0.0, **params)).result().sequences
+
+    (on_eos,) = sample(max_tokens=12)
+    assert on_eos.tokens == TAUGHT[0] and on_eos.stop_reason == "stop"
+    (on_length,) = sample(max_tokens=2)
+    assert on_length.tokens == TAUGHT[0][:2] and on_length.stop_reason == "length"
+    (on_token,) = sample(max_tokens=12, stop=[l_token])
+    assert on_token.tokens == TAUGHT[0][: TAUGHT[0].index(l_token) + 1] and on_token.stop_reason == "stop"
+    (on_string,) = sample(max_tokens=12, stop=["lu"])
+    assert on_string.stop_reason == "stop" and EOS not in on_string.tokens
+    assert tiny_tokenizer().decode(on_string.tokens).startswith(" bl")
+    many = sample(n=3, max_tokens=12)
+    assert [s.tokens for s in many] == [TAUGHT[0]] * 3 and all(len(s.logprobs) == len(s.tokens) for s in many)
+    rest = tinker.RestClient(base_url=f"http://127.0.0.1:{port}", api_key=TOKENS["alpha"])
+    models = rest.get_server_capabilities().result().supported_models
+    assert [m.model_name for m in models] == [base]
+
+
+def test_train_attn_and_train_mlp_choose_the_modules_trained(run, port, base):
+    with service_client(port) as sc:
+        for attn, mlp, name in ((False, True, "mlp-only"), (True, False, "attn-only")):
+            tc = _client(sc, base, rank=2, train_attn=attn, train_mlp=mlp)
+            tc.forward_backward([sft_datum(PROMPTS[0], TAUGHT[0])], "cross_entropy").result()
+            tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+            tc.save_weights_for_sampler(name).result()
+            _, files = run.state.adapters.export("alpha", f"{name}@1")
+            modules = set(json.loads(files["adapter_config.json"])["target_modules"])
+            wanted = MLP if mlp else ATTN
+            assert modules and modules <= wanted, (name, modules)
 
 
 def test_training_units_share_the_engine_with_another_tenants_generate(run, port, base, monkeypatch):

@@ -11,7 +11,7 @@ Face download), `base_url` pointed at hotlora, and a batch/step count that fits 
 with `--tinker-unembed without` (the recipe asks the SDK's default train_unembed=True; hotlora has no LM head
 LoRA yet and trains attention and MLP, the session is told so).
 
-    .venv/bin/python benchmarks/tinker_cookbook.py [--steps 8 --batch 16]   # prints; updates RESULTS.md
+    .venv/bin/python benchmarks/tinker_recipe.py [--steps 8 --batch 16]   # prints; updates RESULTS.md
 """
 
 from __future__ import annotations
@@ -53,7 +53,9 @@ def start_server(model_dir: str, data_dir: str) -> tuple[subprocess.Popen, int, 
         "--port", str(grpc_port), "--http-port", str(http_port), "--metrics-port", "-1",
         "--data-dir", data_dir, "--tinker-unembed", "without",
     ]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=open(Path(data_dir) / "server.log", "w"))
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    log = open(Path(data_dir) / "server.log", "w")  # noqa: SIM115 (the server's for its life)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
     while True:  # until it serves (the model loads in seconds; a server that died is reported)
         if proc.poll() is not None:
             raise RuntimeError(f"hotlora exited {proc.returncode}: see {data_dir}/server.log")
@@ -103,7 +105,7 @@ class Callers:
 
 def run_recipe(model_dir: str, http_port: int, log_path: str, steps: int, batch: int) -> list[dict]:
     """The recipe in a child process (its own interpreter, as a user runs it); its metrics.jsonl rows."""
-    env = {**os.environ, "TINKER_API_KEY": "hotlora-dev-mode", "PYTHONPATH": str(ROOT / "benchmarks")}
+    env = {**os.environ, "TINKER_API_KEY": "hotlora-dev-mode"}
     cmd = [sys.executable, __file__, "--recipe", model_dir, str(http_port), log_path, str(steps), str(batch)]
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     rows = [json.loads(line) for line in (Path(log_path) / "metrics.jsonl").read_text().splitlines()]
@@ -189,6 +191,9 @@ def main() -> None:
                 t0 = time.perf_counter()
                 shared = run_recipe(model_dir, http_port, str(Path(tmp) / "shared"), args.steps, args.batch)
                 shared_s = time.perf_counter() - t0
+        except BaseException:
+            print((Path(tmp) / "data" / "server.log").read_text()[-4000:], file=sys.stderr)  # why, if it was
+            raise
         finally:
             proc.terminate()
             proc.wait(60)
@@ -202,7 +207,7 @@ def main() -> None:
 
     p50_idle, p50_busy = pct(idle.latencies, 0.5), pct(busy.latencies, 0.5)
     ratio = p50_busy / p50_idle
-    command = " ".join(["benchmarks/tinker_cookbook.py", *sys.argv[1:]])
+    command = " ".join(["benchmarks/tinker_recipe.py", *sys.argv[1:]])
     lines = [
         f"{datetime.date.today()}, `{command}`; load average {load_before[0]:.1f} before, "
         f"{load_after[0]:.1f} after (2-core machine shared with other engineers); "
