@@ -105,9 +105,13 @@ class Callers:
 
 def run_recipe(model_dir: str, http_port: int, log_path: str, steps: int, batch: int) -> list[dict]:
     """The recipe in a child process (its own interpreter, as a user runs it); its metrics.jsonl rows."""
-    env = {**os.environ, "TINKER_API_KEY": "hotlora-dev-mode"}
+    env = {**os.environ, "TINKER_API_KEY": "tml-dev-mode"}
     cmd = [sys.executable, __file__, "--recipe", model_dir, str(http_port), log_path, str(steps), str(batch)]
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+    with open(f"{log_path}.log", "w") as log:
+        done = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    if done.returncode:
+        print(Path(f"{log_path}.log").read_text()[-4000:], file=sys.stderr)
+        raise RuntimeError(f"the recipe exited {done.returncode}")
     rows = [json.loads(line) for line in (Path(log_path) / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if "train_mean_nll" in r]
 
@@ -203,7 +207,7 @@ def main() -> None:
         return " ".join(f"{r['train_mean_nll']:.3f}" for r in rows)
 
     def per_step(rows):
-        return statistics.median(r["time_total"] for r in rows)
+        return statistics.median(r["time/step"] for r in rows)
 
     p50_idle, p50_busy = pct(idle.latencies, 0.5), pct(busy.latencies, 0.5)
     ratio = p50_busy / p50_idle
