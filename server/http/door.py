@@ -141,7 +141,7 @@ class HttpDoor:
     # ---- who is calling ---------------------------------------------------------------------------------
     def _tenant(self, request: Request) -> str:
         header = request.headers.get("authorization")
-        if header is None and "x-api-key" in request.headers:  # the Tinker SDK's API key is the tenant's token
+        if header is None and "x-api-key" in request.headers:  # the Tinker SDK sends the token as its API key
             header = "Bearer " + request.headers["x-api-key"]
         tenant = self.auth.tenant_for([("authorization", header)] if header else [])
         request.state.tenant = tenant  # for the access log

@@ -1,10 +1,10 @@
 """The Tinker API's routes on the HTTP door (/api/v1/...): the wire of the official `tinker` SDK.
 
 Same tenants and admission as every route of the door (the door takes the SDK's `X-API-Key` as the token;
-each request holds one admission lease until it is answered). Errors answer in the shape of Tinker's own server, `{"detail": message}` with
-the status the SDK acts on: 400 bad input (never retried), 403 a tenant's limit, 404 not found (another
-tenant's ids too), 410 an ended session, 429 and 503 (the SDK retries). A route the SDK may call but this
-server does not offer answers 404 with a message naming it."""
+each request holds one admission lease until it is answered). Errors answer in the shape of Tinker's own
+server, `{"detail": message}` with the status the SDK acts on: 400 bad input (never retried), 403 a tenant's
+limit, 404 not found (another tenant's ids too), 410 an ended session, 429 and 503 (the SDK retries). A route
+the SDK may call but this server does not offer answers 404 with a message naming it."""
 
 from __future__ import annotations
 
