@@ -3,6 +3,8 @@ the adapter registry."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from hotlora.adapters.observer import AdapterObserver
 from hotlora.adapters.training.finetune_jobs import FineTuneManager
 from hotlora.adapters.training.finetune_spec import FineTuneLimits
@@ -42,8 +44,6 @@ def setup_tinker(
     cfg: ServerConfig, loaded: LoadedModel, adapters: AdapterSide, frontend, training: FineTuneManager
 ) -> TinkerService:
     """The Tinker API's sessions and training runs: units in the jobs' fair queue, samples on the engine."""
-    from pathlib import Path
-
     return TinkerService(
         config=cfg,
         loaded=loaded,
