@@ -22,7 +22,7 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from hotlora.adapters.errors import HotloraError, NotFound, ResourceExhausted
+from hotlora.adapters.errors import FailedPrecondition, HotloraError, NotFound, ResourceExhausted
 from hotlora.adapters.observer import NO_OBSERVER, AdapterObserver
 
 log = logging.getLogger("hotlora.cache")
@@ -137,7 +137,7 @@ class AdapterCache:
                 slot = self._free_slot()
                 if slot is None:
                     break  # every slot pinned or busy: the request waits in the queue
-                self._install(e, slot)
+                self._install(e, slot)  # a failed install leaves the slot free and the error for its askers
             self._changed.notify_all()
 
     # ---- any thread -------------------------------------------------------------
@@ -321,12 +321,31 @@ class AdapterCache:
     def _install(self, e: Entry, slot: int) -> None:
         assert e.state is State.HOST and self._slots[slot] is None, (e.state, slot)
         t0 = time.perf_counter()
-        self._installer(slot, e.weights)
+        try:
+            self._installer(slot, e.weights)
+        except Exception as exc:  # HOST -> STORED with the error: its requests fail, nothing retries forever
+            self._install_failed(e, slot, exc)
+            return
         self._report(self.observer.adapter_load_seconds, "device", time.perf_counter() - t0)
         e.state, e.slot = State.DEVICE, slot
         self._slots[slot] = e
         e.device_used = e.host_used = next(self._ticks)
         self._queue.pop(e.key)
+
+    def _install_failed(self, e: Entry, slot: int, exc: Exception) -> None:
+        log.warning("installing adapter %s into slot %d failed: %s", e.key, slot, exc)
+        self._report(self.observer.adapter_load_failed, "device")
+        try:
+            self._clearer(slot)  # whatever the installer wrote before it failed
+        except Exception:
+            log.exception("clearing slot %d after a failed install failed", slot)
+        self._queue.pop(e.key, None)
+        self._drop_host_copy(e)
+        e.error = (
+            exc
+            if isinstance(exc, HotloraError)
+            else FailedPrecondition(f"the adapter could not be installed on this server: {exc}")
+        )
 
     def _start_eviction(self, e: Entry) -> None:
         assert e.state is State.DEVICE, e.state

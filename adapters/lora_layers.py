@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from hotlora.adapters.dora import magnitude_scale, scale_all_rows, scale_rows
 from hotlora.kernels import LoraBackend, LoraPlan, get_backend
 
 
@@ -38,6 +39,34 @@ class LoraContext:
     batch: LoraPlan | None = None  # the backend's plan of the current forward pass (None: no adapters)
     # module key (layer, short name) -> trainable LoRA while a training step runs
     training: dict[tuple[int, str], TrainableLora] = field(default_factory=dict)
+    # slots holding a DoRA adapter (adapters/dora.py): their rows get the slot's magnitude scaling
+    dora: set[int] = field(default_factory=set)
+    _dora_flags: torch.Tensor | None = None  # [S] bool on the compute device
+    _dora_rows: tuple | None = None  # (plan, its DoRA rows or None): worked out once per forward
+
+    def mark_dora(self, slot: int, on: bool, num_slots: int, device) -> None:
+        """Called by each site's install/clear (the same answer from every site of an adapter)."""
+        if self._dora_flags is None:
+            self._dora_flags = torch.zeros(num_slots, dtype=torch.bool, device=device)
+        if on:
+            self.dora.add(slot)
+        else:
+            self.dora.discard(slot)
+        self._dora_flags[slot] = on
+        self._dora_rows = None
+
+    def dora_rows(self, batch: LoraPlan) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows, their slots) of the plan's tokens whose slot holds a DoRA adapter; None when there are none.
+        Worked out on the first site's ask and kept for the rest of the forward."""
+        cached = self._dora_rows
+        if cached is not None and cached[0] is batch:
+            return cached[1]
+        slots = batch.token_slots
+        mask = self._dora_flags.index_select(0, slots.clamp(min=0)) & (slots >= 0)
+        rows = mask.nonzero().flatten()
+        found = (rows, slots.index_select(0, rows)) if rows.numel() else None
+        self._dora_rows = (batch, found)
+        return found
 
 
 def b_bank(num_slots: int, out_features: int, max_rank: int, device, dtype, rank_major: bool) -> torch.Tensor:
@@ -128,7 +157,9 @@ class LoraSite:
     """The update of one fused projection of one layer, for the slices an adapter may target.
     `names` are PEFT module names (q_proj, k_proj, ...); `offsets` their first output column."""
 
-    def __init__(self, layer: int, names, out_sizes, offsets, in_features, bank: PackedSlotBank, ctx):
+    def __init__(
+        self, layer: int, names, out_sizes, offsets, in_features, bank: PackedSlotBank, ctx, total_out=None
+    ):
         self.layer = layer
         self.names = tuple(names)
         self.out_sizes = tuple(out_sizes)
@@ -136,6 +167,17 @@ class LoraSite:
         self.in_features = in_features
         self.bank = bank
         self.ctx = ctx
+        # the fused projection's whole output (slices no adapter may target included), for DoRA's scaling
+        self.total_out = (
+            total_out
+            if total_out is not None
+            else max(o + n for o, n in zip(self.offsets, self.out_sizes, strict=True))
+        )
+        # DoRA: the base projection's dense weight [total_out, in] (a callable: read at install only) and
+        # bias, attached by the model's set-up; the per-slot scaling g [S, total_out], made on first use
+        self.base_weight = None
+        self.bias: torch.Tensor | None = None
+        self.dora_scales: torch.Tensor | None = None
         # the backend's update of this bank (checked once; the bank is written in place, never replaced)
         self.update = ctx.backend.bind_packed(bank.a, bank.bs, bank.scales, self.offsets)
 
@@ -148,6 +190,8 @@ class LoraSite:
             batch = ctx.batch
         if batch is not None and batch.has_lora:
             self.update(y, x, batch)
+            if ctx.dora:
+                _apply_dora(ctx, y, batch, self.dora_scales, self.bias)
         if ctx.training:
             for name, size, off in zip(self.names, self.out_sizes, self.offsets, strict=True):
                 t = ctx.training.get((self.layer, name))
@@ -168,19 +212,66 @@ class LoraSite:
             return None
         return self.update.ahead(batch)
 
+    def attach_base(self, weight, bias: torch.Tensor | None) -> None:
+        """weight: a callable returning the projection's dense weight [total_out, in] (DoRA's norms)."""
+        self.base_weight, self.bias = weight, bias
+
     def install(self, slot: int, weights) -> None:
         mods = []
         for name in self.names:
             m = weights.modules.get((self.layer, name))
             mods.append(None if m is None else (m.a, m.b, m.scale))
         self.bank.write(slot, [_cast(m, self.bank.a) for m in mods])
+        self._install_dora(slot, weights)
+
+    def _install_dora(self, slot: int, weights) -> None:
+        dora = [
+            (off, size, weights.modules.get((self.layer, name)))
+            for name, size, off in zip(self.names, self.out_sizes, self.offsets, strict=True)
+        ]
+        dora = [(off, size, m) for off, size, m in dora if m is not None and m.magnitude is not None]
+        if dora or self.dora_scales is not None:
+            g = torch.ones(self.total_out, dtype=torch.float32)
+            if dora:
+                if self.base_weight is None:
+                    raise ValueError("DoRA needs the base weights of the projection; none were attached")
+                weight = self.base_weight()
+                for off, size, m in dora:
+                    g[off : off + size] = magnitude_scale(
+                        weight[off : off + size], m.a, m.b, m.scale, m.magnitude
+                    )
+            self._scales()[slot].copy_(g)
+        a = self.bank.a
+        self.ctx.mark_dora(slot, weights.is_dora, a.shape[0], a.device)
+
+    def _scales(self) -> torch.Tensor:
+        if self.dora_scales is None:
+            s = self.bank.a.shape[0]
+            self.dora_scales = torch.ones(s, self.total_out, dtype=torch.float32, device=self.bank.a.device)
+        return self.dora_scales
 
     def clear(self, slot: int) -> None:
         self.bank.write(slot, [None] * len(self.names))
+        if self.dora_scales is not None:
+            self.dora_scales[slot] = 1.0
+        self.ctx.mark_dora(slot, False, self.bank.a.shape[0], self.bank.a.device)
 
     @property
     def nbytes_per_slot(self) -> int:
         return self.bank.nbytes_per_slot
+
+
+def _apply_dora(ctx: LoraContext, y: torch.Tensor, batch: LoraPlan, scales, bias) -> None:
+    """DoRA's magnitude scaling of the rows of DoRA slots (after their LoRA update): see adapters/dora.py."""
+    if scales is None:  # no DoRA adapter ever touched this site: g = 1 for every slot
+        return
+    if y.is_cuda and torch.cuda.is_current_stream_capturing():  # nothing may be read back: every row
+        scale_all_rows(y, batch.token_slots, scales, bias)
+        return
+    found = ctx.dora_rows(batch)
+    if found is not None:
+        rows, slots = found
+        scale_rows(y, rows, scales.index_select(0, slots), bias)
 
 
 def _cast(module, like: torch.Tensor):
@@ -199,6 +290,7 @@ class MultiLoraLinear(nn.Module):
         self.ctx = ctx
         self.in_features = base.in_features
         self.out_features = base.out_features
+        self.dora_scales: torch.Tensor | None = None  # [S, out] DoRA's g per slot, made on first use
 
     @property
     def weight(self) -> torch.Tensor:  # code that inspects the base layer keeps working
@@ -212,6 +304,8 @@ class MultiLoraLinear(nn.Module):
             self.ctx.backend.add_lora(
                 y2, x.reshape(-1, self.in_features), self.bank.a, self.bank.b, self.bank.scales, batch
             )
+            if self.ctx.dora:
+                _apply_dora(self.ctx, y2, batch, self.dora_scales, self.base.bias)
             y = y2.view_as(y)
         train = self.ctx.training.get(self.key) if self.ctx.training else None
         if train is not None:
@@ -226,9 +320,23 @@ class MultiLoraLinear(nn.Module):
         else:
             dev, dt = self.bank.a.device, self.bank.a.dtype
             self.bank.write(slot, m.a.to(dev, dt), m.b.to(dev, dt), m.scale)
+        if (m is not None and m.magnitude is not None) or self.dora_scales is not None:
+            if self.dora_scales is None:
+                n = self.bank.a.shape[0]
+                self.dora_scales = torch.ones(
+                    n, self.out_features, dtype=torch.float32, device=self.bank.a.device
+                )
+            g = torch.ones(self.out_features, dtype=torch.float32)
+            if m is not None and m.magnitude is not None:
+                g = magnitude_scale(self.base.weight.detach(), m.a, m.b, m.scale, m.magnitude)
+            self.dora_scales[slot].copy_(g)
+        self.ctx.mark_dora(slot, weights.is_dora, self.bank.a.shape[0], self.bank.a.device)
 
     def clear(self, slot: int) -> None:
         self.bank.clear(slot)
+        if self.dora_scales is not None:
+            self.dora_scales[slot] = 1.0
+        self.ctx.mark_dora(slot, False, self.bank.a.shape[0], self.bank.a.device)
 
     @property
     def nbytes_per_slot(self) -> int:
@@ -270,7 +378,7 @@ def make_lora_sites(
             )  # fmt: skip
             sites[(layer, proj)] = LoraSite(
                 layer, [n for n, _, _ in picked], [o for _, o, _ in picked], [f for _, _, f in picked],
-                in_features, bank, ctx,
+                in_features, bank, ctx, total_out=sum(sizes),
             )  # fmt: skip
     if not sites:
         raise ValueError(f"none of the target modules {sorted(targets)} is a projection of this model")

@@ -21,6 +21,9 @@ class LoraModule:
     """[out, r] float32, contiguous."""
     scale: float
     """lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (per-module r/alpha from the patterns)."""
+    magnitude: torch.Tensor | None = None
+    """DoRA (PEFT use_dora): [out] float32, the magnitude vector m; the layer then computes
+    `m / ||W + scale·b@a||_row · (W + scale·b@a) x` (adapters/dora.py). None: plain LoRA."""
 
     @property
     def rank(self) -> int:
@@ -53,6 +56,10 @@ class LoraWeights:
     """What the head reads (`head_config.json`; the last token of the last layer without one)."""
 
     @property
+    def is_dora(self) -> bool:
+        return any(m.magnitude is not None for m in self.modules.values())
+
+    @property
     def num_labels(self) -> int:
         return 0 if self.head_weight is None else int(self.head_weight.shape[0])
 
@@ -63,7 +70,10 @@ class LoraWeights:
     @property
     def nbytes(self) -> int:
         """Host bytes of all tensors: what the host cache charges for this adapter."""
-        total = sum(m.a.nbytes + m.b.nbytes for m in self.modules.values())
+        total = sum(
+            m.a.nbytes + m.b.nbytes + (0 if m.magnitude is None else m.magnitude.nbytes)
+            for m in self.modules.values()
+        )
         for t in (self.head_weight, self.head_bias):
             if t is not None:
                 total += t.nbytes

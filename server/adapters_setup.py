@@ -36,6 +36,26 @@ class AdapterSide:
     """The PEFT module names adapters may target on this model, sorted."""
 
 
+def _attach_base_weights(runner, sites) -> None:
+    """Each site's projection weight (read densely, at a DoRA adapter's install only) and bias."""
+    from functools import partial
+
+    for (layer, proj), site in sites.items():
+        weights = runner.w.layers[layer]
+        site.attach_base(partial(_dense, getattr(weights, proj)), getattr(weights, f"{proj}_bias"))
+
+
+def _dense(matrix):
+    """A projection's weight as a float32 [out, in] tensor, whatever its storage (blocks widened)."""
+    import torch
+
+    from hotlora.kernels import block_weights
+
+    if block_weights.is_packed(matrix):
+        return block_weights.widen(matrix)
+    return matrix.to(torch.float32)
+
+
 def setup_adapters(cfg: ServerConfig, loaded: LoadedModel, observer: AdapterObserver) -> AdapterSide:
     base = loaded.base
     targets = [t for t in cfg.target_module_list if t in base.linear_shapes]
@@ -60,6 +80,7 @@ def setup_adapters(cfg: ServerConfig, loaded: LoadedModel, observer: AdapterObse
             loaded.dtype,
         )
         runner.sites = by_key
+        _attach_base_weights(runner, by_key)
         sites = list(by_key.values())
         per_slot = sum(site.nbytes_per_slot for site in sites)
         log.info(

@@ -1,8 +1,8 @@
 """`adapter_config.json`: read as hostile JSON, type-checked, then validated by PEFT's own `LoraConfig`.
 
-Only plain LoRA is accepted: options that change the forward pass (DoRA, bias terms, init methods that rewrite
-the base weights, ...) are refused by name, unknown options are refused, and every number we interpret is
-checked against `AdapterLimits` before PEFT sees it.
+Plain LoRA and DoRA (`use_dora`, served by adapters/dora.py) are accepted: other options that change the
+forward pass (bias terms, init methods that rewrite the base weights, ...) are refused by name, unknown
+options are refused, and every number we interpret is checked against `AdapterLimits` before PEFT sees it.
 """
 
 from __future__ import annotations
@@ -25,10 +25,9 @@ _BENIGN_OPTIONS = frozenset(
     "target_modules exclude_modules lora_alpha lora_dropout use_rslora modules_to_save init_lora_weights "
     "layers_to_transform layers_pattern rank_pattern alpha_pattern megatron_core qalora_group_size "
     "loftq_config eva_config corda_config lora_ga_config ensure_weight_tying bias fan_in_fan_out".split()
-)
+) | {"use_dora"}  # DoRA changes the forward pass, and is served as PEFT computes it (adapters/dora.py)
 # Options that change the forward pass: refused unless left at their default (empty) value.
 _REFUSED_OPTIONS = {
-    "use_dora": "DoRA",
     "lora_bias": "trained LoRA bias terms",
     "use_qalora": "QA-LoRA",
     "use_bdlora": "block-diagonal LoRA",

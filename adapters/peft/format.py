@@ -68,7 +68,7 @@ def parse_peft_adapter(
     plan = resolve_targets(config, base, limits)
     tensors = load_safetensors(files[WEIGHTS_FILE], limits)
     task = str(config.task_type)
-    modules = take_modules(tensors, plan, base)
+    modules = take_modules(tensors, plan, base, dora=bool(config.use_dora))
     head_weight = head_bias = None
     if task == "SEQ_CLS":
         head_weight, head_bias = take_head(tensors, base)

@@ -84,9 +84,13 @@ def _as_float32(key: str, tensor: torch.Tensor) -> torch.Tensor:
 
 
 def take_modules(
-    tensors: dict[str, torch.Tensor], plan: dict[tuple[int, str], tuple[int, float]], base: BaseModelInfo
+    tensors: dict[str, torch.Tensor],
+    plan: dict[tuple[int, str], tuple[int, float]],
+    base: BaseModelInfo,
+    dora: bool = False,
 ) -> dict[tuple[int, str], LoraModule]:
-    """Pop the lora_A/lora_B pair of every planned module, checking shapes against r and the base."""
+    """Pop the lora_A/lora_B pair of every planned module (and its DoRA magnitude vector with `dora`),
+    checking shapes against r and the base."""
     modules: dict[tuple[int, str], LoraModule] = {}
     for (layer, short), (r, scale) in sorted(plan.items()):
         key = KEY_PREFIX + base.module_key(layer, short)
@@ -114,8 +118,25 @@ def take_modules(
                 f"adapter_config.json gives it rank {r} (r / rank_pattern): expected [{r}, {in_f}] and "
                 f"[{out_f}, {r}]"
             )
-        modules[(layer, short)] = LoraModule(_as_float32(a_key, a), _as_float32(b_key, b), scale)
+        magnitude = _take_magnitude(tensors, key, out_f) if dora else None
+        modules[(layer, short)] = LoraModule(_as_float32(a_key, a), _as_float32(b_key, b), scale, magnitude)
     return modules
+
+
+def _take_magnitude(tensors: dict[str, torch.Tensor], key: str, out_f: int) -> torch.Tensor:
+    """DoRA's magnitude vector of one module, as PEFT saves it (`<module>.lora_magnitude_vector`)."""
+    m_key = f"{key}.lora_magnitude_vector"
+    m = tensors.pop(m_key, None)
+    if m is None:
+        m = tensors.pop(f"{m_key}.weight", None)  # PEFT before 0.12 kept the parameter's own name
+    if m is None:
+        raise InvalidArgument(
+            f"{WEIGHTS_FILE} lacks {m_key!r}: adapter_config.json has use_dora=true, and every targeted "
+            "module of a DoRA adapter needs its magnitude vector"
+        )
+    if list(m.shape) != [out_f]:
+        raise InvalidArgument(f"{WEIGHTS_FILE}: {m_key!r} has shape {list(m.shape)}; expected [{out_f}]")
+    return _as_float32(m_key, m)
 
 
 def take_head(
