@@ -46,11 +46,15 @@ def _attach_base_weights(runner, sites) -> None:
 
 
 def _dense(matrix):
-    """A projection's weight as a float32 [out, in] tensor, whatever its storage (blocks widened)."""
+    """A projection's weight as a float32 [out, in] tensor, whatever its storage (blocks widened, a RowStack's
+    parts stacked)."""
     import torch
 
     from hotlora.kernels import block_weights
+    from hotlora.server.engine.runner.weights import RowStack
 
+    if isinstance(matrix, RowStack):  # parts in different block formats, stacked by rows
+        return torch.cat([_dense(part) for part in matrix.parts])
     if block_weights.is_packed(matrix):
         return block_weights.widen(matrix)
     return matrix.to(torch.float32)
