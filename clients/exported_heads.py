@@ -69,10 +69,9 @@ class ExportedClassifier:
         with torch.no_grad():
             out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
             states = out.hidden_states[self.features.layer]  # [texts, width, hidden]
-            if self.features.pooling == "mean":
-                pooled = (states * mask[..., None].to(states.dtype)).sum(1) / lengths[:, None].to(
-                    states.dtype
-                )
+            if self.features.pooling == "mean":  # over the text's tokens, not the padding
+                real = mask[..., None].to(states.dtype)
+                pooled = (states * real).sum(1) / real.sum(1)
             else:
                 pooled = states[torch.arange(len(token_ids), device=device), lengths - 1]
             return self.head(pooled)

@@ -17,6 +17,7 @@ from hotlora.adapters.training.adaptation import Adaptation, AdaptationOutcome, 
 from hotlora.adapters.training.evaluation import Evaluator
 from hotlora.adapters.training.finetune_spec import FineTuneSpec, candidate_methods
 from hotlora.adapters.training.job_workers import WorkerFactory
+from hotlora.adapters.training.trainer import Progress
 from hotlora.adapters.training.training_record import TrainingRecord, ValidationSummary
 from hotlora.adapters.training.validation import gate_margin
 from hotlora.adapters.training.work import JobWork
@@ -28,6 +29,14 @@ log = logging.getLogger("hotlora.finetune")
 
 TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELLED", "REJECTED"})
 EVENT_INTERVAL_S = 1.0
+
+
+def progress_message(p: Progress) -> str:
+    """A progress event's line: the phase, then the step and epoch counts once there are some (a feature
+    pass has neither: "step 0/0, epoch 0" would read as a count that is not one)."""
+    counts = [f"step {p.step}/{p.total_steps}"] if p.total_steps else []
+    counts += [f"epoch {p.epoch}"] if p.epoch else []
+    return p.phase + (": " + ", ".join(counts) if counts else "")
 
 
 class JobTask:
@@ -108,8 +117,7 @@ class JobTask:
         now = time.monotonic()
         new_epoch = p.epoch != self._last_epoch and not p.phase.endswith("head")  # head epochs: microseconds
         if new_epoch or now - self._last_event >= EVENT_INTERVAL_S:
-            msg = f"{p.phase}: step {p.step}/{p.total_steps}, epoch {p.epoch}"
-            self.manager.update_job(self, msg, metrics=self.metrics())
+            self.manager.update_job(self, progress_message(p), metrics=self.metrics())
             self._last_event, self._last_epoch = now, p.epoch
 
     def promote_or_keep(self) -> None:

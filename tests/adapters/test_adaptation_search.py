@@ -1,7 +1,7 @@
 """AUTO's search with scripted candidates (issue 34): it stops when nothing dearer can win (the best within
 the gate's margin of 1.0) and says why, prefers among candidates the gate cannot tell apart the one whose
 export stock PEFT reproduces (and says so when the winner's does not), and shows the baseline from the
-start and no score before one is measured."""
+start and no score before one is measured (nor a step count before there is one)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import pytest
 
 from hotlora.adapters.head_features import auto_choices
 from hotlora.adapters.training.adaptation import Adaptation, Examples, candidates_for
+from hotlora.adapters.training.finetune_tasks import progress_message
 from hotlora.adapters.training.trainer import Progress, TrainOutcome
 from hotlora.adapters.training.validation import plan_validation
 
@@ -165,6 +166,17 @@ def test_the_baseline_shows_from_the_start_and_no_score_before_one_is_measured()
     assert a.progress.validation_metric is None
     _run(a)
     assert a.progress.validation_metric == pytest.approx(0.85) and a.outcome.baseline == 0.5
+
+
+def test_progress_lines_show_only_counts_there_are():
+    # a feature pass has no steps or epochs: its line must not read "step 0/0, epoch 0"
+    assert progress_message(Progress(phase="HEAD_ONLY(last token), fold 1/5: features")) == (
+        "HEAD_ONLY(last token), fold 1/5: features"
+    )
+    assert progress_message(Progress(phase="LORA: lora", step=3, total_steps=40, epoch=1)) == (
+        "LORA: lora: step 3/40, epoch 1"
+    )
+    assert progress_message(Progress(phase="head", step=5, total_steps=300)) == "head: step 5/300"
 
 
 def test_a_measured_baseline_shows_once_the_first_candidate_measured_it():
