@@ -23,6 +23,7 @@ HEAD_FILE = "head_config.json"
 #: Files PEFT's `save_pretrained` writes next to the adapter that are not part of it: skipped on upload.
 IGNORED_FILES = frozenset({"README.md", ".gitattributes"})
 #: Files only a model's directory has (transformers' `save_pretrained`): an upload of one is refused as such.
+#: The server decides the same (hotlora.adapters.peft.files.model_files; the client imports no server code).
 MODEL_FILES = frozenset(
     {
         "config.json",

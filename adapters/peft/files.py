@@ -6,6 +6,7 @@ accepted, pickles are refused by name, and every size is bounded by `AdapterLimi
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from hotlora.adapters.errors import InvalidArgument, ResourceExhausted
@@ -61,19 +62,46 @@ class AdapterLimits:
             raise InvalidArgument("AdapterLimits.max_labels and max_label_chars must be at least 1")
 
 
-MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+MODEL_FILES = frozenset(
+    {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "pytorch_model.bin",
+        "pytorch_model.bin.index.json",
+    }
+)
 """Files of a model's directory (transformers' save_pretrained), never of an adapter's."""
+
+
+def model_files(names: Iterable[str]) -> list[str]:
+    """Those of `names` that only a model's directory has (its config and weights, shards, a GGUF file):
+    the one definition the server's checks and the client's upload share."""
+    return sorted(
+        n
+        for n in names
+        if n in MODEL_FILES
+        or n.endswith(".gguf")
+        or (n.startswith(("model-", "pytorch_model-")) and n.endswith((".safetensors", ".bin")))
+    )
+
+
+def refuse_model_files(names: Iterable[str]) -> None:
+    """InvalidArgument naming a model's files, where `names` has any: an upload or a load of a model's
+    directory is told it is a model, not an adapter (not a list of files that are not an adapter's)."""
+    model = model_files(names)
+    if model:
+        raise InvalidArgument(
+            f"these are a model's files ({', '.join(model[:4])}), not a PEFT adapter's: an adapter is "
+            f"{CONFIG_FILE} and {WEIGHTS_FILE}, as PeftModel.save_pretrained writes them. A server serves "
+            "one base model (hotlora serve --model); upload the adapter of a fine-tune of it"
+        )
 
 
 def check_files(files: dict[str, bytes], limits: AdapterLimits) -> None:
     allowed = f"{CONFIG_FILE} and {WEIGHTS_FILE}"
-    model = sorted(n for n in files if n in MODEL_FILES or n.endswith(".gguf") or n.startswith("model-0"))
-    if model:
-        raise InvalidArgument(
-            f"these are a model's files ({', '.join(model[:4])}), not a PEFT adapter's: an adapter is "
-            f"{allowed}, as PeftModel.save_pretrained writes them. A server serves one base model "
-            "(hotlora serve --model); upload the adapter of a fine-tune of it"
-        )
+    refuse_model_files(files)
     for name, data in files.items():
         if name.endswith(PICKLE_SUFFIXES):
             raise InvalidArgument(

@@ -13,6 +13,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from hotlora.adapters.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from hotlora.adapters.peft.files import model_files
 from hotlora.adapters.peft.format import AdapterLimits, parse_peft_adapter, write_peft_adapter
 from tests.adapters.conftest import NUM_LABELS, build_tiny_classifier, read_dir
 from tests.tiny import build_tiny_llama
@@ -360,3 +361,20 @@ def test_a_model_directory_uploaded_as_an_adapter_is_named_a_model(base_info, tm
     with pytest.raises(InvalidArgument) as err:
         parse_peft_adapter(files, base_info, LIMITS)
     assert "a model's files (config.json" in err.value.message and "not a PEFT adapter's" in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("names", "named"),
+    [
+        (["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"], "model-00001-of-00002"),
+        (["SmolLM2-135M-Instruct-Q4_0.gguf"], "SmolLM2-135M-Instruct-Q4_0.gguf"),
+        (["adapter_config.json", "adapter_model.safetensors", "generation_config.json"], "generation_config"),
+    ],
+)
+def test_a_sharded_or_gguf_model_is_named_a_model_before_any_other_check(base_info, names, named):
+    # the names alone decide: a model's weights are refused as a model's before their sizes or contents
+    with pytest.raises(InvalidArgument, match="a model's files .* not a PEFT adapter's") as err:
+        parse_peft_adapter(dict.fromkeys(names, b"x"), base_info, LIMITS)
+    assert named in err.value.message
+    export = ["adapter_config.json", "adapter_model.safetensors", "head_config.json", "README.md"]
+    assert model_files(export) == []

@@ -179,6 +179,19 @@ def test_upload_of_a_model_directory_says_it_is_a_model_not_an_adapter(fake, tmp
     assert fake.adapters.uploads == []
 
 
+def test_the_client_and_the_server_call_the_same_files_a_models():
+    from hotlora.adapters.peft.files import model_files
+    from hotlora.clients._common import _is_model_file
+
+    names = [
+        *["config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json"],
+        *["pytorch_model.bin", "pytorch_model.bin.index.json", "model-00001-of-00002.safetensors"],
+        *["pytorch_model-00001-of-00002.bin", "m-Q4_0.gguf", "tokenizer.json", "README.md"],
+        *["adapter_config.json", "adapter_model.safetensors", "head_config.json", "model-card.md"],
+    ]
+    assert sorted(n for n in names if _is_model_file(n)) == model_files(names) == sorted(names[:9])
+
+
 def test_upload_sends_an_exported_heads_head_config(fake, peft_dir):
     (peft_dir / "head_config.json").write_text('{"pooling": "mean", "layer": -1}')
     (peft_dir / "README.md").write_text("how to load it")  # what an export of such a head carries
