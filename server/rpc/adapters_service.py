@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from hotlora.adapters.errors import Cancelled, InvalidArgument, Unavailable
+from hotlora.adapters.peft.files import refuse_model_files
 from hotlora.server.rpc.conversion import adapter_pb
 from hotlora.server.rpc.interceptors import current_tenant
 from hotlora.v1 import adapters_pb2, adapters_pb2_grpc, common_pb2
@@ -43,6 +44,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
                     if chunk.data or chunk.filename:
                         if not chunk.filename:
                             raise InvalidArgument("an UploadChunk with data must name its `filename`")
+                        refuse_model_files((chunk.filename,))  # at once: a model is no adapter, however big
                         spool.add(chunk.filename, chunk.data)
                 ended = True
                 if not context.is_active():

@@ -160,6 +160,11 @@ def oversized(f):
     return {**f, "README.md": b"x" * (MAX_UPLOAD + 1)}
 
 
+def model_weights(f):
+    # a model's directory, weights over the upload limit: named a model at its first chunk, not "too large"
+    return {"config.json": b"{}", "model.safetensors": b"x" * (MAX_UPLOAD + 1)}
+
+
 def unchanged(f):
     return f  # the mistake is elsewhere (labels in the first chunk)
 
@@ -185,6 +190,7 @@ CASES = [
     ("missing-weights", missing_weights, {INVALID}, ["lacks", WEIGHTS], ()),
     ("unexpected-file", unexpected_file, {INVALID}, ["run.sh"], ()),
     ("oversized", oversized, {EXHAUSTED}, ["limit", str(MAX_UPLOAD)], ()),
+    ("model-directory", model_weights, {INVALID}, ["model's files (config.json)", "not a PEFT adapter"], ()),
     ("labels-on-causal-lm", unchanged, {INVALID}, ["labels", "SEQ_CLS"], ("a", "b")),
 ]
 
