@@ -1,5 +1,6 @@
 """DoRA adapters (PEFT use_dora=True) served as PEFT computes them: greedy tokens equal PEFT's in fp32 on a
-tiny model of each family the runner covers, DoRA rows in the same steps as plain LoRA rows and base rows."""
+tiny model of each family the runner covers (and one served through the transformers path), DoRA rows in the
+same steps as plain LoRA rows and base rows."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from tests.server.test_runner_families import (
     _mistral_sliding,
     _model_dir,
     _qwen2_biases_and_window,
+    _qwen3_not_covered,
 )
 from tests.tiny import tiny_tokenizer
 
@@ -53,8 +55,8 @@ def _gen(run, adapter, prompt):
 
 @pytest.mark.parametrize(
     "make_config",
-    [_llama3_rope, _mistral_sliding, _qwen2_biases_and_window],
-    ids=["llama-bias-tied", "mistral", "qwen2-qkv-bias"],
+    [_llama3_rope, _mistral_sliding, _qwen2_biases_and_window, _qwen3_not_covered],
+    ids=["llama-bias-tied", "mistral", "qwen2-qkv-bias", "qwen3-transformers-path"],
 )
 def test_dora_greedy_tokens_equal_peft_mixed_with_lora_and_base_rows(tmp_path, make_config):
     from transformers import AutoModelForCausalLM
