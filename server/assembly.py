@@ -50,6 +50,7 @@ def assemble(config: ServerConfig, observer: Observer = NO_OBSERVER) -> Componen
             runner=cfg.runner,
             weight_dtype=cfg.weight_dtype,
             adapter_dtype=cfg.adapter_dtype,
+            quantize=cfg.quantize,
         )
         phase.note = f"{loaded.name} on {loaded.device}/{loaded.dtype}"
     if not cfg.prefix_caching:

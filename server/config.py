@@ -34,7 +34,7 @@ class MustExist:
     """Marks a path flag that must name an existing file or directory when set. Checked with the checks
     between fields, so `--tls-cert missing.pem` also hears that --tls-key goes with it."""
 
-    kind: Literal["file", "dir"]
+    kind: Literal["file", "dir", "model"]  # model: a directory, or a .gguf file
     must: str = ""
 
 
@@ -58,7 +58,7 @@ def _absolute_dirs(value: str) -> str:
 PathText = Annotated[str, BeforeValidator(_text)]
 """A path, given as text or a PathLike, kept as text."""
 ExistingFile = Annotated[PathText, MustExist("file")]
-ModelDir = Annotated[PathText, MustExist("dir", "must be a local model directory")]
+ModelPath = Annotated[PathText, MustExist("model", "must be a local model directory or a .gguf file")]
 DirList = Annotated[str, AfterValidator(_absolute_dirs)]
 PowerOfTwo = Annotated[int, AfterValidator(_power_of_two)]
 LogLevel = Annotated[
@@ -69,8 +69,17 @@ LogLevel = Annotated[
 
 @config_class
 class ServerConfig:
-    model: ModelDir = flag(
-        "", "local Hugging Face causal-LM directory; empty = the embedded SmolLM2-135M-Instruct"
+    model: ModelPath = flag(
+        "",
+        "local Hugging Face causal-LM directory, or a GGUF file (Llama, Mistral or Qwen2; tensors in F32, "
+        "F16, BF16, Q8_0, Q4_0, Q4_1, Q4_K or Q6_K, kept as those blocks); empty = the embedded "
+        "SmolLM2-135M-Instruct",
+    )
+    quantize: Literal["none", "q8_0", "q4_0", "q4_1", "q4_k", "q6_k"] = flag(
+        "none",
+        "quantize the --model checkpoint's weight matrices into GGUF blocks at load, once (cached in "
+        "--cache-dir): the projections in this type, the embedding and LM head in Q6_K (Q8_0 under q8_0); "
+        "read by hotlora's block kernels in fp32, adapters and heads unchanged (docs/models.md)",
     )
     host: str = flag("127.0.0.1", "address the gRPC port binds to")
     port: int = flag(50051, "gRPC port (0 = pick a free one and log it)", ge=0, le=65535)
@@ -324,6 +333,7 @@ class ServerConfig:
             if ports[a] > 0 and ports[a] == ports[b]:
                 problems.append(f"{a} and {b} must differ (both {ports[a]}; 0 takes a free one for each)")
         problems += _precision_problems(self)
+        problems += _quantize_problems(self)
         if bool(self.tls_cert) != bool(self.tls_key):
             problems.append("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.tls_cert:
@@ -388,6 +398,27 @@ def _precision_problems(cfg: ServerConfig) -> list[str]:
     return problems
 
 
+def _is_gguf_file(path: str) -> bool:
+    return Path(path).is_file() and path.lower().endswith(".gguf")
+
+
+def _quantize_problems(cfg: ServerConfig) -> list[str]:
+    """--quantize with what cannot serve its blocks."""
+    if cfg.quantize == "none":
+        return []
+    if cfg.model and _is_gguf_file(cfg.model):
+        return [f"--quantize {cfg.quantize}: --model is a GGUF file, quantized already"]
+    for bad, why in (
+        (cfg.runner == "transformers", "--runner transformers"),
+        (cfg.dtype in ("float16", "bfloat16"), f"--dtype {cfg.dtype} (the block kernels compute in fp32)"),
+        (cfg.weight_dtype != "auto", f"--weight-dtype {cfg.weight_dtype}"),
+        (cfg.device.startswith("cuda"), "--device cuda (the block kernels are the CPU's)"),
+    ):
+        if bad:
+            return [f"--quantize {cfg.quantize} cannot go with {why}"]
+    return []
+
+
 def _missing_paths(cfg) -> list[str]:
     """The `MustExist` flags set to a path that is not there."""
     problems = []
@@ -401,6 +432,8 @@ def _missing_paths(cfg) -> list[str]:
                 problems.append(f"{flag_}: no such file {path!r}")
             elif mark.kind == "dir" and not Path(path).is_dir():
                 problems.append(f"{flag_} {mark.must or 'must be a directory'}; {path!r} is not one")
+            elif mark.kind == "model" and not (Path(path).is_dir() or _is_gguf_file(path)):
+                problems.append(f"{flag_} {mark.must}; {path!r} is not one")
     return problems
 
 

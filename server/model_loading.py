@@ -7,16 +7,13 @@ data dir; later starts load that copy in a fraction of a second."""
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from hotlora.server import prepared_models
 
 log = logging.getLogger("hotlora.model")
 
@@ -52,41 +49,11 @@ def default_gguf_path() -> Path:
     return path
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def prepare_default_model(cache_dir: str | Path) -> Path:
     """Return a Hugging Face directory of the default model, dequantizing it once."""
     gguf = default_gguf_path()
-    digest = _sha256(gguf)
-    root = Path(cache_dir) / "models"
-    target = root / f"{DEFAULT_MODEL_NAME}-{digest[:16]}"
-    if (target / ".complete").is_file():
-        return target
-    root.mkdir(parents=True, exist_ok=True)
-    # a lock so parallel servers (tests) dequantize once, not once each
-    with open(root / f".{target.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / ".complete").is_file():
-            return target
-        t0 = time.monotonic()
-        log.info("dequantizing %s once into %s (takes ~20 s)", gguf.name, target)
-        tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=root))
-        try:
-            _dequantize_gguf(gguf, tmp)
-            (tmp / ".complete").write_text(digest + "\n")
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        log.info("default model cached in %.1f s", time.monotonic() - t0)
-    return target
+    name = f"{DEFAULT_MODEL_NAME}-{prepared_models.sha256_file(gguf)[:16]}"
+    return prepared_models.prepared(cache_dir, name, lambda tmp: _dequantize_gguf(gguf, tmp), gguf.name)
 
 
 def _dequantize_gguf(gguf: Path, out: Path) -> None:
@@ -125,20 +92,52 @@ def load_model(
     runner: str = "auto",
     weight_dtype: str = "auto",
     adapter_dtype: str = "auto",
+    quantize: str = "none",
 ) -> LoadedModel:
-    """The runner on the model's safetensors, or the transformers path for a family it does not cover, in
-    the precision the three flags resolve to on this machine for this checkpoint (server/precision.py),
-    decided here once and logged."""
+    """The runner on the model's safetensors (its matrices quantized into GGUF blocks under `quantize`,
+    server/engine/runner/quantize.py) or on a GGUF file's tensors (runner/gguf_model.py), or the
+    transformers path for a family it does not cover, in the precision the three flags resolve to on this
+    machine for this checkpoint (server/precision.py), decided here once and logged."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for a model hub at run time
+    from hotlora.server.engine.runner import gguf_model
+
+    gguf = gguf_model.open_checked(model_dir) if model_dir and gguf_model.is_gguf(model_dir) else None
+    try:
+        if gguf is not None:
+            if quantize != "none":
+                raise ValueError(f"--quantize {quantize}: {model_dir} is a GGUF file, quantized already")
+            path = prepared_models.prepared(
+                cache_dir,
+                f"{gguf.path.stem}-{gguf.header_sha256[:16]}",
+                lambda tmp: gguf_model.load_config_and_tokenizer(gguf, tmp),
+                f"the config and tokenizer of {gguf.path.name}",
+            )
+            name = gguf.path.stem
+        else:
+            path = Path(model_dir) if model_dir else prepare_default_model(cache_dir)
+            name = path.name if model_dir else DEFAULT_MODEL_NAME
+        return _load(
+            path, name, gguf, cache_dir, device, dtype, kv_cache_bytes, kv_block_size, runner, weight_dtype,
+            adapter_dtype, quantize,
+        )  # fmt: skip
+    finally:
+        if gguf is not None:
+            gguf.close()  # every tensor has been copied out of it
+
+
+def _load(
+    path, name, gguf, cache_dir, device, dtype, kv_cache_bytes, kv_block_size, runner, weight_dtype,
+    adapter_dtype, quantize,
+) -> LoadedModel:  # fmt: skip
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from hotlora.adapters.base_model_info import BaseModelInfo
-    from hotlora.server.engine.runner import ModelSpec, Unsupported, in_blocks, load_runner
+    from hotlora.server.engine.runner import ModelSpec, Unsupported, gguf_model, in_blocks, load_runner
+    from hotlora.server.engine.runner.quantize import quantized_getter
+    from hotlora.server.engine.runner.weights import safetensors_getter
     from hotlora.server.precision import Checkpoint, machine_here, resolve_precision
 
-    path = Path(model_dir) if model_dir else prepare_default_model(cache_dir)
-    name = path.name if model_dir else DEFAULT_MODEL_NAME
     dev = resolve_device(device)
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if tokenizer.pad_token_id is None:
@@ -152,17 +151,31 @@ def load_model(
             ModelSpec.from_config(config)
         except Unsupported as exc:
             why = str(exc)
+    blocks = gguf is not None or quantize != "none"  # matrices in GGUF blocks, from the start
+    if blocks and why is not None:
+        what = f"--quantize {quantize}" if gguf is None else "a GGUF file"
+        raise ValueError(f"{what} needs hotlora's runner, and {name} cannot use it: {why}")
     machine = machine_here(dev)
     # whether the matrices are exact GGUF blocks matters only where auto could pick bf16 for them
     looks = why is None and dtype == "auto" and weight_dtype == "auto" and machine.fast_bf16
-    checkpoint = Checkpoint(runner=why is None, in_blocks=looks and in_blocks(path))
+    checkpoint = Checkpoint(runner=why is None, in_blocks=blocks or (looks and in_blocks(path)))
     try:
         precision = resolve_precision(dtype, weight_dtype, adapter_dtype, machine, checkpoint)
     except ValueError as exc:
         raise ValueError(f"{exc} ({name}: {why})" if why else str(exc)) from None
     log.info("precision: %s", precision.describe())
+    if blocks and not precision.keep_blocks:
+        log.warning(  # blocks are kept under fp32 compute on a CPU that runs hotlora's kernels only
+            "%s: GGUF blocks dequantized to %s at load", name, str(precision.weights).removeprefix("torch.")
+        )
     dt = precision.compute
     if why is None:
+        getter, factors = None, None
+        if gguf is not None:
+            getter, factors = gguf_model.getter(gguf, config), gguf_model.rope_factors(gguf)
+        elif quantize != "none":
+            spec = ModelSpec.from_config(config)
+            getter = quantized_getter(path, quantize, cache_dir, spec, safetensors_getter(path))
         model = load_runner(
             path,
             config,
@@ -173,6 +186,8 @@ def load_model(
             weight_dtype=precision.weights,
             pack_exact_blocks=precision.keep_blocks,
             long_products_bf16=precision.long_products_bf16,
+            getter=getter,
+            rope_factors=factors,
         )
         kind = "runner"
     else:
