@@ -4,9 +4,13 @@
   reviews no job saw (EvaluateAdapter on the job's adapter, promoted or not) and the seconds to a
   promoted adapter, AUTO vs each fixed method;
 - Generate p50/p99 while a LORA job runs vs idle, and the job's training throughput (optimizer steps
-  per second) while serving vs alone.
+  per second) while serving vs alone;
+- with --qlora instead: LORA and LORA_PROGRESSIVE jobs on an fp32 base (--weight-dtype float32) and on the
+  same weights quantized to Q4_0 (--quantize q4_0: QLoRA-style, the base's forward and input gradient
+  through the block kernels), held-out accuracy and seconds side by side.
 
     .venv/bin/python benchmarks/adaptation.py [--sizes 24,80,240] [--max-train-unit-ms 50] [--no-write]
+    .venv/bin/python benchmarks/adaptation.py --qlora [--sizes 80,240]
 """
 
 from __future__ import annotations
@@ -46,11 +50,12 @@ def run_job(training, req) -> tuple[training_pb2.FineTuneJob, float]:
     return job, time.perf_counter() - t0
 
 
-def compare_methods(training, sizes: list[int], methods: tuple[str, ...]) -> list[str]:
+def compare_methods(training, sizes: list[int], methods: tuple[str, ...], base: str = "") -> list[str]:
     pool, held_out = reviews()
     lines = [
-        "| examples | method | state | chosen | validated (scheme) | held-out accuracy | seconds |",
-        "|---|---|---|---|---|---|---|",
+        f"| examples | {'base | ' if base else ''}method | state | chosen | validated (scheme) | "
+        "held-out accuracy | seconds |",
+        f"|---|{'---|' if base else ''}---|---|---|---|---|---|",
     ]
     for n in sizes:
         for method in methods:
@@ -67,8 +72,9 @@ def compare_methods(training, sizes: list[int], methods: tuple[str, ...]) -> lis
             )
             state = training_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_")
             chosen = training_pb2.FineTuneMethod.Name(job.method).removeprefix("METHOD_")
+            where = f"{base} | " if base else ""
             line = (
-                f"| {n} | {method} | {state} | {chosen} | {m.validation_metric:.3f} ± "
+                f"| {n} | {where}{method} | {state} | {chosen} | {m.validation_metric:.3f} ± "
                 f"{m.validation_stderr:.3f} ({m.validation_scheme}) | {held.accuracy:.3f} | "
                 f"{seconds:.1f}{'' if job.promoted else ' (not promoted)'} |"
             )
@@ -132,6 +138,33 @@ def co_serving(training, inference, requests: int) -> list[str]:
     ]
 
 
+QLORA_BASES = {"fp32": dict(weight_dtype="float32"), "q4_0": dict(quantize="q4_0")}
+
+
+def qlora(sizes: list[int], max_train_unit_ms: float) -> list[str]:
+    """LORA and LORA_PROGRESSIVE on the fp32 base and on it quantized to Q4_0, one server after the other."""
+    rows: list[str] = []
+    for base, options in QLORA_BASES.items():
+        with tempfile.TemporaryDirectory() as data_dir:
+            cfg = ServerConfig(
+                port=0, metrics_port=-1, http_port=-1, data_dir=data_dir, grace_seconds=1.0,
+                max_train_unit_ms=max_train_unit_ms, max_jobs_per_tenant=2, dtype="float32", **options,
+            )  # fmt: skip
+            server = HotloraServer(cfg)
+            server.start()
+            server.load()
+            channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
+            try:
+                got = compare_methods(
+                    training_pb2_grpc.TrainingStub(channel), sizes, ("LORA", "LORA_PROGRESSIVE"), base
+                )
+            finally:
+                channel.close()
+                server.shutdown(grace=1.0)
+        rows += got if not rows else got[2:]
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="24,80,240", help="training set sizes (comma-separated)")
@@ -140,8 +173,24 @@ def main() -> None:
     ap.add_argument("--max-train-unit-ms", type=float, default=ServerConfig().max_train_unit_ms)
     ap.add_argument("--skip-methods", action="store_true", help="only the co-serving figures")
     ap.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
+    ap.add_argument("--qlora", action="store_true", help="LoRA on an fp32 vs a q4_0 base (only that)")
     args = ap.parse_args()
     sizes = [int(x) for x in args.sizes.split(",") if x]
+    if args.qlora:
+        rows = qlora(sizes, args.max_train_unit_ms)
+        lines = [
+            f"{datetime.date.today().isoformat()} · {machine()} · SmolLM2-135M-Instruct · "
+            "`python benchmarks/adaptation.py --qlora` (machine shared with other jobs: figures are noisy)",
+            "",
+            "Review sentiment; held-out: 90 reviews no job saw. fp32 base: --weight-dtype float32; q4_0 "
+            "base: --quantize q4_0 (projections in Q4_0, embedding and LM head in Q8_0: 576-weight rows).",
+            "",
+            *rows,
+        ]
+        print("\n".join(lines))
+        if not args.no_write:
+            write_lines("Adaptation on a quantized base (QLoRA)", lines)
+        return
     with tempfile.TemporaryDirectory() as data_dir:
         cfg = ServerConfig(
             port=0,
