@@ -44,9 +44,12 @@ def after_token(
     max_positions: int,
 ) -> tuple[str, FinishReason | None]:
     """The text `tok` adds to the output and the finish reason it brings, if any (`num_tokens`: the
-    sequence's tokens, `tok` included)."""
+    sequence's tokens, `tok` included). ERROR: the request's grammar gave up (`req.matcher.failure()`)."""
     reason = None
-    if tok in eos_ids and not req.params.ignore_eos:
+    if req.matcher is not None and req.matcher.failure() is not None:
+        reason = FinishReason.ERROR  # the token was forced: nothing the grammar allowed was left
+        text = detok.flush()
+    elif tok in eos_ids and not req.params.ignore_eos:
         reason = FinishReason.EOS
         text = detok.flush()
     elif tok in req.params.stop_token_ids:

@@ -19,6 +19,7 @@ import torch
 
 from hotlora.adapters.errors import InvalidArgument
 from hotlora.server.engine.device_io import to_device
+from hotlora.server.engine.schema_instances import no_finite_instance
 
 MAX_SPEC_CHARS = 64 * 1024  # a schema, regex or choice list larger than this is refused
 MAX_CHOICES = 256
@@ -50,10 +51,14 @@ class GuidedSpec:
         if self.kind is GuidedKind.JSON_SCHEMA:
             try:
                 schema = json.loads(self.value)
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise InvalidArgument(f"the JSON schema is not valid JSON: {exc}") from None
             if not isinstance(schema, dict | bool):
                 raise InvalidArgument("a JSON schema must be an object (or true/false)")
+            # llguidance compiles a schema whose every value contains itself; no answer could ever finish
+            why = no_finite_instance(schema)
+            if why is not None:
+                raise InvalidArgument(why)
             try:
                 return M.grammar_from_json_schema(schema, defaults=opts)
             except Exception as exc:  # llguidance raises ValueError on schemas it cannot compile
@@ -127,15 +132,27 @@ class GrammarEngine:
                 self._compiled[grammar] = fresh
                 while len(self._compiled) > self.GRAMMAR_CACHE:
                     self._compiled.popitem(last=False)
-        return Matcher(fresh.deep_copy(), self)
+        return Matcher(fresh.deep_copy(), self, spec.kind)
 
 
 class Matcher:
     """One request's position in its grammar."""
 
-    def __init__(self, ll, engine: GrammarEngine):
+    def __init__(self, ll, engine: GrammarEngine, kind: GuidedKind):
         self.ll = ll
         self.engine = engine
+        self.kind = kind
+
+    def failure(self) -> InvalidArgument | None:
+        """Why the output can no longer follow the grammar, once the grammar engine has given up on it
+        (e.g. ParserTooComplex on a forced prefix that never ends): the request then ends with this error,
+        never as a finished answer that does not parse."""
+        if not self.ll.is_error():
+            return None
+        return InvalidArgument(
+            f"the output could not follow the guided {self.kind.value} (the grammar engine gave up: "
+            f"{self.ll.get_error()[:300]}); the text so far does not match it"
+        )
 
     def accept(self, token_id: int) -> bool:
         return self.ll.consume_token(token_id)

@@ -214,8 +214,9 @@ def _padded(rows: list[list], device, pad: int | None = None, dtype=torch.int64)
 
 
 def _end_rows_with_nothing_allowed(logits: torch.Tensor, rows: list[int], eos: int) -> None:
-    """A row whose every logit is -inf (a grammar in error) ends: its EOS logit becomes 0. No read: the
-    rows are picked on the device."""
+    """A row whose every logit is -inf (a grammar in error) ends: its EOS logit becomes 0, and
+    `endings.after_token` ends a guided one as ERROR, never as a finished answer. No read: the rows are
+    picked on the device."""
     idx = tensor_on(rows, torch.int64, logits.device)
     dead = ~torch.isfinite(logits.index_select(0, idx)).any(dim=-1)
     current = logits[:, eos].index_select(0, idx)

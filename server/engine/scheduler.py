@@ -34,7 +34,7 @@ from hotlora.server.engine.device_io import tensor_on
 from hotlora.server.engine.endings import Endings, after_token, eos_ids
 from hotlora.server.engine.logits_controls import choose_tokens, read_pending, record_prompt_logprobs
 from hotlora.server.engine.pooling import PoolingWork
-from hotlora.server.engine.requests import GenerationRequest, PoolingRequest, TokenEvent
+from hotlora.server.engine.requests import FinishReason, GenerationRequest, PoolingRequest, TokenEvent
 from hotlora.server.engine.runner.kv_cache import BlockManager
 from hotlora.server.engine.sampling import make_generator
 from hotlora.server.engine.sequences import GenerationSeqs, Seq, cache_key
@@ -393,7 +393,8 @@ class Engine:
             text, reason = after_token(req, tok, seq.detok, self.eos_ids, len(seq.tokens), self.max_positions)
             req.text += text
             if reason is not None:  # metrics first, so they are counted before the client sees the end
-                self.endings.finish(req, reason)
+                error = req.matcher.failure() if reason is FinishReason.ERROR else None
+                self.endings.finish(req, reason, error)
             req.events.put(TokenEvent([tok], text, reason, None if lp is None else [lp]))
 
     # ---- endings ----------------------------------------------------------------------
