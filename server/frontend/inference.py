@@ -196,19 +196,25 @@ class InferenceFrontend:
                 f"{what} has {n} tokens; this server accepts at most {self.config.max_prompt_tokens}"
             )
 
+    def check_counts(self, texts: list[str], what: str) -> None:
+        """The cheap bounds of one request's texts or prompts, checked before any is tokenized: how many
+        (--max-texts), and their characters together (tokens are never fewer than ~chars/32, so far more
+        characters than --max-request-tokens allows are refused without counting tokens)."""
+        if len(texts) > self.config.max_texts:
+            raise ResourceExhausted(
+                f"{len(texts)} {what} in one request; the limit is {self.config.max_texts} (--max-texts)"
+            )
+        chars = sum(len(t) for t in texts)
+        if chars > self.config.max_request_tokens * 32:
+            raise ResourceExhausted(
+                f"the {what} are {chars} characters together, far over the "
+                f"{self.config.max_request_tokens}-token limit of one request (--max-request-tokens)"
+            )
+
     def _texts(self, texts: list[str]) -> list[list[int]]:
         if not texts:
             raise InvalidArgument("at least one text is required")
-        if len(texts) > self.config.max_texts:
-            raise ResourceExhausted(
-                f"{len(texts)} texts in one request; the limit is {self.config.max_texts}"
-            )
-        chars = sum(len(t) for t in texts)
-        if chars > self.config.max_request_tokens * 32:  # as _check_text, for the request as a whole
-            raise ResourceExhausted(
-                f"the texts are {chars} characters together, far over the "
-                f"{self.config.max_request_tokens}-token limit of one request (--max-request-tokens)"
-            )
+        self.check_counts(texts, "texts")
         out = []
         for i, t in enumerate(texts):
             if not t:

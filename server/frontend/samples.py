@@ -45,6 +45,7 @@ class SampleSet:
         self.deadline = deadline
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.inputs = inputs
+        fe.check_counts([g.prompt or "".join(c for _, c in g.messages) for g in inputs], "prompts")
         self.prepared = [fe.prepare_generation(g) for g in inputs]  # every prompt valid before any is queued
         if len(inputs) > 1:  # a list of prompts is one request: --max-request-tokens bounds them together
             fe.check_request_tokens(sum(len(ids) for ids, _ in self.prepared), "prompts")

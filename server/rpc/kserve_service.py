@@ -163,8 +163,7 @@ class KServeServicer:
         outputs = kc.requested_outputs(request, model)
         inputs = kc.generate_inputs(request, model, prompts)
         fe = self._frontend()
-        if len(inputs) > fe.config.max_texts:
-            raise InvalidArgument(f"{len(inputs)} prompts in one request; the limit is {fe.config.max_texts}")
+        fe.check_counts(prompts, "prompts")  # before any prompt is tokenized
         deadline = deadline_of(context)
         prepared = [fe.prepare_generation(g) for g in inputs]  # all checked before any is submitted
         fe.check_request_tokens(sum(len(ids) for ids, _ in prepared), "prompts")
