@@ -161,7 +161,8 @@ class HotloraServer:
                     host = cfg.http_host or cfg.host
                     self.http = bind_port(
                         "the OpenAI-compatible HTTP door", "--http-port", host, cfg.http_port,
-                        lambda: HttpServer(door.app, host, cfg.http_port), can_be_off=True,
+                        lambda: HttpServer(door.app, host, cfg.http_port, cfg.http_header_timeout_seconds),
+                        can_be_off=True,
                     )  # fmt: skip
                     self.http_port = self.http.port
                 # last: an unstarted gRPC server cannot give its port back (stop() is a no-op before start)

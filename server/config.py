@@ -94,6 +94,14 @@ class ServerConfig:
         le=65535,
     )
     http_host: str = flag("", "address the HTTP port binds to (empty = same as --host)")
+    http_header_timeout_seconds: float = flag(
+        10.0,
+        "HTTP door: a request's line and headers must arrive within this (slowloris), else 408 and close",
+        gt=0,
+    )
+    http_body_timeout_seconds: float = flag(
+        60.0, "HTTP door: a request's whole body must arrive within this, else 408 and close", gt=0
+    )
     served_model_name: str = flag("", "the base model's name in the HTTP door's `model` (empty = its own)")
     allowed_local_adapter_dirs: DirList = flag(
         "",

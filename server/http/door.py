@@ -2,8 +2,10 @@
 models, and vLLM's load/unload_lora_adapter routes, so llm-d's adapter sidecar and every OpenAI client
 work unchanged.
 
-Same tenants (Bearer tokens of --tokens-file), same admission (the gRPC side's RpcAdmission: one lease per
-HTTP request), same frontend and engine, same metrics. `model` names the served base model, an adapter
+Same tenants (Bearer tokens of --tokens-file, checked by `gate.RequestGate` before the body is read), same
+admission (the gRPC side's RpcAdmission: one lease per HTTP request, taken by the `Admitted` dependency and
+held until the response, a stream's last event included, has been sent), same frontend and engine, same
+metrics. `model` names the served base model, an adapter
 (`name`, `name@N`) or vLLM's `base:adapter`. Handlers are plain functions: FastAPI runs them on its thread
 pool, where they wait on the engine's events as the gRPC servicers do."""
 
@@ -15,10 +17,11 @@ import hashlib
 import json
 import logging
 import time
-from pathlib import Path
+from collections.abc import AsyncIterator
+from typing import Annotated
 
 import anyio.to_thread
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -27,22 +30,36 @@ from hotlora.adapters.errors import (
     HotloraError,
     InvalidArgument,
     NotFound,
-    PermissionDenied,
-    ResourceExhausted,
     Unavailable,
 )
+from hotlora.adapters.local_dirs import LocalAdapterDirs
 from hotlora.adapters.peft.format import IGNORED_FILES
 from hotlora.server.frontend.inference import GenerateInput
 from hotlora.server.frontend.samples import SampleSet
 from hotlora.server.http import schemas as hs
 from hotlora.server.http.errors import body_for, error_body
+from hotlora.server.http.gate import RequestGate
 from hotlora.server.http.inputs import generate_input, split_model
 from hotlora.server.http.render import Renderer, model_card
 from hotlora.server.logs import log_rpc
 
 log = logging.getLogger("hotlora.http")
 
-MAX_ADAPTER_FILES = 8
+OPEN_PATHS = ("/health", "/metrics")  # no token, as on the metrics port; every other path needs one
+
+
+async def admitted(request: Request) -> AsyncIterator[str]:
+    """The caller's tenant (the gate checked the token), admitted: one lease of the door's admission, released
+    once the response has been sent (scope="request": a stream holds it until its last event)."""
+    door: HttpDoor = request.app.state.door
+    lease = door.admission.enter(request.state.tenant)
+    try:
+        yield lease.tenant
+    finally:
+        lease.release()
+
+
+Admitted = Annotated[str, Depends(admitted, scope="request")]
 
 
 class HttpDoor:
@@ -52,7 +69,9 @@ class HttpDoor:
         self.auth = auth
         self.admission = admission
         self.metrics = metrics
-        self.allowed_dirs = [Path(d).resolve() for d in self.config.allowed_local_adapter_dir_list]
+        self.local_dirs = LocalAdapterDirs(
+            self.config.allowed_local_adapter_dir_list, self.config.max_upload_bytes
+        )
         self.app = self._build()
 
     # ---- the app ----------------------------------------------------------------------------------------
@@ -66,24 +85,19 @@ class HttpDoor:
             yield
 
         app = FastAPI(title="hotlora", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-        app.state.door = door  # routers of their own (the Tinker API) reach the door's state and admission
+        app.state.door = self  # routers of their own (the Tinker API) reach the door's state and admission
+        app.add_middleware(
+            RequestGate,
+            auth=self.auth,
+            max_body_bytes=self.config.max_message_bytes,
+            body_timeout_seconds=self.config.http_body_timeout_seconds,
+            open_paths=OPEN_PATHS,
+        )
 
-        @app.middleware("http")
+        @app.middleware("http")  # added last: outside the gate, so its refusals are counted and logged
         async def observe(request: Request, call_next):
             t0 = time.monotonic()
-            length = request.headers.get("content-length")
-            if length and length.isdigit() and int(length) > door.config.max_message_bytes:
-                response = JSONResponse(
-                    error_body(
-                        f"the request body is {length} bytes; at most {door.config.max_message_bytes} "
-                        "(--max-message-bytes)",
-                        "request_too_large_error",
-                        413,
-                    ),
-                    status_code=413,
-                )
-            else:
-                response = await call_next(request)
+            response = await call_next(request)
             route = getattr(request.scope.get("route"), "path", "unmatched")
             seconds = time.monotonic() - t0
             door._observe(route, response.status_code, seconds)
@@ -138,19 +152,6 @@ class HttpDoor:
             except Exception:  # metrics never break a request
                 log.debug("metrics observer failed", exc_info=True)
 
-    # ---- who is calling ---------------------------------------------------------------------------------
-    def _tenant(self, request: Request) -> str:
-        header = request.headers.get("authorization")
-        if header is None and "x-api-key" in request.headers:  # the Tinker SDK sends the token as its API key
-            header = "Bearer " + request.headers["x-api-key"]
-        tenant = self.auth.tenant_for([("authorization", header)] if header else [])
-        request.state.tenant = tenant  # for the access log
-        return tenant
-
-    def _admit(self, request: Request):
-        tenant = self._tenant(request)
-        return tenant, self.admission.enter(tenant)
-
     def _frontend(self):
         fe = self.state.frontend
         if fe is None or self.state.draining:
@@ -163,16 +164,19 @@ class HttpDoor:
         return self.config.served_model_name or (loaded.name if loaded is not None else "hotlora")
 
     def _adapter_of(self, tenant: str, model: str) -> str:
-        """`model` -> the adapter reference ("" = base). Unknown, or another tenant's: 404."""
-        _, ref = split_model(model, self.served_name)
-        if not ref:
+        """`model` -> the adapter reference ("" = base). Unknown (`""` too), or another tenant's: 404."""
+        if model == self.served_name:
             return ""
+        _, ref = split_model(model, self.served_name)
+        unknown = NotFound(
+            f"the model {model!r} does not exist; GET /v1/models lists the base model and your adapters"
+        )
+        if not ref:  # "" (or "base:") names no model
+            raise unknown
         try:
             self._frontend().adapters.resolve(tenant, ref)
         except (NotFound, InvalidArgument):
-            raise NotFound(
-                f"the model {model!r} does not exist; GET /v1/models lists the base model and your adapters"
-            ) from None
+            raise unknown from None
         return ref
 
     # ---- routes -----------------------------------------------------------------------------------------
@@ -190,26 +194,22 @@ class HttpDoor:
 
         return Response(self.metrics.exposition(vllm=True), media_type=CONTENT_TYPE_LATEST)
 
-    def models(self, request: Request):
-        tenant, lease = self._admit(request)
-        try:
-            base = self.served_name
-            created = int(time.time())
-            data = [model_card(base, created, None)]
-            svc = self.state.adapters
-            if svc is not None:
-                views = svc.list(tenant, "", True)
-                latest = {}
-                for v in views:
-                    rec = v.record
-                    latest[rec.name] = max(latest.get(rec.name, 0), rec.version)
-                    data.append(model_card(rec.ref, int(rec.created_at.timestamp()), base, v))
-                data += [model_card(name, created, base) for name in sorted(latest)]
-            return {"object": "list", "data": data}
-        finally:
-            lease.release()
+    def models(self, tenant: Admitted):
+        base = self.served_name
+        created = int(time.time())
+        data = [model_card(base, created, None)]
+        svc = self.state.adapters
+        if svc is not None:
+            views = svc.list(tenant, "", True)
+            latest = {}
+            for v in views:
+                rec = v.record
+                latest[rec.name] = max(latest.get(rec.name, 0), rec.version)
+                data.append(model_card(rec.ref, int(rec.created_at.timestamp()), base, v))
+            data += [model_card(name, created, base) for name in sorted(latest)]
+        return {"object": "list", "data": data}
 
-    def completions(self, body: hs.CompletionRequest, request: Request):
+    def completions(self, body: hs.CompletionRequest, tenant: Admitted):
         prompts = body.prompt if isinstance(body.prompt, list) else [body.prompt]
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise InvalidArgument(
@@ -224,9 +224,9 @@ class HttpDoor:
         if body.echo and body.logprobs is not None:  # the legacy API scores the echoed prompt too
             for g in inputs:
                 g.prompt_logprobs = max(g.prompt_logprobs or 0, body.logprobs)
-        return self._generate(request, body, inputs, "text_completion", echo=prompts if body.echo else None)
+        return self._generate(tenant, body, inputs, "text_completion", echo=prompts if body.echo else None)
 
-    def chat_completions(self, body: hs.ChatCompletionRequest, request: Request):
+    def chat_completions(self, body: hs.ChatCompletionRequest, tenant: Admitted):
         messages = []
         for m in body.messages:
             content = m.content if isinstance(m.content, str) else "".join(p.text for p in m.content or ())
@@ -236,34 +236,26 @@ class HttpDoor:
             raise InvalidArgument("top_logprobs needs logprobs: true")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         g = generate_input(body, messages=messages, max_tokens=max_tokens, logprobs=logprobs)
-        return self._generate(request, body, [g], "chat.completion")
+        return self._generate(tenant, body, [g], "chat.completion")
 
-    def _generate(self, request: Request, body, inputs: list[GenerateInput], kind: str, echo=None):
-        tenant, lease = self._admit(request)
-        try:
-            fe = self._frontend()
-            adapter = self._adapter_of(tenant, body.model)
-            for g in inputs:
-                g.adapter = adapter
-            samples = SampleSet(fe, tenant, inputs, body.n)
-        except BaseException:
-            lease.release()
-            raise
+    def _generate(self, tenant: str, body, inputs: list[GenerateInput], kind: str, echo=None):
+        fe = self._frontend()
+        adapter = self._adapter_of(tenant, body.model)
+        for g in inputs:
+            g.adapter = adapter
+        samples = SampleSet(fe, tenant, inputs, body.n)
         render = Renderer(fe.tokenizer, kind, body.model, body.n)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = self._sse(render, samples, lease, include_usage, echo)
+            events = self._sse(render, samples, include_usage, echo)
             return StreamingResponse(events, media_type="text/event-stream")
-        try:
-            for _ in samples.stream():
-                pass
-            for req in samples.requests:
-                _raise_for(fe, req)
-            return render.response(samples, echo)
-        finally:
-            lease.release()
+        for _ in samples.stream():
+            pass
+        for req in samples.requests:
+            _raise_for(fe, req)
+        return render.response(samples, echo)
 
-    def _sse(self, render: Renderer, samples: SampleSet, lease, include_usage: bool, echo):
+    def _sse(self, render: Renderer, samples: SampleSet, include_usage: bool, echo):
         fe = self.state.frontend
         try:
             for choice, event in samples.stream():
@@ -281,10 +273,9 @@ class HttpDoor:
             yield f"data: {json.dumps(body_for(exc)[1])}\n\n"
         finally:
             samples.cancel()  # a no-op for finished samples; frees the rows when the client left
-            lease.release()
         yield "data: [DONE]\n\n"
 
-    def embeddings(self, body: hs.EmbeddingRequest, request: Request):
+    def embeddings(self, body: hs.EmbeddingRequest, tenant: Admitted):
         texts = body.input if isinstance(body.input, list) else [body.input]
         if not texts or not all(isinstance(t, str) for t in texts):
             raise InvalidArgument(
@@ -292,14 +283,10 @@ class HttpDoor:
             )
         if body.dimensions is not None:
             raise InvalidArgument("dimensions is not supported: embeddings have the model's hidden size")
-        tenant, lease = self._admit(request)
-        try:
-            fe = self._frontend()
-            adapter = self._adapter_of(tenant, body.model)
-            vectors, _ = fe.embed(tenant, adapter, texts)
-            prompt_tokens = sum(len(fe.tokenizer(t)["input_ids"]) for t in texts)
-        finally:
-            lease.release()
+        fe = self._frontend()
+        adapter = self._adapter_of(tenant, body.model)
+        vectors, _ = fe.embed(tenant, adapter, texts)
+        prompt_tokens = sum(len(fe.tokenizer(t)["input_ids"]) for t in texts)
         data = []
         for i, v in enumerate(vectors):
             if body.encoding_format == "base64":
@@ -310,69 +297,33 @@ class HttpDoor:
         usage = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}
         return {"object": "list", "data": data, "model": body.model, "usage": usage}
 
-    def load_lora_adapter(self, body: hs.LoadLoraAdapterRequest, request: Request):
-        tenant, lease = self._admit(request)
-        try:
-            svc = self.state.adapters
-            if svc is None:
-                raise Unavailable("adapters are available once the model is loaded; retry shortly")
-            paths, total = self._adapter_files(body.lora_path)
-            # the bytes count against --upload-buffer-bytes while they are read and validated, as an upload's
-            held = svc.uploads.budget.held(total) if svc.uploads is not None else contextlib.nullcontext()
-            with held:
-                files = {p.name: p.read_bytes() for p in paths}
-                ref = self._stored_copy(svc, tenant, body.lora_name, files)
-                if ref is None:
-                    description = f"loaded from {body.lora_path}"
-                    ref = svc.upload(tenant, body.lora_name, files, description=description).record.ref
-            svc.load(tenant, ref)
-        finally:
-            lease.release()
+    def load_lora_adapter(self, body: hs.LoadLoraAdapterRequest, tenant: Admitted):
+        svc = self.state.adapters
+        if svc is None:
+            raise Unavailable("adapters are available once the model is loaded; retry shortly")
+        listing = self.local_dirs.listing(body.lora_path)
+        total = sum(f.size for f in listing)
+        # the bytes count against --upload-buffer-bytes while they are read and validated, as an upload's
+        held = svc.uploads.budget.held(total) if svc.uploads is not None else contextlib.nullcontext()
+        with held:
+            files = self.local_dirs.read(listing)
+            ref = self._stored_copy(svc, tenant, body.lora_name, files)
+            if ref is None:
+                description = f"loaded from {body.lora_path}"
+                ref = svc.upload(tenant, body.lora_name, files, description=description).record.ref
+        svc.load(tenant, ref)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully ({ref}).")
 
-    def unload_lora_adapter(self, body: hs.UnloadLoraAdapterRequest, request: Request):
-        tenant, lease = self._admit(request)
-        try:
-            svc = self.state.adapters
-            if svc is None:
-                raise Unavailable("adapters are available once the model is loaded; retry shortly")
-            view = svc.unload(tenant, body.lora_name)
-        finally:
-            lease.release()
+    def unload_lora_adapter(self, body: hs.UnloadLoraAdapterRequest, tenant: Admitted):
+        svc = self.state.adapters
+        if svc is None:
+            raise Unavailable("adapters are available once the model is loaded; retry shortly")
+        view = svc.unload(tenant, body.lora_name)
         return PlainTextResponse(
             f"Success: LoRA adapter '{body.lora_name}' removed successfully ({view.record.ref} stays stored)."
         )
 
     # ---- load_lora_adapter helpers ----------------------------------------------------------------------
-    def _adapter_files(self, lora_path: str) -> tuple[list[Path], int]:
-        """The files of a server-side PEFT directory under --allowed-local-adapter-dirs, and their bytes."""
-        if not self.allowed_dirs:
-            raise PermissionDenied(
-                "loading adapters from server paths is off; the operator enables it with "
-                "--allowed-local-adapter-dirs"
-            )
-        path = Path(lora_path).resolve()  # symlinks and `..` resolved before the check
-        if not any(path == d or d in path.parents for d in self.allowed_dirs):
-            raise PermissionDenied(
-                f"lora_path {lora_path!r} is outside the directories this server may read "
-                "(--allowed-local-adapter-dirs)"
-            )
-        if not path.is_dir():
-            raise NotFound(f"lora_path {lora_path!r} is not a directory")
-        entries = [p for p in sorted(path.iterdir()) if p.is_file()]
-        if len(entries) > MAX_ADAPTER_FILES:
-            raise InvalidArgument(
-                f"{lora_path!r} holds {len(entries)} files; a PEFT adapter directory has "
-                "adapter_config.json and adapter_model.safetensors"
-            )
-        total = sum(p.stat().st_size for p in entries)
-        if total > self.config.max_upload_bytes:
-            raise ResourceExhausted(
-                f"the adapter's files are {total} bytes; at most {self.config.max_upload_bytes} "
-                "(--max-upload-bytes)"
-            )
-        return entries, total
-
     @staticmethod
     def _stored_copy(svc, tenant: str, name: str, files: dict[str, bytes]) -> str | None:
         """The latest stored version when it has exactly these files: loading twice stores nothing new."""

@@ -1,7 +1,8 @@
 """The Tinker API's routes on the HTTP door (/api/v1/...): the wire of the official `tinker` SDK.
 
-Same tenants and admission as every route of the door (the door takes the SDK's `X-API-Key` as the token;
-each request holds one admission lease until it is answered). Errors answer in the shape of Tinker's own
+Same tenants and admission as every route of the door (its gate takes the SDK's `X-API-Key` as the token;
+each request holds one lease of the door's `Admitted` dependency until it is answered; a token or admission
+refusal answers in the door's error shape). Errors answer in the shape of Tinker's own
 server, `{"detail": message}` with the status the SDK acts on: 400 bad input (never retried), 403 a tenant's
 limit, 404 not found (another tenant's ids too), 410 an ended session, 429 and 503 (the SDK retries). A route
 the SDK may call but this server does not offer answers 404 with a message naming it."""
@@ -26,6 +27,7 @@ from hotlora.adapters.errors import (
     Unauthenticated,
     Unavailable,
 )
+from hotlora.server.http.door import Admitted
 from hotlora.server.tinker import wire
 from hotlora.server.tinker.service import Gone, TinkerService
 
@@ -98,17 +100,11 @@ def _route(path: str, method: str | list[str] = "POST"):
     """Register an async handler whose HotloraErrors (also from reading the body) become error responses."""
 
     def deco(fn):
-        async def handler(request: Request):
-            try:
-                tenant, lease = request.app.state.door._admit(request)
-            except Exception as exc:
-                return error_response(exc)
+        async def handler(request: Request, tenant: Admitted):
             try:
                 return await fn(request, tenant)
             except Exception as exc:
                 return error_response(exc)
-            finally:
-                lease.release()
 
         handler.__name__ = fn.__name__
         router.add_api_route(path, handler, methods=[method] if isinstance(method, str) else method)

@@ -35,6 +35,14 @@ SCHEMA = {
     "additionalProperties": False,
 }
 SCHEMA_FORMAT = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
+# issue 37: every value of `a` holds a `b` and every `b` an `a`; llguidance compiles it, no answer can end
+CYCLE = {
+    "$defs": {
+        "a": {"type": "object", "properties": {"b": {"$ref": "#/$defs/b"}}, "required": ["b"]},
+        "b": {"type": "object", "properties": {"a": {"$ref": "#/$defs/a"}}, "required": ["a"]},
+    },
+    "$ref": "#/$defs/a",
+}
 
 
 @pytest.fixture(scope="module")
@@ -391,6 +399,47 @@ def test_constrained_and_free_requests_share_a_batch_and_are_both_right(run, bas
     assert multi_row_decodes(after) > multi_row_decodes(before)  # decode steps ran both rows together
 
 
+def test_a_schema_with_no_finite_value_is_refused_before_generating(run, base):
+    for extra in (
+        {"guided_json": CYCLE},
+        {"response_format": {"type": "json_schema", "json_schema": {"schema": CYCLE}}},
+    ):
+        status, text = post(run, "/v1/completions", {"model": base, "prompt": "hi", "max_tokens": 8, **extra})
+        assert status == 400, text
+        assert "admits no finite value" in json.loads(text)["error"]["message"]
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as exc:
+        grpc_generate(
+            run,
+            prompt="x",
+            params={"max_new_tokens": 4, "guided": common_pb2.Guided(json_schema=json.dumps(CYCLE))},
+        )
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "'#/$defs/a'" in exc.value.details()
+
+
+def test_an_answer_the_grammar_engine_gives_up_on_is_an_error_never_stop(run, base):
+    # recursion through patternProperties, which the schema check leaves to llguidance: it compiles, and its
+    # matcher gives up after `{` (ParserTooComplex on the infinite forced prefix)
+    schema = {
+        "type": "object",
+        "patternProperties": {"^x$": {"$ref": "#"}},
+        "required": ["x"],
+        "additionalProperties": False,
+    }
+    body = {"model": base, "prompt": "hi", "max_tokens": 8, "guided_json": schema}
+    status, text = post(run, "/v1/completions", body)
+    assert status == 400, text  # before: 200, finish_reason "stop", text "{"
+    assert "could not follow the guided json_schema" in json.loads(text)["error"]["message"]
+    status, text = post(run, "/v1/completions", {**body, "stream": True})
+    assert status == 200
+    events = [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])
+    assert "could not follow" in error["error"]["message"]
+    assert all(json.loads(e)["choices"][0]["finish_reason"] is None for e in events[:-2])
+
+
 def test_json_object_mode_gives_an_object(run, base):
     resp = client(run).completions.create(
         model=base,
@@ -414,6 +463,19 @@ def test_unknown_or_missing_token_is_401(run, base):
     with pytest.raises(urllib.error.HTTPError) as missing:
         urllib.request.urlopen(req, timeout=10)
     assert missing.value.code == 401
+
+
+@pytest.mark.parametrize("model", ["", "BASE:", " "])
+def test_an_empty_model_is_404_like_any_unknown_model(run, base, model):
+    model = model.replace("BASE", base)
+    for path, body in (
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+        ("/v1/embeddings", {"input": "hi"}),
+    ):
+        status, text = post(run, path, {"model": model, **body})
+        assert status == 404, (path, text)
+        assert json.loads(text)["error"]["type"] == "not_found_error"
 
 
 def test_another_tenants_adapter_is_404_with_the_openai_error_body(run, bot):
@@ -459,6 +521,44 @@ def test_load_outside_the_allowed_dirs_is_refused_and_stores_nothing(run, dirs, 
         status, text = post(run, "/v1/load_lora_adapter", {"lora_name": "sneaky", "lora_path": str(path)})
         assert status == 403, text
     assert {m.id for m in client(run).models.list()} == before
+
+
+def test_files_linked_out_of_the_allowed_dirs_are_refused_unopened(run, dirs, base):
+    before = {m.id for m in client(run).models.list()}
+    linked = dirs["allowed"] / "linked-out"
+    linked.mkdir()
+    # a whole, valid adapter outside: today's code loaded it through the links
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (linked / name).symlink_to(dirs["outside"] / "bot-v1" / name)
+    passwd = dirs["allowed"] / "passwd"
+    passwd.mkdir()
+    (passwd / "adapter_config.json").symlink_to("/etc/passwd")
+    (passwd / "adapter_model.safetensors").symlink_to(
+        dirs["allowed"] / "bot-v1" / "adapter_model.safetensors"
+    )
+    for path in (linked, passwd):
+        status, text = post(run, "/v1/load_lora_adapter", {"lora_name": "sneaky", "lora_path": str(path)})
+        assert status == 403, text
+        message = json.loads(text)["error"]["message"]
+        assert "adapter_config.json" in message and "link to a file outside" in message
+        assert "root:" not in message
+    assert {m.id for m in client(run).models.list()} == before
+
+
+def test_links_inside_the_allowed_dirs_are_followed(run, dirs):
+    snapshot = dirs["allowed"] / "snapshot"  # a Hugging Face cache's layout: links to blobs beside it
+    snapshot.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        (snapshot / name).symlink_to(dirs["allowed"] / "bot-v1" / name)
+    status, text = post(run, "/v1/load_lora_adapter", {"lora_name": "linked", "lora_path": str(snapshot)})
+    assert status == 200, text
+
+
+def test_a_nul_in_lora_path_is_400_with_a_message(run, dirs):
+    path = str(dirs["allowed"] / "bot-v1") + "\x00/etc/passwd"
+    status, text = post(run, "/v1/load_lora_adapter", {"lora_name": "nul", "lora_path": path})
+    assert status == 400, text
+    assert json.loads(text)["error"]["message"] == "lora_path must not contain a NUL character"
 
 
 def test_load_is_idempotent_and_unload_keeps_the_adapter_stored(run, dirs, bot):
