@@ -45,13 +45,22 @@ class Recorder:
             return self.calls[-1][2]
 
 
+class StreamCall:
+    """One GenerateStream call: its context and an event set when the rpc terminated (cancelled or
+    finished). Each call has its own, so a test waits for the call it cancelled, not an earlier one."""
+
+    def __init__(self, context: grpc.ServicerContext):
+        self.context = context
+        self.ended = threading.Event()
+        context.add_callback(self.ended.set)
+
+
 class FakeInference(inference_pb2_grpc.InferenceServicer):
     STREAM_TEXT = ("Hello", ", ", "world")
 
     def __init__(self, rec: Recorder):
         self.rec = rec
-        self.stream_context: grpc.ServicerContext | None = None
-        self.stream_ended = threading.Event()  # the streaming rpc terminated (cancelled or finished)
+        self.streams: dict[str, StreamCall] = {}  # GenerateStream calls by prompt
         self.stream_started = threading.Event()
 
     def Generate(self, request, context):
@@ -76,8 +85,7 @@ class FakeInference(inference_pb2_grpc.InferenceServicer):
         self.rec.record("GenerateStream", request, context)
         if request.adapter == "missing":
             context.abort(grpc.StatusCode.NOT_FOUND, MISSING)
-        self.stream_context = context
-        context.add_callback(self.stream_ended.set)
+        self.streams[request.prompt] = StreamCall(context)
         self.stream_started.set()
         if request.prompt == "forever":
             i = 0

@@ -11,8 +11,11 @@ from tests.clients.conftest import CONFIG_BYTES, MODEL_BYTES
 from tests.clients.fakes import FakeInference
 
 
+WAIT = 120  # a bound that only a hung call reaches; the tests wait on the server's events
+
+
 def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 20))
+    return asyncio.run(asyncio.wait_for(coro, WAIT))
 
 
 def test_async_generate_and_token(fake):
@@ -35,13 +38,15 @@ def test_async_stream_and_cancel(fake):
             stream = c.generate_stream("forever")
             first = [await stream.__anext__() for _ in range(3)]
             await stream.aclose()
-            ended = await asyncio.to_thread(fake.inference.stream_ended.wait, 5)
-            return full, first, ended
+            # the "forever" call's own end: the "hi" stream before it has ended too
+            call = fake.inference.streams["forever"]
+            ended = await asyncio.to_thread(call.ended.wait, WAIT)
+            return full, first, ended, call
 
-    full, first, ended = run(go())
+    full, first, ended, call = run(go())
     assert "".join(full) == "".join(FakeInference.STREAM_TEXT)
     assert [ch.text for ch in first] == ["t0 ", "t1 ", "t2 "]
-    assert ended and fake.inference.stream_context.is_active() is False
+    assert ended and call.context.is_active() is False
 
 
 def test_async_upload_export_and_errors(fake, peft_dir, tmp_path):

@@ -11,6 +11,8 @@ from hotlora.v1 import adapters_pb2, common_pb2, training_pb2
 from tests.clients.conftest import CONFIG_BYTES, MODEL_BYTES
 from tests.clients.fakes import FakeInference
 
+WAIT = 120  # a bound that only a hung call reaches; the tests wait on the server's events
+
 
 def test_bearer_token_sent_on_every_kind_of_call(fake, peft_dir, tmp_path):
     fake.adapters.export_chunks = [common_pb2.FileChunk(filename="adapter_config.json", data=b"{}")]
@@ -85,8 +87,9 @@ def test_closing_generate_stream_cancels_server_side(fake):
         got = [next(stream) for _ in range(3)]
         assert [ch.text for ch in got] == ["t0 ", "t1 ", "t2 "]
         stream.close()
-        assert fake.inference.stream_ended.wait(5), "server never saw the cancellation"
-        assert fake.inference.stream_context.is_active() is False
+        call = fake.inference.streams["forever"]
+        assert call.ended.wait(WAIT), "server never saw the cancellation"
+        assert call.context.is_active() is False
         with pytest.raises(grpc.RpcError) as err:
             for _ in range(1000):
                 next(stream)
@@ -99,8 +102,9 @@ def test_leaving_with_block_cancels_stream(fake):
             for chunk in stream:
                 if chunk.token_ids[0] == 2:
                     break
-        assert fake.inference.stream_ended.wait(5)
-        assert fake.inference.stream_context.is_active() is False
+        call = fake.inference.streams["forever"]
+        assert call.ended.wait(WAIT)
+        assert call.context.is_active() is False
 
 
 def test_embed_and_classify(fake):
@@ -389,7 +393,7 @@ def test_mutual_tls(tmp_path):
     try:
         address = f"localhost:{server.address.rsplit(':', 1)[1]}"
         with Client(
-            address, root_certificates=scert, private_key=ckey, certificate_chain=ccert, timeout=10
+            address, root_certificates=scert, private_key=ckey, certificate_chain=ccert, timeout=60
         ) as c:
             assert c.list_adapters().adapters
         with Client(address, root_certificates=scert, timeout=10) as c, pytest.raises(grpc.RpcError):
