@@ -6,9 +6,10 @@ without a token could make the server hold hundreds of megabytes, or send a 10,0
 parser. Here, as an ASGI middleware in front of the app, a request without a valid token is answered 401
 before a byte of its body is read; a body that passes --max-message-bytes is answered 413 as soon as it does
 (before reading it when Content-Length announces it); a body that has not arrived within
---http-body-timeout-seconds is answered 408. Those answers close the connection, so the rest of a refused body
-is never read (uvicorn stops reading a body the app has not asked for after 64 KiB). A body that passes is
-handed to the app as it was received."""
+--http-body-timeout-seconds is answered 408. A refused body is never kept or parsed: after the answer, what
+still arrives of it is discarded for at most LINGER_SECONDS (so a client that sends its whole body before
+reading reads the answer instead of a reset connection, as nginx's lingering close), then the connection is
+closed. A body that passes is handed to the app as it was received."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ import anyio
 
 from hotlora.adapters.errors import HotloraError
 from hotlora.server.http.errors import body_for, error_body
+
+LINGER_SECONDS = 2.0
 
 
 class RequestGate:
@@ -38,6 +41,7 @@ class RequestGate:
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        has_body = headers.get("content-length", "0") != "0" or "transfer-encoding" in headers
         if scope["path"] not in self.open_paths:
             header = headers.get("authorization")
             if header is None and "x-api-key" in headers:  # the Tinker SDK sends the token as its API key
@@ -45,12 +49,12 @@ class RequestGate:
             try:
                 tenant = self.auth.tenant_for([("authorization", header)] if header else [])
             except HotloraError as exc:
-                await _refuse(send, *body_for(exc))
+                await _refuse(send, receive if has_body else None, *body_for(exc))
                 return
             scope.setdefault("state", {})["tenant"] = tenant  # request.state.tenant, for admission and logs
         length = headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_body_bytes:
-            await self._too_large(send, f"is {length} bytes")
+            await self._too_large(send, receive, f"is {length} bytes")
             return
         chunks: list[bytes] = []
         received = 0
@@ -62,7 +66,7 @@ class RequestGate:
                 chunk = message.get("body", b"")
                 received += len(chunk)
                 if received > self.max_body_bytes:
-                    await self._too_large(send, f"passed {self.max_body_bytes} bytes")
+                    await self._too_large(send, receive, f"passed {self.max_body_bytes} bytes")
                     return
                 chunks.append(chunk)
                 if not message.get("more_body", False):
@@ -72,13 +76,13 @@ class RequestGate:
                 f"the request body did not arrive within {self.body_timeout_seconds:g} s "
                 f"({received} bytes came; --http-body-timeout-seconds)"
             )
-            await _refuse(send, 408, error_body(message, "timeout_error", 408))
+            await _refuse(send, receive, 408, error_body(message, "timeout_error", 408))
             return
         await self.app(scope, _replay(b"".join(chunks), receive), send)
 
-    async def _too_large(self, send, how: str) -> None:
+    async def _too_large(self, send, receive, how: str) -> None:
         message = f"the request body {how}; at most {self.max_body_bytes} (--max-message-bytes)"
-        await _refuse(send, 413, error_body(message, "request_too_large_error", 413))
+        await _refuse(send, receive, 413, error_body(message, "request_too_large_error", 413))
 
 
 def _replay(body: bytes, receive):
@@ -91,12 +95,21 @@ def _replay(body: bytes, receive):
     return replayed
 
 
-async def _refuse(send, status: int, body: dict) -> None:
+async def _refuse(send, receive, status: int, body: dict) -> None:
+    """Answer and close. `receive`: the body may still be arriving; what comes within LINGER_SECONDS is
+    dropped unread (closing on unread bytes resets the connection, and the client may lose the answer)."""
     data = json.dumps(body).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(data)).encode()),
-        (b"connection", b"close"),  # what is left of the body is never read
+        (b"connection", b"close"),
     ]
     await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": data})
+    await send({"type": "http.response.body", "body": data, "more_body": True})
+    if receive is not None:
+        with anyio.move_on_after(LINGER_SECONDS):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                    break
+    await send({"type": "http.response.body", "body": b""})  # the answer is complete: uvicorn closes

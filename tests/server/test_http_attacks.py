@@ -99,6 +99,8 @@ def test_a_chunked_body_without_a_token_gets_401_before_it_is_read(run):
         sock.sendall(head(content_length=500_000))
         status, _ = answer(sock)
     assert status == 401
+    # a client that sends its whole body before reading still reads its answer (not a reset connection)
+    assert post(run, "/v1/completions", b"x" * (LIMIT // 2), token=None)[0] == 401
 
 
 def test_a_chunked_body_past_the_limit_is_refused_as_it_arrives(run):
