@@ -5,9 +5,9 @@ work unchanged.
 Same tenants (Bearer tokens of --tokens-file, checked by `gate.RequestGate` before the body is read), same
 admission (the gRPC side's RpcAdmission: one lease per HTTP request, taken by the `Admitted` dependency and
 held until the response, a stream's last event included, has been sent), same frontend and engine, same
-metrics. `model` names the served base model, an adapter
-(`name`, `name@N`) or vLLM's `base:adapter`. Handlers are plain functions: FastAPI runs them on its thread
-pool, where they wait on the engine's events as the gRPC servicers do."""
+metrics. `model` names the served base model, an adapter (`name`, `name@N`) or vLLM's `base:adapter`.
+Handlers are plain functions: FastAPI runs them on its thread pool, where they wait on the engine's events
+as the gRPC servicers do."""
 
 from __future__ import annotations
 
