@@ -10,7 +10,6 @@ from hotlora.v1 import common_pb2, training_pb2
 from tests.clients.conftest import CONFIG_BYTES, MODEL_BYTES
 from tests.clients.fakes import FakeInference
 
-
 WAIT = 120  # a bound that only a hung call reaches; the tests wait on the server's events
 
 

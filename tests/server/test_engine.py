@@ -80,7 +80,7 @@ def gen_req(tok, text: str, n: int = 24, **params) -> GenerationRequest:
     return GenerationRequest(ids_of(tok, text), SamplingParams(max_new_tokens=n, **params))
 
 
-def wait(pred, timeout: float = 10.0, what: str = "condition") -> None:
+def wait(pred, timeout: float = 60.0, what: str = "condition") -> None:  # a bound, not a budget
     end = time.monotonic() + timeout
     while not pred():
         if time.monotonic() > end:
@@ -88,7 +88,7 @@ def wait(pred, timeout: float = 10.0, what: str = "condition") -> None:
         time.sleep(0.002)
 
 
-def finish(req: GenerationRequest, timeout: float = 20.0) -> GenerationRequest:
+def finish(req: GenerationRequest, timeout: float = 60.0) -> GenerationRequest:
     wait(lambda: req.done, timeout, f"request {req.seq} to finish")
     return req
 
@@ -205,10 +205,10 @@ def test_cancel_frees_the_row_and_others_finish(make_engine, tiny_tok):
     eng.submit(other)
     wait(lambda: eng.num_running == 2, what="both running")
     victim.cancel()
-    wait(lambda: victim.done, 2.0, "the cancelled request to finish")
+    wait(lambda: victim.done, 60.0, "the cancelled request to finish")
     assert victim.finish_reason == "cancelled"
     assert len(victim.output_ids) < 1000
-    wait(lambda: eng.num_running <= 1, 2.0, "the cancelled row to leave the batch")
+    wait(lambda: eng.num_running <= 1, 60.0, "the cancelled row to leave the batch")
     finish(other)
     assert other.output_ids == other_alone
     later = gen_req(tiny_tok, "b", 30)
@@ -226,7 +226,7 @@ def test_cancelled_while_queued_never_runs(make_engine, tiny_tok):
     eng.submit(req)
     req.cancel()
     eng.start()
-    finish(req, 5.0)
+    finish(req)
     assert req.finish_reason == "cancelled" and req.output_ids == []
 
 
@@ -236,11 +236,11 @@ def test_deadline_expires_a_running_request(make_engine, tiny_tok):
     req.deadline = time.monotonic() + 0.3
     t0 = time.monotonic()
     eng.submit(req)
-    finish(req, 5.0)
+    finish(req)
     assert req.finish_reason == "deadline"
     assert 0 < len(req.output_ids) < 1000
     assert time.monotonic() - t0 < 2.0
-    wait(lambda: eng.num_running == 0, 1.0, "the expired row to leave")
+    wait(lambda: eng.num_running == 0, 60.0, "the expired row to leave")
 
 
 def test_deadline_expires_a_queued_request(make_engine, tiny_tok):
@@ -249,7 +249,7 @@ def test_deadline_expires_a_queued_request(make_engine, tiny_tok):
     req.deadline = time.monotonic() - 0.01
     eng.submit(req)
     eng.start()
-    finish(req, 5.0)
+    finish(req)
     assert req.finish_reason == "deadline" and req.output_ids == []
 
 
@@ -403,7 +403,7 @@ def test_engine_survives_a_failing_step(make_engine, tiny_tok):
     eng.submit(doomed)
     wait(lambda: len(doomed.output_ids) >= 2, what="decoding")
     runtime.arm()
-    finish(doomed, 5.0)
+    finish(doomed)
     assert doomed.finish_reason == "error" and "internal error" in str(doomed.error)
     assert eng.num_running == 0
 
@@ -422,7 +422,7 @@ def test_failing_prefill_fails_the_newcomers_not_the_engine(make_engine, tiny_to
     runtime.arm()
     doomed = gen_req(tiny_tok, "a", 10)
     eng.submit(doomed)
-    finish(doomed, 5.0)
+    finish(doomed)
     assert doomed.finish_reason == "error" and "internal error" in str(doomed.error)
     ok = gen_req(tiny_tok, "b", 10)
     eng.submit(ok)

@@ -41,7 +41,7 @@ def test_a_small_job_does_not_wait_behind_another_tenants_big_one(tiny_model_dir
             metadata=md("small"),
             timeout=30,
         )
-        done = wait_state(tr, small.id, TERMINAL, metadata=md("small"), timeout=120)
+        done = wait_state(tr, small.id, TERMINAL, metadata=md("small"))
         big_now = tr.GetFineTune(common_pb2.JobRef(id=big.id), metadata=md("big"))
         tr.CancelFineTune(common_pb2.JobRef(id=big.id), metadata=md("big"))
         assert done.state in (training_pb2.JOB_STATE_SUCCEEDED, training_pb2.JOB_STATE_REJECTED), done.error
@@ -72,7 +72,7 @@ def test_passes_keep_their_size_whatever_the_unit_budget(tiny_model_dir, tmp_pat
         req = seq_cls("units", marker_examples(24, seed=2), method=training_pb2.METHOD_LORA)
         req.hyperparameters.CopyFrom(training_pb2.HyperParameters(epochs=1, batch_size=8))
         job = run.training.CreateFineTune(req, timeout=30)
-        wait_state(run.training, job.id, TERMINAL, timeout=120)
+        wait_state(run.training, job.id, TERMINAL)
     train = [n for n, grad in forwards if grad]
     evals = [n for n, grad in forwards if not grad]
     assert (max(train), max(evals)) == (2, 4), (train, evals)
@@ -142,7 +142,7 @@ def test_training_alone_is_not_cut_into_slices(tiny_model_dir, tmp_path, engine_
         req = seq_cls("alone", marker_examples(12, seed=3), method=training_pb2.METHOD_LORA)
         req.hyperparameters.CopyFrom(training_pb2.HyperParameters(epochs=1, batch_size=4))
         job = run.training.CreateFineTune(req, timeout=30)
-        wait_state(run.training, job.id, TERMINAL, timeout=120)
+        wait_state(run.training, job.id, TERMINAL)
     assert engine_events.count("pause") > 100
     assert engine_events.count("slice") == 0
 

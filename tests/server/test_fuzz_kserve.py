@@ -191,7 +191,7 @@ def test_server_is_healthy_after_the_kserve_fuzzing(server):  # noqa: F811
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     health = health_pb2_grpc.HealthStub(server.channel)
-    status = health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+    status = health.Check(health_pb2.HealthCheckRequest(), timeout=30).status
     assert status == health_pb2.HealthCheckResponse.SERVING
     assert _registry(server) == server.snapshot
     assert server.state.engine.num_running == 0

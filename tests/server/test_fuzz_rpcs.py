@@ -319,7 +319,7 @@ def _export(a, ref):
 def test_server_is_healthy_after_the_fuzzing(server):
     health = health_pb2_grpc.HealthStub(server.channel)
     assert (
-        health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        health.Check(health_pb2.HealthCheckRequest(), timeout=30).status
         == health_pb2.HealthCheckResponse.SERVING
     )
     for adapter in ("", "gen"):

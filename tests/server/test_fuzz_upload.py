@@ -288,7 +288,7 @@ def test_oversized_upload_is_refused_before_parsing(server, valid):
 def test_server_is_healthy_after_the_fuzzing(server, valid):
     health = health_pb2_grpc.HealthStub(server.channel)
     assert (
-        health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        health.Check(health_pb2.HealthCheckRequest(), timeout=30).status
         == health_pb2.HealthCheckResponse.SERVING
     )
     assert _registry(server) == server.snapshot

@@ -110,7 +110,8 @@ def test_streams_stay_correct_while_adapters_are_uploaded_loaded_evicted_and_del
             run.adapters.UnloadAdapter(
                 _ref(f"stable-{(k + 1) % len(dirs)}"), timeout=30
             )  # evict under traffic
-            assert time.monotonic() - t0 < 10, "UnloadAdapter of a busy adapter stalled"
+            # a bound for a stall (waiting out all traffic), not a budget: a loaded machine is slow
+            assert time.monotonic() - t0 < 30, "UnloadAdapter of a busy adapter stalled"
             run.adapters.DeleteAdapter(_ref(name), timeout=30)
             with pytest.raises(grpc.RpcError) as e:
                 _gen(run, name, PROMPTS[0])
@@ -175,7 +176,7 @@ def test_request_waits_while_every_slot_is_pinned_and_runs_after_an_unpin(run, e
         with cf.ThreadPoolExecutor(1) as pool:
             fut = pool.submit(_gen, run, "stable-4", PROMPTS[0], NEW, 60)
             waiting = 0
-            deadline = time.monotonic() + 5
+            deadline = time.monotonic() + 60
             while time.monotonic() < deadline and not waiting:
                 waiting = run.adapters.GetAdapter(_ref("stable-4")).waiting_requests
                 time.sleep(0.05)

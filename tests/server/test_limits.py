@@ -82,7 +82,7 @@ def _code(fn):
 def assert_healthy(run, tenant="alpha"):
     health = health_pb2_grpc.HealthStub(run.channel)
     assert (
-        health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+        health.Check(health_pb2.HealthCheckRequest(), timeout=30).status
         == health_pb2.HealthCheckResponse.SERVING
     )
     assert _gen(run, tenant, prompt="still fine").finish_reason in ("length", "eos")
@@ -176,7 +176,7 @@ def pinned(server, adapters):
     server.adapters.DeleteAdapter(common_pb2.AdapterRef(name="b"), metadata=md("alpha"))
 
 
-def _wait_for(cond, timeout=10.0):
+def _wait_for(cond, timeout=60.0):
     end = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < end, "timed out"

@@ -95,7 +95,7 @@ def generate(run, prompt="hello there", max_new_tokens=6, **params):
     return run.inference.Generate(req, timeout=30)
 
 
-def wait_for(run, predicate, timeout=5.0) -> str:
+def wait_for(run, predicate, timeout=60.0) -> str:
     """The engine records a request just after it streams the last token: poll briefly."""
     deadline = time.monotonic() + timeout
     while True:

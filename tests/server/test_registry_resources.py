@@ -91,10 +91,10 @@ def test_streamed_kserve_requests_do_not_leak_registry_connections(server):
 
 def _health(run) -> int:
     stub = health_pb2_grpc.HealthStub(run.channel)
-    return stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+    return stub.Check(health_pb2.HealthCheckRequest(), timeout=30).status
 
 
-def _wait_health(run, status, rounds=200):
+def _wait_health(run, status, rounds=1200):  # up to 60 s: a loaded machine probes late
     for _ in range(rounds):
         if _health(run) == status:
             return True
@@ -186,7 +186,7 @@ def _one_upload_holds_the_budget(limited, adapter_dir):
         _chunks("first", _files(adapter_dir), hold), metadata=md("alpha"), timeout=60
     )
     try:
-        for _ in range(400):  # until the first upload's bytes (all but its last chunk) are in
+        for _ in range(2400):  # until the first upload's bytes (all but its last chunk) are in (60 s at most)
             if uploads.budget.used >= limited.size - 512:
                 break
             time.sleep(0.025)

@@ -97,7 +97,7 @@ def code_of(call, timeout=30) -> grpc.StatusCode:
 
 
 def healthy(run) -> bool:
-    resp = health_pb2_grpc.HealthStub(run.channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    resp = health_pb2_grpc.HealthStub(run.channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
     return resp.status == health_pb2.HealthCheckResponse.SERVING
 
 
@@ -127,7 +127,7 @@ def test_a_tenant_holding_calls_open_gets_only_its_share(server):
     with stalled(server) as s:
         held = [s.open(GENERATE, md("alpha")) for _ in range(2)]
         admission = server.server.admission
-        for _ in range(400):  # the client sends the calls asynchronously: wait until both are admitted
+        for _ in range(6000):  # the client sends the calls asynchronously: wait until both are admitted
             if admission.in_flight("alpha") == 2:
                 break
             threading.Event().wait(0.01)
@@ -155,7 +155,7 @@ def test_idle_uploads_and_streams_are_cut_off_and_counted_as_cancelled(server):
         rpc: value(before, "hotlora_requests_total", rpc=rpc, code="CANCELLED") + 1
         for rpc in ("UploadAdapter", "ModelStreamInfer")
     }
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while True:
         after = scrape(server)
         counted = {rpc: value(after, "hotlora_requests_total", rpc=rpc, code="CANCELLED") for rpc in wanted}

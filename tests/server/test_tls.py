@@ -107,7 +107,7 @@ def _stub(channel):
     return inference_pb2_grpc.InferenceStub(channel)
 
 
-def _generate(channel, token=TOKEN, timeout=10):
+def _generate(channel, token=TOKEN, timeout=60):
     md = (("authorization", f"Bearer {token}"),) if token else None
     return _stub(channel).Generate(
         inference_pb2.GenerateRequest(prompt="hi", params=common_pb2.SamplingParams(max_new_tokens=2)),

@@ -65,14 +65,27 @@ def long_lm_job(adapter: str) -> training_pb2.FineTuneRequest:
     )
 
 
-def watch(stub, job_id: str, metadata=(), timeout: float = 120):
-    """All events until the job ends; returns (events, final job)."""
+# How long a test waits for a job state it polls for before calling it a failure. Not a budget for the
+# work: a loaded machine makes a job later, not wrong, so this is far beyond what any job here needs.
+STATE_WAIT = 300.0
+
+
+def watch(stub, job_id: str, metadata=(), timeout: float | None = None):
+    """All events until the job ends; returns (events, final job). The job's last event ends the wait, with
+    no deadline of its own (pytest-timeout bounds a job that never ends): a busy machine makes it late."""
     events = list(stub.WatchFineTune(common_pb2.JobRef(id=job_id), metadata=metadata, timeout=timeout))
     assert events, "WatchFineTune sent no event"
     return events, events[-1].job
 
 
-def wait_state(stub, job_id: str, states, metadata=(), timeout: float = 60, min_step: int = 0):
+def cancel_unfinished(stub, metadata=()) -> None:
+    """Cancel every job not yet ended: a test that failed mid-job leaves the next one a free queue."""
+    for job in stub.ListFineTunes(training_pb2.ListFineTunesRequest(), metadata=metadata).jobs:
+        if job.state not in TERMINAL:
+            stub.CancelFineTune(common_pb2.JobRef(id=job.id), metadata=metadata)
+
+
+def wait_state(stub, job_id: str, states, metadata=(), timeout: float = STATE_WAIT, min_step: int = 0):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = stub.GetFineTune(common_pb2.JobRef(id=job_id), metadata=metadata)
