@@ -358,7 +358,7 @@ def test_client_module_does_not_import_torch_or_server():
         "print(bad); sys.exit(1 if bad else 0)"
     )
     # the parser imports hotlora.server.cli when present; only importing the modules must stay light
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT)
     assert result.returncode == 0, result.stdout + result.stderr
 
 

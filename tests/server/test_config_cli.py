@@ -25,7 +25,8 @@ def parse(argv: list[str]) -> ServerConfig:
     return config_from_args(p.parse_args(argv))
 
 
-def hotlora(*argv: str, env: dict | None = None, timeout: float = 60) -> subprocess.CompletedProcess:
+# a bound for a process that never exits, not a budget: on a loaded machine the imports alone took 43 s
+def hotlora(*argv: str, env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     return subprocess.run(
         [HOTLORA, *argv], capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
     )
@@ -104,14 +105,14 @@ def test_environment_variables_and_flag_precedence(monkeypatch):
 
 
 def test_serve_fails_fast_on_a_bad_flag():
-    out = hotlora("serve", "--max-batch-size", "0", timeout=30)
+    out = hotlora("serve", "--max-batch-size", "0")
     assert out.returncode == 2
     assert "--max-batch-size must be at least 1 (got 0)" in out.stderr
     assert "Traceback" not in out.stderr
 
 
 def test_serve_refuses_a_public_host_without_tokens():
-    out = hotlora("serve", "--host", "0.0.0.0", timeout=30)
+    out = hotlora("serve", "--host", "0.0.0.0")
     assert out.returncode == 2
     assert "--tokens-file" in out.stderr and "0.0.0.0" in out.stderr
 
@@ -122,7 +123,7 @@ def test_serve_refuses_a_token_listed_for_two_tenants(tmp_path, tiny_model_dir):
     tokens.write_text("acme shared-token\nglobex other-token\nglobex shared-token\n")
     out = hotlora(
         "serve", "--tokens-file", str(tokens), "--model", str(tiny_model_dir), "--port", "0",
-        "--metrics-port", "-1", "--data-dir", str(tmp_path / "data"), timeout=60,
+        "--metrics-port", "-1", "--data-dir", str(tmp_path / "data"),
     )  # fmt: skip
     assert out.returncode == 2
     assert (
@@ -132,7 +133,7 @@ def test_serve_refuses_a_token_listed_for_two_tenants(tmp_path, tiny_model_dir):
 
 
 def test_serve_help_lists_the_flags():
-    out = hotlora("serve", "--help", timeout=30)
+    out = hotlora("serve", "--help")
     assert out.returncode == 0
     for flag in (
         "--model",
@@ -160,7 +161,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.timeout(90)
 def test_serve_honours_hotlora_port_logs_each_start_up_phase_and_stops_on_sigterm(tiny_model_dir, tmp_path):
     port = _free_port()
     env = {**os.environ, "HOTLORA_PORT": str(port), "HOTLORA_METRICS_PORT": "0", "HOTLORA_HTTP_PORT": "0"}
@@ -188,7 +188,7 @@ def test_serve_honours_hotlora_port_logs_each_start_up_phase_and_stops_on_sigter
         assert f"gRPC on 127.0.0.1:{port}, metrics on 127.0.0.1:" in ports_line and "HTTP on" in ports_line
         assert any(re.search(r"ready: model \S+ on cpu/\S+ in \d+\.\d\d s", x) for x in lines), lines
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=300) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
