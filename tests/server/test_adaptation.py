@@ -1,7 +1,13 @@
 """Adaptation that measures (issue 16) on a tiny random Llama: small data is cross-validated and every
 candidate reported, a task no frozen-feature head learns gets LoRA, noise is rejected, a continued version
 that forgets its predecessor's task is rejected, versions keep their examples, and EvaluateAdapter agrees
-with PEFT on the exported adapter."""
+with PEFT on the exported adapter.
+
+The jobs are as small as what each test proves allows (issue 37: at load 5-7 they outran a 300 s deadline):
+heads train for few full-batch epochs at a higher rate (they separate the marker task in ten), LoRA for few
+epochs where only the reporting, the gate or the export is under test, and a held-out split where k-fold is
+not. Tests wait for a job's last event, with no deadline of their own (pytest-timeout bounds a job that
+never ends), and a job a failed test left running is cancelled before the next test."""
 
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ from tests.server.harness import running_server
 from tests.server.test_training import _export, _peft_probs
 from tests.server.training_utils import (
     MARKER,
+    cancel_unfinished,
     marker_examples,
     marker_text,
     pair_examples,
@@ -30,19 +37,36 @@ HEAD_ONLY, LORA = training_pb2.METHOD_HEAD_ONLY, training_pb2.METHOD_LORA
 LORA_PROGRESSIVE = training_pb2.METHOD_LORA_PROGRESSIVE
 
 
+# heads: full-batch epochs; LoRA candidates use the same fields (the rate suits both on the marker task)
+QUICK = training_pb2.HyperParameters(epochs=20, learning_rate=0.05)
+# The two tests whose jobs train LoRA candidates: 571 s and over 600 s at a load of 15-20 on 2 cores (the
+# test timeout is 600 s). A bound for a job that never ends, not a budget.
+LORA_JOBS_BOUND = 1800
+# AUTO's method search stops at --finetune-max-seconds (600 s) of wall time: on a busy machine that cut the
+# LoRA candidates short and a head was promoted. The budget is under test in its own test only.
+NO_BUDGET = 86400.0
+
+
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
     with running_server(tiny_model_dir, tmp_path_factory.mktemp("data")) as run:
         yield run
 
 
+@pytest.fixture(autouse=True)
+def _no_job_left_running(server):
+    yield
+    cancel_unfinished(server.training)
+
+
 def _job(run, req):
-    _, job = watch(run.training, run.training.CreateFineTune(req, timeout=30).id, timeout=300)
+    _, job = watch(run.training, run.training.CreateFineTune(req, timeout=30).id)
     return job
 
 
 def test_small_data_is_cross_validated_and_every_candidate_is_reported(server):
-    job = _job(server, seq_cls("small", marker_examples(24, seed=11)))
+    req = seq_cls("small", marker_examples(24, seed=11), hyperparameters=QUICK, max_seconds=NO_BUDGET)
+    job = _job(server, req)
     assert job.state == training_pb2.JOB_STATE_SUCCEEDED, job.error
     m = job.metrics
     assert m.validation_scheme == KFOLD and m.validated_examples == 24  # each example validated once
@@ -78,16 +102,20 @@ def test_small_data_is_cross_validated_and_every_candidate_is_reported(server):
     assert files == {"adapter_config.json", "adapter_model.safetensors"}  # examples stay on the server
 
 
+@pytest.mark.timeout(LORA_JOBS_BOUND)
 def test_shuffled_labels_are_rejected_although_auto_picks_the_best_of_several(server):
     rng = random.Random(3)
     ex = [training_pb2.Example(text=marker_text(rng, i % 2 == 0), label=rng.choice("ab")) for i in range(40)]
-    job = _job(server, seq_cls("shuffled", ex))
+    # one epoch: noise is what is scored, and the best of six noisy scores must not pass the gate
+    hp = training_pb2.HyperParameters(epochs=1)
+    job = _job(server, seq_cls("shuffled", ex, hyperparameters=hp, max_seconds=NO_BUDGET))
     assert job.state == training_pb2.JOB_STATE_REJECTED, (job.error, job.metrics)
     m = job.metrics
     assert m.validation_scheme == KFOLD and sum(c.status == "scored" for c in m.candidates) >= 2
     assert "not better" in job.error and m.gate_margin > m.validation_stderr  # best of several asks more
 
 
+@pytest.mark.timeout(LORA_JOBS_BOUND)
 def test_auto_promotes_lora_where_no_frozen_head_separates_the_labels(server):
     # the label is whether the text's two ends agree: the tiny model's random frozen features do not
     # tell, while LoRA on both its layers learns to attend to the ends (the default, the upper half, is
@@ -95,7 +123,7 @@ def test_auto_promotes_lora_where_no_frozen_head_separates_the_labels(server):
     train, test = pair_examples(160, seed=1), pair_examples(100, seed=99)  # 160: a split, 32 validate
     assert not {e.text for e in train} & {e.text for e in test}  # no job sees the held-out examples
     hp = training_pb2.HyperParameters(learning_rate=1e-2, epochs=30, layers_to_transform=[0, 1], seed=1)
-    job = _job(server, seq_cls("ends", train, hyperparameters=hp))
+    job = _job(server, seq_cls("ends", train, hyperparameters=hp, max_seconds=NO_BUDGET))
     assert job.state == training_pb2.JOB_STATE_SUCCEEDED, job.error
     m = job.metrics
     heads = [c for c in m.candidates if c.method == HEAD_ONLY]
@@ -110,19 +138,17 @@ def test_auto_promotes_lora_where_no_frozen_head_separates_the_labels(server):
         return _evaluate(server, examples=test, **ref).accuracy
 
     auto = held_out(adapter="ends")
-    by_hand = {}
-    for method in (HEAD_ONLY, LORA, LORA_PROGRESSIVE):  # each fixed method, promoted whatever it scores
-        req = seq_cls(f"ends-{method}", train, method=method, promote=training_pb2.PROMOTE_ALWAYS)
-        if method != HEAD_ONLY:
-            req.hyperparameters.CopyFrom(hp)
-        by_hand[method] = held_out(job_id=_job(server, req).id)
-    assert auto >= 0.9 and auto >= max(by_hand.values()) - 0.1, (auto, by_hand)
-    head = by_hand[HEAD_ONLY]  # held out too, the head is more than three standard errors worse
-    assert auto - head > 3 * math.sqrt(head * (1 - head) / len(test)), (auto, by_hand)
+    assert auto >= 0.9, auto
+    # a head by hand, promoted whatever it scores: held out too, more than three standard errors worse.
+    # (AUTO's pick between the two LoRA methods is its best validated score, asserted above; training the
+    # other one again by hand cost a third of this test's time and proved nothing more)
+    req = seq_cls("ends-head", train, method=HEAD_ONLY, promote=training_pb2.PROMOTE_ALWAYS)
+    head = held_out(job_id=_job(server, req).id)
+    assert auto - head > 3 * math.sqrt(head * (1 - head) / len(test)), (auto, head)
 
 
 def test_a_time_budget_keeps_the_cheapest_method_and_says_why_the_rest_were_not_tried(server):
-    req = seq_cls("hurry", marker_examples(24, seed=12), max_seconds=0.001)
+    req = seq_cls("hurry", marker_examples(24, seed=12), max_seconds=0.001, hyperparameters=QUICK)
     job = _job(server, req)
     c = job.metrics.candidates
     assert c[0].status == "scored" and job.method == training_pb2.METHOD_HEAD_ONLY
@@ -134,11 +160,12 @@ def _flipped(examples):
 
 
 def test_a_continued_version_that_forgets_the_previous_task_is_rejected(server):
-    first = _job(server, seq_cls("keep", marker_examples(40, seed=21), method=training_pb2.METHOD_HEAD_ONLY))
+    def head(examples, **kw):  # the default epochs: forgetting is judged on well-trained heads
+        return seq_cls("keep", examples, method=training_pb2.METHOD_HEAD_ONLY, **kw)
+
+    first = _job(server, head(marker_examples(40, seed=21)))
     assert first.state == training_pb2.JOB_STATE_SUCCEEDED, first.error
-    again = _job(
-        server, seq_cls("keep", _flipped(marker_examples(40, seed=22)), method=training_pb2.METHOD_HEAD_ONLY)
-    )
+    again = _job(server, head(_flipped(marker_examples(40, seed=22))))
     assert again.state == training_pb2.JOB_STATE_REJECTED, again.error
     m = again.metrics
     assert m.replayed_examples == 20 and m.previous_task_examples == 20  # half replayed, half checked
@@ -147,13 +174,7 @@ def test_a_continued_version_that_forgets_the_previous_task_is_rejected(server):
     assert server.adapters.GetAdapter(common_pb2.AdapterRef(name="keep")).version == 1
 
     # more of the same task: no better than @1 already is (so ALWAYS), and nothing forgotten
-    req = seq_cls(
-        "keep",
-        marker_examples(30, seed=23),
-        method=training_pb2.METHOD_HEAD_ONLY,
-        promote=training_pb2.PROMOTE_ALWAYS,
-    )
-    same = _job(server, req)
+    same = _job(server, head(marker_examples(30, seed=23), promote=training_pb2.PROMOTE_ALWAYS))
     assert same.state == training_pb2.JOB_STATE_SUCCEEDED, same.error
     v = server.adapters.GetAdapter(common_pb2.AdapterRef(name="keep@2")).validation
     assert (
@@ -168,7 +189,17 @@ def _evaluate(run, **kw):
 
 
 def test_evaluate_adapter_matches_peft_on_the_exported_adapter(server, tmp_path):
-    job = _job(server, seq_cls("judge", marker_examples(60, seed=31), method=training_pb2.METHOD_LORA))
+    # the export and the evaluation are under test, not the training: a held-out split, two epochs
+    examples = marker_examples(40, seed=31)
+    req = seq_cls(
+        "judge",
+        examples[:24],
+        method=training_pb2.METHOD_LORA,
+        validation=examples[24:],
+        hyperparameters=training_pb2.HyperParameters(epochs=2),
+        promote=training_pb2.PROMOTE_ALWAYS,
+    )
+    job = _job(server, req)
     assert job.state == training_pb2.JOB_STATE_SUCCEEDED, job.error
     rng = random.Random(32)
     texts = [marker_text(rng, rng.random() < 0.5) for _ in range(16)]
@@ -240,9 +271,9 @@ def test_the_cli_evaluates_and_shows_candidates_and_validation(server, capsys, m
         return code, capsys.readouterr().out
 
     create = ["finetune", "create", "--adapter", "cli-auto", "--task", "seq_cls", "--examples", str(data)]
-    code, out = hl(*create, "--method", "lora_progressive", "--max-seconds", "120", "--no-watch")
+    code, out = hl(*create, "--method", "lora_progressive", "--epochs", "2", "--no-watch")
     assert code == 0
-    _, job = watch(server.training, out.strip(), timeout=300)
+    _, job = watch(server.training, out.strip())
     assert job.method == training_pb2.METHOD_LORA_PROGRESSIVE
     code, out = hl("finetune", "show", job.id)
     assert code == 0 and "candidate LORA_PROGRESSIVE" in out and "why" in out
