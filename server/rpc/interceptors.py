@@ -185,6 +185,10 @@ class ServerInterceptor(grpc.ServerInterceptor):
                     _tenant.reset(token)
                     if lease is not None:
                         lease.release()
+                    if code == grpc.StatusCode.OK and call.expired:
+                        # the watchdog cut it off: a stream whose reader saw the requests end may return
+                        # before grpc marks the context inactive (it was counted OK)
+                        code = grpc.StatusCode.CANCELLED
                     self._finish(method, code, context, t0, tenant, request, metadata)
 
             behavior = stream
