@@ -119,6 +119,22 @@ def _add_inference(sub: argparse._SubParsersAction, conn: argparse.ArgumentParse
     )
     p.add_argument("--service", default="", help="service name, e.g. hotlora.v1.Inference ('' = the server)")
 
+    p = _add(
+        sub,
+        "describe",
+        "List the server's gRPC services and methods, or describe one service, method, message or enum, "
+        "through server reflection (as grpcurl list / describe).",
+        _describe,
+        [conn],
+    )
+    p.add_argument("symbol", nargs="?", help="a full name, e.g. hotlora.v1.Inference (default: list them)")
+
+
+def _describe(args: argparse.Namespace) -> int:
+    from hotlora.clients.describe import cmd_describe  # grpc reflection's client, only for this command
+
+    return cmd_describe(args)
+
 
 def _add_group(
     sub: argparse._SubParsersAction, name: str, help: str, description: str

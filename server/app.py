@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from hotlora.adapters.observer import NO_OBSERVER, Observer
 from hotlora.adapters.service import AdapterService
@@ -34,11 +33,13 @@ from hotlora.server.metrics import Metrics
 from hotlora.server.model_loading import LoadedModel
 from hotlora.server.port_binding import PortUnavailable, bind_port
 from hotlora.server.registry_health import RegistryHealth
+from hotlora.server.rpc import reflection
 from hotlora.server.rpc.adapters_service import AdaptersServicer
 from hotlora.server.rpc.admission import RpcAdmission, RpcLimits
 from hotlora.server.rpc.idle_watchdog import IdleWatchdog
 from hotlora.server.rpc.inference_service import InferenceServicer
 from hotlora.server.rpc.interceptors import ServerInterceptor
+from hotlora.server.rpc.kserve_conversion import descriptor_files as kserve_files
 from hotlora.server.rpc.kserve_service import register as register_kserve
 from hotlora.server.rpc.training_service import TrainingServicer
 from hotlora.server.rpc.transport import server_options
@@ -133,7 +134,8 @@ class HotloraServer:
         names += register_kserve(self.state, self.grpc)
         self.service_names = names
         if self.config.reflection:
-            reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], self.grpc)
+            files = [pb.DESCRIPTOR for pb in (inference_pb2, adapters_pb2, training_pb2, health_pb2)]
+            reflection.enable(self.grpc, names, files, kserve_files())
         self._set_health(False)
 
     def _set_health(self, serving: bool):

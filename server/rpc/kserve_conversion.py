@@ -40,10 +40,16 @@ RESERVED_PREFIXES = ("triton_", "sequence_")
 
 
 @functools.cache
-def pool() -> descriptor_pool.DescriptorPool:
+def descriptor_files() -> tuple[descriptor_pb2.FileDescriptorProto, ...]:
+    """The vendored protocol's files, dependencies first (proto/generate.sh builds the set)."""
     data = importlib.resources.files("hotlora.kserve_pb").joinpath("inference.binpb").read_bytes()
+    return tuple(descriptor_pb2.FileDescriptorSet.FromString(data).file)
+
+
+@functools.cache
+def pool() -> descriptor_pool.DescriptorPool:
     p = descriptor_pool.DescriptorPool()
-    for fdp in descriptor_pb2.FileDescriptorSet.FromString(data).file:  # dependencies first
+    for fdp in descriptor_files():
         p.AddSerializedFile(fdp.SerializeToString())
     return p
 
