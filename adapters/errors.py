@@ -1,4 +1,4 @@
-"""Domain errors. The server maps each class to one gRPC status (DESIGN.md §3);
+"""Domain errors. The server maps each class to one gRPC status (docs/design.md §3);
 nothing below `server/` knows about gRPC."""
 
 

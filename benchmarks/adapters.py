@@ -1,4 +1,4 @@
-"""Adapter-serving figures (DESIGN.md section 6, items 1, 3, 4 and 5) on the default model.
+"""Adapter-serving figures (docs/design.md §6, figures 2 and 5) on the default model.
 (Over 400 lines: four figures that share one loaded server and one set of written adapters.)
 
     .venv/bin/python benchmarks/adapters.py            # full run (~5 min on 2 cores), updates RESULTS.md

@@ -1,4 +1,4 @@
-"""Co-serving figures (DESIGN.md section 6, item 6) on the default model:
+"""Co-serving figures (docs/design.md §6, figure 6) on the default model:
 
 - seconds from CreateFineTune with 64 labelled examples to a servable adapter, HEAD_ONLY and LORA;
 - inference p50/p99 latency of short Generate calls while a fine-tune runs vs idle (goal ≤ 1.5× p50).

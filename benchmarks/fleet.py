@@ -1,4 +1,4 @@
-"""Fleet figures (DESIGN.md §7): two `hotlora serve` replicas on one PostgreSQL + S3 (started here, on
+"""Fleet figures (docs/design.md §7): two `hotlora serve` replicas on one PostgreSQL + S3 (started here, on
 loopback, like the tests), timed through their gRPC ports:
 
 - upload on A -> servable on B: from UploadAdapter's reply on A to B's first Generate with the adapter;

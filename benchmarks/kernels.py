@@ -1,4 +1,4 @@
-"""Kernel figures (DESIGN.md section 6, item 7): the batched multi-LoRA update vs the base linear layers.
+"""Kernel figures (docs/design.md §6, figure 7): the batched multi-LoRA update vs the base linear layers.
 
 For one decoder layer of the default model (SmolLM2-135M: q, k, v, o, gate, up, down), the time of
 ``backend.add_lora`` summed over the seven modules is compared with the base ``F.linear`` time of the same

@@ -1,4 +1,4 @@
-"""Serving-core figures (DESIGN.md section 6, item 2 and the start-up time) on the default model.
+"""Serving-core figures (docs/design.md §6, figure 2, and the start-up time) on the default model.
 
     .venv/bin/python benchmarks/serving.py            # full run (< 5 min on 2 cores), updates RESULTS.md
     .venv/bin/python benchmarks/serving.py --quick    # one repeat, no cold start, RESULTS.md untouched
@@ -242,7 +242,7 @@ def main() -> None:
         "",
         *table,
         "",
-        f"32-stream / 1-stream scaling: **{tput[32] / tput[1]:.2f}×**. Engine efficiency (DESIGN.md §6.2, "
+        f"32-stream / 1-stream scaling: **{tput[32] / tput[1]:.2f}×**. Engine efficiency (docs/design.md §6, figure 2, "
         "server "
         f"32 streams / transformers static batch of the same 32 prompts): **{efficiency:.2f}** (goal ≥ 1.0);",
         f"each back-to-back pair of runs: {pairs}.",

@@ -1,4 +1,4 @@
-"""Content-addressed storage of adapter files (DESIGN.md §7: a local directory now, S3-compatible later).
+"""Content-addressed storage of adapter files (docs/design.md §7: a local directory, or S3-compatible).
 
 Blobs are named by the sha256 of their bytes, so writes are idempotent, paths never come from client
 strings, and every read can be verified.

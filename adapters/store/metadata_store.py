@@ -1,4 +1,4 @@
-"""Adapter and fine-tune job metadata behind `MetadataStore` (DESIGN.md §7): SQLite for one process
+"""Adapter and fine-tune job metadata behind `MetadataStore` (docs/design.md §7): SQLite for one process
 (sqlite_store.py), PostgreSQL for a fleet (postgres_store.py); their shared row format is metadata_rows.py.
 
 Versions come from a per-(tenant, name) counter that outlives deletions, so `name@N` always means the same

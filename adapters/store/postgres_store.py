@@ -1,4 +1,4 @@
-"""Adapter metadata and fine-tune jobs in PostgreSQL, shared by a fleet of replicas (DESIGN.md §7).
+"""Adapter metadata and fine-tune jobs in PostgreSQL, shared by a fleet of replicas (docs/design.md §7).
 
 Same contract as the SQLite store: a version is visible only once its row commits, version numbers come
 from a counter that outlives deletions, a tenant's quota is checked in the committing transaction (under

@@ -1,4 +1,4 @@
-"""What one replica tells the others about the shared registry (DESIGN.md §7).
+"""What one replica tells the others about the shared registry (docs/design.md §7).
 
 A replica resolves every request against the metadata store, so a new version is servable everywhere as
 soon as its row commits and a deleted one is refused everywhere as soon as its delete commits. What the

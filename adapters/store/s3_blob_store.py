@@ -1,4 +1,4 @@
-"""Adapter blobs in an S3-compatible object store (AWS S3, MinIO, Ceph; DESIGN.md §7).
+"""Adapter blobs in an S3-compatible object store (AWS S3, MinIO, Ceph; docs/design.md §7).
 
 `s3://bucket/prefix` holds `prefix/blobs/ab/cdef...`, content-addressed like the local store. An object
 appears only once its upload completes (a multipart upload only at CompleteMultipartUpload), so a crash

@@ -1,4 +1,4 @@
-"""Choose the registry's stores from configuration (DESIGN.md §7): SQLite and a local directory under the
+"""Choose the registry's stores from configuration (docs/design.md §7): SQLite and a local directory under the
 data dir for one process (the default), or PostgreSQL and an S3-compatible bucket shared by a fleet."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Which store URLs the registry takes (DESIGN.md §7): checked by the server's config before anything is
+"""Which store URLs the registry takes (docs/design.md §7): checked by the server's config before anything is
 opened, and by `shared_stores.StoreConfig`. Imports nothing heavy: the CLI reads it to parse flags."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Domain errors -> HTTP status and the OpenAI error object, the HTTP twin of the gRPC status table
-(DESIGN.md §3): `{"error": {"message", "type", "param", "code"}}`."""
+(docs/design.md §3): `{"error": {"message", "type", "param", "code"}}`."""
 
 from __future__ import annotations
 
