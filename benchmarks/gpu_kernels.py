@@ -1,4 +1,5 @@
-"""GPU kernel figures (docs/design.md §6, figure 8): the Triton SGMV/BGMV LoRA update against the base GEMMs, compiled.
+"""GPU kernel figures (docs/design.md §6, figure 8): the Triton SGMV/BGMV LoRA update against the base GEMMs,
+compiled.
 
 For one decoder layer at three model scales (SmolLM2-135M, a Llama-3.2-1B shape, a Llama-7B shape) the seven
 ``add_lora`` calls (q, k, v, o, gate, up, down) are timed against the layer's base GEMMs as the runner runs

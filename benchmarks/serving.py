@@ -242,8 +242,8 @@ def main() -> None:
         "",
         *table,
         "",
-        f"32-stream / 1-stream scaling: **{tput[32] / tput[1]:.2f}×**. Engine efficiency (docs/design.md §6, figure 2, "
-        "server "
+        f"32-stream / 1-stream scaling: **{tput[32] / tput[1]:.2f}×**. "
+        "Engine efficiency (docs/design.md §6, figure 2, server "
         f"32 streams / transformers static batch of the same 32 prompts): **{efficiency:.2f}** (goal ≥ 1.0);",
         f"each back-to-back pair of runs: {pairs}.",
         "",

@@ -71,7 +71,7 @@ def test_a_reflection_client_calls_kserve_with_the_messages_it_was_given(run):
 def test_hotlora_describe_lists_and_describes(run, capsys):
     assert main(["describe", "--address", run.address]) == 0
     out = capsys.readouterr().out
-    assert "inference.GRPCInferenceService\n  ServerLive(ServerLiveRequest) returns (ServerLiveResponse)" in out
+    assert f"{kc.SERVICE}\n  ServerLive(ServerLiveRequest) returns (ServerLiveResponse)" in out
     assert "  ModelStreamInfer(stream ModelInferRequest) returns (stream ModelStreamInferResponse)" in out
     assert "  GenerateStream(GenerateRequest) returns (stream GenerateChunk)" in out
 
@@ -88,7 +88,8 @@ def test_hotlora_describe_lists_and_describes(run, capsys):
     )
 
     assert main(["describe", "--address", run.address, "inference.NoSuchThing"]) == 1
-    assert "NOT_FOUND: the server describes no service, method, message or enum named" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "NOT_FOUND: the server describes no service, method, message or enum named" in err
 
 
 def test_describe_sends_the_token_reflection_needs(tiny_model_dir, tmp_path, capsys):
