@@ -3,7 +3,7 @@ image that builds them at the first start, on image size and first-start time.
 
     .venv/bin/python benchmarks/image.py [--starts 2] [--no-build]   # --no-build: after `make image`
 
-The compiler variant is the image plus `deploy/image/base.sh compiler` (gcc, libc6-dev) with
+The compiler variant is the image plus `deploy/image/base.sh compiler` (gcc, g++, Python's headers) with
 HOTLORA_KERNELS_DIR emptied, so each fresh container builds the kernels as any host does: some during
 start-up, the rest at their first use. Each start is a new container (a first start); the two variants
 alternate. Time to SERVING: from `podman run` to grpc.health.v1 SERVING, seen from the host; first Generate:

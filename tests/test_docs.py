@@ -11,9 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # a path as the docs write one: in backticks or a markdown link, ending in a file type the repository holds
 PATH = re.compile(r"(?:`|\]\()(\.{0,2}/?[\w./-]+\.(?:md|py|proto|sh|yaml|yml|json|toml|c|h))(?:[`):#\s])")
+# files a user or a run makes (figures.json: deploy/gpu/device-check.sh's output), named without a folder
 MADE_ELSEWHERE = ("registry.sqlite3", "adapter_config.json", "adapter_model.safetensors", "head_config.json",
                   "config.json", "tokenizer.json", "hotlora_training.json", "train.jsonl", "qa.jsonl",
-                  "test.jsonl", "secret-tokens.yaml", "README.md")  # fmt: skip
+                  "test.jsonl", "secret-tokens.yaml", "README.md",
+                  "figures.json")  # fmt: skip
 
 
 def _repository_files() -> list[str]:

@@ -3,7 +3,8 @@
 # Python build steps does not rebuild the base:
 #   python VARIANT   Python 3 and an empty venv in /opt/venv (apt-get only where the base image has no python3);
 #                    VARIANT cuda also keeps gcc and Python's headers: Triton compiles its launcher on first use
-#   compiler         gcc for the C kernels (the build stage only), where the base image has none
+#   compiler         gcc and g++ for the C kernels and their bindings (the build stage only), and Python's
+#                    headers (the bindings include Python.h), where the base image has none
 set -eu
 
 say() { printf '==> %s\n' "$*"; }
@@ -32,11 +33,18 @@ python)
     say "$(/opt/venv/bin/python --version) in /opt/venv"
     ;;
 compiler)
-    if ! command -v cc >/dev/null 2>&1; then
-        say "gcc for the C kernels (this stage only: the runtime image gets the built libraries)"
-        apt_install gcc libc6-dev
+    missing=""
+    command -v gcc >/dev/null 2>&1 || missing="gcc libc6-dev"
+    command -v g++ >/dev/null 2>&1 || missing="$missing g++"
+    # the venv's Python.h (its include folder is the base interpreter's)
+    /opt/venv/bin/python -c 'import os, sysconfig, sys; sys.exit(not os.path.isfile(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+        || missing="$missing python3-dev"
+    if [ -n "$missing" ]; then
+        say "$missing for the C kernels (this stage only: the runtime image gets the built module)"
+        # shellcheck disable=SC2086 # one word a package
+        apt_install $missing
     fi
-    say "$(cc --version | head -1)"
+    say "$(gcc --version | head -1); $(g++ --version | head -1)"
     ;;
 *)
     echo "base.sh: unknown step '$step'" >&2
