@@ -101,15 +101,18 @@ def test_metrics_count_what_was_served(served):
 def test_no_compiler_inside_and_the_shipped_kernels_load(served):
     probe = containers.podman(
         "exec", served.name, "python", "-c",
-        "import shutil; from hotlora.kernels import native; "
-        "print(shutil.which('cc') or shutil.which('gcc'), native.unavailable_reason())",
+        "import json, shutil; from hotlora.kernels import native; "
+        "print(json.dumps({'compilers': [c for c in ('cc', 'gcc', 'c++', 'g++') if shutil.which(c)], "
+        "'prebuilt': str(native.prebuilt()), 'reason': native.unavailable_reason()}))",
     )  # fmt: skip
-    compiler, reason = probe.stdout.strip().split(" ", 1)
-    assert compiler == "None"
-    if reason != "None":  # only a CPU without AVX-512 may lack them
-        assert "the CPU lacks" in reason, reason
+    found = json.loads(probe.stdout)
+    assert found["compilers"] == []
+    if found["reason"] is not None:  # only a CPU without AVX-512 may lack them
+        assert "the CPU lacks" in found["reason"], found
     else:
-        assert "cannot run here" not in served.logs()
+        assert found["prebuilt"].startswith("/opt/hotlora/kernels/_hotlora_kernels-"), found
+        logs = served.logs()
+        assert "cannot run here" not in logs and "building hotlora's C kernels" not in logs
 
 
 def test_the_image_healthcheck_passes(served):
