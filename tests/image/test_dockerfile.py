@@ -127,8 +127,12 @@ def installed(wheel, tmp_path_factory) -> Path:
     return site
 
 
-def test_the_wheel_holds_every_generated_file_the_server_loads(wheel):
+def test_the_wheel_holds_every_generated_file_the_server_loads(build_dir, wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
+    generated = [p for p in (build_dir / "gen" / "hotlora").rglob("*") if p.suffix in (".py", ".binpb")]
+    for path in generated:  # what proto/generate.sh wrote, as the package loads it
+        assert f"hotlora/{path.relative_to(build_dir / 'gen' / 'hotlora')}" in names, path
+    assert {p.parent.name for p in generated} >= {"v1", "kserve_pb", "tinker_pb"}
     for proto in (ROOT / "proto" / "hotlora" / "v1").glob("*.proto"):
         assert f"hotlora/v1/{proto.stem}_pb2.py" in names and f"hotlora/v1/{proto.stem}_pb2_grpc.py" in names
     assert "hotlora/kserve_pb/inference.binpb" in names  # the file the old Dockerfile never generated
