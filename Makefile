@@ -124,7 +124,7 @@ image:
 	$(IMAGE_ARGS) sh deploy/image/podman.sh build
 
 # Builds the image, runs it, and calls it from outside: health, Generate, a chat completion, an upload,
-# /metrics, stops it (tests/image/test_image.py; not in `make test`: 22 min from nothing, 4 with layers cached).
+# /metrics, stops it (tests/image/test_image.py; not in `make test`: ~3 min with the layers cached, 22 from nothing).
 image-test: setup
 	$(IMAGE_ARGS) $(PY) -m pytest -m image tests/image $(PYTEST_ARGS)
 

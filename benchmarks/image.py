@@ -91,7 +91,7 @@ def main() -> None:
         "| runtime image | size | start → SERVING | first Generate (8 tokens) | start → first answer |",
         "|---|---|---|---|---|",
         row(f"C kernels shipped built (`{shipped}`)", shipped),
-        row("gcc inside, kernels built at first start and first use", compiling),
+        row("gcc, g++ and Python's headers inside, the kernels' module built at first start", compiling),
         "",
         f"Compiler in the image: +{sizes[compiling] - sizes[shipped]:,.0f} MB "
         f"({sizes[compiling] / sizes[shipped]:.2f}×); start → first answer "
