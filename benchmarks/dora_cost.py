@@ -119,7 +119,7 @@ def main() -> None:
         f"`benchmarks/dora_cost.py --repeats {args.repeats} --n {n}`",
         "",
         f"N={n} streams on {n} distinct rank-{RANK} adapters (all seven linears), 32 new tokens, "
-        "greedy, fp32:",
+        "greedy, the server's default flags (--dtype auto):",
         "",
         "| LoRA tok/s (best) | DoRA tok/s (best) | DoRA step cost / LoRA (goal <= 1.15) | "
         "per alternating run | install into a slot, LoRA / DoRA (median) |",
