@@ -183,6 +183,19 @@ def test_saved_for_sampling_is_a_registry_version_served_everywhere_and_exported
     assert greedy(sampler, PROMPTS[1]) == TAUGHT[1]
 
 
+def test_weights_saved_for_sampling_are_sampled_without_a_load_from_the_store(run, port, base, monkeypatch):
+    cache = run.state.adapters.cache
+    loads, loader = [], cache._loader
+    monkeypatch.setattr(cache, "_loader", lambda source: loads.append(source) or loader(source))
+    with service_client(port) as sc:
+        tc = _client(sc, base, rank=2)
+        tc.forward_backward([sft_datum(PROMPTS[0], TAUGHT[0])], "cross_entropy").result()
+        tc.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+        sampler = tc.save_weights_and_get_sampling_client().result()
+        assert len(greedy(sampler, PROMPTS[0])) > 0
+    assert loads == []  # the saved tensors went to the cache's host tier as they were saved
+
+
 def test_samples_stop_where_asked_and_the_server_says_what_it_serves(taught, port, base):
     sampler = taught["sc"].create_sampling_client(model_path=taught["path"]).result()
     prompt = types.ModelInput.from_ints(PROMPTS[0])  # taught: " blue" EOS
