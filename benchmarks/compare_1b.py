@@ -97,7 +97,16 @@ def _stop_measuring(proc) -> None:
     _real_stop(proc)
 
 
+_real_start = compare.start
+
+
+def _start(cmd, log_name: str, env=None):
+    # the kit names llama-server's log after its BASE argument, here a file's path
+    return _real_start(cmd, log_name.replace("/", "_"), env)
+
+
 compare.stop = _stop_measuring
+compare.start = _start
 compare.ttft_prompt = _ttft_prompt_512
 
 
