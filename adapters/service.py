@@ -103,6 +103,8 @@ class AdapterService:
         registry.metadata.subscribe(self._apply_change, self._resync)
 
     def _apply_change(self, change: RegistryChange) -> None:
+        if change.op == "delete":
+            self.registry.resolved.forget(change.tenant, change.name)
         versions = change.versions or tuple(
             v for (t, n, v) in self.cache.keys() if (t, n) == (change.tenant, change.name)
         )
@@ -115,6 +117,7 @@ class AdapterService:
 
     def _resync(self) -> None:
         """Changes may have been missed: drop every cached version that is no longer stored."""
+        self.registry.resolved.clear()
         for tenant, name, version in self.cache.keys():
             if self.registry.metadata.get(tenant, name, version) is None:
                 self.cache.drop((tenant, name, version))

@@ -110,7 +110,10 @@ def setup_adapters(cfg: ServerConfig, loaded: LoadedModel, observer: AdapterObse
         connections=cfg.registry_connections,
         job_lease_s=cfg.job_lease_seconds,
         replica_id=cfg.replica_id or default_replica_id(),
-        s3=S3Options(cfg.s3_endpoint_url, cfg.s3_region, cfg.s3_multipart_bytes),
+        timeout_s=cfg.registry_timeout_seconds,
+        s3=S3Options(
+            cfg.s3_endpoint_url, cfg.s3_region, cfg.s3_multipart_bytes, timeout_s=cfg.registry_timeout_seconds
+        ),
     )
     registry = open_registry(stores)
     service = AdapterService(

@@ -227,7 +227,11 @@ class HotloraServer:
         if self.metrics is not None:
             self.metrics.attach(self.state)
         self.registry_health = RegistryHealth(
-            adapters.registry.check, self._registry_health_changed, self.config.health_check_seconds
+            adapters.registry.check,
+            self._registry_health_changed,
+            self.config.health_check_seconds,
+            # a shared store's calls end within their bounds (S3: two tries); a local disk answers at once
+            timeout_s=2 * self.config.registry_timeout_seconds + 1.0,
         )
         self.registry_health.start()
         release_thread_team()  # loading ran parallel torch ops here; the engine thread serves from now on

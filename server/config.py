@@ -302,6 +302,13 @@ class ServerConfig:
     health_check_seconds: float = flag(
         5.0, "how often the registry is probed; health NOT_SERVING when it fails", gt=0
     )
+    registry_timeout_seconds: float = flag(
+        5.0,
+        "shared registry: the longest a PostgreSQL call or an S3 wait may take before UNAVAILABLE "
+        "(a request's own deadline, when sooner, bounds it too)",
+        ge=0.1,
+        le=600,
+    )
     tls_cert: ExistingFile = flag("", "PEM server certificate (enables TLS)")
     tls_key: ExistingFile = flag("", "PEM server private key")
     tls_client_ca: ExistingFile = flag("", "PEM CA that client certificates must chain to (enables mTLS)")

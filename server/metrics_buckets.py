@@ -143,6 +143,8 @@ UPLOAD_OUTCOMES = (
     "unsupported_option",
     "does_not_fit",
     "cancelled",
+    "deadline_exceeded",
+    "unavailable",
 )
 HTTP_ROUTES = (
     "/v1/completions",

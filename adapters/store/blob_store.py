@@ -59,6 +59,9 @@ class BlobStore(ABC):
     def check(self) -> None:
         """Raises unless a blob could be written now (the health probe)."""
 
+    def close(self) -> None:  # noqa: B027 (a directory holds nothing to release)
+        """Release what the store holds (threads, connections)."""
+
 
 class LocalBlobStore(BlobStore):
     """`<root>/ab/cdef...`: written to a temp file in the same folder, fsynced, renamed, folder fsynced."""

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 
+from hotlora.adapters.caller import Caller
 from hotlora.adapters.errors import ResourceExhausted
 from hotlora.adapters.names import format_ref
 from hotlora.adapters.store.registry_changes import RegistryChange
@@ -101,10 +102,13 @@ class MetadataStore(ABC):
     """Adapter records per tenant. Implementations are safe to call from many threads."""
 
     @abstractmethod
-    def insert_next_version(self, draft: AdapterRecord, quota: TenantQuota | None = None) -> AdapterRecord:
+    def insert_next_version(
+        self, draft: AdapterRecord, quota: TenantQuota | None = None, caller: Caller | None = None
+    ) -> AdapterRecord:
         """In one transaction: check the tenant's `quota` (ResourceExhausted), version = the largest ever
-        given to (tenant, name) + 1, then insert. `draft.version` and `draft.created_at` are ignored; the
-        stored record is returned."""
+        given to (tenant, name) + 1, insert, and commit only if `caller` still waits for the answer (else
+        roll back and raise its DeadlineExceeded / Cancelled). `draft.version` and `draft.created_at` are
+        ignored; the stored record is returned."""
 
     @abstractmethod
     def usage(self, tenant: str) -> tuple[int, int]:

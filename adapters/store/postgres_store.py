@@ -14,13 +14,18 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Iterator
 
+from hotlora.adapters.caller import Caller, bounded, current_caller
 from hotlora.adapters.errors import Unavailable
+from hotlora.adapters.store.breaker import Breaker
 from hotlora.adapters.store.metadata_rows import COLUMNS, JOB_COLUMNS, job_from_row, job_row, record_from_row
 from hotlora.adapters.store.metadata_store import AdapterRecord, JobRecord, MetadataStore, TenantQuota
+from hotlora.adapters.store.postgres_pool import PoolBusy, PostgresPool
 from hotlora.adapters.store.postgres_schema import BLOB_LOCK, migrate
+from hotlora.adapters.store.postgres_watchdog import ConnectionWatchdog
 from hotlora.adapters.store.postgres_watchers import ChangeListener, LeaseKeeper
 from hotlora.adapters.store.registry_changes import RegistryChange
 
@@ -33,66 +38,152 @@ _NOW = "extract(epoch from clock_timestamp())"  # the database's clock: replicas
 
 
 class PostgresMetadataStore(MetadataStore):
-    def __init__(self, url: str, replica_id: str, connections: int = 8, job_lease_s: float = 30.0):
+    def __init__(
+        self,
+        url: str,
+        replica_id: str,
+        connections: int = 8,
+        job_lease_s: float = 30.0,
+        timeout_s: float = 5.0,
+    ):
         import psycopg  # noqa: F401 (fail here, with the install hint below, not mid-request)
-        from psycopg_pool import ConnectionPool
 
         self.url = url
         self.replica_id = replica_id
         self.job_lease_s = job_lease_s
+        self.timeout_s = timeout_s
+        """The longest one call (waiting for a connection and its statements) may take; less when the
+        caller's deadline comes first."""
         self._where = _redact(url)
-        self._pool = ConnectionPool(
-            url, min_size=1, max_size=connections, open=False, timeout=30.0, name="hotlora-registry"
-        )
+        self._breaker = Breaker(f"the adapter registry {self._where}", probe=self._probe)
+        self._watchdog = ConnectionWatchdog()
+        self._pool = PostgresPool(url, connection_bounds(timeout_s), connections)
         self._claimed: set[str] = set()  # active jobs this replica saved (and so holds a lease on)
         self._listener: ChangeListener | None = None
         self._keeper: LeaseKeeper | None = None
         try:
-            self._pool.open(wait=True, timeout=15.0)
-        except Exception as exc:
-            raise Unavailable(f"cannot reach the registry database {self._where}: {exc}") from exc
-        with self._conn() as conn:
-            before = migrate(conn, self._where)
+            with self._conn(timeout_s=max(60.0, timeout_s)) as conn:  # others may hold the migration lock
+                before = migrate(conn, self._where)
+        except Unavailable as exc:
+            self.close()
+            raise Unavailable(f"cannot reach the registry database {self._where}: {exc.message}") from exc
         log.info("registry %s: schema ready (was version %d)", self._where, before)
 
     @contextlib.contextmanager
-    def _conn(self) -> Iterator:
+    def _conn(self, timeout_s: float | None = None, probe: bool = False) -> Iterator:
+        """A pooled connection for one call: committed when the block ends, rolled back if it raises;
+        bounded by `timeout_s` (default: the store's) and by the caller's deadline and cancellation.
+        While the database is known down it raises Unavailable at once (unless `probe`)."""
+        caller = current_caller()
+        budget = bounded(timeout_s or self.timeout_s)
+        if not probe:
+            self._breaker.admit()
+        deadline = time.monotonic() + budget
+        conn = self._borrow(deadline, budget)
+        try:
+            with self._bounded(conn, deadline, caller):
+                yield conn
+                conn.commit()
+        except BaseException:
+            self._roll_back(conn)
+            raise
+        finally:
+            self._pool.give_back(conn)
+
+    def _borrow(self, deadline: float, budget: float):
         import psycopg
-        from psycopg_pool import PoolTimeout
 
         try:
-            with self._pool.connection() as conn:
-                yield conn
-        except (psycopg.OperationalError, PoolTimeout) as exc:
-            log.warning("registry database %s: %s", self._where, exc)
+            return self._pool.borrow(deadline)
+        except PoolBusy as exc:  # the database may be fine: this replica is saturated
             raise Unavailable(
-                f"the adapter registry {self._where} is unavailable ({exc}); retry later"
+                f"the adapter registry {self._where} is unavailable ({exc} for {budget:.3g} s); retry later"
             ) from exc
+        except psycopg.OperationalError as exc:  # a connection could not be made
+            why = f"cannot connect: {str(exc).strip().splitlines()[0]}"
+            if not self._breaker.down:
+                log.warning("registry database %s: %s", self._where, why)
+            self._breaker.failed(why)
+            raise Unavailable(
+                f"the adapter registry {self._where} is unavailable ({why}); retry later"
+            ) from exc
+
+    def _roll_back(self, conn) -> None:
+        """After a failed block: end its transaction (bounded), or drop the connection."""
+        from psycopg.pq import TransactionStatus
+
+        if conn.closed or conn.broken or conn.info.transaction_status == TransactionStatus.IDLE:
+            return
+        try:
+            with self._bounded(conn, time.monotonic() + self.timeout_s, None):
+                conn.rollback()
+        except Exception:
+            conn.close()  # not given back to the pool
+
+    @contextlib.contextmanager
+    def _bounded(self, conn, deadline: float, caller: Caller | None) -> Iterator[None]:
+        """Statements on `conn` until `deadline` (else the watchdog cuts it); psycopg's failures become
+        Unavailable, or the caller's DeadlineExceeded / Cancelled when it went away first."""
+        import psycopg
+
+        with self._watchdog.watch(conn, max(0.0, deadline - time.monotonic()), caller) as watch:
+            try:
+                yield
+            except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+                if watch.cut == "caller" and caller is not None:
+                    gone = caller.gone()
+                    if gone is not None:
+                        raise type(gone)(f"{gone.message}; the registry call was abandoned") from exc
+                lost = watch.cut == "timeout" or conn.broken or conn.closed
+                why = f"no answer within {self.timeout_s:g} s" if watch.cut == "timeout" else str(exc)
+                if not self._breaker.down:  # once per outage, not once per call
+                    log.warning("registry database %s: %s", self._where, why)
+                if lost:
+                    self._breaker.failed(why)
+                raise Unavailable(
+                    f"the adapter registry {self._where} is unavailable ({why}); retry later"
+                ) from exc
+        self._breaker.succeeded()
 
     def ping(self) -> None:
         with self._conn() as conn:
             conn.execute("SELECT 1").fetchone()
 
+    def _probe(self) -> None:
+        with self._conn(probe=True) as conn:
+            conn.execute("SELECT 1").fetchone()
+
     @contextlib.contextmanager
     def blob_guard(self, exclusive: bool) -> Iterator[None]:
-        # A session lock on a borrowed connection: released if this process dies (its session ends).
-        with self._conn() as conn:
+        # A session lock on a borrowed connection: released if this process dies (its session ends). The
+        # statements are bounded; the time between them (the caller's blob checks) is not theirs to bound.
+        caller = current_caller()
+        budget = bounded(self.timeout_s)
+        self._breaker.admit()
+        deadline = time.monotonic() + budget
+        conn = self._borrow(deadline, budget)
+        try:
             conn.autocommit = True
-            try:
+            with self._bounded(conn, deadline, caller):
                 if exclusive:
                     conn.execute("SELECT pg_advisory_lock(%s)", (BLOB_LOCK,))
                 else:
                     conn.execute("SELECT pg_advisory_lock_shared(%s)", (BLOB_LOCK,))
-                try:
-                    yield
-                finally:
-                    fn = "pg_advisory_unlock" if exclusive else "pg_advisory_unlock_shared"
-                    conn.execute(f"SELECT {fn}(%s)", (BLOB_LOCK,))
+            try:
+                yield
             finally:
+                fn = "pg_advisory_unlock" if exclusive else "pg_advisory_unlock_shared"
+                with self._bounded(conn, time.monotonic() + self.timeout_s, None):
+                    conn.execute(f"SELECT {fn}(%s)", (BLOB_LOCK,))
+        finally:
+            with contextlib.suppress(Exception):  # a cut connection: the pool closes it anyway
                 conn.autocommit = False
+            self._pool.give_back(conn)
 
     # ---- adapters -----------------------------------------------------------------------------------
-    def insert_next_version(self, draft: AdapterRecord, quota: TenantQuota | None = None) -> AdapterRecord:
+    def insert_next_version(
+        self, draft: AdapterRecord, quota: TenantQuota | None = None, caller: Caller | None = None
+    ) -> AdapterRecord:
         with self._conn() as conn, conn.transaction():
             conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", ("tenant:" + draft.tenant,))
             if quota is not None:
@@ -119,9 +210,12 @@ class PostgresMetadataStore(MetadataStore):
                     "VALUES (%s, %s, %s, %s, %s)",
                     [(draft.tenant, draft.name, version, f, sha) for f, sha in sorted(draft.files.items())],
                 )
-            return _records(
+            stored = _records(
                 conn, "tenant = %s AND name = %s AND version = %s", (draft.tenant, draft.name, version)
             )[0]
+            if caller is not None:  # last, inside the transaction: a caller told it failed gets nothing
+                caller.check(f"committing {stored.ref}")
+            return stored
 
     def get(self, tenant: str, name: str, version: int | None) -> AdapterRecord | None:
         if version is None:
@@ -306,7 +400,9 @@ class PostgresMetadataStore(MetadataStore):
         for watcher in (self._listener, self._keeper):
             if watcher is not None:
                 watcher.stop()
+        self._breaker.close()
         self._pool.close()
+        self._watchdog.close()
 
     def _all(self, sql: str, args: tuple = (), fetch: bool = True) -> list:
         with self._conn() as conn:
@@ -350,6 +446,23 @@ def _records(conn, where: str, args: tuple) -> list[AdapterRecord]:
         ).fetchall()
         out.append(record_from_row(row, dict(files)))
     return out
+
+
+def connection_bounds(timeout_s: float) -> dict:
+    """libpq settings that bound what the server and the network can bound: connecting, a statement or a
+    lock wait on a live server, unanswered sends and a silent peer (the watchdog does the rest)."""
+    ms = int(timeout_s * 1000)
+    return {
+        "connect_timeout": max(2, math.ceil(timeout_s)),
+        "options": (
+            f"-c statement_timeout={ms} -c lock_timeout={ms} -c idle_in_transaction_session_timeout={4 * ms}"
+        ),
+        "keepalives": 1,
+        "keepalives_idle": max(1, math.ceil(timeout_s)),
+        "keepalives_interval": 1,
+        "keepalives_count": 3,
+        "tcp_user_timeout": ms,
+    }
 
 
 def _redact(url: str) -> str:

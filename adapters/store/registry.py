@@ -16,7 +16,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from hotlora.adapters.base_model_info import BaseModelInfo
-from hotlora.adapters.errors import HotloraError, InvalidArgument, NotFound
+from hotlora.adapters.caller import current_caller
+from hotlora.adapters.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    HotloraError,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from hotlora.adapters.names import format_ref, parse_ref, validate_name
 from hotlora.adapters.peft.format import RECORD_FILE, WEIGHTS_FILE, AdapterLimits, parse_peft_adapter
 from hotlora.adapters.store.blob_store import BlobStore, LocalBlobStore
@@ -26,6 +34,7 @@ from hotlora.adapters.store.metadata_store import (
     MetadataStore,
     TenantQuota,
 )
+from hotlora.adapters.store.resolved_refs import ResolvedRefs
 from hotlora.adapters.store.sqlite_store import SqliteMetadataStore
 from hotlora.adapters.weights import LoraWeights
 
@@ -43,6 +52,7 @@ class AdapterRegistry:
     def __init__(self, metadata: MetadataStore, blobs: BlobStore):
         self.metadata = metadata
         self.blobs = blobs
+        self.resolved = ResolvedRefs()
 
     @classmethod
     def open(cls, data_dir: Path, connections: int = 8) -> AdapterRegistry:
@@ -62,6 +72,7 @@ class AdapterRegistry:
 
     def close(self) -> None:
         self.metadata.close()
+        self.blobs.close()
 
     def commit(
         self,
@@ -86,6 +97,7 @@ class AdapterRegistry:
             )
         if WEIGHTS_FILE not in files:
             raise InvalidArgument(f"the adapter lacks {WEIGHTS_FILE}")
+        caller = current_caller()  # nothing is committed once it stopped waiting (it was told it failed)
         # Blobs first, outside the lock: large writes must not block other tenants' lookups or commits.
         manifest = {fname: self.blobs.put(data) for fname, data in files.items()}
         draft = AdapterRecord(
@@ -104,13 +116,17 @@ class AdapterRegistry:
             description=description,
             files=manifest,
         )
+        if caller is not None:
+            caller.check(f"committing a version of {name}")
         with self.metadata.blob_guard(exclusive=False):
             # A concurrent delete or gc may have removed an identical blob meanwhile: put it back.
             for fname, sha in manifest.items():
                 if not self.blobs.exists(sha):
                     self.blobs.put(files[fname])
             try:
-                return self.metadata.insert_next_version(draft, quota)
+                return self.metadata.insert_next_version(draft, quota, caller)
+            except (DeadlineExceeded, Cancelled):
+                raise  # its blobs stay until a gc: the registry may be unreachable just now
             except HotloraError as exc:  # refused (over the quota): its blobs go now, not at a later gc
                 refused = exc
         with self.metadata.blob_guard(exclusive=True):
@@ -118,10 +134,18 @@ class AdapterRegistry:
         raise refused
 
     def resolve(self, tenant: str, ref: str) -> AdapterRecord:
-        """`name` -> latest version, `name@N` -> that version; NotFound says what exists."""
+        """`name` -> latest version, `name@N` -> that version; NotFound says what exists. While the
+        database is unreachable, what the reference last resolved to here (see resolved_refs.py)."""
         name, version = parse_ref(ref)
-        record = self.metadata.get(tenant, name, version)
+        try:
+            record = self.metadata.get(tenant, name, version)
+        except Unavailable:
+            known = self.resolved.recall(tenant, name, version)
+            if known is None:
+                raise
+            return known
         if record is not None:
+            self.resolved.remember(tenant, name, version, record)
             return record
         versions = self.metadata.versions(tenant, name)
         if not versions:
@@ -140,6 +164,7 @@ class AdapterRegistry:
         name, version = parse_ref(ref)
         with self.metadata.blob_guard(exclusive=True):
             removed = self.metadata.delete(tenant, name, version)
+            self.resolved.forget(tenant, name)
             self._remove_unreferenced({sha for r in removed for sha in r.files.values()})
         if not removed:
             self.resolve(tenant, ref)  # raises NotFound saying which versions exist

@@ -26,12 +26,16 @@ class StoreConfig:
     connections: int = 8
     job_lease_s: float = 30.0
     replica_id: str = field(default_factory=lambda: default_replica_id())
+    timeout_s: float = 5.0
+    """The longest one call to the shared database may take (S3's bound is `s3.timeout_s`)."""
     s3: S3Options = S3Options()
 
     def __post_init__(self):
         problems = check_store_urls(self.registry, self.blob_store)
         if self.job_lease_s < 1.0:
             problems.append(f"--job-lease-seconds must be at least 1 (got {self.job_lease_s})")
+        if not 0.1 <= self.timeout_s <= 600:
+            problems.append(f"--registry-timeout-seconds must be within 0.1..600 (got {self.timeout_s})")
         if problems:
             raise ValueError("invalid configuration:\n  " + "\n  ".join(problems))
 
@@ -56,7 +60,9 @@ def open_registry(cfg: StoreConfig) -> AdapterRegistry:
         raise RuntimeError(
             f"a shared registry needs psycopg and boto3 ({exc}); {FLEET_INSTALL_HINT}"
         ) from exc
-    metadata = PostgresMetadataStore(cfg.registry, cfg.replica_id, cfg.connections, cfg.job_lease_s)
+    metadata = PostgresMetadataStore(
+        cfg.registry, cfg.replica_id, cfg.connections, cfg.job_lease_s, timeout_s=cfg.timeout_s
+    )
     try:
         blobs = S3BlobStore(cfg.blob_store, cfg.s3)
         registry = AdapterRegistry(metadata, blobs)

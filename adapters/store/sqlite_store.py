@@ -9,6 +9,7 @@ import threading
 import time
 from pathlib import Path
 
+from hotlora.adapters.caller import Caller
 from hotlora.adapters.errors import FailedPrecondition
 from hotlora.adapters.store.metadata_rows import COLUMNS, JOB_COLUMNS, job_from_row, job_row, record_from_row
 from hotlora.adapters.store.metadata_store import AdapterRecord, JobRecord, MetadataStore, TenantQuota
@@ -104,7 +105,9 @@ class SqliteMetadataStore(MetadataStore):
             conn.execute("ROLLBACK")
             raise
 
-    def insert_next_version(self, draft: AdapterRecord, quota: TenantQuota | None = None) -> AdapterRecord:
+    def insert_next_version(
+        self, draft: AdapterRecord, quota: TenantQuota | None = None, caller: Caller | None = None
+    ) -> AdapterRecord:
         with self._pool.connection() as conn:
             conn.execute("BEGIN IMMEDIATE")  # the write lock: no other commit between check and insert
             try:
@@ -131,6 +134,8 @@ class SqliteMetadataStore(MetadataStore):
                     "VALUES (?, ?, ?, ?, ?)",
                     [(draft.tenant, draft.name, version, f, sha) for f, sha in sorted(draft.files.items())],
                 )
+                if caller is not None:  # last, inside the transaction: a caller told it failed gets nothing
+                    caller.check(f"committing {draft.name}@{version}")
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")

@@ -11,7 +11,12 @@ stored in the blob store, referenced by the job (never by an adapter name, so `n
 the last promoted version), and readable with `artifact(tenant, job_id)`.
 
 Every state transition happens under one lock and only from a non-terminal state, so a cancel, a
-shutdown and a promotion racing each other leave exactly one outcome."""
+shutdown and a promotion racing each other leave exactly one outcome.
+
+While the registry database is unreachable a job keeps training: progress it cannot write is skipped
+(the next write carries the latest), and an outcome it cannot write is kept and written as soon as the
+database answers (its lease keeps being renewed meanwhile, so no other replica fails it) — unless the job
+was ended elsewhere meanwhile (its lease ran out), which then stands."""
 
 from __future__ import annotations
 
@@ -25,9 +30,11 @@ from dataclasses import replace
 from hotlora.adapters.errors import (
     DeadlineExceeded,
     FailedPrecondition,
+    HotloraError,
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unavailable,
 )
 from hotlora.adapters.names import parse_ref, validate_name
 from hotlora.adapters.observer import NO_OBSERVER, AdapterObserver
@@ -55,6 +62,7 @@ log = logging.getLogger("hotlora.finetune")
 ACTIVE = ("QUEUED", "RUNNING")
 RESTARTED = "server restarted during the job"
 STOPPED = "server stopped during the job; submit it again"
+UNSAVED_RETRY_S = 1.0  # how often an outcome the registry could not take is offered again
 
 
 class FineTuneManager:
@@ -97,6 +105,8 @@ class FineTuneManager:
         self.queue = FairTaskQueue(engine.submit_task)
         """Where jobs take turns by tenant; the Tinker API's training runs take theirs here too."""
         self._closed = False
+        self._unsaved: dict[str, tuple[JobRecord, str]] = {}  # outcomes the store has not taken yet
+        self._saver: threading.Thread | None = None
         n = store.fail_unfinished_jobs(RESTARTED)
         if n:
             log.warning("marked %d fine-tune job(s) of a previous run FAILED (%s)", n, RESTARTED)
@@ -187,10 +197,14 @@ class FineTuneManager:
         we were cut off from the registry): stop them here and keep the stored outcome."""
         with self.lock:
             for job_id in job_ids:
+                self._unsaved.pop(job_id, None)  # the stored outcome stands
                 task = self._tasks.pop(job_id, None)
                 if task is None:
                     continue
-                stored = self.store.get_job(task.job.tenant, job_id)
+                try:
+                    stored = self.store.get_job(task.job.tenant, job_id)
+                except HotloraError:  # unreachable again: it is ended all the same
+                    stored = None
                 task.job = stored if stored is not None else replace(task.job, state="FAILED")
                 log.warning("fine-tune job %s was ended elsewhere: %s", job_id, task.job.state)
                 self._state_changed()
@@ -329,15 +343,19 @@ class FineTuneManager:
         self._changed.notify_all()
 
     def update_job(self, task: JobTask, message: str | None = None, **changes) -> None:
+        """Progress of a running job; the store takes it when it can (training does not wait for it)."""
         with self.lock:
             if task.job.state in TERMINAL:
                 return
             old = task.job.state
             task.job = replace(task.job, **changes)
-            if message is None:
-                self.store.save_job(task.job)
-            else:
-                self._save(task.job, message)
+            try:
+                if message is None:
+                    self.store.save_job(task.job)
+                else:
+                    self._save(task.job, message)
+            except Unavailable as exc:
+                log.warning("fine-tune job %s: progress not stored (%s); training goes on", task.job.id, exc)
             if task.job.state != old:
                 self._state_changed()
 
@@ -347,7 +365,11 @@ class FineTuneManager:
                 return
             error = changes.pop("error", message if state in ("FAILED", "CANCELLED", "REJECTED") else "")
             task.job = replace(task.job, state=state, error=error, finished_at=time.time(), **changes)
-            self._save(task.job, message)
+            try:
+                self._save(task.job, message)
+            except Unavailable as exc:
+                log.warning("fine-tune job %s: %s not stored yet (%s); retrying", task.job.id, state, exc)
+                self._keep_unsaved(task.job, message)
             self._state_changed()
             self._tasks.pop(task.job.id, None)  # frees the examples; the record stays in the store
         log.info(
@@ -361,6 +383,42 @@ class FineTuneManager:
 
     def _state_changed(self) -> None:
         self.observer.finetune_job_state_changed()
+
+    def _keep_unsaved(self, job: JobRecord, message: str) -> None:
+        """An outcome the store could not take (lock held): written by a saver thread as soon as the
+        store answers."""
+        self._unsaved[job.id] = (job, message)
+        if self._saver is None:
+            self._saver = threading.Thread(
+                target=self._save_unsaved, name="hotlora-job-outcomes", daemon=True
+            )
+            self._saver.start()
+
+    def _save_unsaved(self) -> None:
+        while True:
+            with self.lock:
+                if not self._unsaved:
+                    self._saver = None  # under the lock: the next unsaved outcome starts another
+                    return
+                pending = list(self._unsaved.items())
+            for job_id, (job, message) in pending:
+                try:
+                    self.store.save_job(job)  # refused by the store if the job was ended elsewhere
+                    self.store.add_job_event(job_id, message, job)
+                except Unavailable:
+                    continue
+                with self.lock:
+                    if self._unsaved.get(job_id, (None,))[0] is job:
+                        del self._unsaved[job_id]
+                    self._changed.notify_all()
+                log.info("fine-tune job %s: %s stored", job_id, job.state)
+            with self.lock:
+                if self._closed and self._unsaved:
+                    log.warning("%d fine-tune outcome(s) not stored at shutdown; their leases will "
+                                "lapse and another replica fails them", len(self._unsaved))  # fmt: skip
+                    self._saver = None
+                    return
+            time.sleep(UNSAVED_RETRY_S)
 
 
 def _evaluation_task(weights, task: str) -> str:

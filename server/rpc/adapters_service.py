@@ -116,6 +116,10 @@ def _reason(exc: Exception, context) -> str:
         not isinstance(exc, errors.HotloraError) and not context.is_active()
     ):
         return "cancelled"  # the client went away (or sent nothing for --request-idle-seconds)
+    if isinstance(exc, errors.DeadlineExceeded):
+        return "deadline_exceeded"  # never committed: the commit checks the caller still waits
+    if isinstance(exc, errors.Unavailable):
+        return "unavailable"  # the registry's database or blob store is unreachable
     if isinstance(exc, errors.ResourceExhausted):
         return "too_large"
     if isinstance(exc, errors.FailedPrecondition):

@@ -17,6 +17,7 @@ from concurrent import futures
 import grpc
 
 from hotlora.adapters import errors
+from hotlora.adapters.caller import Caller, serving
 from hotlora.server.logs import log_rpc, request_fields
 from hotlora.server.rpc.admission import RpcAdmission
 from hotlora.server.rpc.idle_watchdog import CallActivity, IdleWatchdog
@@ -137,7 +138,8 @@ class ServerInterceptor(grpc.ServerInterceptor):
                 token = _tenant.set(tenant)
                 try:
                     request = argument(request_iterator, call)
-                    return inner(request, context)
+                    with serving(_caller(context)):
+                        return inner(request, context)
                 except Exception as exc:
                     code = self._abort(exc, context, method, call)
                 finally:
@@ -176,9 +178,10 @@ class ServerInterceptor(grpc.ServerInterceptor):
                 token = _tenant.set(tenant)
                 try:
                     request = argument(request_iterator, call)
-                    for response in inner(request, context):
-                        call.touch()  # a stream busy answering is not idle
-                        yield response
+                    with serving(_caller(context)):
+                        for response in inner(request, context):
+                            call.touch()  # a stream busy answering is not idle
+                            yield response
                 except Exception as exc:
                     code = self._abort(exc, context, method, call)
                 finally:
@@ -242,6 +245,12 @@ class ServerInterceptor(grpc.ServerInterceptor):
             self.observer.rpc_finished(method, code.name, time.monotonic() - t0)
         except Exception:  # metrics never break a call
             log.debug("metrics observer failed", exc_info=True)
+
+
+def _caller(context) -> Caller:
+    """The call's deadline and liveness, for the registry's store calls (adapters/caller.py)."""
+    left = context.time_remaining()
+    return Caller(None if left is None else time.monotonic() + left, context.is_active)
 
 
 def _handler(response_streaming: bool, behavior, response_serializer):

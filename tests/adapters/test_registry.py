@@ -188,7 +188,7 @@ def test_crash_between_blobs_and_metadata_leaves_nothing_visible(stores, upload,
     registry = open_registry(stores)
     registry.commit("t1", "kept", files, weights)
 
-    def crash(draft, quota=None):
+    def crash(draft, quota=None, caller=None):
         raise SystemExit("simulated crash before the metadata transaction")
 
     monkeypatch.setattr(registry.metadata, "insert_next_version", crash)

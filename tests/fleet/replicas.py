@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import grpc
@@ -17,7 +18,17 @@ READY_TIMEOUT_S = 120.0
 
 
 class Replica:
-    def __init__(self, model_dir: Path, data_dir: Path, stores, *, name: str, job_lease_s: float = 3.0):
+    def __init__(
+        self,
+        model_dir: Path,
+        data_dir: Path,
+        stores,
+        *,
+        name: str,
+        job_lease_s: float = 3.0,
+        extra: tuple[str, ...] = (),
+    ):
+        """`extra`: more `hotlora serve` flags (`--metrics-port 0`: the port is read into `metrics_port`)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("HOTLORA_")}
         hotlora = Path(sys.executable).with_name("hotlora")
         self.name = name
@@ -30,21 +41,26 @@ class Replica:
              "--max-rank", "16",
              "--registry", flags["registry"], "--blob-store", flags["blob_store"],
              "--s3-endpoint-url", flags["s3_endpoint_url"], "--job-lease-seconds", str(job_lease_s),
-             "--replica-id", name, "--grace-seconds", "1"],
+             "--replica-id", name, "--grace-seconds", "1", *extra],
             stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
         )  # fmt: skip
-        self.port = None
+        self.port = self.metrics_port = None
         ready = threading.Event()
 
         def read():
             for line in self.proc.stdout:
                 if "gRPC on" in line:
                     self.port = int(line.split("gRPC on ")[1].split(",")[0].rsplit(":", 1)[1])
+                    if "metrics on :" in line:
+                        self.metrics_port = int(line.split("metrics on :")[1].split(",")[0])
                 if "hotlora: ready" in line:
                     ready.set()
 
         threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(READY_TIMEOUT_S):
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not ready.wait(0.2) and self.proc.poll() is None and time.monotonic() < deadline:
+            pass
+        if not ready.is_set():
             self.kill()
             raise RuntimeError(
                 f"replica {name} not ready in {READY_TIMEOUT_S} s:\n{self.log_path.read_text()}"
