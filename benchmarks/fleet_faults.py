@@ -3,7 +3,7 @@ like the tests) under steady traffic, while PostgreSQL is stopped and the object
 each for `--outage` seconds. Every call is counted by kind and status code during each fault:
 
 - generate (cached): Generate with an adapter both replicas resolved and loaded before the fault;
-- generate (cold): Generate on B with an adapter B never loaded (each used once);
+- generate (cold): Generate on B with an adapter B never loaded (each, once it loaded, is not asked again);
 - upload: UploadAdapter, alternately on A and B;
 - health: both replicas' grpc.health.v1 status, polled (seconds until NOT_SERVING, and until SERVING
   again after the store is back);
@@ -42,19 +42,23 @@ class Tally:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.phase = "warm-up"
+        self.phase = "before the faults"
         self.codes: dict[tuple[str, str], Counter] = defaultdict(Counter)
         self.seconds: dict[tuple[str, str], list[float]] = defaultdict(list)
+        self.first_details: dict[tuple[str, str, str], str] = {}  # a failure's message, as callers read it
 
     def call(self, kind: str, fn) -> bool:
-        t0 = time.monotonic()
+        """Counted in the phase it started in."""
+        t0, phase = time.monotonic(), self.phase
         try:
             fn()
             code = "OK"
         except grpc.RpcError as err:
             code = err.code().name
+            with self.lock:
+                self.first_details.setdefault((phase, kind, code), err.details() or "")
         with self.lock:
-            key = (self.phase, kind)
+            key = (phase, kind)
             self.codes[key][code] += 1
             self.seconds[key].append(time.monotonic() - t0)
         return code == "OK"
@@ -91,6 +95,7 @@ def main() -> None:
             b = Replica(model, tmp / "b", stores, name="b", job_lease_s=30.0, extra=flags)
             stop = threading.Event()
             cold: list[str] = []
+            threads: list[threading.Thread] = []
             try:
 
                 def gen(replica, name: str):
@@ -124,8 +129,9 @@ def main() -> None:
 
                 def cold_traffic():
                     while not stop.is_set() and cold:
-                        name = cold.pop()
-                        tally.call("generate (cold, on B)", lambda name=name: gen(b, name))
+                        name = cold[-1]  # used up only once it loaded: each phase has cold ones left
+                        if tally.call("generate (cold, on B)", lambda name=name: gen(b, name)):
+                            cold.pop()
                         stop.wait(PAUSE_S)
 
                 def upload_traffic():
@@ -147,7 +153,7 @@ def main() -> None:
                             health_log.append((time.monotonic(), name, status))
                         stop.wait(0.25)
 
-                threads = [threading.Thread(target=cached_traffic, args=(r,)) for r in (a, b)]
+                threads += [threading.Thread(target=cached_traffic, args=(r,)) for r in (a, b)]
                 threads += [threading.Thread(target=t) for t in (cold_traffic, upload_traffic, health_watch)]
                 for t in threads:
                     t.start()
@@ -171,6 +177,7 @@ def main() -> None:
                     tally.phase = f"after {fault}"
                     _wait_serving(health_log, events[f"{fault} end"])
                     time.sleep(args.outage / 3)
+                stop.set()  # the traffic ends with the last phase; the job is waited for alone
                 job = _wait_terminal(b, job.id)
             finally:
                 stop.set()
@@ -233,16 +240,19 @@ def _report(tally: Tally, health_log, events, job, outage: float) -> list[str]:
         "--health-check-seconds 1`, "
         f"clients' deadline {DEADLINE_S:g} s, one call per client every {PAUSE_S:g} s.",
         "",
-        "| phase | calls | status codes | p50 / max seconds |",
+        "| phase | calls of | status codes | p50 / max seconds |",
         "|---|---|---|---|",
     ]
     for (phase, kind), codes in sorted(tally.codes.items(), key=lambda kv: (_order(kv[0][0]), kv[0][1])):
-        if phase == "warm-up":
-            continue
         xs = tally.seconds[(phase, kind)]
         shown = ", ".join(f"{c} {n}" for c, n in codes.most_common())
         lines.append(f"| {phase} | {kind} | {shown} | {statistics.median(xs):.3f} / {max(xs):.2f} |")
-    lines += ["", "| fault | replica | NOT_SERVING after (s) | SERVING again after the store is back (s) |",
+    lines += ["", "What the first failure of each kind said:", ""]
+    for (phase, kind, code), details in sorted(tally.first_details.items(), key=lambda kv: _order(kv[0][0])):
+        lines.append(f"- {phase}, {kind}: {code} `{details[:200]}`")
+    lines += ["", "Each fault phase lasts the fault's time; each *after* phase, until both replicas are "
+              f"SERVING again and {outage / 3:g} s more.", "",
+              "| fault | replica | NOT_SERVING after (s) | SERVING again after the store is back (s) |",
               "|---|---|---|---|"]  # fmt: skip
     for fault in ("PostgreSQL stopped", "S3 frozen"):
         t0, t1 = events[f"{fault} start"], events[f"{fault} end"]
@@ -257,7 +267,9 @@ def _report(tally: Tally, health_log, events, job, outage: float) -> list[str]:
 
 
 def _order(phase: str) -> int:
-    return ["PostgreSQL stopped", "after PostgreSQL stopped", "S3 frozen", "after S3 frozen"].index(phase)
+    phases = ["before the faults", "PostgreSQL stopped", "after PostgreSQL stopped", "S3 frozen"]
+    phases.append("after S3 frozen")
+    return phases.index(phase) if phase in phases else len(phases)
 
 
 def _s(t: float | None, since: float) -> str:

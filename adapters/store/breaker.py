@@ -19,7 +19,7 @@ log = logging.getLogger("hotlora.registry")
 
 
 class Breaker:
-    def __init__(self, what: str, probe: Callable[[], None], retry_s: float = 1.0):
+    def __init__(self, what: str, probe: Callable[[], None], retry_s: float = 0.5):
         self.what = what
         self.retry_s = retry_s
         self._probe = probe

@@ -62,7 +62,10 @@ class PostgresMetadataStore(MetadataStore):
         self._listener: ChangeListener | None = None
         self._keeper: LeaseKeeper | None = None
         try:
-            with self._conn(timeout_s=max(60.0, timeout_s)) as conn:  # others may hold the migration lock
+            migration_s = max(60.0, timeout_s)  # another replica may be migrating: wait for it
+            with self._conn(timeout_s=migration_s) as conn:
+                for setting in ("statement_timeout", "lock_timeout"):  # this transaction only
+                    conn.execute(f"SET LOCAL {setting} = {int(migration_s * 1000)}")
                 before = migrate(conn, self._where)
         except Unavailable as exc:
             self.close()

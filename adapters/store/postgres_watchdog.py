@@ -42,7 +42,9 @@ class ConnectionWatchdog:
         w = Watch(conn, time.monotonic() + timeout_s, caller)
         with self._lock:
             self._watches.add(w)
-        self._wake.set()
+            first = len(self._watches) == 1
+        if first:  # otherwise the watchdog is polling already
+            self._wake.set()
         try:
             yield w
         finally:

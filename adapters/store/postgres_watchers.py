@@ -2,12 +2,14 @@
 
 `ChangeListener` LISTENs for other replicas' changes on its own connection; when that connection drops
 it reconnects and asks for a resync, since notifications sent meanwhile are lost. `LeaseKeeper` renews
-this replica's job leases a few times per lease and fails the jobs of replicas that stopped renewing."""
+this replica's job leases a few times per lease and fails the jobs of replicas that stopped renewing
+(not those that were only cut off from the database with it)."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from hotlora.adapters.store.registry_changes import RegistryChange
@@ -16,6 +18,7 @@ log = logging.getLogger("hotlora.registry")
 
 POLL_S = 0.2  # how often the listener looks for its stop flag between notifications
 RECONNECT_S = 1.0
+RETRY_S = 0.5  # how often leases are tried again while the registry is unreachable
 
 
 class ChangeListener:
@@ -81,10 +84,19 @@ class ChangeListener:
 
 
 class LeaseKeeper:
+    """Renews this replica's leases every `interval_s` and fails other replicas' expired ones.
+
+    After the registry was unreachable (a database outage cuts every replica off at once) it renews again
+    as soon as the database answers (it retries every RETRY_S meanwhile), and fails nobody's expired
+    lease for two more intervals: the other replicas were cut off too and renew theirs in that time, so a
+    job outlives an outage longer than its lease as long as its replica lives."""
+
     def __init__(self, store, on_lost: Callable[[set[str]], None], interval_s: float):
         self._store, self._on_lost, self._interval = store, on_lost, interval_s
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="hotlora-job-leases", daemon=True)
+        self._cut_off = False
+        self._sweep_after = 0.0  # time.monotonic() before which no expired lease is failed
 
     def start(self) -> None:
         self._thread.start()
@@ -94,11 +106,26 @@ class LeaseKeeper:
         self._thread.join(timeout=2.0)
 
     def _run(self) -> None:
-        while not self._stop.wait(self._interval):
-            try:
-                lost = self._store.renew_job_leases()
-                if lost:
-                    self._on_lost(lost)
-                self._store.expire_job_leases()
-            except Exception as exc:  # the registry is down: leases lapse; we retry next round
+        while not self._stop.wait(min(self._interval, RETRY_S) if self._cut_off else self._interval):
+            self.round()
+
+    def round(self) -> None:
+        try:
+            lost = self._store.renew_job_leases()
+        except Exception as exc:  # the registry is down: leases lapse; we retry soon
+            if not self._cut_off:
                 log.warning("job leases: %s", exc)
+            self._cut_off = True
+            return
+        if self._cut_off:
+            self._cut_off = False
+            self._sweep_after = time.monotonic() + 2 * self._interval
+            log.warning("job leases renewed again; others' expired leases are failed from %.0f s on",
+                        2 * self._interval)  # fmt: skip
+        try:
+            if lost:
+                self._on_lost(lost)
+            if time.monotonic() >= self._sweep_after:
+                self._store.expire_job_leases()
+        except Exception as exc:
+            log.warning("job leases: %s", exc)

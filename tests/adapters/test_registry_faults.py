@@ -219,3 +219,36 @@ def test_an_object_store_outage_refuses_uploads_and_cold_loads_and_both_work_aft
     _until_answers(reg)
     assert reg.load_weights(cold, base_info, AdapterLimits()).rank == weights.rank
     assert reg.commit("t", "during", files, weights).version == 1
+
+
+def test_a_lease_outlives_a_database_outage_longer_than_it_while_its_replica_lives(open_registry_on, faults):
+    from hotlora.adapters.store.metadata_store import JobRecord
+    from hotlora.adapters.store.postgres_watchers import LeaseKeeper
+
+    pg, _ = faults
+    lease_s = 1.0
+    a, b, dead = (open_registry_on(name=n) for n in ("a", "b", "dead"))
+    for reg in (a, b, dead):
+        reg.metadata.job_lease_s = lease_s
+    for owner, job_id in ((b, "alive"), (dead, "orphan")):
+        owner.metadata.save_job(JobRecord(job_id, "t", job_id, "SEQ_CLS", "HEAD_ONLY", "RUNNING"))
+    lost = []
+    # the keepers' rounds are driven here, one at a time (their threads would run them every interval)
+    keeper_a, keeper_b = (LeaseKeeper(r.metadata, lost.extend, interval_s=lease_s / 3) for r in (a, b))
+    pg.stop()
+    for keeper in (keeper_a, keeper_b):
+        keeper.round()  # cut off: nothing renewed
+    time.sleep(lease_s * 1.5)  # the outage outlasts every lease (the database clock runs on meanwhile)
+    pg.start()
+    _until_answers(a)
+    _until_answers(b)
+    keeper_a.round()  # back first: it fails nobody yet, though both leases ran out
+    assert a.metadata.get_job("t", "alive").state == "RUNNING"
+    assert a.metadata.get_job("t", "orphan").state == "RUNNING"
+    keeper_b.round()  # the living owner renews its lease
+    keeper_a._sweep_after = 0.0  # its grace (two intervals) is over
+    keeper_a.round()
+    assert a.metadata.get_job("t", "alive").state == "RUNNING"
+    orphan = a.metadata.get_job("t", "orphan")
+    assert orphan.state == "FAILED" and "replica dead stopped renewing its lease" in orphan.error
+    assert lost == []

@@ -51,8 +51,8 @@ class Replica:
             for line in self.proc.stdout:
                 if "gRPC on" in line:
                     self.port = int(line.split("gRPC on ")[1].split(",")[0].rsplit(":", 1)[1])
-                    if "metrics on :" in line:
-                        self.metrics_port = int(line.split("metrics on :")[1].split(",")[0])
+                    if "metrics on " in line:
+                        self.metrics_port = int(line.split("metrics on ")[1].split(",")[0].rsplit(":", 1)[1])
                 if "hotlora: ready" in line:
                     ready.set()
 
