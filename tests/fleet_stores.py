@@ -97,11 +97,18 @@ class PostgresServer:
         """Every PostgreSQL process stops where it is: connections stay open and nothing answers."""
         # the postmaster first (it forks no one more); each backend is a session of its own (setsid)
         for pid in [self.process.pid, *_children(self.process.pid)]:
-            os.kill(pid, signal.SIGSTOP)
+            _signal(pid, signal.SIGSTOP)
 
     def thaw(self) -> None:
         for pid in [*_children(self.process.pid), self.process.pid]:
-            os.kill(pid, signal.SIGCONT)
+            _signal(pid, signal.SIGCONT)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass  # a backend or worker that ended between the listing and the signal
 
 
 def _children(pid: int) -> list[int]:
