@@ -24,7 +24,13 @@ from tests.fleet_stores import S3_ENV, SharedStores, postgres_server, s3_server
 from tests.server.adapter_utils import make_peft_adapter, upload_chunks
 from tests.server.training_utils import TERMINAL, marker_examples, seq_cls, wait_state
 
-TOKENS = {"ops": "tok-ops-faults", "racer": "tok-racer-faults"}
+TOKENS = {
+    "ops": "tok-ops-faults",
+    "racer": "tok-racer-faults",
+    "steady-pg": "tok-steady-pg",
+    "steady-s3": "tok-steady-s3",
+    "gave-up": "tok-gave-up",  # versions of its own: --max-adapters-per-tenant is 10
+}
 QUOTA = 10  # --max-adapters-per-tenant
 LEASE_S = 20.0  # an outage of a few seconds: the lease usually outlives it (both outcomes are checked)
 STORE_BOUND_S = 2.0  # --registry-timeout-seconds
@@ -122,16 +128,82 @@ def _until_health(fleet: Fleet, status: int) -> None:
     _until(f"health {name} on both replicas", lambda: all(_health(r) == status for r in fleet.replicas))
 
 
-def _uploads_finished(replica) -> int:
-    """UploadAdapter calls the replica has finished handling, whatever their outcome (its metrics)."""
+def _uploads_by_outcome(replica) -> dict[str, int]:
+    """UploadAdapter calls the replica has finished handling, by outcome (its metrics)."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{replica.metrics_port}/metrics", timeout=10).read()
-    return int(
-        sum(
-            float(line.rsplit(" ", 1)[1])
-            for line in text.decode().splitlines()
-            if line.startswith("hotlora_adapter_uploads_total{")
-        )
-    )
+    counts: dict[str, int] = {}
+    for line in text.decode().splitlines():
+        if line.startswith("hotlora_adapter_uploads_total{"):
+            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
+            counts[outcome] = counts.get(outcome, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return counts
+
+
+def _uploads_finished(replica) -> int:
+    return sum(_uploads_by_outcome(replica).values())
+
+
+class Traffic:
+    """Steady calls on both replicas from threads while a fault comes and goes: a generate with an adapter
+    both replicas had resolved, one of the base model, and an upload of a new name (by `tenant`, until it
+    has QUOTA - 1 versions), each in turn, every `pause_s`. Records every outcome; `rounds` counts the
+    loops' turns; `stop()` ends the loops after their current calls."""
+
+    def __init__(self, fleet: Fleet, adapter: str, tenant: str, pause_s: float = 0.1):
+        self.fleet, self.adapter, self.tenant, self.pause_s = fleet, adapter, tenant, pause_s
+        self.rounds = 0
+        self.generates: list[tuple[grpc.StatusCode, str]] = []
+        self.uploads: dict[str, tuple[grpc.StatusCode, str, int]] = {}  # name -> (code, details, version)
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._loop, args=(r,), daemon=True) for r in fleet.replicas]
+
+    def __enter__(self) -> Traffic:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(WAIT_S * 2)
+            assert not t.is_alive(), "a call of the steady traffic never returned"
+
+    def _loop(self, replica) -> None:
+        n = 0
+        while not self._stop.is_set():
+            for adapter in (self.adapter, ""):
+                code, details, _ = _code(lambda a=adapter: self.fleet.generate(replica, a, timeout=60))
+                self.generates.append((code, details))
+            stored = sum(code == grpc.StatusCode.OK for code, _, _ in list(self.uploads.values()))
+            if stored < QUOTA - 1:
+                name, got = f"{replica.name}-{n}", []
+                code, details, _ = _code(
+                    lambda g=got, nm=name: g.append(self.fleet.upload(replica, nm, self.tenant, timeout=60))
+                )
+                self.uploads[name] = (code, details, got[0].version if got else 0)
+            n += 1
+            self.rounds += 1
+            self._stop.wait(self.pause_s)
+
+    def check(self, store_words: str) -> None:
+        """Every generate served; every upload either acknowledged and stored once, or refused with
+        UNAVAILABLE naming the store and stored never (a retry is the first version)."""
+        assert self.generates and self.uploads, "no traffic ran"
+        failed = [g for g in self.generates if g[0] != grpc.StatusCode.OK]
+        assert not failed, failed[:3]
+        codes = {code for code, _, _ in self.uploads.values()}
+        assert codes <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}, codes
+        assert grpc.StatusCode.UNAVAILABLE in codes, "no upload met the fault: the test proves nothing"
+        for name, (code, details, version) in self.uploads.items():
+            stored = self.fleet.versions(self.fleet.a, name, self.tenant)
+            if code == grpc.StatusCode.OK:
+                assert stored == [version] == [1], (name, stored)
+            else:
+                assert store_words in details and "retry later" in details, details
+                assert stored == [], f"{name}: told UNAVAILABLE, yet stored as {stored}"
 
 
 def test_two_replicas_racing_one_name_and_one_quota_store_each_version_once(fleet):
@@ -170,6 +242,8 @@ def test_postgres_restart_under_uploads_generates_and_a_fine_tune(fleet):
     )  # fmt: skip
     wait_state(b.training, job.id, {training_pb2.JOB_STATE_RUNNING}, metadata=md(), timeout=WAIT_S)
 
+    traffic = Traffic(fleet, "warm", "steady-pg").__enter__()
+    _until("steady traffic before the fault", lambda: len(traffic.uploads) >= 2)
     fleet.pg.stop()
     try:
         _until_health(fleet, NOT_SERVING)
@@ -187,6 +261,10 @@ def test_postgres_restart_under_uploads_generates_and_a_fine_tune(fleet):
     finally:
         fleet.pg.start()
     _until_health(fleet, SERVING)
+    rounds = traffic.rounds
+    _until("steady traffic after the fault", lambda: traffic.rounds >= rounds + 2)
+    traffic.stop()
+    traffic.check("adapter registry")
     assert fleet.upload(a, "after").version == 1  # at once: no restart, no retry
     assert fleet.upload(b, "after").version == 2
     for r in fleet.replicas:
@@ -209,6 +287,9 @@ def test_a_frozen_object_store_refuses_uploads_and_cold_loads_and_serves_what_is
     fleet.upload(a, "warm-s3")
     fleet.upload(a, "cold-s3")  # in A's memory (the upload offers it there), never loaded on B
     assert fleet.generate(b, "warm-s3").adapter == "warm-s3@1"  # loaded on B
+    assert fleet.generate(a, "warm-s3").adapter == "warm-s3@1"
+    traffic = Traffic(fleet, "warm-s3", "steady-s3").__enter__()
+    _until("steady traffic before the fault", lambda: len(traffic.uploads) >= 2)
     fleet.s3.freeze()
     try:
         code, details, seconds = _code(lambda: fleet.upload(a, "during-s3", timeout=60))
@@ -227,24 +308,54 @@ def test_a_frozen_object_store_refuses_uploads_and_cold_loads_and_serves_what_is
     finally:
         fleet.s3.thaw()
     _until_health(fleet, SERVING)
+    rounds = traffic.rounds
+    _until("steady traffic after the fault", lambda: traffic.rounds >= rounds + 2)
+    traffic.stop()
+    traffic.check("blob store")
     assert fleet.generate(b, "cold-s3").adapter == "cold-s3@1"
     assert fleet.upload(b, "during-s3").version == 1
 
 
+@pytest.mark.parametrize("how", ["deadline", "cancel"])
 @pytest.mark.parametrize("store", ["object store", "database"])
-def test_an_upload_whose_caller_gave_up_is_never_committed(fleet, store):
+def test_an_upload_whose_caller_gave_up_is_never_committed(fleet, store, how):
     a = fleet.a
-    name = "gave-up-" + store.split()[0][:6]
+    name = f"gave-up-{store.split()[0][:6]}-{how}"
     frozen = fleet.s3 if store == "object store" else fleet.pg
-    finished = _uploads_finished(a)
+    before = _uploads_by_outcome(a)
     frozen.freeze()
     try:
-        # the caller's deadline passes while the replica waits on the store (before the store's own bound)
-        code, details, _ = _code(lambda: fleet.upload(a, name, timeout=STORE_BOUND_S / 2))
-        assert code == grpc.StatusCode.DEADLINE_EXCEEDED, (code, details)
+        if how == "deadline":
+            # the caller's deadline passes while the replica waits on the store (before the store's own bound)
+            code, details, _ = _code(lambda: fleet.upload(a, name, "gave-up", timeout=STORE_BOUND_S / 2))
+            assert code == grpc.StatusCode.DEADLINE_EXCEEDED, (code, details)
+        else:
+            sent = threading.Event()
+
+            def chunks():
+                yield from upload_chunks(name, fleet.adapter_dir, chunk=1024)
+                sent.set()  # grpc has taken the last chunk
+
+            call = a.adapters.UploadAdapter.future(chunks(), metadata=md("gave-up"), timeout=WAIT_S)
+            _until("the upload's chunks sent", sent.is_set)
+            # cancelled while the replica waits on the frozen store (its bound is STORE_BOUND_S); on a very
+            # busy machine it may still be reading the chunks, and must not commit then either
+            threading.Event().wait(STORE_BOUND_S / 4)
+            if not call.cancel():  # ended first: on a very busy machine, the store's own bound
+                assert call.exception().code() == grpc.StatusCode.UNAVAILABLE, call.exception()
+                how = "the store's bound"
     finally:
         frozen.thaw()
-    _until("the replica finished the abandoned upload", lambda: _uploads_finished(a) > finished)
+    wanted = {"deadline": "deadline_exceeded", "cancel": "cancelled"}.get(how, "unavailable")
+    _until(
+        f"the replica finished the abandoned upload as {wanted}",
+        lambda: sum(_uploads_by_outcome(a).values()) > sum(before.values()),
+    )
+    after = _uploads_by_outcome(a)
+    assert {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)} in (
+        {wanted: 1},
+        {"cancelled": 1},  # a deadline passed in the replica ends as CANCELLED too
+    ), (before, after)
     _until_health(fleet, SERVING)
-    assert fleet.versions(a, name) == []
-    assert fleet.upload(a, name).version == 1  # the caller's retry is the first version
+    assert fleet.versions(a, name, "gave-up") == []
+    assert fleet.upload(a, name, "gave-up").version == 1  # the caller's retry is the first version
