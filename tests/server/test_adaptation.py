@@ -27,6 +27,7 @@ from tests.server.training_utils import (
     cancel_unfinished,
     marker_examples,
     marker_text,
+    one_intra_op_thread,
     pair_examples,
     seq_cls,
     watch,
@@ -47,17 +48,9 @@ NO_BUDGET = 86400.0
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    # One intra-op thread: the tiny model's matmuls are far too small to share, and on a busy 2-core
-    # machine each one's 2-thread OpenMP team waits for its second thread to be scheduled (80% of the
-    # training thread's time in libgomp; a 3-epoch LoRA job took 86-107 s with 2 threads, 2-6 s with 1,
-    # at load 9-17). Scores and the PEFT comparison are the same; what is under test is the search.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with running_server(tiny_model_dir, tmp_path_factory.mktemp("data")) as run:
-            yield run
-    finally:
-        torch.set_num_threads(threads)
+    # what is under test is the search, not the threading of the tiny model's matmuls
+    with one_intra_op_thread(), running_server(tiny_model_dir, tmp_path_factory.mktemp("data")) as run:
+        yield run
 
 
 @pytest.fixture(autouse=True)

@@ -17,6 +17,7 @@ from tests.server.training_utils import (
     long_lm_job,
     marker_examples,
     marker_text,
+    one_intra_op_thread,
     seq_cls,
     wait_state,
     watch,
@@ -28,7 +29,7 @@ TEXTS = [marker_text(random.Random(99), i % 2 == 0) for i in range(6)]
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
-    with running_server(tiny_model_dir, tmp_path_factory.mktemp("data")) as run:
+    with one_intra_op_thread(), running_server(tiny_model_dir, tmp_path_factory.mktemp("data")) as run:
         yield run
 
 
@@ -111,7 +112,10 @@ def test_a_server_storing_bf16_trains_and_serves_as_peft_on_what_it_stores(stora
     # training runs through the runner with autograd (the widened-weight path) and fp32 LoRA weights;
     # serving reads the weights and the banks as stored
     options, bf16_base, bf16_lora = BF16_STORAGE[storage]
-    with running_server(tiny_model_dir, tmp_path / "data", dtype="float32", **options) as run:
+    with (
+        one_intra_op_thread(),
+        running_server(tiny_model_dir, tmp_path / "data", dtype="float32", **options) as run,
+    ):
         req = seq_cls("marker-bf16", marker_examples(80, seed=1), method=training_pb2.METHOD_LORA)
         _, job = watch(run.training, run.training.CreateFineTune(req, timeout=30).id)
         assert job.state == training_pb2.JOB_STATE_SUCCEEDED, job.error

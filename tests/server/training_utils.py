@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 
@@ -93,3 +94,19 @@ def wait_state(stub, job_id: str, states, metadata=(), timeout: float = STATE_WA
             return job
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} did not reach {states} in {timeout} s (state {job.state})")
+
+
+@contextlib.contextmanager
+def one_intra_op_thread():
+    """torch on one intra-op thread meanwhile (a server started inside runs so). The tiny model's matmuls
+    are far too small to share, and on a busy 2-core machine each one's 2-thread OpenMP team waits for its
+    second thread to be scheduled: 80% of a training thread's time was in libgomp (py-spy), and a 3-epoch
+    LoRA job took 86-107 s with 2 threads, 2.4-6.1 s with 1, at load 9-17 (issue 37)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
