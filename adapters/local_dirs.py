@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hotlora.adapters.errors import InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
+from hotlora.adapters.peft.files import refuse_model_files
 
 MAX_FILES = 8
 ALLOWED_FLAG = "--allowed-local-adapter-dirs"
@@ -67,6 +68,9 @@ class LocalAdapterDirs:
             if not stat.S_ISREG(st.st_mode):  # subdirectories, sockets, ...: not part of an adapter
                 continue
             files.append(LocalFile(entry.name, path, st.st_size, (st.st_dev, st.st_ino)))
+        refuse_model_files(
+            f.name for f in files
+        )  # a model's directory is named one, before its count or size
         if len(files) > MAX_FILES:
             raise InvalidArgument(
                 f"{lora_path!r} holds {len(files)} files; a PEFT adapter directory has "

@@ -120,3 +120,19 @@ def test_paths_outside_nul_bytes_and_special_files(tree, tmp_path):
     }
     with pytest.raises(PermissionDenied, match="--allowed-local-adapter-dirs"):
         LocalAdapterDirs([], 1 << 20).listing(str(allowed / "bot"))
+
+
+def test_a_models_directory_is_named_a_model_before_its_size_or_file_count(tree):
+    allowed, _ = tree
+    model = allowed / "SmolLM2"
+    model.mkdir()
+    for name in (
+        "config.json",
+        "model-00001-of-00002.safetensors",
+        "tokenizer.json",
+        *(f"x{i}" for i in range(9)),
+    ):
+        (model / name).write_bytes(b"{}" * 1024)
+    dirs = LocalAdapterDirs([str(allowed)], 1024)  # over the size and the file count too
+    with pytest.raises(InvalidArgument, match="a model's files .*not a PEFT adapter's"):
+        dirs.listing(str(model))
